@@ -1,0 +1,29 @@
+"""The exception types users catch. Every message says what is wrong and how to fix it."""
+
+
+class PrefixportError(Exception):
+    """Base class of every error prefixport raises on purpose."""
+
+
+class ModelSpecError(PrefixportError):
+    """A model spec names nothing that can be loaded (unknown name, missing folder, not cached)."""
+
+
+class UnsupportedArchitectureError(PrefixportError):
+    """The model's architecture has no spec in the registry."""
+
+
+class ExportError(PrefixportError):
+    """The export failed or its output folder cannot be used."""
+
+
+class VerificationError(ExportError):
+    """The exported graph disagrees with PyTorch beyond the stated tolerance."""
+
+
+class ExportFolderError(PrefixportError):
+    """A folder is not a valid prefixport export (missing or unreadable manifest, model, tokenizer)."""
+
+
+class InputError(PrefixportError):
+    """A generation request is invalid: empty prompt, too long for the context, bad settings."""

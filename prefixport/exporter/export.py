@@ -1,0 +1,139 @@
+"""`export_model`: model spec -> export folder (DESIGN.md), written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import manifest as mf
+from ..errors import ExportError
+from ..progress import Progress
+from . import loading
+from .graph import GraphModule, export_onnx
+from .verify import TOLERANCE, CaseResult, verify
+
+DTYPES = ("float32", "float16")
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class ExportReport:
+    folder: Path
+    manifest: mf.Manifest
+    seconds: dict[str, float]
+    file_bytes: dict[str, int]
+    verification: list[CaseResult] = field(default_factory=list)
+    tolerance: float = 0.0
+
+
+def fingerprint(model: Any) -> str:
+    """sha256 over the base model's float32 weights (names, shapes, bytes): the same for every
+    dtype the model is exported in, so adapters match the base model rather than one export."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to(torch.float32).contiguous() if tensor.is_floating_point() else tensor
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _check_outdir(outdir: Path, overwrite: bool) -> None:
+    if not outdir.exists():
+        return
+    if not outdir.is_dir():
+        raise ExportError(f"{outdir} exists and is not a folder; choose another output folder")
+    if (outdir / mf.MANIFEST_NAME).is_file():
+        if not overwrite:
+            raise ExportError(f"{outdir} already holds an export; pass --overwrite to replace it")
+        return
+    if any(outdir.iterdir()):
+        raise ExportError(
+            f"{outdir} exists, is not empty and is not a prefixport export; choose an empty or new folder"
+        )
+
+
+def _manifest(loaded: loading.LoadedModel, dtype: str, opset: int, digest: str) -> mf.Manifest:
+    import onnxruntime
+    import torch
+    import transformers
+
+    config, arch = loaded.model.config, loaded.arch
+    gen = loaded.model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
+    return mf.Manifest(
+        architecture=config.model_type,
+        num_layers=arch.num_layers(config),
+        num_kv_heads=arch.num_kv_heads(config),
+        head_dim=arch.head_dim(config),
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        dtype=dtype,
+        max_positions=arch.max_positions(config),
+        eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [int(eos)],
+        pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else loaded.tokenizer.pad_token_id,
+        bos_token_id=gen.bos_token_id,
+        fingerprint=digest,
+        source=loaded.source.spec,
+        opset=opset,
+        exporter={"torch": torch.__version__, "transformers": transformers.__version__,
+                  "onnxruntime": onnxruntime.__version__},
+    )
+
+
+def export_model(
+    outdir: str | Path,
+    model: str = loading.DEFAULT_MODEL,
+    dtype: str = "float32",
+    opset: int = DEFAULT_OPSET,
+    verify_graph: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """Export `model` (a spec, see `loading.resolve`) to `outdir`.
+
+    Everything is written to a temporary sibling folder that is renamed into place only once the
+    export and its verification succeeded: a failed or interrupted export leaves no folder that
+    looks like an export.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    progress = progress or Progress()
+    outdir = Path(outdir).resolve()
+    _check_outdir(outdir, overwrite)
+    with progress.stage(f"loading {model}"):
+        loaded = loading.load(model)
+        digest = fingerprint(loaded.model)
+        if dtype == "float16":
+            loaded.model.to(torch.float16)
+    manifest = _manifest(loaded, dtype, opset, digest)
+    module = GraphModule(loaded.model, manifest.num_layers)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outdir.parent / f".{outdir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with progress.stage("exporting ONNX graph"):
+            export_onnx(module, loaded.arch, loaded.model.config, tmp / mf.MODEL_NAME, opset)
+        loaded.tokenizer.save_pretrained(tmp)
+        loaded.model.generation_config.save_pretrained(tmp)
+        manifest.save(tmp)
+        results: list[CaseResult] = []
+        if verify_graph:
+            with progress.stage("verifying against PyTorch"):
+                results = verify(tmp, module, manifest)
+        if outdir.exists():
+            shutil.rmtree(outdir) if any(outdir.iterdir()) else outdir.rmdir()
+        tmp.rename(outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {p.name: p.stat().st_size for p in sorted(outdir.iterdir()) if p.is_file()}
+    return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype])

@@ -1,0 +1,105 @@
+"""`prefixport.json`: what the runtime needs to know about an export (DESIGN.md, "The export folder")."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ExportFolderError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "prefixport.json"
+MODEL_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "prompt_embeds", "attention_mask", "position_ids"]
+    for i in range(num_layers):
+        names += [past_key_name(i), past_value_name(i)]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [present_key_name(i), present_value_name(i)]
+    return names
+
+
+@dataclass
+class Manifest:
+    """The contents of `prefixport.json`. Shapes follow DESIGN.md's graph contract."""
+
+    architecture: str  # the Hugging Face model_type, e.g. "llama"
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str  # "float32" | "float16": prompt_embeds, past/present and logits
+    max_positions: int
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    bos_token_id: int | None
+    fingerprint: str  # sha256 over the base model's weights
+    source: str  # the model spec it was exported from
+    logits: str = "last"  # "last": logits for the last position only
+    opset: int = 18
+    format_version: int = FORMAT_VERSION
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    engines: dict[str, str] = field(default_factory=dict)  # key -> path under engines/
+    exporter: dict[str, str] = field(default_factory=dict)  # library versions used
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            self.inputs = input_names(self.num_layers)
+        if not self.outputs:
+            self.outputs = output_names(self.num_layers)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not Path(folder).is_dir():
+            raise ExportFolderError(f"{folder} is not a folder; create one with `prefixport export {folder}`")
+        if not path.is_file():
+            raise ExportFolderError(
+                f"{folder} has no {MANIFEST_NAME}, so it is not a prefixport export; "
+                f"create one with `prefixport export {folder}`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportFolderError(f"{path} cannot be read ({e}); re-run `prefixport export`") from e
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ExportFolderError(
+                f"{path} has format version {version!r}, this prefixport reads version {FORMAT_VERSION}; "
+                "re-export the model with this version"
+            )
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as e:
+            raise ExportFolderError(f"{path} is incomplete ({e}); re-run `prefixport export`") from e

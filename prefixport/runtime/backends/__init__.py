@@ -1,0 +1,43 @@
+"""Backends run the exported graph. Each lives in its own module and implements `Backend`."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """What the generation loop needs from a backend.
+
+    `past` handles are the backend's own device values (OrtValues for ONNX Runtime): they go from
+    one step's outputs to the next step's inputs without a round trip through numpy.
+    """
+
+    name: str
+
+    def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """Feed `input_ids`, `prompt_embeds`, `attention_mask`, `position_ids` and the past
+        (key, value per layer); return last-position logits [batch, vocab] and the present."""
+        ...
+
+    def empty_past(self, batch: int) -> list[Any]:
+        """A past of length 0 for `batch` rows."""
+        ...
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes held, by kind (e.g. process RSS, device memory)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def load_backend(name: str, folder: str, manifest: Any, **options: Any) -> Backend:
+    """Open the export in `folder` with the named backend."""
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(folder, manifest, **options)
+    from ...errors import PrefixportError
+
+    raise PrefixportError(f"unknown backend {name!r}; available: onnxruntime")

@@ -1,0 +1,71 @@
+"""ONNX Runtime backend: one InferenceSession; the KV cache stays in OrtValues between steps."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ... import manifest as mf
+from ...errors import ExportFolderError, PrefixportError
+
+_PROVIDERS = {"cpu": ["CPUExecutionProvider"]}
+
+
+class OnnxRuntimeBackend:
+    """Runs `model.onnx` of an export folder. Only `device="cpu"` for now."""
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: str | Path, manifest: mf.Manifest, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        if device not in _PROVIDERS:
+            raise PrefixportError(f"device {device!r} is not supported by this backend; use: cpu")
+        path = Path(folder) / mf.MODEL_NAME
+        if not path.is_file():
+            raise ExportFolderError(f"{folder} has no {mf.MODEL_NAME}; re-run `prefixport export`")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=_PROVIDERS[device])
+        except Exception as e:  # onnxruntime raises its own untyped errors on a bad file
+            raise ExportFolderError(f"ONNX Runtime cannot load {path}: {e}") from e
+        self.manifest = manifest
+        self.np_dtype = np.dtype(manifest.dtype)
+        self._outputs = list(manifest.outputs)
+        self._past_names = manifest.inputs[4:]
+
+    def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        feeds = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in inputs.items()}
+        feeds.update(zip(self._past_names, past))
+        outputs = self.session.run_with_ort_values(self._outputs, feeds)
+        logits = outputs[0].numpy()[:, -1, :]
+        return logits, outputs[1:]
+
+    def empty_past(self, batch: int) -> list[Any]:
+        m = self.manifest
+        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), self.np_dtype)
+        value = ort.OrtValue.ortvalue_from_numpy(empty)
+        return [value] * (2 * m.num_layers)
+
+    def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]:
+        return [value.numpy() for value in past]
+
+    def memory_stats(self) -> dict[str, int]:
+        # ru_maxrss is in KiB on Linux; current RSS from /proc where available.
+        stats = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            stats["rss_bytes"] = pages * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+        return stats
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,56 @@
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling.
+
+Processing order follows transformers: temperature, then top-k, then top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 mean off; seed makes sampling reproducible."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """logits: [B, vocab] -> next token ids [B] (int64)."""
+    if params.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)
+    scores = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -params.top_k, axis=-1)[:, -params.top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # keep the smallest set whose mass reaches top_p (always at least the top token)
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= params.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
