@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import manifest as mf
+from ..errors import ExportError
 from .specs import ArchSpec
 
 
@@ -86,18 +88,28 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
         "past": [{0: batch, 2: past}] * len(inputs["past"]),
     }
     n = arch.num_layers(config)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (),
-            str(path),
-            kwargs=inputs,
-            input_names=mf.input_names(n),
-            output_names=mf.output_names(n),
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            dynamo=True,
-            external_data=True,
-            optimize=True,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                (),
+                str(path),
+                kwargs=inputs,
+                input_names=mf.input_names(n),
+                output_names=mf.output_names(n),
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                # protobuf caps a file at 2 GB: larger weights go to model.onnx.data
+                external_data=_weight_bytes(module) > 1.8e9,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as e:  # torch.export and the ONNX translator raise many unrelated types
+            raise ExportError(f"torch.onnx.export failed for {config.model_type}: {type(e).__name__}: {e}") from e
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

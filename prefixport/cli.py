@@ -1,0 +1,105 @@
+"""The `prefixport` command: a thin layer over the library. Library errors become ClickExceptions."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import PrefixportError
+from .progress import Progress
+
+
+def _errors(fn):
+    """Turn the library's own errors into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrefixportError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@click.group()
+@click.version_option(package_name="prefixport")
+def main() -> None:
+    """Deploy soft-prompt and prefix adapters on one frozen, exported LLM."""
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--model", "model_spec", default="smollm2-135m-instruct", show_default=True,
+              help="smollm2-135m-instruct, a local Hugging Face folder, a .gguf file, or a hub id "
+                   "already in the local Hugging Face cache.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset version.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the graph against PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTDIR if it already holds an export.")
+@_errors
+def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool) -> None:
+    """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
+    from .exporter import export_model
+
+    progress = Progress(_echo_err)
+    report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset,
+                          verify_graph=not no_verify, overwrite=overwrite, progress=progress)
+    m = report.manifest
+    click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
+    click.echo(f"  time: {progress.elapsed():.1f}s ("
+               + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()) + ")")
+    click.echo("  files: " + ", ".join(f"{k} {_mb(v)}" for k, v in report.file_bytes.items()))
+    if report.verification:
+        worst = max(max(c.logits_max_abs_diff, c.present_max_abs_diff) for c in report.verification)
+        click.echo(f"  verified against PyTorch: max abs diff {worst:.2e} (tolerance {report.tolerance:g})")
+        for c in report.verification:
+            click.echo(f"    {c.name}: logits {c.logits_max_abs_diff:.2e}, KV {c.present_max_abs_diff:.2e}")
+    else:
+        click.echo("  not verified (--no-verify)")
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--chat/--raw", default=None,
+              help="Wrap PROMPT in the export's chat template (default: when it has one).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@_errors
+def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
+             top_p: float, top_k: int, seed: int | None) -> None:
+    """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
+    from .runtime import Engine
+
+    progress = Progress(_echo_err)
+    with progress.stage(f"loading {outdir}"):
+        engine = Engine.load(outdir)
+    if chat is None:
+        chat = engine.tokenizer.chat_template is not None
+    stream = engine.stream(prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seed)
+    for delta in stream:
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    r = stream.result
+    _echo_err(f"[{len(r.token_ids)} tokens, {r.finish_reason}; prefill {r.timings['prefill_s'] * 1000:.0f} ms "
+              f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s]")
+
+
+if __name__ == "__main__":
+    main()
