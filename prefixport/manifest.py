@@ -61,6 +61,9 @@ class Manifest:
     bos_token_id: int | None
     fingerprint: str  # sha256 over the base model's weights
     source: str  # the model spec it was exported from
+    # Window of sliding-attention layers (None: none). The model masks by cache slot, so a row's
+    # tokens must stay contiguous in the cache (no padding between soft prompt and text).
+    sliding_window: int | None = None
     logits: str = "last"  # "last": logits for the last position only
     opset: int = 18
     format_version: int = FORMAT_VERSION

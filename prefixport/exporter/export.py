@@ -75,6 +75,7 @@ def _manifest(loaded: loading.LoadedModel, dtype: str, opset: int, digest: str) 
         vocab_size=int(config.vocab_size),
         dtype=dtype,
         max_positions=arch.max_positions(config),
+        sliding_window=arch.sliding_window(config),
         eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [int(eos)],
         pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else loaded.tokenizer.pad_token_id,
         bos_token_id=gen.bos_token_id,

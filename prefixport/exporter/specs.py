@@ -34,6 +34,14 @@ class ArchSpec:
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings)
 
+    def sliding_window(self, config: Any) -> int | None:
+        """The attention window of sliding layers, or None when every layer attends to all."""
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+            return None
+        return int(window)
+
 
 _REGISTRY: dict[str, ArchSpec] = {}
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: exports of the real default model and of tiny models, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from prefixport.exporter import export_model  # noqa: E402
+
+from . import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory) -> Path:
+    """The default model (SmolLM2-135M-Instruct GGUF), exported and verified."""
+    out = tmp_path_factory.mktemp("default") / "export"
+    export_model(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_hf():
+    """The default model and tokenizer as transformers loads them (the reference)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefixport.exporter.loading import default_gguf
+
+    gguf = default_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """arch -> folder of a tiny random model (built once per arch)."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = tiny_models.build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_model):
+    """arch -> export folder of its tiny model (exported and verified once per arch)."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            out = tmp_path_factory.mktemp(f"export-{arch}") / "export"
+            export_model(out, model=str(tiny_model(arch)))
+            built[arch] = out
+        return built[arch]
+
+    return get

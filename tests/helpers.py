@@ -1,0 +1,56 @@
+"""Helpers shared by tests: reference outputs from transformers, and runs through the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prefixport.runtime import Engine
+from prefixport.runtime.generation import decode_step, prefill
+
+
+def hf_last_logits(model, ids: list[int]) -> np.ndarray:
+    """transformers' logits for the last position of `ids` (one forward, no cache)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n: int, stop_at_eos: bool = True) -> list[int]:
+    """transformers' generate, greedy; `stop_at_eos=False` runs exactly n tokens."""
+    kwargs = {} if stop_at_eos else {"eos_token_id": None, "pad_token_id": 0}
+    config = model.generation_config
+    saved = config.eos_token_id
+    if not stop_at_eos:
+        config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs)
+    finally:
+        config.eos_token_id = saved
+    return out[0, len(ids):].tolist()
+
+
+def runtime_logits(engine: Engine, rows: list[list[int]], decode: list[int] | None = None,
+                   soft: np.ndarray | None = None) -> np.ndarray:
+    """Last-position logits [B, vocab] after a prefill of `rows` and optionally one decode step."""
+    m = engine.manifest
+    embeds = soft if soft is not None else np.zeros((len(rows), 0, m.hidden_size), np.float32)
+    logits, state = prefill(engine.backend, rows, embeds, m.pad_token_id or 0)
+    if decode is not None:
+        logits = decode_step(engine.backend, state, np.array(decode, np.int64), m.hidden_size, np.float32)
+    return logits
+
+
+def runtime_greedy_batch(engine: Engine, rows: list[list[int]], n: int,
+                         soft: np.ndarray | None = None) -> list[list[int]]:
+    """n greedy tokens for each row of one batch (no early stop)."""
+    m = engine.manifest
+    embeds = soft if soft is not None else np.zeros((len(rows), 0, m.hidden_size), np.float32)
+    logits, state = prefill(engine.backend, rows, embeds, m.pad_token_id or 0)
+    out = []
+    for _ in range(n):
+        tokens = logits.argmax(-1).astype(np.int64)
+        out.append(tokens)
+        logits = decode_step(engine.backend, state, tokens, m.hidden_size, np.float32)
+    return np.stack(out, 1).tolist()
