@@ -18,6 +18,7 @@ from .verify import TOLERANCE, CaseResult, verify
 
 DTYPES = ("float32", "float16")
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the oldest opset torch's dynamo exporter targets without a lossy down-conversion
 
 
 @dataclass
@@ -106,6 +107,8 @@ def export_model(
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old; the exporter writes opset {MIN_OPSET} or newer")
     progress = progress or Progress()
     outdir = Path(outdir).resolve()
     _check_outdir(outdir, overwrite)

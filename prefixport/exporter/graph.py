@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from transformers import DynamicCache
 
@@ -109,6 +110,11 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
             )
         except Exception as e:  # torch.export and the ONNX translator raise many unrelated types
             raise ExportError(f"torch.onnx.export failed for {config.model_type}: {type(e).__name__}: {e}") from e
+    # The exporter falls back to its own opset when a conversion fails: never record a wrong one.
+    written = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    if written.get("", written.get("ai.onnx")) != opset:
+        raise ExportError(f"the graph was written with opset {written}, not the requested {opset}; "
+                          f"choose another --opset")
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:

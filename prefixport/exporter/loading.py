@@ -107,7 +107,7 @@ def load(spec: str, dtype: str = "float32") -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=getattr(torch, dtype), attn_implementation="eager", **kwargs
         )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelSpecError(f"cannot load the weights of {spec}: {e}") from e
+    except Exception as e:  # corrupt files surface as SafetensorError, OSError, RuntimeError, ...
+        raise ModelSpecError(f"cannot load the weights of {spec}: {type(e).__name__}: {e}") from e
     model.eval()
     return LoadedModel(model, tokenizer, arch, source)

@@ -1,0 +1,105 @@
+"""Bad input to `prefixport export`: a clear error, and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from transformers import OPTConfig
+
+from prefixport import exporter
+from prefixport.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if "partial" in p.name]
+
+
+def test_unknown_model_spec(tmp_path):
+    r = run("export", str(tmp_path / "out"), "--model", "no-such-model")
+    assert r.exit_code == 1
+    assert "local Hugging Face cache" in r.output and "nothing is downloaded" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_folder_and_bad_files(tmp_path):
+    r = run("export", str(tmp_path / "out"), "--model", str(tmp_path / "nowhere"))
+    assert r.exit_code == 1 and "no such file or folder" in r.output
+    (tmp_path / "empty").mkdir()
+    r = run("export", str(tmp_path / "out"), "--model", str(tmp_path / "empty"))
+    assert r.exit_code == 1 and "without config.json" in r.output
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 10)
+    r = run("export", str(tmp_path / "out"), "--model", str(tmp_path / "weights.bin"))
+    assert r.exit_code == 1 and "not a .gguf file" in r.output
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    model = tmp_path / "opt"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(OPTConfig(hidden_size=16, num_hidden_layers=1).to_dict()))
+    r = run("export", str(tmp_path / "out"), "--model", str(model))
+    assert r.exit_code == 1
+    assert "'opt' is not supported" in r.output
+    for arch in ("llama", "gpt2", "qwen2", "mistral", "phi3", "gemma3_text"):
+        assert arch in r.output
+
+
+def test_corrupt_weights(tmp_path, tiny_model):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = run("export", str(tmp_path / "out"), "--model", str(model))
+    assert r.exit_code == 1 and "cannot load the weights" in r.output
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_output_folder_that_is_not_an_export(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = run("export", str(out), "--model", str(tiny_model("llama")))
+    assert r.exit_code == 1 and "not a prefixport export" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_existing_export_needs_overwrite(tmp_path, tiny_model, tiny_export):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export("gpt2"), out)
+    before = (out / "prefixport.json").read_text()
+    r = run("export", str(out), "--model", str(tiny_model("llama")))
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    assert (out / "prefixport.json").read_text() == before
+    r = run("export", str(out), "--model", str(tiny_model("llama")), "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "prefixport.json").read_text())["architecture"] == "llama"
+    assert "verified against PyTorch: max abs diff" in r.output
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_interrupted_export_leaves_nothing(tmp_path, tiny_model, monkeypatch, fault):
+    """A fault after the graph was written (here, during verification) removes the partial folder."""
+
+    def fail(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(exporter.export, "verify", fail)
+    with pytest.raises(type(fault) if isinstance(fault, BaseException) else fault):
+        exporter.export_model(tmp_path / "out", model=str(tiny_model("llama")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_old_opset(tmp_path, tiny_model):
+    r = run("export", str(tmp_path / "out"), "--model", str(tiny_model("llama")), "--opset", "11")
+    assert r.exit_code == 1 and "opset 11 is too old" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
