@@ -79,19 +79,24 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@click.option("--adapter", "adapter", default=None, metavar="NAME_OR_PATH",
+              help="An adapter bundle: a file, or a NAME under OUTDIR/adapters/.")
 @_errors
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
-             top_p: float, top_k: int, seed: int | None) -> None:
+             top_p: float, top_k: int, seed: int | None, adapter: str | None) -> None:
     """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
+    from .adapters import resolve_adapter
     from .runtime import Engine
 
     progress = Progress(_echo_err)
     with progress.stage(f"loading {outdir}"):
         engine = Engine.load(outdir)
+        if adapter:
+            engine.add_adapter(adapter, resolve_adapter(outdir, adapter))
     if chat is None:
         chat = engine.tokenizer.chat_template is not None
     stream = engine.stream(prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
-                           top_p=top_p, top_k=top_k, seed=seed)
+                           top_p=top_p, top_k=top_k, seed=seed, adapter=adapter)
     for delta in stream:
         click.echo(delta, nl=False)
         sys.stdout.flush()
@@ -99,6 +104,50 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
     r = stream.result
     _echo_err(f"[{len(r.token_ids)} tokens, {r.finish_reason}; prefill {r.timings['prefill_s'] * 1000:.0f} ms "
               f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s]")
+
+
+@main.group()
+def adapter() -> None:
+    """Convert and inspect adapters."""
+
+
+@adapter.command("convert")
+@click.argument("peft_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--export", "export_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The export the adapter is for (its base model).")
+@click.option("--name", default=None, help="Bundle name (default: the checkpoint folder's name).")
+@click.option("--task", type=int, default=None, help="Task id of a multitask prompt-tuning checkpoint.")
+@click.option("--bake-prefix", is_flag=True, help="Turn a soft prompt into a prefix (KV) bundle.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default: EXPORT/adapters/NAME.safetensors).")
+@_errors
+def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int | None, bake_prefix: bool,
+                    out: str | None) -> None:
+    """Convert a PEFT prompt-tuning, p-tuning, multitask or prefix-tuning checkpoint to a bundle."""
+    from .adapters import convert_checkpoint
+
+    bundle, path = convert_checkpoint(peft_dir, export_dir, name=name, task=task, bake_prefix=bake_prefix,
+                                      out=out)
+    click.echo(f"wrote {path}: {bundle.kind} adapter {bundle.name!r} ({bundle.metadata['peft_type']}), "
+               f"{bundle.n_virtual} virtual tokens, {bundle.nbytes:,} bytes")
+
+
+@adapter.command("inspect")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_errors
+def adapter_inspect(file: str) -> None:
+    """Show what an adapter bundle holds."""
+    from .adapters import load_bundle
+
+    b = load_bundle(file)
+    meta = b.metadata
+    rows = [("name", b.name), ("kind", b.kind), ("source PEFT type", meta["peft_type"]),
+            ("n_virtual", str(b.n_virtual)), ("dtype", meta["dtype"]), ("bytes", f"{b.nbytes:,}"),
+            ("tensors", str(len(b.tensors))), ("base fingerprint", meta["fingerprint"]),
+            ("format version", meta["format_version"])]
+    rows += [(k, v) for k, v in meta.items() if k in ("task", "source", "baked_from") and v]
+    for key, value in rows:
+        click.echo(f"{key:>17}: {value}")
 
 
 if __name__ == "__main__":

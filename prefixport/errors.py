@@ -27,3 +27,7 @@ class ExportFolderError(PrefixportError):
 
 class InputError(PrefixportError):
     """A generation request is invalid: empty prompt, too long for the context, bad settings."""
+
+
+class AdapterError(PrefixportError):
+    """An adapter (PEFT checkpoint or bundle) cannot be used: bad file, wrong shapes, wrong base."""

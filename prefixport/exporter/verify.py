@@ -65,7 +65,7 @@ def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int |
         for name, inputs, past in _cases(manifest, embed_std, rng):
             past = previous_present if past is None else past
             ref_logits, ref_present = _torch_run(module, inputs, past)
-            logits, present = backend.run(inputs, [_ortvalue(p) for p in past])
+            logits, present = backend.run(inputs, backend.to_past(past))
             present = backend.past_to_numpy(present)
             logits_diff = float(np.abs(logits.astype(np.float32) - ref_logits).max())
             present_diff = max(_relative_diff(a, b) for a, b in zip(present, ref_present))
@@ -89,8 +89,3 @@ def _relative_diff(actual: np.ndarray, expected: np.ndarray) -> float:
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     return float(np.abs(actual.astype(np.float32) - expected).max(initial=0.0)) / scale
 
-
-def _ortvalue(array: np.ndarray) -> Any:
-    import onnxruntime as ort
-
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))

@@ -29,28 +29,33 @@ def prefill_inputs(
     rows: Sequence[Sequence[int]],
     prompt_embeds: np.ndarray,  # [B, V, H], V may be 0
     pad_id: int = 0,
+    past_len: int = 0,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Graph inputs for a prefill with past = 0, and each row's next position [B]."""
+    """Graph inputs for a prefill after `past_len` prefix positions, and each row's next position [B].
+
+    A prefix adapter's KV occupies positions 0..P-1, a soft prompt the next V, real tokens follow.
+    """
     batch, virtual = len(rows), prompt_embeds.shape[1]
     seq = max(len(r) for r in rows)
+    start = past_len + virtual  # position of each row's first real token
     input_ids = np.full((batch, seq), pad_id, dtype=np.int64)
-    mask = np.zeros((batch, virtual + seq), dtype=np.int64)
+    mask = np.zeros((batch, start + seq), dtype=np.int64)
     positions = np.zeros((batch, virtual + seq), dtype=np.int64)
-    mask[:, :virtual] = 1
-    positions[:, :virtual] = np.arange(virtual)
+    mask[:, :start] = 1
+    positions[:, :virtual] = np.arange(past_len, start)
     for b, row in enumerate(rows):
         n = len(row)
         if n:
             input_ids[b, seq - n :] = row
-            mask[b, virtual + seq - n :] = 1
-            positions[b, virtual + seq - n :] = np.arange(virtual, virtual + n)
+            mask[b, start + seq - n :] = 1
+            positions[b, virtual + seq - n :] = np.arange(start, start + n)
     inputs = {
         "input_ids": input_ids,
         "prompt_embeds": prompt_embeds,
         "attention_mask": mask,
         "position_ids": positions,
     }
-    return inputs, np.array([virtual + len(r) for r in rows], dtype=np.int64)
+    return inputs, np.array([start + len(r) for r in rows], dtype=np.int64)
 
 
 def prefill(
@@ -58,11 +63,13 @@ def prefill(
     rows: Sequence[Sequence[int]],
     prompt_embeds: np.ndarray,  # [B, V, H], V may be 0
     pad_id: int = 0,
+    past: list[Any] | None = None,  # a prefix adapter's KV: backend handles [B, kv_heads, P, head_dim]
+    past_len: int = 0,
 ) -> tuple[np.ndarray, DecodeState]:
     """Run the prompts; returns last-position logits [B, vocab] and the state to decode from."""
-    inputs, next_position = prefill_inputs(rows, prompt_embeds, pad_id)
-    logits, past = backend.run(inputs, backend.empty_past(len(rows)))
-    return logits, DecodeState(past, inputs["attention_mask"], next_position)
+    inputs, next_position = prefill_inputs(rows, prompt_embeds, pad_id, past_len)
+    logits, present = backend.run(inputs, past if past is not None else backend.empty_past(len(rows)))
+    return logits, DecodeState(present, inputs["attention_mask"], next_position)
 
 
 def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray, hidden: int,
@@ -90,11 +97,13 @@ def generate_tokens(
     params: SamplingParams,
     stop_ids: set[int],
     pad_id: int = 0,
+    past: list[Any] | None = None,
+    past_len: int = 0,
 ) -> Iterator[int]:
     """Yield new token ids for one prompt until a stop id (yielded too) or max_new_tokens."""
     rng = np.random.default_rng(params.seed)
     hidden, dtype = prompt_embeds.shape[2], prompt_embeds.dtype
-    logits, state = prefill(backend, [prompt_ids], prompt_embeds, pad_id)
+    logits, state = prefill(backend, [prompt_ids], prompt_embeds, pad_id, past, past_len)
     for i in range(max_new_tokens):
         token = sample(logits, params, rng)
         yield int(token[0])

@@ -54,6 +54,9 @@ class OnnxRuntimeBackend:
         value = ort.OrtValue.ortvalue_from_numpy(empty)
         return [value] * (2 * m.num_layers)
 
+    def to_past(self, arrays: Sequence[np.ndarray]) -> list[Any]:
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, self.np_dtype)) for a in arrays]
+
     def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]:
         return [value.numpy() for value in past]
 

@@ -1,0 +1,63 @@
+"""Base model vs each demo adapter, through the prefixport runtime only (no torch).
+
+    python demo/evaluate.py EXPORT_DIR [--examples 3] [--out demo/results.json]
+
+Shows a few held-out examples side by side, then each adapter's accuracy on the held-out split
+against the base model's on the same prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tasks  # noqa: E402
+
+from prefixport.runtime import Engine  # noqa: E402
+
+ADAPTERS = {"json-prompt": ("json", 40), "date-prefix": ("date", 12)}  # task, max new tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("export_dir")
+    parser.add_argument("--examples", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
+    args = parser.parse_args()
+    engine = Engine.load(args.export_dir)
+    newline = engine.tokenizer.encode("\n", add_special_tokens=False)
+    stop = engine.eos_token_ids + (newline if len(newline) == 1 else [])
+    results = {}
+    for name, (task, max_new) in ADAPTERS.items():
+        path = Path(args.export_dir) / "adapters" / f"{name}.safetensors"
+        engine.add_adapter(name, path)
+        _, test = tasks.split(task)
+        scores = {"base": 0, name: 0}
+        start = time.perf_counter()
+        print(f"\n== {name} ({engine.adapters[name].kind}, task {task}) ==")
+        for i, ex in enumerate(test):
+            outputs = {}
+            for who, adapter in (("base", None), (name, name)):
+                out = engine.generate(ex["prompt"], adapter=adapter, max_new_tokens=max_new,
+                                      stop_token_ids=stop).text
+                outputs[who] = out
+                scores[who] += tasks.correct(task, out, ex["target"])
+            if i < args.examples:
+                print(f"prompt : {ex['prompt']!r}\nbase   : {outputs['base'].strip()!r}\n"
+                      f"adapter: {outputs[name].strip()!r}\nwanted : {ex['target'].strip()!r}\n")
+        acc = {k: v / len(test) for k, v in scores.items()}
+        results[name] = {"task": task, "held_out": len(test), "accuracy_base": acc["base"],
+                         "accuracy_adapter": acc[name], "seconds": time.perf_counter() - start}
+    print("| adapter | kind | held-out examples | base accuracy | adapter accuracy |\n|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {engine.adapters[name].kind} | {r['held_out']} | {r['accuracy_base']:.0%} | "
+              f"{r['accuracy_adapter']:.0%} |")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""PEFT checkpoint (adapter_config.json + adapter_model.safetensors) -> Bundle, without torch.
+
+Semantics (DESIGN.md, peft 0.21):
+- PROMPT_TUNING, P_TUNING: the saved `prompt_embeddings` [n_virtual, hidden] already is the soft
+  prompt (PEFT saves the prompt encoder's output, MLP or LSTM included).
+- MULTITASK_PROMPT_TUNING: task t's prompt is prompt_embeddings * (prefix_task_cols[t] @ prefix_task_rows[t]).
+- PREFIX_TUNING: prompt_embeddings [n_virtual, num_layers * 2 * kv_heads * head_dim] (after the
+  projection MLP when prefix_projection was on), viewed as [n_virtual, 2 * num_layers, kv_heads,
+  head_dim]; index 2l is layer l's key, 2l + 1 its value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .. import manifest as mf
+from ..errors import AdapterError
+from .bundle import Bundle, check_bundle, check_fits, make_bundle
+
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+SUPPORTED = (*PROMPT_TYPES, "PREFIX_TUNING")
+WEIGHTS = "adapter_model.safetensors"
+PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+def read_config(peft_dir: Path) -> dict[str, Any]:
+    path = peft_dir / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"{peft_dir} has no adapter_config.json, so it is not a PEFT checkpoint folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} does not hold a JSON object")
+    return config
+
+
+def _field(config: dict[str, Any], name: str, where: Path) -> Any:
+    if config.get(name) is None:
+        raise AdapterError(f"{where}/adapter_config.json lacks the field {name!r}; re-save the adapter with PEFT")
+    return config[name]
+
+
+def read_weights(peft_dir: Path) -> dict[str, np.ndarray]:
+    """The tensors of adapter_model.safetensors. A pickle is refused, never opened."""
+    path = peft_dir / WEIGHTS
+    if not path.is_file():
+        pickles = [p for p in PICKLES if (peft_dir / p).exists()]
+        if pickles:
+            raise AdapterError(
+                f"{peft_dir} holds {pickles[0]}, a pickle, which prefixport never loads (unpickling runs "
+                "arbitrary code). Re-save it as safetensors where you trust the file: "
+                "`PeftModel.from_pretrained(base_model, DIR).save_pretrained(DIR, safe_serialization=True)`"
+            )
+        raise AdapterError(f"{peft_dir} has no {WEIGHTS}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
+
+
+def _tensor(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...], where: Path) -> np.ndarray:
+    if name not in weights:
+        raise AdapterError(f"{where}/{WEIGHTS} lacks the tensor {name!r} (has: {sorted(weights)[:6]})")
+    t = weights[name]
+    if t.dtype not in (np.float32, np.float16):
+        raise AdapterError(f"{where}: {name} has dtype {t.dtype}; expected float32 or float16 (bfloat16: "
+                           "re-save the adapter in float32)")
+    if t.shape != shape:
+        raise AdapterError(f"{where}: {name} has shape {list(t.shape)}, expected {list(shape)} for this export "
+                           f"and adapter_config.json; was it trained for another base model?")
+    return t
+
+
+def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None,
+            task: int | None = None) -> Bundle:
+    """Convert a PEFT checkpoint folder to a bundle for the export described by `manifest`."""
+    peft_dir = Path(peft_dir)
+    if not peft_dir.is_dir():
+        raise AdapterError(f"{peft_dir}: no such PEFT checkpoint folder")
+    config = read_config(peft_dir)
+    peft_type = _field(config, "peft_type", peft_dir)
+    if peft_type not in SUPPORTED:
+        raise AdapterError(f"PEFT type {peft_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError(f"{peft_dir}: an encoder-decoder adapter (num_transformer_submodules="
+                           f"{config['num_transformer_submodules']}); only decoder-only models are supported")
+    n_virtual = int(_field(config, "num_virtual_tokens", peft_dir))
+    if n_virtual < 1:
+        raise AdapterError(f"{peft_dir}: num_virtual_tokens must be >= 1, got {n_virtual}")
+    weights = read_weights(peft_dir)
+    if peft_type != "MULTITASK_PROMPT_TUNING" and task is not None:
+        raise AdapterError(f"--task applies to multitask prompt tuning only; this adapter is {peft_type}")
+    extra = {"source": str(config.get("base_model_name_or_path") or "")}
+    if peft_type in PROMPT_TYPES:
+        token_dim = int(_field(config, "token_dim", peft_dir))
+        if token_dim != manifest.hidden_size:
+            raise AdapterError(f"{peft_dir}: token_dim {token_dim} does not match this export's hidden size "
+                               f"{manifest.hidden_size}; the adapter was trained for another base model")
+        prompt = _tensor(weights, "prompt_embeddings", (n_virtual, token_dim), peft_dir)
+        if peft_type == "MULTITASK_PROMPT_TUNING":
+            prompt, task = _task_prompt(config, weights, prompt, task, peft_dir)
+            extra["task"] = str(task)
+        tensors = {"prompt_embeds": prompt}
+        kind = "prompt"
+    else:
+        layers, kv, hd = manifest.num_layers, manifest.num_kv_heads, manifest.head_dim
+        if int(_field(config, "num_layers", peft_dir)) != layers:
+            raise AdapterError(f"{peft_dir}: num_layers {config['num_layers']} does not match this export's "
+                               f"{layers}; the adapter was trained for another base model")
+        flat = _tensor(weights, "prompt_embeddings", (n_virtual, layers * 2 * kv * hd), peft_dir)
+        # [V, 2L, kv, hd] -> [2L, kv, V, hd]
+        stacked = flat.reshape(n_virtual, 2 * layers, kv, hd).transpose(1, 2, 0, 3)
+        names = [n for i in range(layers) for n in (mf.past_key_name(i), mf.past_value_name(i))]
+        tensors = {n: np.ascontiguousarray(stacked[j]) for j, n in enumerate(names)}
+        kind = "prefix"
+    bundle = make_bundle(name=name or peft_dir.name, kind=kind, tensors=tensors,
+                         fingerprint=manifest.fingerprint, peft_type=peft_type, **extra)
+    check_bundle(bundle, str(peft_dir))
+    check_fits(bundle, manifest, str(peft_dir))
+    return bundle
+
+
+def _task_prompt(config: dict[str, Any], weights: dict[str, np.ndarray], prompt: np.ndarray,
+                 task: int | None, where: Path) -> tuple[np.ndarray, int]:
+    num_tasks = int(_field(config, "num_tasks", where))
+    rank = int(_field(config, "num_ranks", where))
+    if task is None:
+        if num_tasks != 1:
+            raise AdapterError(f"{where} holds {num_tasks} tasks; choose one with --task N (0..{num_tasks - 1}),"
+                               " one bundle per task")
+        task = 0
+    if not 0 <= task < num_tasks:
+        raise AdapterError(f"task {task} is out of range: {where} holds tasks 0..{num_tasks - 1}")
+    n_virtual, dim = prompt.shape
+    cols = _tensor(weights, "prefix_task_cols", (num_tasks, n_virtual, rank), where)
+    rows = _tensor(weights, "prefix_task_rows", (num_tasks, rank, dim), where)
+    scale = cols[task].astype(np.float32) @ rows[task].astype(np.float32)
+    return (prompt.astype(np.float32) * scale).astype(prompt.dtype), task

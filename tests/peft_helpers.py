@@ -1,0 +1,86 @@
+"""Real PEFT adapters for tests: trained a few steps (so they are not their initialisation), saved
+as PEFT saves them, and PEFT's own forward as the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import (
+    MultitaskPromptTuningConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+
+from prefixport.runtime import Engine
+from prefixport.runtime.generation import prefill
+
+CAUSAL = TaskType.CAUSAL_LM
+VARIANTS = {
+    "prompt": lambda: PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=6),
+    "ptuning-mlp": lambda: PromptEncoderConfig(task_type=CAUSAL, num_virtual_tokens=5, encoder_hidden_size=32),
+    "ptuning-lstm": lambda: PromptEncoderConfig(task_type=CAUSAL, num_virtual_tokens=4, encoder_hidden_size=32,
+                                                encoder_reparameterization_type="LSTM"),
+    "multitask": lambda: MultitaskPromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5, num_tasks=3,
+                                                     num_ranks=2),
+    "prefix": lambda: PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=7),
+    "prefix-projection": lambda: PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=3, prefix_projection=True,
+                                                    encoder_hidden_size=32),
+}
+TRAIN_TEXT = "Answer in JSON. Input: the cat sat on the mat. Output: {\"animal\": \"cat\", \"place\": \"mat\"}"
+
+
+def train(base, variant: str, tokenizer, out: Path, steps: int = 4, lr: float = 0.05) -> Path:
+    """Train a PEFT adapter of `variant` on `base` for a few steps and save it to `out`."""
+    torch.manual_seed(0)
+    model = get_peft_model(base, VARIANTS[variant]())
+    model.train()
+    ids = torch.tensor([tokenizer.encode(TRAIN_TEXT)])
+    kwargs = {"task_ids": torch.tensor([1])} if variant == "multitask" else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    before = [p.detach().clone() for p in params]
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(not torch.equal(a, p) for a, p in zip(before, params)), "training changed nothing"
+    model.save_pretrained(out)
+    return out
+
+
+def load_reference(base, folder: Path) -> PeftModel:
+    return PeftModel.from_pretrained(base, folder).eval()
+
+
+def peft_logits(model: PeftModel, ids: list[int], task: int | None = None) -> np.ndarray:
+    kwargs = {"task_ids": torch.tensor([task])} if task is not None else {}
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), **kwargs).logits[0, -1].float().numpy()
+
+
+def peft_greedy(model: PeftModel, ids: list[int], n: int, task: int | None = None) -> list[int]:
+    """DESIGN.md's reference: a greedy loop over PeftModel.forward without cache."""
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(peft_logits(model, ids + out, task).argmax()))
+    return out
+
+
+def runtime_adapter_logits(engine: Engine, name: str, ids: list[int]) -> np.ndarray:
+    """Last-position logits of one prefill with the registered adapter `name`."""
+    m = engine.manifest
+    bundle = engine.adapters[name]
+    empty = np.zeros((1, 0, m.hidden_size), np.float32)
+    if bundle.kind == "prompt":
+        logits, _ = prefill(engine.backend, [ids], bundle.tensors["prompt_embeds"][None])
+    else:
+        past = engine.backend.to_past([t[None] for t in bundle.prefix(m.num_layers)])
+        logits, _ = prefill(engine.backend, [ids], empty, past=past, past_len=bundle.n_virtual)
+    return logits[0]

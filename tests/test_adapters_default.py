@@ -1,0 +1,43 @@
+"""Every adapter type on the real default model: prefixport equals PEFT's own forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prefixport.adapters import convert_checkpoint
+from prefixport.runtime import Engine
+
+from . import peft_helpers as ph
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Extract the city: Alice lives in Paris.", "The history of the Roman Empire"]
+LOGITS_ATOL = 5e-4  # as for the base model (tests/test_default_model.py)
+
+
+@pytest.fixture(scope="module")
+def setup(default_export, default_hf, tmp_path_factory):
+    model, tok = default_hf
+    work = tmp_path_factory.mktemp("peft-default")
+    for variant in ph.VARIANTS:
+        ph.train(model, variant, tok, work / variant, steps=3, lr=0.01)
+    engine = Engine.load(default_export)
+    yield model, engine, work
+    engine.close()
+
+
+@pytest.mark.parametrize("variant,bake", [(v, False) for v in ph.VARIANTS] + [("prompt", True)])
+def test_default_model_equals_peft(setup, variant, bake):
+    model, engine, work = setup
+    task = 2 if variant == "multitask" else None
+    name = f"{variant}{'-baked' if bake else ''}"
+    _, path = convert_checkpoint(work / variant, engine.folder, name=name, task=task, bake_prefix=bake)
+    engine.add_adapter(name, path)
+    reference = ph.load_reference(model, work / variant)  # prompt learning leaves the base untouched
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        np.testing.assert_allclose(ph.runtime_adapter_logits(engine, name, ids),
+                                   ph.peft_logits(reference, ids, task), atol=LOGITS_ATOL, rtol=0)
+        ours = engine.generate(ids, adapter=name, max_new_tokens=32, stop_token_ids=[]).token_ids
+        assert ours == ph.peft_greedy(reference, ids, 32, task)
