@@ -22,6 +22,11 @@ from prefixport.runtime import Engine  # noqa: E402
 ADAPTERS = {"json-prompt": ("json", 40), "date-prefix": ("date", 12)}  # task, max new tokens
 
 
+def _short(text: str, limit: int = 90) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("export_dir")
@@ -29,8 +34,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
     args = parser.parse_args()
     engine = Engine.load(args.export_dir)
-    newline = engine.tokenizer.encode("\n", add_special_tokens=False)
-    stop = engine.eos_token_ids + (newline if len(newline) == 1 else [])
     results = {}
     for name, (task, max_new) in ADAPTERS.items():
         path = Path(args.export_dir) / "adapters" / f"{name}.safetensors"
@@ -42,13 +45,12 @@ def main() -> None:
         for i, ex in enumerate(test):
             outputs = {}
             for who, adapter in (("base", None), (name, name)):
-                out = engine.generate(ex["prompt"], adapter=adapter, max_new_tokens=max_new,
-                                      stop_token_ids=stop).text
+                out = engine.generate(ex["prompt"], adapter=adapter, max_new_tokens=max_new).text
                 outputs[who] = out
                 scores[who] += tasks.correct(task, out, ex["target"])
             if i < args.examples:
-                print(f"prompt : {ex['prompt']!r}\nbase   : {outputs['base'].strip()!r}\n"
-                      f"adapter: {outputs[name].strip()!r}\nwanted : {ex['target'].strip()!r}\n")
+                print(f"prompt : {ex['prompt']!r}\nbase   : {_short(outputs['base'])!r}\n"
+                      f"adapter: {_short(outputs[name])!r}\nwanted : {ex['target'].strip()!r}\n")
         acc = {k: v / len(test) for k, v in scores.items()}
         results[name] = {"task": task, "held_out": len(test), "accuracy_base": acc["base"],
                          "accuracy_adapter": acc[name], "seconds": time.perf_counter() - start}

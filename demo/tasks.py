@@ -55,12 +55,18 @@ def split(task: str, n_train: int = 400, n_test: int = 40) -> tuple[list[dict], 
     return make(rng, n_train, test=False), make(rng, n_test, test=True)
 
 
+def first_line(output: str) -> str:
+    """The answer: the first non-empty line of the output."""
+    return next((line.strip() for line in output.split("\n") if line.strip()), "")
+
+
 def correct(task: str, output: str, target: str) -> bool:
-    """Exact task answer: the first line of the output, compared as JSON (json) or as text (date)."""
-    line = output.strip().split("\n")[0].strip()
+    """Exact task answer. json: the JSON value the output starts with (one line or pretty-printed)
+    equals the target's; date: the first non-empty line equals the target."""
     if task == "json":
         try:
-            return json.loads(line) == json.loads(target)
+            value, _ = json.JSONDecoder().raw_decode(output.strip())
         except json.JSONDecodeError:
             return False
-    return line == target.strip()
+        return value == json.loads(target)
+    return first_line(output) == target.strip()

@@ -1,6 +1,6 @@
 """Train the demo adapters with PEFT on the CPU (a few minutes each) and save the PEFT checkpoints.
 
-    python demo/train_adapters.py [--steps 120] [--out demo/adapters]
+    python demo/train_adapters.py [--steps N] [--out demo/adapters]
 
 json-prompt: prompt tuning (16 virtual tokens, initialised from an instruction's embeddings)
 date-prefix: prefix tuning (10 virtual tokens)
@@ -29,9 +29,9 @@ CONFIGS = {
     "json-prompt": ("json", lambda tok_path: PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=16, prompt_tuning_init=PromptTuningInit.TEXT,
         prompt_tuning_init_text="Extract the person's name, age and city as a JSON object:",
-        tokenizer_name_or_path=tok_path), 0.03),
+        tokenizer_name_or_path=tok_path), 0.03, 60),
     "date-prefix": ("date", lambda tok_path: PrefixTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10), 0.01),
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10), 0.01, 150),
 }
 
 
@@ -56,7 +56,7 @@ def batches(examples: list[dict], tok, size: int, rng: random.Random):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=None, help="default: per adapter (60 and 150)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=str(Path(__file__).parent / "adapters"))
     parser.add_argument("--only", choices=sorted(CONFIGS), default=None)
@@ -64,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     gguf = default_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    for name, (task, make_config, lr) in CONFIGS.items():
+    for name, (task, make_config, lr, default_steps) in CONFIGS.items():
         if args.only and name != args.only:
             continue
         tok_dir = Path(args.out) / ".tokenizer"
@@ -77,14 +77,15 @@ def main() -> None:
         stream = batches(list(train), tok, args.batch, random.Random(0))
         start = time.time()
         model.train()
-        for step in range(1, args.steps + 1):
+        steps = args.steps or default_steps
+        for step in range(1, steps + 1):
             ids, labels, mask = next(stream)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             if step % 10 == 0 or step == 1:
-                print(f"{name} step {step}/{args.steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)",
+                print(f"{name} step {step}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)",
                       flush=True)
         model.save_pretrained(Path(args.out) / name)
         print(f"saved {Path(args.out) / name} after {time.time() - start:.0f}s")

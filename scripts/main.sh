@@ -12,3 +12,11 @@ else
 fi
 prefixport generate "$OUT" "Write a haiku about the sea." --max-new-tokens 64
 prefixport generate "$OUT" "def fibonacci(n):" --raw --max-new-tokens 64
+# The demo adapters (PEFT checkpoints trained by demo/train_adapters.py, committed under demo/):
+# convert them, then base vs adapter side by side and accuracy on held-out examples.
+prefixport adapter convert demo/adapters/json-prompt --export "$OUT" --name json-prompt
+prefixport adapter convert demo/adapters/date-prefix --export "$OUT" --name date-prefix
+prefixport adapter inspect "$OUT/adapters/date-prefix.safetensors"
+prefixport generate "$OUT" "Text: Maya is 27 and lives in Lima.
+JSON:" --raw --adapter json-prompt --max-new-tokens 40
+python demo/evaluate.py "$OUT"
