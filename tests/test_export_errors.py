@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -51,7 +52,6 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 
 def test_corrupt_weights(tmp_path, tiny_model):
-    import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model("llama"), model)
@@ -72,7 +72,6 @@ def test_output_folder_that_is_not_an_export(tmp_path, tiny_model):
 
 
 def test_existing_export_needs_overwrite(tmp_path, tiny_model, tiny_export):
-    import shutil
 
     out = tmp_path / "out"
     shutil.copytree(tiny_export("gpt2"), out)
@@ -83,7 +82,7 @@ def test_existing_export_needs_overwrite(tmp_path, tiny_model, tiny_export):
     r = run("export", str(out), "--model", str(tiny_model("llama")), "--overwrite")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "prefixport.json").read_text())["architecture"] == "llama"
-    assert "verified against PyTorch: max abs diff" in r.output
+    assert "verified against PyTorch: logits max abs diff" in r.output
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError(28, "No space left on device")])
@@ -103,3 +102,25 @@ def test_too_old_opset(tmp_path, tiny_model):
     r = run("export", str(tmp_path / "out"), "--model", str(tiny_model("llama")), "--opset", "11")
     assert r.exit_code == 1 and "opset 11 is too old" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_from_the_local_cache(tmp_path, tiny_model):
+    """A hub id resolves from a real Hugging Face cache layout, offline; nothing is downloaded."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model("llama"), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "prefixport.cli", "export", str(tmp_path / "out"), "--model",
+                          "tiny-org/tiny-llama", "--no-verify"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "out" / "prefixport.json").read_text())["source"] == "tiny-org/tiny-llama"
+    out = subprocess.run([sys.executable, "-m", "prefixport.cli", "export", str(tmp_path / "out2"), "--model",
+                          "tiny-org/not-cached"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "local Hugging Face cache" in out.stderr
