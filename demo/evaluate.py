@@ -34,14 +34,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
     args = parser.parse_args()
     engine = Engine.load(args.export_dir)
-    results = {}
+    results, kinds = {}, {}
     for name, (task, max_new) in ADAPTERS.items():
         path = Path(args.export_dir) / "adapters" / f"{name}.safetensors"
-        engine.add_adapter(name, path)
+        kinds[name] = engine.add_adapter(name, path).kind
         _, test = tasks.split(task)
         scores = {"base": 0, name: 0}
         start = time.perf_counter()
-        print(f"\n== {name} ({engine.adapters[name].kind}, task {task}) ==")
+        print(f"\n== {name} ({kinds[name]}, task {task}) ==")
         for i, ex in enumerate(test):
             outputs = {}
             for who, adapter in (("base", None), (name, name)):
@@ -56,7 +56,7 @@ def main() -> None:
                          "accuracy_adapter": acc[name], "seconds": time.perf_counter() - start}
     print("| adapter | kind | held-out examples | base accuracy | adapter accuracy |\n|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {engine.adapters[name].kind} | {r['held_out']} | {r['accuracy_base']:.0%} | "
+        print(f"| {name} | {kinds[name]} | {r['held_out']} | {r['accuracy_base']:.0%} | "
               f"{r['accuracy_adapter']:.0%} |")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

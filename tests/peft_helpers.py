@@ -75,12 +75,10 @@ def peft_greedy(model: PeftModel, ids: list[int], n: int, task: int | None = Non
 
 def runtime_adapter_logits(engine: Engine, name: str, ids: list[int]) -> np.ndarray:
     """Last-position logits of one prefill with the registered adapter `name`."""
-    m = engine.manifest
-    bundle = engine.adapters[name]
-    empty = np.zeros((1, 0, m.hidden_size), np.float32)
-    if bundle.kind == "prompt":
-        logits, _ = prefill(engine.backend, [ids], bundle.tensors["prompt_embeds"][None])
+    feed = engine.store.acquire(name)
+    if feed.past is None:
+        logits, _ = prefill(engine.backend, [ids], feed.prompt_embeds)
     else:
-        past = engine.backend.to_past([t[None] for t in bundle.prefix(m.num_layers)])
-        logits, _ = prefill(engine.backend, [ids], empty, past=past, past_len=bundle.n_virtual)
+        empty = np.zeros((1, 0, engine.manifest.hidden_size), np.float32)
+        logits, _ = prefill(engine.backend, [ids], empty, past=feed.past, past_len=feed.past_len)
     return logits[0]

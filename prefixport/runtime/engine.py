@@ -1,4 +1,8 @@
-"""`Engine`: an export folder opened for generation (manifest + tokenizer + backend)."""
+"""`Engine`: an export folder opened for generation (manifest + tokenizer + backend + adapter store).
+
+Thread-safe: many threads may call `generate`, `generate_batch` and `stream` on one Engine and
+register or unregister adapters meanwhile; each request keeps the adapter it started with.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .. import manifest as mf
-from ..adapters.bundle import Bundle, check_bundle, check_fits, load_bundle, make_bundle
+from ..adapters.bundle import Bundle, make_bundle
 from ..errors import AdapterError, InputError
 from .backends import Backend, load_backend
-from .generation import generate_tokens, prefill
+from .generation import RowRequest, generate_rows, prefill
 from .sampling import SamplingParams
+from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict]
@@ -24,95 +29,128 @@ Prompt = str | Sequence[int] | Sequence[dict]
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # new tokens only (a final stop token included)
-    text: str  # decoded new tokens, special tokens skipped
+    text: str  # decoded new tokens, special tokens skipped, cut before a stop string
     prompt_tokens: int
-    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_new_tokens)
+    adapter: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds; and decode tokens/s
+
+
+class RowText:
+    """One row's text: incremental detokenization, then stop strings.
+
+    Text that could still turn into a stop string is held back, so the deltas never contain
+    (part of) a stop string and always join to `.text`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stops = [s for s in stop_strings if s]
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self.text = ""
+        self.stopped = False  # a stop string was found
+        self._emitted = 0
+
+    def push(self, token: int) -> str:
+        if not self.stopped:
+            self.text += self._decoder.push(token)
+            self._cut()
+        return self._flush(final=self.stopped)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self._decoder.finish()
+            self._cut()
+        return self._flush(final=True)
+
+    def _cut(self) -> None:
+        start = max(0, self._emitted - self._hold)
+        hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def _flush(self, final: bool) -> str:
+        end = len(self.text) if final else max(self._emitted, len(self.text) - self._hold)
+        delta, self._emitted = self.text[self._emitted : end], end
+        return delta
 
 
 class TextStream:
     """Iterates text deltas as tokens are produced; `.result` is set once it is exhausted."""
 
-    def __init__(self, engine: "Engine", tokens: Iterator[int], prompt_len: int, stop_ids: set[int]):
-        self._tokens, self._decoder = tokens, IncrementalDecoder(engine.tokenizer)
-        self._prompt_len, self._stop_ids = prompt_len, stop_ids
+    def __init__(self, events: Iterator[tuple[int, int]], request: RowRequest, text: RowText,
+                 adapter: str | None) -> None:
+        self._events, self._request, self._text, self._adapter = events, request, text, adapter
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
         first = None
-        for token in self._tokens:
+        for _, token in self._events:
             first = first or time.perf_counter()
-            delta = self._decoder.push(token)
+            delta = self._text.push(token)
+            if self._text.stopped:
+                self._request.done = True
             if delta:
                 yield delta
         end = time.perf_counter()
-        tail = self._decoder.finish()
+        tail = self._text.finish()
         if tail:
             yield tail
-        ids = self._decoder.ids
-        n_decode = max(len(ids) - 1, 0)
-        decode_s = end - (first or end)
-        self.result = GenerationResult(
-            token_ids=list(ids),
-            text=self._decoder.emitted,
-            prompt_tokens=self._prompt_len,
-            finish_reason="stop" if ids and ids[-1] in self._stop_ids else "length",
-            timings={
-                "prefill_s": (first or end) - start,
-                "decode_s": decode_s,
-                "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0,
-            },
-        )
+        self.result = _result(self._request, self._text, self._adapter, start, first or end, end)
+
+
+def _result(request: RowRequest, text: RowText, adapter: str | None, start: float, first: float,
+            end: float) -> GenerationResult:
+    ids = request.tokens
+    n_decode, decode_s = max(len(ids) - 1, 0), end - first
+    stopped = text.stopped or (bool(ids) and ids[-1] in request.stop_ids)
+    return GenerationResult(
+        token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
+        finish_reason="stop" if stopped else "length", adapter=adapter,
+        timings={"prefill_s": first - start, "decode_s": decode_s,
+                 "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0},
+    )
 
 
 class Engine:
     """Generation from one export folder. Load with `Engine.load(folder)`."""
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
-                 generation_config: dict) -> None:
+                 generation_config: dict, adapter_budget_bytes: int | None = None) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
         self.generation_config = generation_config
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-        self.adapters: dict[str, Bundle] = {}
+        self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "onnxruntime", **options) -> "Engine":
-        """Open an export folder; `options` go to the backend (e.g. `device="cpu"`, `threads=2`)."""
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
+             **options) -> "Engine":
+        """Open an export folder. `adapter_budget_bytes` caps the adapters kept resident (LRU);
+        `options` go to the backend (`device="cpu"|"cuda"`, `threads=N`)."""
         folder = Path(folder)
         manifest = mf.Manifest.load(folder)
         tokenizer = Tokenizer(folder)
         gen_path = folder / "generation_config.json"
         generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         return cls(folder, manifest, tokenizer, load_backend(backend, folder, manifest, **options),
-                   generation_config)
+                   generation_config, adapter_budget_bytes)
+
+    # --- adapters ---------------------------------------------------------------------------
 
     def add_adapter(self, name: str, path: str | Path | None = None, bundle: Bundle | None = None) -> Bundle:
-        """Register an adapter bundle (a file, or one in memory) under `name`, checked against this
-        export: base-model fingerprint, shapes, dtype, NaN/Inf. The base model is not touched."""
-        if (path is None) == (bundle is None):
-            raise AdapterError("add_adapter takes a path or a bundle")
-        if bundle is None:
-            bundle = load_bundle(path, self.manifest)
-        else:
-            check_bundle(bundle, name)
-            check_fits(bundle, self.manifest, name)
-        self.adapters[name] = bundle
-        return bundle
+        """Register a bundle (a file, or one in memory, which stays pinned) under `name`, checked
+        against this export: fingerprint, shapes, dtype, NaN/Inf. The base model is not touched."""
+        return self.store.register(name, path, bundle)
 
     def remove_adapter(self, name: str) -> None:
-        if self.adapters.pop(name, None) is None:
-            raise AdapterError(f"no adapter named {name!r} is registered")
+        """Unregister; requests already using the adapter finish with it."""
+        self.store.unregister(name)
 
-    def _adapter(self, name: str | None) -> Bundle | None:
-        if name is None:
-            return None
-        if name not in self.adapters:
-            known = ", ".join(sorted(self.adapters)) or "none"
-            raise AdapterError(f"no adapter named {name!r} is registered (registered: {known}); "
-                               "add it with Engine.add_adapter")
-        return self.adapters[name]
+    @property
+    def adapters(self) -> list[str]:
+        return self.store.names()
 
     def bake_prefix(self, bundle: Bundle) -> Bundle:
         """A soft-prompt bundle turned into a prefix bundle: the graph run once over the virtual
@@ -127,6 +165,13 @@ class Engine:
         meta = {k: v for k, v in bundle.metadata.items() if k not in ("kind", "n_virtual", "dtype")}
         meta["baked_from"] = "prompt"
         return make_bundle(kind="prefix", tensors={n: a[0] for n, a in zip(names, arrays)}, **meta)
+
+    def stats(self) -> dict:
+        """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions) and memory."""
+        return {"adapters": self.store.stats(), "memory": self.backend.memory_stats(),
+                "backend": self.backend.name}
+
+    # --- generation -------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Token ids for a prompt: text (raw, or wrapped in the chat template), chat messages, or ids."""
@@ -147,28 +192,20 @@ class Engine:
             return ids
         raise InputError("a prompt is a string, a list of token ids, or a list of chat messages")
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        max_new_tokens: int = 128,
-        chat: bool = False,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        adapter: str | None = None,
-    ) -> TextStream:
-        """Like `generate`, but iterate it for text deltas; the result is on `.result` after."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        bundle = self._adapter(adapter)
-        n_virtual = bundle.n_virtual if bundle else 0
+    def _request(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
+                 chat: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, repetition_penalty: float = 1.0,
+                 stop_token_ids: Sequence[int] | None = None) -> RowRequest:
+        """Check a request completely, before any work; acquire its adapter."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                repetition_penalty=repetition_penalty)
         ids = self.encode(prompt, chat=chat)
         if not ids:
             raise InputError("the prompt is empty: it encodes to no tokens")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        feed = self.store.acquire(adapter) if adapter is not None else None
+        n_virtual = feed.n_virtual if feed else 0
         limit = self.manifest.max_positions
         if n_virtual + len(ids) + max_new_tokens > limit:
             raise InputError(
@@ -177,24 +214,55 @@ class Engine:
                 "shorten the prompt or lower max_new_tokens"
             )
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        return RowRequest(ids, max_new_tokens, params, stop_ids, feed)
+
+    def _rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
         m = self.manifest
-        embeds = np.zeros((1, 0, m.hidden_size), np.dtype(m.dtype))
-        past, past_len = None, 0
-        if bundle is not None and bundle.kind == "prompt":
-            embeds = bundle.tensors["prompt_embeds"][None].astype(m.dtype)
-        elif bundle is not None:
-            past, past_len = self.backend.to_past([t[None] for t in bundle.prefix(m.num_layers)]), n_virtual
-        tokens = generate_tokens(self.backend, ids, embeds, max_new_tokens, params, stop_ids,
-                                 m.pad_token_id or 0, past, past_len)
-        return TextStream(self, tokens, len(ids), stop_ids)
+        return generate_rows(self.backend, requests, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+
+    def stream(self, prompt: Prompt, *, stop: Sequence[str] = (), adapter: str | None = None,
+               **kwargs) -> TextStream:
+        """Like `generate`, but iterate it for text deltas; the result is on `.result` after."""
+        request = self._request(prompt, adapter=adapter, **kwargs)
+        return TextStream(self._rows([request]), request, RowText(self.tokenizer, stop), adapter)
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
-        """Generate from a prompt (see `stream` for the arguments); greedy by default."""
+        """Generate from one prompt; greedy by default.
+
+        Keywords: max_new_tokens (128), chat, temperature (0 = greedy), top_k, top_p, seed,
+        repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
+        strings, cut from the text), adapter (a registered name).
+        """
         stream = self.stream(prompt, **kwargs)
         for _ in stream:
             pass
-        assert stream.result is not None
-        return stream.result
+        return stream.result  # type: ignore[return-value]
+
+    def generate_batch(self, prompts: Sequence[Prompt], adapters: Sequence[str | None] | None = None,
+                       **kwargs) -> list[GenerationResult]:
+        """Generate for many prompts in one batch, each row with its own adapter (or None).
+
+        Every row gives exactly what it gives alone. Keywords as `generate`, shared by all rows.
+        """
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        stop = kwargs.pop("stop", ())
+        requests = [self._request(p, adapter=a, **kwargs) for p, a in zip(prompts, adapters)]
+        texts = [RowText(self.tokenizer, stop) for _ in requests]
+        start = time.perf_counter()
+        first: list[float | None] = [None] * len(requests)
+        last = [start] * len(requests)
+        for i, token in self._rows(requests):
+            first[i] = first[i] or time.perf_counter()
+            texts[i].push(token)
+            if texts[i].stopped:
+                requests[i].done = True
+            if requests[i].done:
+                last[i] = time.perf_counter()
+        for t in texts:
+            t.finish()
+        return [_result(r, t, a, start, f or l, l) for r, t, a, f, l in zip(requests, texts, adapters, first, last)]
 
     def close(self) -> None:
         self.backend.close()

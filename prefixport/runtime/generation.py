@@ -1,4 +1,4 @@
-"""The generation loop as plain functions over a backend: prefill, decode_step, generate_tokens.
+"""The generation loop as plain functions over a backend: prefill, decode_step, generate_rows.
 
 Layout of a prefill row (DESIGN.md): [virtual tokens | left padding | real tokens]. Virtual tokens
 sit at positions 0..V-1 and real token i at V + i whatever the padding, and padding is masked,
@@ -7,13 +7,13 @@ so every row gives what it gives alone (batch invariance).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .backends import Backend
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, choose
 
 
 @dataclass
@@ -89,24 +89,88 @@ def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray, hidden
     return logits
 
 
-def generate_tokens(
-    backend: Backend,
-    prompt_ids: Sequence[int],
-    prompt_embeds: np.ndarray,  # [1, V, H]
-    max_new_tokens: int,
-    params: SamplingParams,
-    stop_ids: set[int],
-    pad_id: int = 0,
-    past: list[Any] | None = None,
-    past_len: int = 0,
-) -> Iterator[int]:
-    """Yield new token ids for one prompt until a stop id (yielded too) or max_new_tokens."""
-    rng = np.random.default_rng(params.seed)
-    hidden, dtype = prompt_embeds.shape[2], prompt_embeds.dtype
-    logits, state = prefill(backend, [prompt_ids], prompt_embeds, pad_id, past, past_len)
-    for i in range(max_new_tokens):
-        token = sample(logits, params, rng)
-        yield int(token[0])
-        if int(token[0]) in stop_ids or i + 1 == max_new_tokens:
+@dataclass
+class AdapterFeed:
+    """What an adapter adds to a row's prefill: a soft prompt, or a prefix past (backend handles)."""
+
+    prompt_embeds: np.ndarray | None = None  # [1, V, H]
+    past: list[Any] | None = None  # 2 per layer: [1, kv_heads, P, head_dim]
+    past_len: int = 0
+
+    @property
+    def n_virtual(self) -> int:
+        return self.past_len if self.past is not None else len(self.prompt_embeds[0])
+
+
+@dataclass
+class RowRequest:
+    """One row of a batch: its prompt, adapter, settings, and the tokens generated so far."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stop_ids: set[int]
+    feed: AdapterFeed | None = None
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False  # set by the loop, or by the consumer between yields (a stop string, say)
+
+
+def merge_states(backend: Backend, states: list[DecodeState]) -> DecodeState:
+    """Rows prefilled apart -> one batch. Each row's cache is right-aligned behind masked left
+    padding, so its tokens stay contiguous (sliding-window masks work by cache slot)."""
+    if len(states) == 1:
+        return states[0]
+    width = max(s.attention_mask.shape[1] for s in states)
+    pasts = [backend.past_to_numpy(s.past) for s in states]
+    merged = []
+    for layer in range(len(pasts[0])):
+        parts = [p[layer] for p in pasts]
+        merged.append(np.concatenate(
+            [np.pad(a, ((0, 0), (0, 0), (width - a.shape[2], 0), (0, 0))) for a in parts], axis=0))
+    mask = np.concatenate([np.pad(s.attention_mask, ((0, 0), (width - s.attention_mask.shape[1], 0)))
+                           for s in states])
+    return DecodeState(backend.to_past(merged), mask, np.concatenate([s.next_position for s in states]))
+
+
+def select_rows(backend: Backend, state: DecodeState, keep: list[int]) -> DecodeState:
+    """Only the `keep` rows, and no leading column that none of them attends to."""
+    mask = state.attention_mask[keep]
+    first = int(np.argmax(mask.any(axis=0)))
+    past = [a[keep][:, :, first:] for a in backend.past_to_numpy(state.past)]
+    return DecodeState(backend.to_past(past), mask[:, first:], state.next_position[keep])
+
+
+def generate_rows(backend: Backend, requests: list[RowRequest], hidden: int, dtype: np.dtype,
+                  pad_id: int = 0) -> Iterator[tuple[int, int]]:
+    """Yield (row index, token) as each row produces tokens; every row gives what it gives alone.
+
+    Rows are prefilled one by one (each with its own adapter) and decoded together; a row leaves
+    the batch once done (a stop id, max_new_tokens, or `done` set by the consumer).
+    """
+    rngs = [np.random.default_rng(r.params.seed) for r in requests]
+    states, logits = [], []
+    for r in requests:
+        feed = r.feed or AdapterFeed()
+        embeds = feed.prompt_embeds if feed.prompt_embeds is not None else np.zeros((1, 0, hidden), dtype)
+        row_logits, state = prefill(backend, [r.prompt_ids], embeds, pad_id, feed.past, feed.past_len)
+        logits.append(row_logits)
+        states.append(state)
+    active = list(range(len(requests)))
+    batch_logits = np.concatenate(logits)  # [B, vocab]
+    state = merge_states(backend, states)
+    while True:
+        tokens = []
+        for j, i in enumerate(active):
+            r = requests[i]
+            token = choose(batch_logits[j], r.prompt_ids + r.tokens, r.params, rngs[i])
+            r.tokens.append(token)
+            r.done = token in r.stop_ids or len(r.tokens) >= r.max_new_tokens
+            tokens.append(token)
+            yield i, token
+        keep = [j for j, i in enumerate(active) if not requests[i].done]
+        if not keep:
             return
-        logits = decode_step(backend, state, token, hidden, dtype)
+        if len(keep) < len(active):
+            state = select_rows(backend, state, keep)
+            tokens, active = [tokens[j] for j in keep], [active[j] for j in keep]
+        batch_logits = decode_step(backend, state, np.array(tokens, np.int64), hidden, dtype)

@@ -20,6 +20,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -28,6 +30,8 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -54,3 +58,19 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def penalize_repetition(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' repetition penalty on one row: logits [vocab], seen = token ids so far."""
+    if penalty == 1.0 or not len(seen):
+        return logits
+    logits = logits.copy()
+    scores = logits[seen]
+    logits[seen] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
+
+
+def choose(logits: np.ndarray, seen: list[int], params: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token of one row: logits [vocab], `seen` = prompt + generated ids."""
+    row = penalize_repetition(logits, np.asarray(seen, dtype=np.int64), params.repetition_penalty)
+    return int(sample(row[None], params, rng)[0])

@@ -1,0 +1,140 @@
+"""The adapter store: registered bundles, kept resident on the backend's device under a byte
+budget (least recently used evicted first, re-read from its file on the next use).
+
+Thread-safe. A request holds the `Resident` it acquired, so unregistering or evicting an adapter
+never disturbs a request already in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import manifest as mf
+from ..adapters.bundle import Bundle, check_bundle, check_fits, load_bundle
+from ..errors import AdapterError
+from .backends import Backend
+from .generation import AdapterFeed
+
+
+@dataclass
+class _Entry:
+    name: str
+    path: Path | None  # None: registered from memory, so pinned (never evicted)
+    kind: str
+    n_virtual: int
+    nbytes: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class AdapterStore:
+    """Adapters by name; `budget_bytes=None` keeps every registered adapter resident."""
+
+    def __init__(self, backend: Backend, manifest: mf.Manifest, budget_bytes: int | None = None) -> None:
+        self.backend, self.manifest, self.budget_bytes = backend, manifest, budget_bytes
+        self._entries: dict[str, _Entry] = {}
+        self._resident: OrderedDict[str, AdapterFeed] = OrderedDict()  # LRU order: oldest first
+        self._lock = threading.Lock()
+
+    def register(self, name: str, path: str | Path | None = None, bundle: Bundle | None = None) -> Bundle:
+        """Check a bundle against the export and make it resident (replacing one of the same name)."""
+        if (path is None) == (bundle is None):
+            raise AdapterError("register an adapter from a path or from a bundle, not both")
+        if bundle is None:
+            bundle = load_bundle(path, self.manifest)
+        else:
+            check_bundle(bundle, name)
+            check_fits(bundle, self.manifest, name)
+        feed = self._feed(bundle)
+        entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, bundle.nbytes)
+        with self._lock:
+            self._entries[name] = entry
+            self._resident[name] = feed
+            self._resident.move_to_end(name)
+            self._evict(keep=name)
+        return bundle
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if self._entries.pop(name, None) is None:
+                raise AdapterError(f"no adapter named {name!r} is registered")
+            self._resident.pop(name, None)
+
+    def acquire(self, name: str) -> AdapterFeed:
+        """The adapter's device-resident inputs; re-read from its file if it was evicted."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                known = ", ".join(sorted(self._entries)) or "none"
+                raise AdapterError(f"no adapter named {name!r} is registered (registered: {known}); "
+                                   "add it with Engine.add_adapter")
+            feed = self._resident.get(name)
+            if feed is not None:
+                entry.hits += 1
+                self._resident.move_to_end(name)
+                return feed
+            entry.misses += 1
+            path = entry.path
+        # Read outside the lock: other requests go on meanwhile.
+        feed = self._feed(load_bundle(path, self.manifest))
+        with self._lock:
+            if self._entries.get(name) is entry:  # still registered, and not replaced meanwhile
+                self._resident[name] = feed
+                self._resident.move_to_end(name)
+                self._evict(keep=name)
+        return feed
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries)
+
+    def n_virtual(self, name: str) -> int:
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise AdapterError(f"no adapter named {name!r} is registered")
+        return entry.n_virtual
+
+    def stats(self) -> dict:
+        with self._lock:
+            per = {n: {"kind": e.kind, "n_virtual": e.n_virtual, "bytes": e.nbytes, "resident": n in self._resident,
+                       "pinned": e.path is None, "hits": e.hits, "misses": e.misses, "evictions": e.evictions}
+                   for n, e in self._entries.items()}
+        return {
+            "registered": len(per),
+            "resident": sum(a["resident"] for a in per.values()),
+            "resident_bytes": sum(a["bytes"] for a in per.values() if a["resident"]),
+            "budget_bytes": self.budget_bytes,
+            "hits": sum(a["hits"] for a in per.values()),
+            "misses": sum(a["misses"] for a in per.values()),
+            "evictions": sum(a["evictions"] for a in per.values()),
+            "adapters": per,
+        }
+
+    def _feed(self, bundle: Bundle) -> AdapterFeed:
+        dtype = np.dtype(self.manifest.dtype)
+        if bundle.kind == "prompt":
+            return AdapterFeed(prompt_embeds=np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype))
+        past = self.backend.to_past([t[None] for t in bundle.prefix(self.manifest.num_layers)])
+        return AdapterFeed(past=past, past_len=bundle.n_virtual)
+
+    def _evict(self, keep: str) -> None:
+        """Evict least recently used adapters (not `keep`, not pinned) until under budget. Lock held."""
+        if self.budget_bytes is None:
+            return
+        used = sum(self._entries[n].nbytes for n in self._resident)
+        for name in list(self._resident):
+            if used <= self.budget_bytes:
+                break
+            entry = self._entries[name]
+            if name == keep or entry.path is None:
+                continue
+            del self._resident[name]
+            entry.evictions += 1
+            used -= entry.nbytes
