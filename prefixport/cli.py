@@ -79,11 +79,14 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--stop", "stop", multiple=True, help="A stop string (repeatable); cut from the output.")
 @click.option("--adapter", "adapter", default=None, metavar="NAME_OR_PATH",
               help="An adapter bundle: a file, or a NAME under OUTDIR/adapters/.")
 @_errors
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
-             top_p: float, top_k: int, seed: int | None, adapter: str | None) -> None:
+             top_p: float, top_k: int, seed: int | None, repetition_penalty: float, stop: tuple[str, ...],
+             adapter: str | None) -> None:
     """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
     from .adapters import resolve_adapter
     from .runtime import Engine
@@ -96,7 +99,8 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
     if chat is None:
         chat = engine.tokenizer.chat_template is not None
     stream = engine.stream(prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
-                           top_p=top_p, top_k=top_k, seed=seed, adapter=adapter)
+                           top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
+                           stop=stop, adapter=adapter)
     for delta in stream:
         click.echo(delta, nl=False)
         sys.stdout.flush()
