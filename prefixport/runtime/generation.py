@@ -162,7 +162,8 @@ def generate_rows(backend: Backend, requests: list[RowRequest], hidden: int, dty
         tokens = []
         for j, i in enumerate(active):
             r = requests[i]
-            token = choose(batch_logits[j], r.prompt_ids + r.tokens, r.params, rngs[i])
+            seen = r.prompt_ids + r.tokens if r.params.repetition_penalty != 1.0 else []
+            token = choose(batch_logits[j], seen, r.params, rngs[i])
             r.tokens.append(token)
             r.done = token in r.stop_ids or len(r.tokens) >= r.max_new_tokens
             tokens.append(token)
