@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from prefixport.bench.machine import describe
 
 PROMPT = "Write a short story about a lighthouse keeper."
 

@@ -110,6 +110,27 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
               f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s]")
 
 
+@main.command()
+@click.argument("outdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--adapters", "adapters", multiple=True, metavar="NAME_OR_PATH",
+              help="Bundles to use (repeatable; default: all under OUTDIR/adapters).")
+@click.option("--peft", "peft_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="The same adapters as PEFT checkpoints, for the PEFT-on-PyTorch columns (repeatable).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about two minutes).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: OUTDIR/bench.")
+@_errors
+def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], device: str, quick: bool,
+          out: str | None) -> None:
+    """Benchmark adapter swap, memory, latency and throughput against PEFT and the naive way."""
+    from .bench import run_bench
+
+    progress = Progress(_echo_err)
+    results, written = run_bench(outdir, list(adapters), list(peft_dirs), device, quick, out, progress.say)
+    click.echo(written["markdown"].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+
+
 @main.group()
 def adapter() -> None:
     """Convert and inspect adapters."""

@@ -1,0 +1,50 @@
+"""Measuring helpers: spreads of repeated timings, process memory, memory bandwidth."""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, p95, min, max and count of repeated measurements (never a single timing)."""
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return {"p50": statistics.median(ordered), "p95": p95, "min": ordered[0], "max": ordered[-1],
+            "n": len(ordered)}
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; ru_maxrss elsewhere)."""
+    gc.collect()
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth as a decode step sees it: a float32 matrix-vector product over a matrix far
+    larger than the caches (BLAS, all cores), median of `repeats`."""
+    matrix = np.ones(megabytes * 2**20 // 4, dtype=np.float32).reshape(-1, 4096)
+    vector = np.ones(4096, dtype=np.float32)
+    matrix @ vector
+    seconds = statistics.median(timed(lambda: matrix @ vector, repeats))
+    return {"bytes_per_s": matrix.nbytes / seconds, "array_mb": megabytes, "method": "sgemv", "repeats": repeats}

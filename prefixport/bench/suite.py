@@ -1,0 +1,296 @@
+"""The benchmark suite: adapter swap, memory per adapter, latency, throughput, bandwidth floor.
+
+Everything is measured side by side in one process, repeated, and reported as spreads. The PEFT
+and transformers columns need the `export` extra (torch, peft) and PEFT checkpoints of the same
+adapters; without them those columns are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import manifest as mf
+from ..adapters.bundle import load_bundle
+from ..runtime import Engine
+from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+from ..runtime.generation import prefill
+from .machine import describe
+from .measure import memory_bandwidth, rss_bytes, spread, timed
+
+TEXT = ("The history of the Roman Empire spans many centuries, from the founding of the city to the fall "
+        "of Constantinople, with emperors, senators, soldiers, merchants and farmers all playing a part. ")
+
+
+@dataclass
+class Plan:
+    """Sizes of one run; `quick` keeps the whole run near two minutes on the default model."""
+
+    prompt_lengths: list[int]
+    new_tokens: int
+    repeats: int
+    memory_counts: list[int]
+    batch_sizes: list[int]
+
+    @classmethod
+    def make(cls, quick: bool) -> "Plan":
+        if quick:
+            return cls([16, 128], 8, 3, [1, 10, 100], [1, 8])
+        return cls([16, 128, 512], 16, 7, [1, 10, 100, 1000], [1, 8, 32])
+
+
+@dataclass
+class Suite:
+    export_dir: Path
+    adapters: list[Path]  # bundle files
+    peft_dirs: list[Path] = field(default_factory=list)  # the same adapters as PEFT checkpoints
+    device: str = "cpu"
+    quick: bool = False
+    say: Callable[[str], None] = lambda message: None
+
+    def run(self) -> dict[str, Any]:
+        plan = Plan.make(self.quick)
+        self.manifest = mf.Manifest.load(self.export_dir)
+        self.engine = Engine.load(self.export_dir, device=self.device)
+        self.names = []
+        for path in self.adapters:
+            name = Path(path).stem
+            self.engine.add_adapter(name, path)
+            self.names.append(name)
+        self.kinds = {n: self.engine.store.stats()["adapters"][n]["kind"] for n in self.names}
+        self.ids = self.engine.encode(TEXT * 40)
+        peft = self._peft()
+        results: dict[str, Any] = {
+            "benchmark": "prefixport-bench",
+            "quick": self.quick,
+            "export": str(self.export_dir),
+            "model": self.manifest.source,
+            "device": self.device,
+            "memory_counter": "VRAM (NVML)" if self.device == "cuda" else
+                              "process RSS: no GPU, so host memory is reported instead of VRAM",
+            "adapters": {n: {"kind": self.kinds[n], "bytes": self.engine.store.stats()["adapters"][n]["bytes"],
+                             "n_virtual": self.engine.store.stats()["adapters"][n]["n_virtual"]}
+                         for n in self.names},
+            "plan": plan.__dict__,
+            "machine": describe(),
+            "peft": {"available": peft is not None, "reason": self._peft_reason},
+        }
+        steps = [("swap", lambda: self.swap(plan, peft)), ("memory", lambda: self.memory(plan, peft)),
+                 ("latency", lambda: self.latency(plan, peft)), ("throughput", lambda: self.throughput(plan)),
+                 ("floor", lambda: self.floor(results))]
+        for key, step in steps:
+            self.say(f"measuring {key} ...")
+            results[key] = step()
+        self.engine.close()
+        return results
+
+    # --- the PEFT side -------------------------------------------------------------------------
+
+    _peft_reason = ""
+
+    def _peft(self) -> Any:
+        """{adapter name: the PeftModel holding it} over one base model, or None with
+        `_peft_reason` set. PEFT cannot hold adapters of different types in one PeftModel, so
+        there is one PeftModel per type, all wrapping the same base model."""
+        if not self.peft_dirs:
+            self._peft_reason = "no PEFT checkpoints given (--peft)"
+            return None
+        try:
+            import torch  # noqa: F401
+            from peft import PeftModel
+
+            from ..exporter.loading import load
+        except ImportError as e:
+            self._peft_reason = f"needs the export extra ({e})"
+            return None
+        import json
+
+        base = load(self.manifest.source).model
+        by_type: dict[str, Any] = {}
+        models: dict[str, Any] = {}
+        for d in self.peft_dirs:
+            name, peft_type = Path(d).name, json.loads((Path(d) / "adapter_config.json").read_text())["peft_type"]
+            if peft_type in by_type:
+                by_type[peft_type].load_adapter(d, adapter_name=name)
+            else:
+                by_type[peft_type] = PeftModel.from_pretrained(base, d, adapter_name=name).eval()
+            models[name] = by_type[peft_type]
+        self._peft_reason = ""
+        return models
+
+    def _peft_first_token(self, models: Any, name: str, ids: list[int]) -> None:
+        import torch
+
+        model = models[name]
+        model.set_adapter(name)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()
+
+    # --- 1. adapter swap -------------------------------------------------------------------------
+
+    def swap(self, plan: Plan, peft: Any) -> dict[str, Any]:
+        """Time to first token right after switching to another adapter."""
+        ids = self.ids[:64]
+        names = self.names
+        order = [names[i % len(names)] for i in range(plan.repeats * len(names))]
+
+        def first_token(engine: Engine, name: str) -> None:
+            engine.generate(ids, adapter=name, max_new_tokens=1)
+
+        first_token(self.engine, names[0])  # warm-up
+        resident = [t for n in order for t in timed(lambda: first_token(self.engine, n), 1)]
+        cold = Engine.load(self.export_dir, device=self.device, adapter_budget_bytes=0)  # every use a miss
+        for path, name in zip(self.adapters, names):
+            cold.add_adapter(name, path)
+        from_disk = [t for n in order for t in timed(lambda: first_token(cold, n), 1)]
+        cold.close()
+
+        def naive() -> None:  # a per-adapter export: a new session of a same-size model, then its first token
+            backend = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
+            prefill(backend, [ids], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
+            backend.close()
+
+        naive_times = timed(naive, max(2, plan.repeats // 2))
+        out = {"resident_s": spread(resident), "from_disk_s": spread(from_disk), "naive_new_session_s": spread(naive_times),
+               "naive_note": "the base export stands in for a per-adapter export of the same size"}
+        if peft is not None:
+            peft_names = [Path(d).name for d in self.peft_dirs]
+            peft_order = [peft_names[i % len(peft_names)] for i in range(plan.repeats * len(peft_names))]
+            self._peft_first_token(peft, peft_names[0], ids)
+            out["peft_set_adapter_s"] = spread([t for n in peft_order
+                                                for t in timed(lambda: self._peft_first_token(peft, n, ids), 1)])
+        base = out["resident_s"]["p50"]
+        out["ratios_vs_resident"] = {k: v["p50"] / base for k, v in out.items()
+                                     if isinstance(v, dict) and "p50" in v and k != "resident_s"}
+        return out
+
+    # --- 2. memory per adapter ---------------------------------------------------------------------
+
+    def memory(self, plan: Plan, peft: Any) -> dict[str, Any]:
+        sizes = {p: load_bundle(p).nbytes for p in self.adapters}
+        path = max(sizes, key=sizes.get)  # the largest bundle: RSS moves in pages
+        bundle_bytes = sizes[path]
+        engine = Engine.load(self.export_dir, device=self.device)
+        engine.generate(self.ids[:8], max_new_tokens=1)
+        base_rss = rss_bytes()
+        points, registered = [], 0
+        for count in plan.memory_counts:
+            while registered < count:
+                engine.add_adapter(f"copy{registered}", path)
+                registered += 1
+            points.append({"adapters": count, "rss_bytes": rss_bytes() - base_rss,
+                           "store_resident_bytes": engine.stats()["adapters"]["resident_bytes"]})
+        engine.close()
+        first, last = points[0], points[-1]
+        slope = (last["rss_bytes"] - first["rss_bytes"]) / max(1, last["adapters"] - first["adapters"])
+        before = rss_bytes()
+        session = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
+        prefill(session, [self.ids[:8]], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
+        single_model = rss_bytes() - before
+        session.close()
+        out = {"bundle": Path(path).stem, "bundle_bytes": bundle_bytes, "points": points,
+               "rss_per_adapter_bytes": slope, "rss_per_adapter_over_bundle_bytes": slope / bundle_bytes,
+               "naive_single_model_bytes": single_model,
+               "naive_extrapolated": [{"adapters": n, "bytes": n * single_model} for n in plan.memory_counts],
+               "note": "naive = N exported models: a measured single-model footprint times N (extrapolated)"}
+        if peft is not None:
+            start = rss_bytes()
+            d = self.peft_dirs[-1]
+            extra = 10 if not self.quick else 3
+            for i in range(extra):
+                peft[Path(d).name].load_adapter(d, adapter_name=f"mem{i}")
+            per = (rss_bytes() - start) / extra
+            out["peft_per_adapter_bytes"] = per
+            out["peft_extrapolated"] = [{"adapters": n, "bytes": n * per} for n in plan.memory_counts]
+        return out
+
+    # --- 3. latency ------------------------------------------------------------------------------
+
+    def _token_times(self, ids: list[int], adapter: str | None, n: int) -> tuple[float, list[float]]:
+        request = self.engine._request(ids, adapter=adapter, max_new_tokens=n, stop_token_ids=[])
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in self.engine._rows([request])]
+        return stamps[0] - start, list(np.diff(stamps))
+
+    def latency(self, plan: Plan, peft: Any) -> dict[str, Any]:
+        configs = {"base": None}
+        for kind in ("prompt", "prefix"):
+            name = next((n for n in self.names if self.kinds[n] == kind), None)
+            if name:
+                configs[f"{kind} ({name})"] = name
+        out: dict[str, Any] = {}
+        for length in plan.prompt_lengths:
+            ids = self.ids[:length]
+            row: dict[str, Any] = {}
+            for label, adapter in configs.items():
+                self._token_times(ids, adapter, 2)  # warm-up
+                ttft, itl = [], []
+                for _ in range(plan.repeats):
+                    first, gaps = self._token_times(ids, adapter, plan.new_tokens)
+                    ttft.append(first)
+                    itl += gaps
+                row[label] = {"ttft_s": spread(ttft), "itl_s": spread(itl)}
+            if peft is not None:
+                row.update(self._torch_latency(peft, ids, plan))
+            out[str(length)] = row
+        return out
+
+    def _torch_latency(self, peft: Any, ids: list[int], plan: Plan) -> dict[str, Any]:
+        """transformers eager (base, with cache) and PEFT eager (first token with an adapter)."""
+        import torch
+
+        base = next(iter(peft.values())).get_base_model()
+        ttft, itl = [], []
+        for _ in range(plan.repeats):
+            with torch.no_grad():
+                start = time.perf_counter()
+                out = base(input_ids=torch.tensor([ids]), use_cache=True)
+                stamps = [time.perf_counter()]
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+                for _ in range(plan.new_tokens - 1):
+                    out = base(input_ids=token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+                    stamps.append(time.perf_counter())
+            ttft.append(stamps[0] - start)
+            itl += list(np.diff(stamps))
+        name = Path(self.peft_dirs[0]).name
+        peft_ttft = timed(lambda: self._peft_first_token(peft, name, ids), plan.repeats)
+        return {"transformers eager": {"ttft_s": spread(ttft), "itl_s": spread(itl)},
+                f"peft eager ({name})": {"ttft_s": spread(peft_ttft), "itl_s": None,
+                                         "note": "first token only: PEFT's generate() is broken for these "
+                                                 "adapter types on transformers 5 (DESIGN.md)"}}
+
+    # --- 4. throughput -----------------------------------------------------------------------------
+
+    def throughput(self, plan: Plan) -> dict[str, Any]:
+        prompts = [self.ids[i * 7 : i * 7 + 16] for i in range(32)]
+        out: dict[str, Any] = {}
+        for batch in plan.batch_sizes:
+            rows = prompts[:batch]
+            same = [self.names[0]] * batch
+            mixed = [([None] + self.names)[i % (len(self.names) + 1)] for i in range(batch)]
+            entry = {}
+            for label, adapters in (("one adapter", same), ("adapter per row", mixed)):
+                times = timed(lambda: self.engine.generate_batch(rows, adapters=adapters,
+                                                                 max_new_tokens=plan.new_tokens,
+                                                                 stop_token_ids=[]), max(2, plan.repeats // 2))
+                tps = [batch * plan.new_tokens / t for t in times]
+                entry[label] = {"tokens_per_s": spread(tps)}
+            out[str(batch)] = entry
+        return out
+
+    # --- 5. the bandwidth floor --------------------------------------------------------------------
+
+    def floor(self, results: dict[str, Any]) -> dict[str, Any]:
+        weights = sum(p.stat().st_size for p in self.export_dir.glob("model.onnx*"))
+        bandwidth = memory_bandwidth(256 if self.quick else 1024)
+        floor_s = weights / bandwidth["bytes_per_s"]
+        shortest = str(min(int(k) for k in results["latency"]))
+        measured = results["latency"][shortest]["base"]["itl_s"]["p50"]
+        return {"weight_bytes": weights, "bandwidth": bandwidth, "decode_floor_s": floor_s,
+                "decode_step_p50_s": measured, "measured_over_floor": measured / floor_s}
+

@@ -1,0 +1,50 @@
+"""`prefixport bench --quick` runs on a tiny model and its JSON has every field (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefixport.adapters import convert_checkpoint
+from prefixport.cli import main
+
+from . import peft_helpers as ph
+
+
+def test_bench_quick_writes_every_field(tiny_model, tiny_export, tmp_path):
+    folder = tiny_model("llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    bundles, peft_dirs = [], []
+    for variant in ("prompt", "prefix"):
+        peft_dirs.append(ph.train(AutoModelForCausalLM.from_pretrained(folder), variant, tok,
+                                  tmp_path / f"peft-{variant}", steps=1))
+        bundles.append(convert_checkpoint(peft_dirs[-1], tiny_export("llama"),
+                                          out=tmp_path / f"b-{variant}.safetensors")[1])
+    args = ["bench", str(tiny_export("llama")), "--quick", "--out", str(tmp_path / "out")]
+    for b in bundles:
+        args += ["--adapters", str(b)]
+    for d in peft_dirs:
+        args += ["--peft", str(d)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {"swap", "memory", "latency", "throughput", "floor", "machine", "memory_counter", "adapters"} <= set(data)
+    swap = data["swap"]
+    for key in ("resident_s", "from_disk_s", "naive_new_session_s", "peft_set_adapter_s"):
+        assert {"p50", "p95", "min", "max", "n"} <= set(swap[key]) and swap[key]["n"] >= 2
+    assert [p["adapters"] for p in data["memory"]["points"]] == [1, 10, 100]
+    assert {"rss_per_adapter_bytes", "naive_extrapolated", "peft_extrapolated"} <= set(data["memory"])
+    for length in ("16", "128"):
+        row = data["latency"][length]
+        assert {"base", "transformers eager"} <= set(row) and any(k.startswith("prefix") for k in row)
+        assert any(k.startswith("prompt") for k in row) and any(k.startswith("peft eager") for k in row)
+        assert row["base"]["itl_s"]["n"] >= 3
+    assert set(data["throughput"]) == {"1", "8"}
+    assert {"one adapter", "adapter per row"} == set(data["throughput"]["8"])
+    assert data["floor"]["measured_over_floor"] > 0 and data["floor"]["bandwidth"]["bytes_per_s"] > 0
+    assert "RSS" in data["memory_counter"]
+    assert (tmp_path / "out" / "bench.md").read_text().startswith("# prefixport bench")
+    assert (tmp_path / "out" / "swap_memory.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "throughput.png").stat().st_size > 5_000
