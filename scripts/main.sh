@@ -20,3 +20,6 @@ prefixport adapter inspect "$OUT/adapters/date-prefix.safetensors"
 prefixport generate "$OUT" "Text: Maya is 27 and lives in Lima.
 JSON:" --raw --adapter json-prompt --max-new-tokens 40
 python demo/evaluate.py "$OUT"
+# A short benchmark (about a minute): swap, memory, latency, throughput, floor; side by side with
+# PEFT on PyTorch and with the naive way. Full run: drop --quick (README, "Benchmarks").
+prefixport bench "$OUT" --quick --peft demo/adapters/json-prompt --peft demo/adapters/date-prefix

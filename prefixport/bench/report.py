@@ -27,15 +27,13 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {label} | {_ms(s[key]['p50'])} | {_ms(s[key]['p95'])} | {ratio:.1f} |")
     mem = r["memory"]
     lines += ["", f"## Memory per adapter ({mem['bundle']}, bundle {mem['bundle_bytes']:,} bytes)", "",
-              "| adapters | prefixport RSS growth MB | naive N models MB (extrapolated) | PEFT MB (extrapolated) |",
-              "|---|---|---|---|"]
+              "| adapters | prefixport store MB (exact) | prefixport RSS growth MB | PEFT MB (extrapolated) "
+              "| naive N models MB (extrapolated) |", "|---|---|---|---|---|"]
+    peft = mem.get("peft_extrapolated")
     for i, p in enumerate(mem["points"]):
-        peft = mem.get("peft_extrapolated")
-        lines.append(f"| {p['adapters']} | {p['rss_bytes'] / 1e6:.1f} | "
-                     f"{mem['naive_extrapolated'][i]['bytes'] / 1e6:.0f} | "
-                     f"{peft[i]['bytes'] / 1e6:.1f} |" if peft else
-                     f"| {p['adapters']} | {p['rss_bytes'] / 1e6:.1f} | "
-                     f"{mem['naive_extrapolated'][i]['bytes'] / 1e6:.0f} | – |")
+        peft_mb = f"{peft[i]['bytes'] / 1e6:.1f}" if peft else "–"
+        lines.append(f"| {p['adapters']} | {p['store_resident_bytes'] / 1e6:.1f} | {p['rss_bytes'] / 1e6:.1f} | "
+                     f"{peft_mb} | {mem['naive_extrapolated'][i]['bytes'] / 1e6:.0f} |")
     lines += ["", f"RSS per registered adapter: {mem['rss_per_adapter_bytes']:,.0f} bytes "
               f"({mem['rss_per_adapter_over_bundle_bytes']:.2f} × the bundle); the store's own count: "
               f"{mem['points'][-1]['store_resident_bytes']:,} bytes for {mem['points'][-1]['adapters']} adapters.", "",
@@ -82,12 +80,15 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     ax1.set_title("Adapter swap")
     mem = r["memory"]
     n = [p["adapters"] for p in mem["points"]]
-    ax2.plot(n, [p["rss_bytes"] / 1e6 for p in mem["points"]], "o-", label="prefixport (measured RSS growth)")
+    ax2.plot(n, [p["store_resident_bytes"] / 1e6 for p in mem["points"]], "o-", label="prefixport (store bytes)")
+    rss = [(p["adapters"], p["rss_bytes"] / 1e6) for p in mem["points"] if p["rss_bytes"] > 0]
+    if rss:
+        ax2.plot(*zip(*rss), "x:", label="prefixport (measured RSS growth)")
     ax2.plot(n, [p["bytes"] / 1e6 for p in mem["naive_extrapolated"]], "s--", label="naive N models (extrapolated)")
     if "peft_extrapolated" in mem:
         ax2.plot(n, [p["bytes"] / 1e6 for p in mem["peft_extrapolated"]], "^--", label="PEFT (extrapolated)")
     ax2.set_xscale("log")
-    ax2.set_yscale("symlog")
+    ax2.set_yscale("log")
     ax2.set_xlabel("adapters registered")
     ax2.set_ylabel("MB")
     ax2.set_title("Memory for N adapters")

@@ -20,7 +20,7 @@ from ..runtime import Engine
 from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
 from ..runtime.generation import prefill
 from .machine import describe
-from .measure import memory_bandwidth, rss_bytes, spread, timed
+from .measure import memory_bandwidth, rss_bytes, spread, timed, vram_bytes
 
 TEXT = ("The history of the Roman Empire spans many centuries, from the founding of the city to the fall "
         "of Constantinople, with emperors, senators, soldiers, merchants and farmers all playing a part. ")
@@ -142,7 +142,9 @@ class Suite:
             engine.generate(ids, adapter=name, max_new_tokens=1)
 
         first_token(self.engine, names[0])  # warm-up
+        used_before = self._used()
         resident = [t for n in order for t in timed(lambda: first_token(self.engine, n), 1)]
+        used_by_swaps = self._used() - used_before  # VRAM on a GPU, RSS on the CPU
         cold = Engine.load(self.export_dir, device=self.device, adapter_budget_bytes=0)  # every use a miss
         for path, name in zip(self.adapters, names):
             cold.add_adapter(name, path)
@@ -156,6 +158,7 @@ class Suite:
 
         naive_times = timed(naive, max(2, plan.repeats // 2))
         out = {"resident_s": spread(resident), "from_disk_s": spread(from_disk), "naive_new_session_s": spread(naive_times),
+               "memory_growth_over_swaps_bytes": used_by_swaps, "swaps": len(order),
                "naive_note": "the base export stands in for a per-adapter export of the same size"}
         if peft is not None:
             peft_names = [Path(d).name for d in self.peft_dirs]
@@ -170,27 +173,31 @@ class Suite:
 
     # --- 2. memory per adapter ---------------------------------------------------------------------
 
+    def _used(self) -> int:
+        """Bytes in use on the benchmarked device: VRAM (NVML) on a GPU, else process RSS."""
+        return vram_bytes() if self.device == "cuda" else rss_bytes()
+
     def memory(self, plan: Plan, peft: Any) -> dict[str, Any]:
         sizes = {p: load_bundle(p).nbytes for p in self.adapters}
         path = max(sizes, key=sizes.get)  # the largest bundle: RSS moves in pages
         bundle_bytes = sizes[path]
         engine = Engine.load(self.export_dir, device=self.device)
         engine.generate(self.ids[:8], max_new_tokens=1)
-        base_rss = rss_bytes()
+        base_rss = self._used()
         points, registered = [], 0
         for count in plan.memory_counts:
             while registered < count:
                 engine.add_adapter(f"copy{registered}", path)
                 registered += 1
-            points.append({"adapters": count, "rss_bytes": rss_bytes() - base_rss,
+            points.append({"adapters": count, "rss_bytes": self._used() - base_rss,  # VRAM on a GPU
                            "store_resident_bytes": engine.stats()["adapters"]["resident_bytes"]})
         engine.close()
         first, last = points[0], points[-1]
         slope = (last["rss_bytes"] - first["rss_bytes"]) / max(1, last["adapters"] - first["adapters"])
-        before = rss_bytes()
+        before = self._used()
         session = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
         prefill(session, [self.ids[:8]], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
-        single_model = rss_bytes() - before
+        single_model = self._used() - before
         session.close()
         out = {"bundle": Path(path).stem, "bundle_bytes": bundle_bytes, "points": points,
                "rss_per_adapter_bytes": slope, "rss_per_adapter_over_bundle_bytes": slope / bundle_bytes,
@@ -198,14 +205,12 @@ class Suite:
                "naive_extrapolated": [{"adapters": n, "bytes": n * single_model} for n in plan.memory_counts],
                "note": "naive = N exported models: a measured single-model footprint times N (extrapolated)"}
         if peft is not None:
-            start = rss_bytes()
-            d = self.peft_dirs[-1]
-            extra = 10 if not self.quick else 3
-            for i in range(extra):
-                peft[Path(d).name].load_adapter(d, adapter_name=f"mem{i}")
-            per = (rss_bytes() - start) / extra
-            out["peft_per_adapter_bytes"] = per
-            out["peft_extrapolated"] = [{"adapters": n, "bytes": n * per} for n in plan.memory_counts]
+            name = Path(self.peft_dirs[-1]).name
+            params = sum(p.numel() * p.element_size() for p in peft[name].prompt_encoder[name].parameters())
+            out["peft_per_adapter_bytes"] = params
+            out["peft_extrapolated"] = [{"adapters": n, "bytes": n * params} for n in plan.memory_counts]
+            out["peft_note"] = ("PEFT holds each adapter's prompt encoder: its parameter bytes times N "
+                                "(extrapolated)")
         return out
 
     # --- 3. latency ------------------------------------------------------------------------------
