@@ -7,6 +7,7 @@ adapters; without them those columns are skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ class Suite:
             name = Path(path).stem
             self.engine.add_adapter(name, path)
             self.names.append(name)
-        self.kinds = {n: self.engine.store.stats()["adapters"][n]["kind"] for n in self.names}
+        registered = self.engine.store.stats()["adapters"]
+        self.kinds = {n: registered[n]["kind"] for n in self.names}
         self.ids = self.engine.encode(TEXT * 40)
         peft = self._peft()
         results: dict[str, Any] = {
@@ -72,9 +74,7 @@ class Suite:
             "device": self.device,
             "memory_counter": "VRAM (NVML)" if self.device == "cuda" else
                               "process RSS: no GPU, so host memory is reported instead of VRAM",
-            "adapters": {n: {"kind": self.kinds[n], "bytes": self.engine.store.stats()["adapters"][n]["bytes"],
-                             "n_virtual": self.engine.store.stats()["adapters"][n]["n_virtual"]}
-                         for n in self.names},
+            "adapters": {n: {k: registered[n][k] for k in ("kind", "bytes", "n_virtual")} for n in self.names},
             "plan": plan.__dict__,
             "machine": describe(),
             "peft": {"available": peft is not None, "reason": self._peft_reason},
@@ -107,8 +107,6 @@ class Suite:
         except ImportError as e:
             self._peft_reason = f"needs the export extra ({e})"
             return None
-        import json
-
         base = load(self.manifest.source).model
         by_type: dict[str, Any] = {}
         models: dict[str, Any] = {}
