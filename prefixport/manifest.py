@@ -30,11 +30,13 @@ def present_value_name(layer: int) -> str:
     return f"present.{layer}.value"
 
 
+def past_names(num_layers: int) -> list[str]:
+    """Past inputs (and prefix bundle tensors) in graph order: key, value per layer."""
+    return [n for i in range(num_layers) for n in (past_key_name(i), past_value_name(i))]
+
+
 def input_names(num_layers: int) -> list[str]:
-    names = ["input_ids", "prompt_embeds", "attention_mask", "position_ids"]
-    for i in range(num_layers):
-        names += [past_key_name(i), past_value_name(i)]
-    return names
+    return ["input_ids", "prompt_embeds", "attention_mask", "position_ids", *past_names(num_layers)]
 
 
 def output_names(num_layers: int) -> list[str]:

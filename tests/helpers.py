@@ -17,7 +17,7 @@ def hf_last_logits(model, ids: list[int]) -> np.ndarray:
 
 def hf_greedy(model, ids: list[int], n: int, stop_at_eos: bool = True) -> list[int]:
     """transformers' generate, greedy; `stop_at_eos=False` runs exactly n tokens."""
-    kwargs = {} if stop_at_eos else {"eos_token_id": None, "pad_token_id": 0}
+    kwargs = {} if stop_at_eos else {"pad_token_id": 0}
     config = model.generation_config
     saved = config.eos_token_id
     if not stop_at_eos:

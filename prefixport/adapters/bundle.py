@@ -50,7 +50,7 @@ class Bundle:
 
     def prefix(self, num_layers: int) -> list[np.ndarray]:
         """The prefix as a flat past list (key, value per layer), each [kv_heads, n_virtual, head_dim]."""
-        return [self.tensors[n] for i in range(num_layers) for n in (mf.past_key_name(i), mf.past_value_name(i))]
+        return [self.tensors[n] for n in mf.past_names(num_layers)]
 
 
 def make_bundle(*, name: str, kind: str, tensors: dict[str, np.ndarray], fingerprint: str, peft_type: str,
@@ -86,20 +86,22 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     return path
 
 
+def read_safetensors(path: Path, hint: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; any malformed file is an AdapterError."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path} is not a readable safetensors file ({e}); it may be truncated{hint}") from e
+
+
 def load_bundle(path: str | Path, manifest: mf.Manifest | None = None) -> Bundle:
     """Read a bundle and check it; against `manifest` too when given (shapes, base model)."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: no such adapter file")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or not a bundle: "
-            "convert the PEFT checkpoint again with `prefixport adapter convert`"
-        ) from e
+    tensors, metadata = read_safetensors(
+        path, " or not a bundle: convert the PEFT checkpoint again with `prefixport adapter convert`")
     bundle = Bundle(tensors, metadata)
     check_bundle(bundle, str(path))
     if manifest is not None:
@@ -141,7 +143,7 @@ def expected_shapes(kind: str, n_virtual: int, manifest: mf.Manifest) -> dict[st
     if kind == "prompt":
         return {"prompt_embeds": (n_virtual, manifest.hidden_size)}
     kv = (manifest.num_kv_heads, n_virtual, manifest.head_dim)
-    return {n: kv for i in range(manifest.num_layers) for n in (mf.past_key_name(i), mf.past_value_name(i))}
+    return {n: kv for n in mf.past_names(manifest.num_layers)}
 
 
 def check_fits(bundle: Bundle, manifest: mf.Manifest, where: str = "adapter") -> None:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from .. import manifest as mf
 from ..errors import AdapterError
-from .bundle import Bundle, check_bundle, check_fits, make_bundle
+from .bundle import Bundle, check_bundle, check_fits, make_bundle, read_safetensors
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 SUPPORTED = (*PROMPT_TYPES, "PREFIX_TUNING")
@@ -59,11 +58,7 @@ def read_weights(peft_dir: Path) -> dict[str, np.ndarray]:
                 "`PeftModel.from_pretrained(base_model, DIR).save_pretrained(DIR, safe_serialization=True)`"
             )
         raise AdapterError(f"{peft_dir} has no {WEIGHTS}")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
+    return read_safetensors(path, "")[0]
 
 
 def _tensor(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...], where: Path) -> np.ndarray:
@@ -118,7 +113,7 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
         flat = _tensor(weights, "prompt_embeddings", (n_virtual, layers * 2 * kv * hd), peft_dir)
         # [V, 2L, kv, hd] -> [2L, kv, V, hd]
         stacked = flat.reshape(n_virtual, 2 * layers, kv, hd).transpose(1, 2, 0, 3)
-        names = [n for i in range(layers) for n in (mf.past_key_name(i), mf.past_value_name(i))]
+        names = mf.past_names(layers)
         tensors = {n: np.ascontiguousarray(stacked[j]) for j, n in enumerate(names)}
         kind = "prefix"
     bundle = make_bundle(name=name or peft_dir.name, kind=kind, tensors=tensors,

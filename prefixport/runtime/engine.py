@@ -161,7 +161,7 @@ class Engine:
         embeds = bundle.tensors["prompt_embeds"][None].astype(m.dtype)
         _, state = prefill(self.backend, [[]], embeds, m.pad_token_id or 0)
         arrays = self.backend.past_to_numpy(state.past)
-        names = [n for i in range(m.num_layers) for n in (mf.past_key_name(i), mf.past_value_name(i))]
+        names = mf.past_names(m.num_layers)
         meta = {k: v for k, v in bundle.metadata.items() if k not in ("kind", "n_virtual", "dtype")}
         meta["baked_from"] = "prompt"
         return make_bundle(kind="prefix", tensors={n: a[0] for n, a in zip(names, arrays)}, **meta)
