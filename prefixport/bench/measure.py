@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from ..runtime.backends import process_memory
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -30,14 +30,11 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
 
 
 def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; ru_maxrss elsewhere)."""
+    """Current resident set size of this process, after a garbage collection (peak RSS where
+    /proc is missing)."""
     gc.collect()
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = process_memory()
+    return stats.get("rss_bytes", stats["peak_rss_bytes"])
 
 
 def vram_bytes(device_index: int = 0) -> int:

@@ -128,6 +128,12 @@ class Suite:
         with torch.no_grad():
             model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()
 
+    def _new_session(self, ids: list[int]) -> OnnxRuntimeBackend:
+        """A new session of the export, after its first prefill (what the naive way pays per adapter)."""
+        backend = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
+        prefill(backend, [ids], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
+        return backend
+
     # --- 1. adapter swap -------------------------------------------------------------------------
 
     def swap(self, plan: Plan, peft: Any) -> dict[str, Any]:
@@ -149,12 +155,8 @@ class Suite:
         from_disk = [t for n in order for t in timed(lambda: first_token(cold, n), 1)]
         cold.close()
 
-        def naive() -> None:  # a per-adapter export: a new session of a same-size model, then its first token
-            backend = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
-            prefill(backend, [ids], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
-            backend.close()
-
-        naive_times = timed(naive, max(2, plan.repeats // 2))
+        # a per-adapter export: a new session of a same-size model, then its first token
+        naive_times = timed(lambda: self._new_session(ids).close(), max(2, plan.repeats // 2))
         out = {"resident_s": spread(resident), "from_disk_s": spread(from_disk), "naive_new_session_s": spread(naive_times),
                "memory_growth_over_swaps_bytes": used_by_swaps, "swaps": len(order),
                "naive_note": "the base export stands in for a per-adapter export of the same size"}
@@ -193,8 +195,7 @@ class Suite:
         first, last = points[0], points[-1]
         slope = (last["rss_bytes"] - first["rss_bytes"]) / max(1, last["adapters"] - first["adapters"])
         before = self._used()
-        session = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
-        prefill(session, [self.ids[:8]], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
+        session = self._new_session(self.ids[:8])
         single_model = self._used() - before
         session.close()
         out = {"bundle": Path(path).stem, "bundle_bytes": bundle_bytes, "points": points,

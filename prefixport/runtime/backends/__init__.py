@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import resource
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -36,6 +39,16 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def process_memory() -> dict[str, int]:
+    """This process's current RSS (Linux /proc) and peak RSS, in bytes."""
+    stats = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+    try:
+        stats["rss_bytes"] = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    return stats
 
 
 def load_backend(name: str, folder: str, manifest: Any, **options: Any) -> Backend:

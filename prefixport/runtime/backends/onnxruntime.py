@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import resource
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +10,7 @@ import onnxruntime as ort
 
 from ... import manifest as mf
 from ...errors import ExportFolderError, PrefixportError
+from . import process_memory
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -46,7 +45,7 @@ class OnnxRuntimeBackend:
         self.manifest = manifest
         self.np_dtype = np.dtype(manifest.dtype)
         self._outputs = list(manifest.outputs)
-        self._past_names = manifest.inputs[4:]
+        self._past_names = mf.past_names(manifest.num_layers)
 
     def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         if self.device == "cuda":
@@ -85,14 +84,7 @@ class OnnxRuntimeBackend:
         return [value.numpy() for value in past]
 
     def memory_stats(self) -> dict[str, int]:
-        # ru_maxrss is in KiB on Linux; current RSS from /proc where available.
-        stats = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        try:
-            pages = int(Path("/proc/self/statm").read_text().split()[1])
-            stats["rss_bytes"] = pages * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            pass
-        return stats
+        return process_memory()
 
     def close(self) -> None:
         self.session = None
