@@ -47,14 +47,24 @@ def main() -> None:
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset version.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the graph against PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTDIR if it already holds an export.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Fuse attention (GroupQueryAttention), RMSNorm and rotary into ONNX Runtime's ops. "
+                   "--no-optimize keeps plain ONNX ops only (for runtimes without ONNX Runtime's contrib ops).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantisation of the MatMul weights (MatMulNBits, block 32); the export "
+                   "reports greedy agreement with the float graph.")
+@click.option("--logits", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="Logits for the last position only, or for every position (scoring).")
 @_errors
-def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool) -> None:
+def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
+           optimize: bool, quantize: str | None, logits: str) -> None:
     """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
     from .exporter import export_model
 
     progress = Progress(_echo_err)
-    report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset,
-                          verify_graph=not no_verify, overwrite=overwrite, progress=progress)
+    report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset, verify_graph=not no_verify,
+                          overwrite=overwrite, optimize=optimize, quantize=quantize, logits=logits,
+                          progress=progress)
     m = report.manifest
     click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
     click.echo(f"  time: {progress.elapsed():.1f}s ("
@@ -67,6 +77,10 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
             click.echo(f"    {c.name}: logits {c.logits_max_abs_diff:.2e}, KV (relative) {c.present_max_rel_diff:.2e}")
     else:
         click.echo("  not verified (--no-verify)")
+    if m.fused_ops:
+        click.echo("  fused: " + ", ".join(f"{n} x{k}" for n, k in m.fused_ops.items()))
+    if report.agreement is not None:
+        click.echo(f"  {quantize} weights vs float: {report.agreement.summary()}")
 
 
 @main.command()

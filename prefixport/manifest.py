@@ -11,6 +11,7 @@ from .errors import ExportFolderError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "prefixport.json"
 MODEL_NAME = "model.onnx"
+LOGITS = ("last", "all")  # which positions the graph returns logits for
 TOKENIZER_NAME = "tokenizer.json"
 
 
@@ -66,7 +67,9 @@ class Manifest:
     # Window of sliding-attention layers (None: none). The model masks by cache slot, so a row's
     # tokens must stay contiguous in the cache (no padding between soft prompt and text).
     sliding_window: int | None = None
-    logits: str = "last"  # "last": logits for the last position only
+    logits: str = "last"  # "last": logits for the last position only; "all": every position
+    fused_ops: dict[str, int] = field(default_factory=dict)  # ONNX Runtime contrib ops in the graph
+    quantization: dict | None = None  # weight-only quantisation and its agreement with float
     opset: int = 18
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)

@@ -13,11 +13,13 @@ from .. import manifest as mf
 from ..errors import ExportError
 from ..progress import Progress
 from . import loading
+from . import optimize as opt
 from .graph import GraphModule, export_onnx
 from .verify import TOLERANCE, CaseResult, verify
 
 DTYPES = ("float32", "float16")
 DEFAULT_OPSET = 18
+AGREEMENT_TOKENS = 32  # greedy tokens per prompt when judging a quantised graph
 MIN_OPSET = 18  # the oldest opset torch's dynamo exporter targets without a lossy down-conversion
 
 
@@ -29,6 +31,7 @@ class ExportReport:
     file_bytes: dict[str, int]
     verification: list[CaseResult] = field(default_factory=list)
     tolerance: float = 0.0
+    agreement: Any = None  # runtime.agreement.Agreement of a quantised graph with the float one
 
 
 def fingerprint(model: Any) -> str:
@@ -95,9 +98,17 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     verify_graph: bool = True,
     overwrite: bool = False,
+    optimize: bool = True,
+    quantize: str | None = None,
+    logits: str = "last",
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
+
+    `optimize` fuses attention, normalisation and rotary into ONNX Runtime's contrib ops
+    (`optimize.py`); `quantize` ("int8" | "int4") then makes the weight MatMuls MatMulNBits and
+    measures greedy agreement with the float graph; `logits="all"` keeps every position's logits
+    (for scoring) instead of the last one.
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -107,6 +118,12 @@ def export_model(
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in opt.QUANTIZATIONS:
+        raise ExportError(f"quantization {quantize!r} is not supported; choose one of {', '.join(opt.QUANTIZATIONS)}")
+    if quantize and dtype != "float32":
+        raise ExportError("weight-only quantization starts from float32 weights; drop --dtype or --quantize")
+    if logits not in mf.LOGITS:
+        raise ExportError(f"logits {logits!r}: choose one of {', '.join(mf.LOGITS)}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; the exporter writes opset {MIN_OPSET} or newer")
     progress = progress or Progress()
@@ -118,7 +135,8 @@ def export_model(
         if dtype == "float16":
             loaded.model.to(torch.float16)
     manifest = _manifest(loaded, dtype, opset, digest)
-    module = GraphModule(loaded.model, manifest.num_layers)
+    manifest.logits = logits
+    module = GraphModule(loaded.model, manifest.num_layers, fused=optimize, all_logits=logits == "all")
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outdir.parent / f".{outdir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +144,9 @@ def export_model(
     try:
         with progress.stage("exporting ONNX graph"):
             export_onnx(module, loaded.arch, loaded.model.config, tmp / mf.MODEL_NAME, opset)
+        if optimize:
+            with progress.stage("fusing normalisation and rotary"):
+                manifest.fused_ops = opt.fuse(tmp / mf.MODEL_NAME, manifest.max_positions)
         loaded.tokenizer.save_pretrained(tmp)
         loaded.model.generation_config.save_pretrained(tmp)
         manifest.save(tmp)
@@ -133,6 +154,10 @@ def export_model(
         if verify_graph:
             with progress.stage("verifying against PyTorch"):
                 results = verify(tmp, module, manifest)
+        agreement = None
+        if quantize:
+            with progress.stage(f"quantizing weights to {quantize}"):
+                agreement = _quantize(tmp, manifest, quantize)
         if outdir.exists():
             shutil.rmtree(outdir) if any(outdir.iterdir()) else outdir.rmdir()
         tmp.rename(outdir)
@@ -140,4 +165,26 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sizes = {p.name: p.stat().st_size for p in sorted(outdir.iterdir()) if p.is_file()}
-    return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype])
+    return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype], agreement)
+
+
+def _quantize(folder: Path, manifest: mf.Manifest, kind: str):
+    """Quantise folder's graph in place; record the method and its greedy agreement with the
+    float graph (held in memory meanwhile) in the manifest."""
+    import numpy as np
+
+    from ..runtime import Engine
+    from ..runtime.agreement import PROMPTS, agreement
+    from ..runtime.backends import load_backend
+
+    reference = Engine.load(folder)
+    matmuls = opt.quantize(folder / mf.MODEL_NAME, kind)
+    candidate = load_backend("onnxruntime", folder, manifest)
+    prompts = [reference.encode(p, chat=True) for p in PROMPTS]
+    result = agreement(reference.backend, candidate, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
+                       np.dtype(manifest.dtype))
+    manifest.quantization = {"method": "MatMulNBits", "bits": opt.QUANTIZATIONS[kind],
+                             "block_size": opt.QUANT_BLOCK_SIZE, "symmetric": True, "matmuls": matmuls,
+                             "agreement_with_float": result.to_dict()}
+    manifest.save(folder)
+    return result

@@ -13,20 +13,26 @@ from transformers import DynamicCache
 
 from .. import manifest as mf
 from ..errors import ExportError
+from . import attention
 from .specs import ArchSpec
 
 
 class GraphModule(torch.nn.Module):
-    """Soft prompt + tokens + past KV in; last-position logits + present KV out.
+    """Soft prompt + tokens + past KV in; logits (last position, or all) + present KV out.
 
     The soft prompt is prepended after the model's embedding module (so any scaling the module
-    applies is not applied to it), exactly where PEFT puts it.
+    applies is not applied to it), exactly where PEFT puts it. With `fused`, each layer's
+    attention becomes one GroupQueryAttention node (see `attention.py`); the model's own eager
+    attention otherwise.
     """
 
-    def __init__(self, model: Any, num_layers: int) -> None:
+    def __init__(self, model: Any, num_layers: int, fused: bool = False, all_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.num_layers = num_layers
+        self.fused = fused
+        self.logits_to_keep = 0 if all_logits else 1  # transformers: 0 = every position
+        model.config._attn_implementation = attention.register() if fused else "eager"
 
     def forward(
         self,
@@ -38,14 +44,20 @@ class GraphModule(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         token_embeds = self.model.get_input_embeddings()(input_ids)
         inputs_embeds = torch.cat([prompt_embeds.to(token_embeds.dtype), token_embeds], dim=1)
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        pairs = list(zip(past[0::2], past[1::2]))
+        extra: dict[str, Any] = {}
+        if self.fused:
+            cache = extra["fused_cache"] = attention.FusedCache(pairs, attention_mask)
+        else:
+            cache = DynamicCache(ddp_cache_data=pairs)
         out = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=self.logits_to_keep,
+            **extra,
         )
         presents: list[torch.Tensor] = []
         for layer in out.cache.layers:

@@ -16,8 +16,10 @@ from ..runtime.generation import prefill_inputs
 from .graph import GraphModule
 
 # Allowed difference between ONNX Runtime and PyTorch: max abs difference of the logits, and of
-# each present KV tensor relative to its largest magnitude (keys reach the hundreds).
-TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+# each present KV tensor relative to its largest magnitude (keys reach the hundreds). The fused
+# kernels sum in another order than PyTorch: on the default model, float32 logits differ by up to
+# 4.5e-4 over 30 seeds (one run reached 1.03e-3); a wrong mask or position moves them by > 0.1.
+TOLERANCE = {"float32": 2e-3, "float16": 5e-2}
 
 
 @dataclass
@@ -68,7 +70,11 @@ def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int |
             logits, present = backend.run(inputs, backend.to_past(past))
             present = backend.past_to_numpy(present)
             logits_diff = float(np.abs(logits.astype(np.float32) - ref_logits).max())
-            present_diff = max(_relative_diff(a, b) for a, b in zip(present, ref_present))
+            # Padded slots are masked out of every later step, so their contents never matter (the
+            # fused attention and eager attention fill them differently): compare attended slots.
+            attended = inputs["attention_mask"].astype(bool)[:, None, :, None]
+            present_diff = max(_relative_diff(np.where(attended, a, 0), np.where(attended, b, 0))
+                               for a, b in zip(present, ref_present))
             results.append(CaseResult(name, logits_diff, present_diff))
             if not np.isfinite(logits).all():
                 raise VerificationError(f"verification case {name!r}: ONNX Runtime gave NaN/Inf logits")

@@ -1,0 +1,142 @@
+"""Graph passes after tracing: ONNX Runtime's fused ops, and weight-only quantisation.
+
+Attention is fused while tracing (`attention.py`); here onnxscript's rewriter fuses RMSNorm
+(+ residual add) into (Skip)SimplifiedLayerNormalization and the rotary embedding into
+RotaryEmbedding with a cos/sin table, and ONNX Runtime's MatMulNBits quantiser rewrites the weight
+MatMuls to int8 or int4. The graph's inputs and outputs never change.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import optimize as onnxscript_optimize
+from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
+from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
+from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+QUANTIZATIONS = {"int8": 8, "int4": 4}
+QUANT_BLOCK_SIZE = 32
+
+
+class _RotaryTable(pattern.RewriteRuleClassBase):
+    """transformers' rotary angles (`position_ids[..., None].float() * inv_freq`, concatenated
+    twice, cos/sin) feeding a rotary fusion -> com.microsoft.RotaryEmbedding over a constant
+    cos/sin table indexed by position_ids (onnxscript's own rule matches the older MatMul form)."""
+
+    def __init__(self, name: str, max_positions: int, cast: bool) -> None:
+        super().__init__(name, remove_nodes=False)  # cos/sin are shared by all layers
+        self.max_positions, self.cast = max_positions, cast
+        self._tables: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+
+    def pattern(self, op, x, position_ids, axes, inv_freq, interleaved, num_heads, dtype):
+        freqs = op.Mul(op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT), inv_freq)
+        angles = op.Concat(freqs, freqs, axis=-1)
+        cos, sin = op.Cos(angles), op.Sin(angles)
+        if self.cast:
+            cos, sin = op.Cast(cos, to=dtype), op.Cast(sin, to=dtype)
+        return op.RotaryEmbedding(x, op.Unsqueeze(cos, [1]), op.Unsqueeze(sin, [1]), interleaved=interleaved,
+                                  num_heads=num_heads, _domain="ai.onnxruntime._fusion")
+
+    def check(self, context, position_ids, axes, inv_freq, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not _ir_utils.has_rank(position_ids, 2) or not _ir_utils.is_singleton_value(axes, lambda a: a in (-1, 2)):
+            return result.fail("position_ids is not [batch, seq] unsqueezed last", position_ids)
+        if inv_freq.const_value is None or inv_freq.const_value.numpy().ndim != 1:
+            return result.fail("inv_freq is not a 1-D constant", inv_freq)
+        return result
+
+    def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, dtype=None, **_):
+        if inv_freq not in self._tables:
+            angles = np.arange(self.max_positions, dtype=np.float32)[:, None] * inv_freq.const_value.numpy()
+            cos, sin = op.Constant(value=ir.tensor(np.cos(angles))), op.Constant(value=ir.tensor(np.sin(angles)))
+            if self.cast:
+                cos, sin = op.Cast(cos, to=dtype), op.Cast(sin, to=dtype)
+            self._tables[inv_freq] = (cos, sin)
+        cos, sin = self._tables[inv_freq]
+        return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved, num_heads=num_heads,
+                                  _domain="com.microsoft")
+
+    def cleanup(self) -> None:
+        self._tables.clear()
+
+
+def fuse(path: Path, max_positions: int) -> dict[str, int]:
+    """Rewrite the graph at `path` in place; returns the number of nodes of each fused op type."""
+    model = ir.load(path)
+    common_passes.ShapeInferencePass()(model)
+    onnxscript_optimize(model)
+    fuse_rms_normalization(model)
+    fuse_skip_rms_normalization(model)
+    fuse_rotary_embedding(model)
+    tables = pattern.RewriteRuleSet([_RotaryTable.rule(f"RotaryTable{'Cast' if c else ''}", max_positions, c)
+                                     for c in (True, False)])
+    _fusion_utils.apply_fusion_rules(tables)(model)
+    onnxscript_optimize(model)  # inlines any half-fused rotary left over, drops dead nodes
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
+    ir.save(model, path)
+    return _fused_counts(model)
+
+
+def _fused_counts(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")
+    return dict(sorted(counts.items()))
+
+
+def quantize(path: Path, kind: str, block_size: int = QUANT_BLOCK_SIZE) -> int:
+    """Weight-only quantisation of every constant-weight MatMul into MatMulNBits (symmetric,
+    per-block scales, activations kept in float); returns how many MatMuls were quantised."""
+    import onnx
+
+    model = onnx.load(str(path))
+    _untie_transposed_weights(model)
+    quantizer = _quantizer_class()(model, bits=QUANTIZATIONS[kind], block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    out = quantizer.model.model
+    onnx.save(out, str(path))
+    return sum(node.op_type == "MatMulNBits" for node in out.graph.node)
+
+
+def _quantizer_class():
+    """ONNX Runtime's MatMulNBitsQuantizer, imported without the root-logger set-up its module
+    does on import (logging.basicConfig at INFO would make every library in the process chatty)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:], root.level = handlers, level
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
+def _untie_transposed_weights(model) -> None:
+    """MatMul(x, Transpose(W)) with W an initializer (a tied lm_head: W is also the embedding
+    table) gets its own transposed initializer, so the quantiser can take it. The embedding
+    Gather keeps reading the float table, a few rows per step."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in producers:
+            continue
+        transpose = producers[node.input[1]]
+        if transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[transpose.input[0]])
+        if weight.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{transpose.input[0]}.T"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
+        node.input[1] = name
+        if not any(transpose.output[0] in other.input for other in model.graph.node):
+            model.graph.node.remove(transpose)

@@ -1,0 +1,74 @@
+"""How far one graph strays from another on real prompts: greedy-token agreement.
+
+Used to judge a quantised export against the float one it came from (`prefixport export
+--quantize`), and by the tests. Two measures over the same prompts:
+
+- teacher-forced top-1 agreement: the reference's greedy continuation is fed to the candidate,
+  and at each position the candidate's argmax is compared with the reference token (every
+  position counts, however early the texts would have parted);
+- free-running: both generate greedily on their own; the index of the first differing token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .backends import Backend
+from .generation import decode_step, prefill
+
+PROMPTS = (
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a refrigerator works, step by step.",
+    "List five uses for a paperclip.",
+    "What is the capital of Australia, and why was it chosen?",
+)
+
+
+@dataclass
+class Agreement:
+    prompts: int
+    tokens: int  # generated per prompt
+    top1: float  # teacher-forced top-1 agreement, 0..1
+    first_divergence: list[int | None]  # per prompt; None = identical for all `tokens`
+
+    @property
+    def identical(self) -> int:
+        return sum(d is None for d in self.first_divergence)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "identical": self.identical}
+
+    def summary(self) -> str:
+        diverged = [d for d in self.first_divergence if d is not None]
+        return (f"top-1 agreement {self.top1:.1%} over {self.prompts} prompts x {self.tokens} tokens; "
+                f"{self.identical}/{self.prompts} greedy continuations identical"
+                + (f", others part at token {', '.join(map(str, diverged))}" if diverged else ""))
+
+
+def _greedy(backend: Backend, ids: list[int], n: int, hidden: int, dtype: np.dtype,
+            forced: Sequence[int] | None = None) -> list[int]:
+    """n argmax tokens; with `forced`, the forced token is fed at each step instead of the argmax."""
+    logits, state = prefill(backend, [ids], np.zeros((1, 0, hidden), dtype))
+    out: list[int] = []
+    for i in range(n):
+        out.append(int(np.argmax(logits[0])))
+        if i + 1 < n:
+            fed = forced[i] if forced is not None else out[-1]
+            logits = decode_step(backend, state, np.array([fed], np.int64), hidden, dtype)
+    return out
+
+
+def agreement(reference: Backend, candidate: Backend, prompts: Sequence[list[int]], tokens: int,
+              hidden: int, dtype: np.dtype) -> Agreement:
+    """Compare `candidate` with `reference` on tokenised `prompts`, `tokens` greedy tokens each."""
+    matches, firsts = 0, []
+    for ids in prompts:
+        ref = _greedy(reference, ids, tokens, hidden, dtype)
+        forced = _greedy(candidate, ids, tokens, hidden, dtype, forced=ref)
+        matches += sum(a == b for a, b in zip(ref, forced))
+        free = _greedy(candidate, ids, tokens, hidden, dtype)
+        firsts.append(next((i for i, (a, b) in enumerate(zip(ref, free)) if a != b), None))
+    return Agreement(len(prompts), tokens, matches / (len(prompts) * tokens), firsts)
