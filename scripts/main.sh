@@ -20,6 +20,13 @@ prefixport adapter inspect "$OUT/adapters/date-prefix.safetensors"
 prefixport generate "$OUT" "Text: Maya is 27 and lives in Lima.
 JSON:" --raw --adapter json-prompt --max-new-tokens 40
 python demo/evaluate.py "$OUT"
+# Weight-only int8 (issue 6): the export prints its greedy agreement with the float graph; the
+# same adapter bundles fit it (same base-model fingerprint).
+Q="$OUT-int8"
+[ -f "$Q/prefixport.json" ] || prefixport export "$Q" --quantize int8
+for a in json-prompt date-prefix; do prefixport adapter convert "demo/adapters/$a" --export "$Q" --name "$a"; done
+prefixport generate "$Q" "Write a haiku about the sea." --max-new-tokens 64
+python demo/evaluate.py "$Q" --examples 0 --out "$Q/demo_results.json"
 # A short benchmark (about a minute): swap, memory, latency, throughput, floor; side by side with
 # PEFT on PyTorch and with the naive way. Full run: drop --quick (README, "Benchmarks").
 prefixport bench "$OUT" --quick --peft demo/adapters/json-prompt --peft demo/adapters/date-prefix

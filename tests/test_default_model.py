@@ -38,6 +38,8 @@ def test_export_folder_and_manifest(default_export):
     assert (m["hidden_size"], m["vocab_size"], m["dtype"], m["eos_token_ids"]) == (576, 49152, "float32", [2])
     assert m["fingerprint"].startswith("sha256:") and len(m["fingerprint"]) == 71
     assert m["source"] == "smollm2-135m-instruct" and m["max_positions"] == 8192
+    assert m["fused_ops"] == {"GroupQueryAttention": 30, "RotaryEmbedding": 60, "SkipSimplifiedLayerNormalization": 60}
+    assert m["logits"] == "last" and m["quantization"] is None
 
 
 @pytest.mark.parametrize("chat,prompt", [(False, p) for p in RAW] + [(True, p) for p in CHAT])

@@ -67,6 +67,27 @@ class _RotaryTable(pattern.RewriteRuleClassBase):
         self._tables.clear()
 
 
+class _PackedRotary(pattern.RewriteRuleClassBase):
+    """[B, S, N*D] -> [B, N, S, D] -> rotary -> [B, S, N*D] (the attention takes packed heads)
+    -> one RotaryEmbedding on the packed [B, S, N*D] tensor: four reshapes/transposes fewer."""
+
+    def pattern(self, op, x, heads_shape, packed_shape, position_ids, cos, sin, interleaved, num_heads):
+        split = op.Transpose(op.Reshape(x, heads_shape), perm=[0, 2, 1, 3])
+        rotated = op.RotaryEmbedding(split, position_ids, cos, sin, interleaved=interleaved, num_heads=num_heads,
+                                     _domain="com.microsoft")
+        return op.Reshape(op.Transpose(rotated, perm=[0, 2, 1, 3]), packed_shape)
+
+    def check(self, context, x, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not _ir_utils.has_rank(x, 3):
+            return result.fail("input is not [batch, seq, heads * head_dim]", x)
+        return result
+
+    def rewrite(self, op, x, position_ids, cos, sin, interleaved, num_heads, **_):
+        return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved, num_heads=num_heads,
+                                  _domain="com.microsoft")
+
+
 def fuse(path: Path, max_positions: int) -> dict[str, int]:
     """Rewrite the graph at `path` in place; returns the number of nodes of each fused op type."""
     model = ir.load(path)
@@ -78,6 +99,7 @@ def fuse(path: Path, max_positions: int) -> dict[str, int]:
     tables = pattern.RewriteRuleSet([_RotaryTable.rule(f"RotaryTable{'Cast' if c else ''}", max_positions, c)
                                      for c in (True, False)])
     _fusion_utils.apply_fusion_rules(tables)(model)
+    _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([_PackedRotary.rule()]))(model)
     onnxscript_optimize(model)  # inlines any half-fused rotary left over, drops dead nodes
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     ir.save(model, path)

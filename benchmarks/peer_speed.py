@@ -1,0 +1,373 @@
+"""Decode speed of prefixport's runtime beside its peers, side by side in one run on one machine.
+
+Sides: prefixport's `Engine` (one per export folder given, labelled by precision);
+onnxruntime-genai on the same model, built by its model builder for the CPU at fp32 and int4;
+transformers eager (the GGUF-loaded model, a greedy loop with cache) and PEFT eager (a
+PeftModel with a prompt-tuning adapter: PeftModel.forward prefills, the base model decodes from
+its cache, since PEFT's generate() is broken for these adapters on transformers 5).
+
+Every side gets the same prompt token ids (8 different raw-text prompts; batch 1 uses the first),
+decodes greedily and makes exactly N new tokens (EOS ignored by prefixport and the torch loops,
+suppressed by genai's min_length). Decode tokens/s = batch * (N - 1) / (time of the last token
+- time of the first), so prefill is excluded; time to first token (TTFT) is reported apart. Sides
+are interleaved over R repetitions (their order rotated each time), after a warm-up, and reported
+as medians with ratios vs prefixport (same precision if given, else the first export). Every
+side runs with --threads intra-op threads (default: all cores): genai's built genai_config.json
+sets none, and genai then decoded at one-thread speed on a 2-core machine.
+
+    python benchmarks/peer_speed.py --prefixport fp32=exports/smollm2-135m-instruct \\
+        [--prefixport int4=exports/smollm2-int4] [--quick] [--out benchmarks/results]
+
+Writes OUT/peer_speed.json and OUT/peer_speed.md. Needs the `export` and `bench` extras (torch,
+transformers, peft, onnxruntime-genai). The genai models are built once under --genai-dir
+(default exports/genai/, git-ignored) from a Hugging Face folder written there from the
+GGUF-loaded model (the builder's own GGUF path takes only float GGUFs and fetches the config
+from the hub). Nothing is downloaded (HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import collections
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from prefixport.bench.machine import describe
+from prefixport.bench.measure import spread
+from prefixport.manifest import Manifest
+from prefixport.runtime import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [  # raw text, different lengths; none holds the pad/EOS token, which genai pads with
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "The three most important inventions of the nineteenth century were",
+    "To bake a loaf of bread at home, you first need to",
+    "The history of the Roman Empire spans many centuries, from the founding of the city to",
+    "In the year 2050, cities will look very different because",
+    "A good software engineer always",
+    "The mountains in the north of the country are covered with snow for most of the year, and the people who live there",
+    "Photosynthesis is the process by which plants",
+]
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    decode_tokens_per_s: float  # all rows together
+    tokens: list[list[int]]  # new tokens, per row
+
+
+Side = Callable[[list[list[int]], int], Run]  # (prompt ids per row, new tokens) -> Run
+
+
+# --- prefixport ------------------------------------------------------------------------------
+
+def prefixport_side(engine: Engine) -> Side:
+    def run(rows: list[list[int]], n: int) -> Run:
+        if len(rows) == 1:
+            r = engine.generate(rows[0], max_new_tokens=n, stop_token_ids=[])
+            return Run(r.timings["prefill_s"], r.timings["decode_tokens_per_s"], [r.token_ids])
+        results = engine.generate_batch(rows, max_new_tokens=n, stop_token_ids=[])
+        # rows are prefilled one by one, then all first tokens come out of one step
+        first = max(r.timings["prefill_s"] for r in results)
+        last = max(r.timings["prefill_s"] + r.timings["decode_s"] for r in results)
+        return Run(first, len(rows) * (n - 1) / (last - first), [r.token_ids for r in results])
+    return run
+
+
+# --- onnxruntime-genai -------------------------------------------------------------------------
+
+def build_genai(source: str, genai_dir: Path, precision: str, say: Callable[[str], None]) -> tuple[Path, str]:
+    """genai_dir/<model>/cpu-<precision>, built with genai's model builder unless already there;
+    returns the folder and the builder's arguments."""
+    base = genai_dir / Path(source).name.replace(".gguf", "")
+    out, hf = base / f"cpu-{precision}", base / "hf"
+    flags = f"-i {_rel(hf)} -o {_rel(out)} -p {precision} -e cpu -c {_rel(base / 'builder-cache')}"
+    if (out / "genai_config.json").is_file():
+        return out, flags
+    if not (hf / "config.json").is_file():
+        say(f"writing a Hugging Face folder for the genai builder to {hf} ...")
+        write_hf_folder(source, hf)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
+               "-p", precision, "-e", "cpu", "-c", str(base / "builder-cache")]
+    say(f"building {out} ({' '.join(command[1:])}) ...")
+    log = base / f"build-{precision}.log"
+    with open(log, "w") as f:
+        if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"the genai model builder failed; see {log}")
+    tmp.rename(out)
+    return out, flags
+
+
+def _rel(path: Path) -> str:
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
+def write_hf_folder(source: str, folder: Path) -> None:
+    """A GGUF-loaded model refuses save_pretrained (DESIGN.md): rebuild a plain model from its
+    config without quantization_config, load the de-quantized weights, save it and the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prefixport.exporter.loading import load
+
+    loaded = load(source)
+    config = copy.deepcopy(loaded.model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.model.state_dict(), strict=True)
+    plain.generation_config = loaded.model.generation_config
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)  # sets config.architectures, which the builder dispatches on
+    loaded.tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+
+
+def genai_side(folder: Path, threads: int) -> Side:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    if threads:  # genai_config.json sets none: genai then ran at one-thread speed on 2 cores
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    tokenizer = og.Tokenizer(model)
+
+    def run(rows: list[list[int]], n: int) -> Run:
+        # genai pads a batch itself, as Tokenizer.encode_batch does: right-padded with its pad id
+        ids = np.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        length = ids.shape[1] + n
+        params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=len(rows))
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)  # the prefill
+        stamps, tokens = [], []
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+            tokens.append(generator.get_next_tokens().copy())
+        assert len(stamps) == n, (len(stamps), n)
+        return Run(stamps[0] - start, len(rows) * (n - 1) / (stamps[-1] - stamps[0]),
+                   np.array(tokens).T.tolist())
+    return run
+
+
+def genai_graph(folder: Path) -> dict[str, Any]:
+    """Op-type counts of a genai model.onnx and the session options in its genai_config.json."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(f"{n.domain + ':' if n.domain else ''}{n.op_type}" for n in graph.node)
+    config = json.loads((folder / "genai_config.json").read_text())
+    return {"op_types": dict(ops.most_common()), "inputs": [i.name for i in graph.input][:3],
+            "session_options": config["model"]["decoder"]["session_options"],
+            "search": config["search"]}
+
+
+# --- transformers and PEFT eager ---------------------------------------------------------------
+
+def torch_side(model: Any, base: Any, pad_id: int, n_virtual: int = 0) -> Side:
+    """Greedy loop with cache: `model` prefills (the base model, or a PeftModel that prepends its
+    soft prompt), `base` decodes. Rows are left-padded and masked."""
+    import torch
+
+    def run(rows: list[list[int]], n: int) -> Run:
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        with torch.no_grad():
+            start = time.perf_counter()
+            if n_virtual:  # PEFT: [virtual | pads | real] at positions 0.., as PeftModel.forward does
+                out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+                mask = torch.cat([torch.ones((len(rows), n_virtual), dtype=torch.long), mask], dim=1)
+                position = torch.full((len(rows), 1), mask.shape[1], dtype=torch.long)
+            else:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            use_cache=True)
+                position = mask.sum(-1, keepdim=True)
+            token = out.logits[:, -1:].argmax(-1)
+            stamps, tokens = [time.perf_counter()], [token]
+            for _ in range(n - 1):
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+                out = base(input_ids=token, attention_mask=mask, position_ids=position, cache=out.cache,
+                           use_cache=True)
+                token, position = out.logits[:, -1:].argmax(-1), position + 1
+                stamps.append(time.perf_counter())
+                tokens.append(token)
+        return Run(stamps[0] - start, len(rows) * (n - 1) / (stamps[-1] - stamps[0]),
+                   torch.cat(tokens, dim=1).tolist())
+    return run
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def agreement(reference: list[list[int]], tokens: list[list[int]], eos: set[int]) -> str:
+    """Rows whose tokens equal the reference's up to its first EOS (genai never emits one)."""
+    same = 0
+    for ref, got in zip(reference, tokens):
+        cut = next((i for i, t in enumerate(ref) if t in eos), len(ref))
+        same += ref[:cut] == got[:cut]
+    return f"{same}/{len(reference)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prefixport", action="append", required=True, metavar="PRECISION=FOLDER",
+                        help="a prefixport export folder, labelled by its precision (repeatable)")
+    parser.add_argument("--genai-dir", type=Path, default=ROOT / "exports" / "genai")
+    parser.add_argument("--genai-precision", nargs="*", default=["fp32", "int4"], choices=["fp32", "int4", "int8"])
+    parser.add_argument("--peft-adapter", type=Path, default=ROOT / "demo" / "adapters" / "json-prompt",
+                        help="a PEFT prompt-tuning checkpoint for the PEFT side ('' to skip PEFT)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers and PEFT sides")
+    parser.add_argument("--tokens", type=int, help="new tokens per row (default 64, --quick 16)")
+    parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 5, --quick 3)")
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="intra-op threads for every side (default: all cores; 0: each runtime's default)")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (~1-2 minutes)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    n = args.tokens or (16 if args.quick else 64)
+    repeats = args.repeats or (3 if args.quick else 5)
+    if max(args.batch) > len(PROMPTS):
+        parser.error(f"at most {len(PROMPTS)} rows (one per prompt)")
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    began = time.perf_counter()
+
+    exports = dict(item.split("=", 1) for item in args.prefixport)
+    engines = {p: Engine.load(folder, threads=args.threads or None) for p, folder in exports.items()}
+    first = next(iter(engines.values()))
+    manifest: Manifest = first.manifest
+    rows = [first.encode(p) for p in PROMPTS]
+    eos = set(first.eos_token_ids)
+    sides: dict[str, Side] = {f"prefixport {p}": prefixport_side(e) for p, e in engines.items()}
+    precision_of = {f"prefixport {p}": p for p in engines}
+
+    genai: dict[str, Any] = {}
+    for precision in args.genai_precision:
+        folder, flags = build_genai(manifest.source, args.genai_dir, precision, say)
+        genai[precision] = {"folder": _rel(folder), "builder": f"python -m onnxruntime_genai.models.builder {flags}",
+                            **genai_graph(folder), "intra_op_num_threads_overlay": args.threads or None}
+        sides[f"onnxruntime-genai {precision}"] = genai_side(folder, args.threads)
+        precision_of[f"onnxruntime-genai {precision}"] = precision
+
+    if not args.no_torch:
+        import torch
+
+        from prefixport.exporter.loading import load
+
+        say("loading the transformers model ...")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        base = load(manifest.source).model
+        pad = manifest.pad_token_id or 0
+        sides["transformers eager"] = torch_side(base, base, pad)
+        precision_of["transformers eager"] = "fp32"
+        if str(args.peft_adapter):
+            from peft import PeftModel
+
+            peft = PeftModel.from_pretrained(base, str(args.peft_adapter)).eval()
+            n_virtual = peft.active_peft_config.num_virtual_tokens
+            sides[f"peft eager ({args.peft_adapter.name})"] = torch_side(peft, base, pad, n_virtual)
+            precision_of[f"peft eager ({args.peft_adapter.name})"] = "fp32"
+
+    say(f"warming up {len(sides)} sides ...")
+    for side in sides.values():
+        for batch in args.batch:
+            side(rows[:batch], 4)
+    runs: dict[str, dict[int, list[Run]]] = {name: {b: [] for b in args.batch} for name in sides}
+    names = list(sides)
+    for rep in range(repeats):
+        say(f"repetition {rep + 1}/{repeats} ...")
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            for batch in args.batch:
+                runs[name][batch].append(sides[name](rows[:batch], n))
+
+    def reference(name: str) -> str:
+        wanted = f"prefixport {precision_of[name]}"
+        return wanted if wanted in sides else names[0]
+
+    results: dict[str, Any] = {}
+    for name in names:
+        results[name] = {}
+        for batch in args.batch:
+            done = runs[name][batch]
+            ref = reference(name)
+            tps = spread([r.decode_tokens_per_s for r in done])
+            ref_tps = spread([r.decode_tokens_per_s for r in runs[ref][batch]])["p50"]
+            results[name][str(batch)] = {
+                "decode_tokens_per_s": tps, "ttft_s": spread([r.ttft_s for r in done]),
+                "ratio_vs": ref, "ratio": tps["p50"] / ref_tps,
+                "same_tokens_as_ratio_ref": None if name.startswith("peft") else
+                agreement(runs[ref][batch][-1].tokens, done[-1].tokens, eos)}
+
+    versions = describe()
+    for package in ("onnxruntime-genai", "peft", "onnx"):
+        try:
+            versions["versions"][package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    threads: dict[str, Any] = {"intra_op_num_threads (prefixport, genai)": args.threads or "each runtime's default"}
+    if not args.no_torch:
+        threads["torch"] = torch.get_num_threads()
+    result = {
+        "benchmark": "peer_speed", "quick": args.quick, "model": manifest.source,
+        "prefixport_exports": exports, "new_tokens": n, "repeats": repeats, "batches": args.batch,
+        "prompt_tokens": [len(r) for r in rows], "prompts": PROMPTS,
+        "decode_tokens_per_s": "batch * (new_tokens - 1) / (last token time - first token time)",
+        "results": results, "genai": genai, "threads": threads, "machine": versions,
+        "seconds": time.perf_counter() - began,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peer_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / "peer_speed.md").write_text(table)
+    print(table)
+    say(f"wrote {args.out / 'peer_speed.json'} and peer_speed.md in {result['seconds']:.0f} s")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    threads = ", ".join(f"{k} {v}" for k, v in result["threads"].items())
+    lines = [f"# Decode speed beside peers ({result['model']})", "",
+             f"{result['new_tokens']} new tokens per row, greedy, {result['repeats']} interleaved repetitions; "
+             f"prompts of {min(result['prompt_tokens'])}-{max(result['prompt_tokens'])} tokens; "
+             f"{m['cpu']}, {m['cores']} cores; threads: {threads}; onnxruntime {m['versions'].get('onnxruntime')}, "
+             f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}, torch {m['versions'].get('torch')}, "
+             f"transformers {m['versions'].get('transformers')}.", "",
+             "| side | batch | decode tok/s (median) | min-max | TTFT ms (median) | decode vs | ratio | same tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, by_batch in result["results"].items():
+        for batch, r in by_batch.items():
+            t = r["decode_tokens_per_s"]
+            lines.append(f"| {name} | {batch} | {t['p50']:.1f} | {t['min']:.1f}-{t['max']:.1f} | "
+                         f"{1000 * r['ttft_s']['p50']:.0f} | {r['ratio_vs']} | {r['ratio']:.2f}x | "
+                         f"{r['same_tokens_as_ratio_ref'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
