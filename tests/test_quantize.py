@@ -56,16 +56,21 @@ def test_quantized_graph_agrees_with_float(quantized, default_export):
 
 @pytest.mark.slow
 def test_adapters_run_on_quantized_graph(quantized, tmp_path):
-    """The bundles of the float export fit (same fingerprint) and the prefix adapter still does its
-    task on a few held-out examples (the whole held-out split: README, "Quantisation")."""
+    """The float export's bundles fit (same fingerprint). int8 keeps the prefix adapter's task
+    (85% on all 40 held-out dates, as float); int4 does not (2.5%: README, "Quantisation"), so
+    for int4 only that the adapter is applied (it changes the output) is checked."""
     kind, folder, _ = quantized
     engine = Engine.load(folder)
     _, path = convert_checkpoint(DEMO / "adapters" / "date-prefix", folder, out=tmp_path / "date.safetensors")
     engine.add_adapter("date", path)
     _, test = tasks.split("date")
-    right = sum(tasks.correct("date", engine.generate(ex["prompt"], adapter="date", max_new_tokens=12).text,
-                              ex["target"]) for ex in test[:8])
-    assert right >= (6 if kind == "int8" else 3), f"{right}/8 held-out dates right with {kind} weights"
+    outputs = [engine.generate(ex["prompt"], adapter="date", max_new_tokens=12).text for ex in test[:8]]
+    if kind == "int8":
+        right = sum(tasks.correct("date", out, ex["target"]) for out, ex in zip(outputs, test))
+        assert right >= 6, f"{right}/8 held-out dates right with int8 weights"
+    else:
+        base = [engine.generate(ex["prompt"], max_new_tokens=12).text for ex in test[:8]]
+        assert sum(a != b for a, b in zip(outputs, base)) >= 6
 
 
 def test_export_quantize_option_records_agreement(tiny_model, tmp_path):

@@ -111,15 +111,27 @@ def _fused_counts(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def quantize(path: Path, kind: str, block_size: int = QUANT_BLOCK_SIZE) -> int:
-    """Weight-only quantisation of every constant-weight MatMul into MatMulNBits (symmetric,
-    per-block scales, activations kept in float); returns how many MatMuls were quantised."""
+def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accuracy_level: int = 4,
+             lm_head: bool = True, algorithm: str = "rtn") -> int:
+    """Weight-only quantisation of the constant-weight MatMuls into MatMulNBits, activations kept
+    in float; returns how many MatMuls were quantised. The exporter's choice (measured in
+    benchmarks/quant_variants.py): round-to-nearest ("rtn"), symmetric, per-block scales, int8
+    dot products (accuracy_level 4), the tied lm_head included. "asym" and "hqq" (ONNX Runtime's
+    HQQ) are the alternatives measured there."""
     import onnx
 
     model = onnx.load(str(path))
-    _untie_transposed_weights(model)
-    quantizer = _quantizer_class()(model, bits=QUANTIZATIONS[kind], block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4)
+    if lm_head:
+        _untie_transposed_weights(model)
+    quantizer_class = _quantizer_class()
+    if algorithm == "hqq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=QUANTIZATIONS[kind])
+        quantizer = quantizer_class(model, algo_config=config)
+    else:
+        quantizer = quantizer_class(model, bits=QUANTIZATIONS[kind], block_size=block_size,
+                                    is_symmetric=algorithm == "rtn", accuracy_level=accuracy_level)
     quantizer.process()
     out = quantizer.model.model
     onnx.save(out, str(path))

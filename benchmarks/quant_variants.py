@@ -1,0 +1,92 @@
+"""Why `--quantize` is what it is: weight-only variants of one float export, each judged by greedy
+agreement with the float graph and by batch-1 decode speed, side by side in one run.
+
+Variants: round-to-nearest symmetric int8/int4 with int8 dot products (accuracy_level 4, the
+exporter's choice), the same with float dot products (accuracy_level 1), without quantising the
+tied lm_head, asymmetric int4, and HQQ int4 (ONNX Runtime's quantiser offers all of them).
+
+    python benchmarks/quant_variants.py EXPORT_DIR [--out benchmarks/results/quant_variants.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from prefixport import manifest as mf
+from prefixport.bench.machine import describe
+from prefixport.exporter import optimize
+from prefixport.runtime import Engine
+from prefixport.runtime.agreement import PROMPTS, agreement
+
+# name -> (kind, accuracy_level, quantise lm_head, algorithm)
+VARIANTS = {
+    "int8 sym, level 4, lm_head (exporter)": ("int8", 4, True, "rtn"),
+    "int8 sym, level 4, float lm_head": ("int8", 4, False, "rtn"),
+    "int8 sym, level 1": ("int8", 1, False, "rtn"),
+    "int4 sym, level 4, lm_head (exporter)": ("int4", 4, True, "rtn"),
+    "int4 sym, level 4, float lm_head": ("int4", 4, False, "rtn"),
+    "int4 asym, level 4": ("int4", 4, False, "asym"),
+    "int4 HQQ": ("int4", 4, False, "hqq"),
+}
+
+
+def build(src: Path, dst: Path, kind: str, level: int, lm_head: bool, algorithm: str) -> None:
+    """dst: an export folder whose model.onnx is src's, quantised as asked (other files linked)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != mf.MODEL_NAME:
+            os.symlink(f.resolve(), dst / f.name)
+    shutil.copy(src / mf.MODEL_NAME, dst / mf.MODEL_NAME)
+    optimize.quantize(dst / mf.MODEL_NAME, kind, accuracy_level=level, lm_head=lm_head, algorithm=algorithm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_variants.json")
+    args = parser.parse_args()
+    reference = Engine.load(args.export_dir)
+    m = reference.manifest
+    prompts = [reference.encode(p, chat=True) for p in PROMPTS]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {"float32": reference}
+        for i, (name, spec) in enumerate(VARIANTS.items()):
+            folder = Path(tmp) / str(i)
+            build(args.export_dir, folder, *spec)
+            engines[name] = Engine.load(folder)
+            a = agreement(reference.backend, engines[name].backend, prompts, args.tokens, m.hidden_size,
+                          np.dtype(m.dtype))
+            results[name] = {"model_mb": (folder / mf.MODEL_NAME).stat().st_size / 1e6, **a.to_dict()}
+            print(f"{name}: {a.summary()}", flush=True)
+        results["float32"] = {"model_mb": (args.export_dir / mf.MODEL_NAME).stat().st_size / 1e6}
+        speeds: dict[str, list[float]] = {name: [] for name in engines}
+        ids = prompts[0]
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
+                r = engine.generate(ids, max_new_tokens=64, stop_token_ids=[])
+                speeds[name].append(r.timings["decode_tokens_per_s"])
+    print("\n| variant | model MB | top-1 agreement | identical texts | decode tok/s (batch 1) |\n|---|---|---|---|---|")
+    for name in engines:
+        r = results[name]
+        r["decode_tokens_per_s"] = statistics.median(speeds[name])
+        agree = f"{r['top1']:.1%}" if "top1" in r else "–"
+        same = f"{r['identical']}/{r['prompts']}" if "top1" in r else "–"
+        print(f"| {name} | {r['model_mb']:.0f} | {agree} | {same} | {r['decode_tokens_per_s']:.1f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"export": str(args.export_dir), "machine": describe(), "results": results},
+                                   indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
