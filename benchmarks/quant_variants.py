@@ -76,7 +76,8 @@ def main() -> None:
             for name, engine in engines.items():
                 r = engine.generate(ids, max_new_tokens=64, stop_token_ids=[])
                 speeds[name].append(r.timings["decode_tokens_per_s"])
-    print("\n| variant | model MB | top-1 agreement | identical texts | decode tok/s (batch 1) |\n|---|---|---|---|---|")
+    print("\n| variant | model MB | top-1 agreement | identical texts | decode tok/s (batch 1) |")
+    print("|---|---|---|---|---|")
     for name in engines:
         r = results[name]
         r["decode_tokens_per_s"] = statistics.median(speeds[name])

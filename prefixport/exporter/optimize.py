@@ -117,9 +117,13 @@ def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accur
     in float; returns how many MatMuls were quantised. The exporter's choice (measured in
     benchmarks/quant_variants.py): round-to-nearest ("rtn"), symmetric, per-block scales, int8
     dot products (accuracy_level 4), the tied lm_head included. "asym" and "hqq" (ONNX Runtime's
-    HQQ) are the alternatives measured there."""
+    HQQ) are the alternatives measured there. MatMuls sharing an input are packed first (see
+    `pack_matmuls`)."""
     import onnx
 
+    packed = ir.load(path)
+    pack_matmuls(packed.graph)
+    ir.save(packed, path)
     model = onnx.load(str(path))
     if lm_head:
         _untie_transposed_weights(model)
@@ -136,6 +140,38 @@ def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accur
     out = quantizer.model.model
     onnx.save(out, str(path))
     return sum(node.op_type == "MatMulNBits" for node in out.graph.node)
+
+
+def pack_matmuls(graph: ir.Graph) -> int:
+    """MatMuls that read one activation with constant weights (q/k/v; gate/up) become one MatMul
+    over the concatenated weights and a Split; returns how many were packed. Measured: no gain in
+    float32, 8-14% faster decode in int4 (MatMulNBits at accuracy level 4 quantises its
+    activation once per call), so the quantiser packs and plain float graphs stay unpacked."""
+    groups: dict[ir.Value, list[ir.Node]] = collections.defaultdict(list)
+    for node in graph:
+        weight = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" else None
+        if weight is not None and weight.const_value is not None and len(weight.const_value.shape) == 2:
+            groups[node.inputs[0]].append(node)
+    packed = 0
+    for activation, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        arrays = [n.inputs[1].const_value.numpy() for n in nodes]
+        name = nodes[0].name
+        weight = ir.Value(name=f"{name}.packed_weight", const_value=ir.tensor(np.concatenate(arrays, axis=1)))
+        widths = np.array([a.shape[1] for a in arrays], np.int64)
+        sizes = ir.Value(name=f"{name}.packed_sizes", const_value=ir.tensor(widths))
+        graph.register_initializer(weight)
+        graph.register_initializer(sizes)
+        matmul = ir.Node("", "MatMul", [activation, weight], name=f"{name}.packed")
+        split = ir.Node("", "Split", [matmul.outputs[0], sizes], attributes=[ir.AttrInt64("axis", -1)],
+                        num_outputs=len(nodes), name=f"{name}.split")
+        graph.insert_before(nodes[0], [matmul, split])  # before the first reader of `activation`'s group
+        for node, out in zip(nodes, split.outputs):
+            ir.convenience.replace_all_uses_with(node.outputs[0], out)
+        graph.remove(nodes, safe=True)
+        packed += len(nodes)
+    return packed
 
 
 def _quantizer_class():
