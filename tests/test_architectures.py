@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from prefixport import manifest as mf
 from prefixport.runtime import Engine
+from prefixport.runtime.generation import prefill_inputs
 
 from .helpers import hf_greedy, hf_last_logits, runtime_greedy_batch, runtime_logits
 from .tiny_models import ARCHITECTURES
@@ -158,10 +159,8 @@ def test_all_position_logits_match_transformers(plain_export, tiny_model):
     engine = Engine.load(plain_export)
     m = engine.manifest
     ids = engine.encode(PROMPTS[1])
-    feeds = {"input_ids": np.array([ids]), "prompt_embeds": np.zeros((1, 0, m.hidden_size), np.float32),
-             "attention_mask": np.ones((1, len(ids)), np.int64), "position_ids": np.arange(len(ids))[None]}
-    feeds.update({name: np.zeros((1, m.num_kv_heads, 0, m.head_dim), np.float32)
-                  for name in mf.past_names(m.num_layers)})
+    feeds, _ = prefill_inputs([ids], np.zeros((1, 0, m.hidden_size), np.float32))
+    feeds.update(zip(mf.past_names(m.num_layers), engine.backend.past_to_numpy(engine.backend.empty_past(1))))
     logits = engine.backend.session.run(["logits"], feeds)[0]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits.numpy()

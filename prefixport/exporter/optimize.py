@@ -121,12 +121,11 @@ def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accur
     `pack_matmuls`)."""
     import onnx
 
-    packed = ir.load(path)
-    pack_matmuls(packed.graph)
-    ir.save(packed, path)
-    model = onnx.load(str(path))
+    graph_ir = ir.load(path)
+    pack_matmuls(graph_ir.graph)
     if lm_head:
-        _untie_transposed_weights(model)
+        _untie_transposed_weights(graph_ir.graph)
+    model = ir.to_proto(graph_ir)  # the quantiser takes a ModelProto: converted in memory, not re-read
     quantizer_class = _quantizer_class()
     if algorithm == "hqq":
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
@@ -187,26 +186,20 @@ def _quantizer_class():
     return MatMulNBitsQuantizer
 
 
-def _untie_transposed_weights(model) -> None:
+def _untie_transposed_weights(graph: ir.Graph) -> None:
     """MatMul(x, Transpose(W)) with W an initializer (a tied lm_head: W is also the embedding
     table) gets its own transposed initializer, so the quantiser can take it. The embedding
     Gather keeps reading the float table, a few rows per step."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    for node in list(model.graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in producers:
+    for node in list(graph):
+        transpose = node.inputs[1].producer() if node.op_type == "MatMul" and node.inputs[1] is not None else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.inputs[0].const_value is None:
             continue
-        transpose = producers[node.input[1]]
-        if transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+        weight = transpose.inputs[0].const_value.numpy()
+        perm = transpose.attributes.get_ints("perm", None)
+        if weight.ndim != 2 or perm not in (None, (1, 0)):
             continue
-        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
-        weight = numpy_helper.to_array(inits[transpose.input[0]])
-        if weight.ndim != 2 or perm not in (None, [1, 0]):
-            continue
-        name = f"{transpose.input[0]}.T"
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
-        node.input[1] = name
-        if not any(transpose.output[0] in other.input for other in model.graph.node):
-            model.graph.node.remove(transpose)
+        untied = ir.Value(name=f"{transpose.inputs[0].name}.T", const_value=ir.tensor(np.ascontiguousarray(weight.T)))
+        graph.register_initializer(untied)
+        node.replace_input_with(1, untied)
+        if not transpose.outputs[0].uses():
+            graph.remove(transpose, safe=True)
