@@ -140,6 +140,68 @@ def select_rows(backend: Backend, state: DecodeState, keep: list[int]) -> Decode
     return DecodeState(backend.to_past(past), mask[:, first:], state.next_position[keep])
 
 
+class DecodeBatch:
+    """Rows decoding together. A row joins at any step (prefilled alone with its adapter, merged
+    in) and leaves once done; every row gives what it gives alone.
+
+    One step: `join` the newcomers, `sample` a token for every row (from its prefill or last
+    decode logits), then `advance` (drop the rows now done, run one decode step for the rest).
+    """
+
+    def __init__(self, backend: Backend, hidden: int, dtype: np.dtype, pad_id: int = 0) -> None:
+        self.backend, self.hidden, self.dtype, self.pad_id = backend, hidden, dtype, pad_id
+        self.rows: list[RowRequest] = []  # in cache order
+        self._rngs: list[np.random.Generator] = []
+        self._parts: list[DecodeState] = []  # consecutive groups of rows, merged by `advance`
+        self._logits: list[np.ndarray] = []  # per part: [rows, vocab], not yet sampled
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, request: RowRequest) -> None:
+        """Prefill one request (its adapter's soft prompt or prefix included); it samples next step."""
+        feed = request.feed or AdapterFeed()
+        embeds = feed.prompt_embeds if feed.prompt_embeds is not None else np.zeros((1, 0, self.hidden), self.dtype)
+        logits, state = prefill(self.backend, [request.prompt_ids], embeds, self.pad_id, feed.past, feed.past_len)
+        self.rows.append(request)
+        self._rngs.append(np.random.default_rng(request.params.seed))
+        self._parts.append(state)
+        self._logits.append(logits)
+
+    def sample(self) -> list[RowRequest]:
+        """Choose each row's next token (appended to its `tokens`; `done` set at a stop id or
+        max_new_tokens). Returns the rows in order; the caller may set `done` before `advance`."""
+        logits = np.concatenate(self._logits)  # [B, vocab]
+        for row, rng, row_logits in zip(self.rows, self._rngs, logits):
+            seen = row.prompt_ids + row.tokens if row.params.repetition_penalty != 1.0 else []
+            token = choose(row_logits, seen, row.params, rng)
+            row.tokens.append(token)
+            row.done = row.done or token in row.stop_ids or len(row.tokens) >= row.max_new_tokens
+        self._logits = []
+        return list(self.rows)
+
+    def advance(self) -> None:
+        """Drop the rows that are done; one decode step for the others, fed their last token."""
+        parts, start = [], 0
+        for state in self._parts:
+            n = len(state.next_position)
+            keep = [j for j in range(n) if not self.rows[start + j].done]
+            if len(keep) == n:
+                parts.append(state)
+            elif keep:
+                parts.append(select_rows(self.backend, state, keep))
+            start += n
+        self._rngs = [g for r, g in zip(self.rows, self._rngs) if not r.done]
+        self.rows = [r for r in self.rows if not r.done]
+        if not self.rows:
+            self._parts = []
+            return
+        state = merge_states(self.backend, parts)
+        tokens = np.array([r.tokens[-1] for r in self.rows], np.int64)
+        self._logits = [decode_step(self.backend, state, tokens, self.hidden, self.dtype)]
+        self._parts = [state]
+
+
 def generate_rows(backend: Backend, requests: list[RowRequest], hidden: int, dtype: np.dtype,
                   pad_id: int = 0) -> Iterator[tuple[int, int]]:
     """Yield (row index, token) as each row produces tokens; every row gives what it gives alone.
@@ -147,31 +209,11 @@ def generate_rows(backend: Backend, requests: list[RowRequest], hidden: int, dty
     Rows are prefilled one by one (each with its own adapter) and decoded together; a row leaves
     the batch once done (a stop id, max_new_tokens, or `done` set by the consumer).
     """
-    rngs = [np.random.default_rng(r.params.seed) for r in requests]
-    states, logits = [], []
+    batch = DecodeBatch(backend, hidden, dtype, pad_id)
     for r in requests:
-        feed = r.feed or AdapterFeed()
-        embeds = feed.prompt_embeds if feed.prompt_embeds is not None else np.zeros((1, 0, hidden), dtype)
-        row_logits, state = prefill(backend, [r.prompt_ids], embeds, pad_id, feed.past, feed.past_len)
-        logits.append(row_logits)
-        states.append(state)
-    active = list(range(len(requests)))
-    batch_logits = np.concatenate(logits)  # [B, vocab]
-    state = merge_states(backend, states)
-    while True:
-        tokens = []
-        for j, i in enumerate(active):
-            r = requests[i]
-            seen = r.prompt_ids + r.tokens if r.params.repetition_penalty != 1.0 else []
-            token = choose(batch_logits[j], seen, r.params, rngs[i])
-            r.tokens.append(token)
-            r.done = token in r.stop_ids or len(r.tokens) >= r.max_new_tokens
-            tokens.append(token)
-            yield i, token
-        keep = [j for j, i in enumerate(active) if not requests[i].done]
-        if not keep:
-            return
-        if len(keep) < len(active):
-            state = select_rows(backend, state, keep)
-            tokens, active = [tokens[j] for j in keep], [active[j] for j in keep]
-        batch_logits = decode_step(backend, state, np.array(tokens, np.int64), hidden, dtype)
+        batch.join(r)
+    index = {id(r): i for i, r in enumerate(requests)}
+    while batch:
+        for r in batch.sample():
+            yield index[id(r)], r.tokens[-1]
+        batch.advance()
