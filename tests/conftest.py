@@ -61,3 +61,32 @@ def tiny_export(tmp_path_factory, tiny_model):
         return built[arch]
 
     return get
+
+
+ADAPTER_VARIANTS = ("prompt", "ptuning-lstm", "prefix", "prefix-projection")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_model, tiny_export):
+    """arch -> folder of bundles NAME.safetensors for its tiny export, one per PEFT variant (real
+    PEFT checkpoints trained two steps, converted; built once per arch)."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from prefixport.adapters import convert_checkpoint
+
+            from . import peft_helpers as ph
+
+            folder, export = tiny_model(arch), tiny_export(arch)
+            tok = AutoTokenizer.from_pretrained(folder)
+            work = tmp_path_factory.mktemp(f"adapters-{arch}")
+            for variant in ADAPTER_VARIANTS:
+                ph.train(AutoModelForCausalLM.from_pretrained(folder), variant, tok, work / "peft" / variant, steps=2)
+                convert_checkpoint(work / "peft" / variant, export, name=variant, out=work / f"{variant}.safetensors")
+            built[arch] = work
+        return built[arch]
+
+    return get

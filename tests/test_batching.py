@@ -9,30 +9,25 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from prefixport.adapters import convert_checkpoint
 from prefixport.errors import AdapterError, PrefixportError
 from prefixport.runtime import Engine
 
-from . import peft_helpers as ph
+from .conftest import ADAPTER_VARIANTS
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京", "Numbers: 0 1 2",
            "Prefix tuning learns keys", "Un café", "The lazy dog jumps over the quick brown fox again", "1000"]
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3_text"])  # gemma3: sliding-window layers
-def served(request, tiny_model, tiny_export, tmp_path_factory):
+def served(request, tiny_export, tiny_adapters):
     """An engine with soft prompts and prefixes of different lengths registered."""
     arch = request.param
-    folder = tiny_model(arch)
-    tok = AutoTokenizer.from_pretrained(folder)
-    work = tmp_path_factory.mktemp(f"serve-{arch}")
+    work = tiny_adapters(arch)
     engine = Engine.load(tiny_export(arch))
-    for variant in ("prompt", "ptuning-lstm", "prefix", "prefix-projection"):
-        ph.train(AutoModelForCausalLM.from_pretrained(folder), variant, tok, work / variant, steps=2)
-        _, path = convert_checkpoint(work / variant, engine.folder, name=variant, out=work / f"{variant}.safetensors")
-        engine.add_adapter(variant, path)
+    for variant in ADAPTER_VARIANTS:
+        engine.add_adapter(variant, work / f"{variant}.safetensors")
     yield engine, work
     engine.close()
 

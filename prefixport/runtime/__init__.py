@@ -3,5 +3,6 @@ never torch or transformers."""
 
 from .engine import Engine, GenerationResult, TextStream
 from .sampling import SamplingParams
+from .scheduler import Event, Scheduler, Ticket
 
-__all__ = ["Engine", "GenerationResult", "SamplingParams", "TextStream"]
+__all__ = ["Engine", "Event", "GenerationResult", "SamplingParams", "Scheduler", "TextStream", "Ticket"]

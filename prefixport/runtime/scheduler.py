@@ -1,0 +1,253 @@
+"""Continuous batching: one thread runs a `DecodeBatch` that requests join and leave at any step.
+
+`Scheduler.submit` checks a request completely in the caller's thread (bad input raises there,
+before any work) and queues it; the scheduler thread prefills it between two decode steps and
+merges it into the running batch, so a new request never waits for the others to finish. Each
+row keeps its own adapter, sampling settings and length, and gives what it gives alone.
+Results come back as `Event`s on a `Ticket`, to iterate from a thread or from asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import PrefixportError
+from .generation import DecodeBatch, RowRequest
+
+if TYPE_CHECKING:
+    from .engine import Engine, GenerationResult, Prompt, RowText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What one step produced for one request: new text (maybe empty: text that could still become
+    a stop string is held back) and its token; the last event carries the result or the error."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    result: GenerationResult | None = None
+    error: Exception | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class Ticket:
+    """A submitted request. Iterate `events()` (blocking) or `aevents()` (asyncio); `cancel()`
+    makes it leave the batch at the next step."""
+
+    def __init__(self, request: RowRequest, text: RowText, adapter: str | None) -> None:
+        self.request, self.adapter, self._text = request, adapter, text
+        self.submitted = time.perf_counter()
+        self.token_times: list[float] = []  # perf_counter() when each token was produced
+        self.cancelled = False
+        self._queue: deque[Event] = deque()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def events(self) -> Iterator[Event]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue)
+                event = self._queue.popleft()
+            yield event
+            if event.final:
+                return
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        self._ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()  # from here on, `_put` wakes this loop
+        while True:
+            self._ready.clear()
+            with self._cond:
+                pending = list(self._queue)
+                self._queue.clear()
+            for event in pending:
+                yield event
+                if event.final:
+                    return
+            if not pending:
+                await self._ready.wait()
+
+    def result(self) -> GenerationResult:
+        """Block until done; the result, or the request's error raised."""
+        for event in self.events():
+            if event.error is not None:
+                raise event.error
+            if event.result is not None:
+                return event.result
+        raise AssertionError("unreachable: a ticket's last event has a result or an error")
+
+    # --- called by the scheduler thread -----------------------------------------------------
+
+    def _put(self, event: Event) -> None:
+        with self._cond:
+            self._queue.append(event)
+            self._cond.notify_all()
+        loop, ready = self._loop, self._ready
+        if loop is not None and ready is not None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
+    def _token(self, token: int, now: float) -> None:
+        self.token_times.append(now)
+        delta = self._text.push(token)
+        if self._text.stopped or self.cancelled:
+            self.request.done = True
+        if self.request.done:
+            self._finish(delta, [token], now)
+        else:
+            self._put(Event(delta, [token]))
+
+    def _finish(self, delta: str = "", tokens: Sequence[int] = (), now: float | None = None) -> None:
+        from .engine import _result
+
+        end = now or time.perf_counter()
+        delta += self._text.finish()
+        first = self.token_times[0] if self.token_times else end
+        result = _result(self.request, self._text, self.adapter, self.submitted, first, end)
+        if self.cancelled:
+            result.finish_reason = "cancelled"
+        self._put(Event(delta, list(tokens), result=result))
+
+    def _fail(self, error: Exception) -> None:
+        self._put(Event(error=error))
+
+
+class Scheduler:
+    """Continuous batching over one Engine, at most `max_batch` rows decoding at once.
+
+    `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
+    stops the thread and fails what is still queued or running.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, on_step: Callable[[int], None] | None = None) -> None:
+        if max_batch < 1:
+            raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine, self.max_batch, self.on_step = engine, max_batch, on_step
+        self._waiting: deque[Ticket] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.running = 0  # rows in the batch now
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="prefixport-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, prompt: Prompt, *, adapter: str | None = None, stop: Sequence[str] = (),
+               **kwargs) -> Ticket:
+        """Queue a request (keywords as `Engine.generate`); raises at once if it is invalid."""
+        from .engine import RowText
+
+        request = self.engine._request(prompt, adapter=adapter, **kwargs)
+        ticket = Ticket(request, RowText(self.engine.tokenizer, stop), adapter)
+        with self._cond:
+            if self._closed:
+                raise PrefixportError("the scheduler is closed")
+            self._waiting.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+        """Submit and wait: `Engine.generate`, sharing decode steps with whatever else runs."""
+        return self.submit(prompt, **kwargs).result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the scheduler thread -----------------------------------------------------------------
+
+    def _new_batch(self) -> DecodeBatch:
+        m = self.engine.manifest
+        return DecodeBatch(self.engine.backend, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+
+    def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
+        """Wait for work; prefill newcomers into the batch. False once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._waiting or len(batch) or self._closed)
+            if self._closed:
+                return False
+            new = [self._waiting.popleft() for _ in range(min(self.max_batch - len(batch), len(self._waiting)))]
+        for ticket in new:
+            if ticket.cancelled:
+                ticket.request.done = True
+                ticket._finish()
+                continue
+            try:
+                batch.join(ticket.request)
+            except Exception as e:  # this request's prefill failed; the others go on
+                log.exception("prefill failed")
+                ticket._fail(e)
+                continue
+            tickets[id(ticket.request)] = ticket
+        return True
+
+    def _step(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> None:
+        rows = batch.sample()
+        now = time.perf_counter()
+        for row in rows:
+            tickets[id(row)]._token(row.tokens[-1], now)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(rows))
+        for row in rows:
+            if row.done:
+                del tickets[id(row)]
+        batch.advance()
+
+    def _run(self) -> None:
+        batch, tickets = self._new_batch(), {}
+        try:
+            while self._admit(batch, tickets):
+                self.running = len(batch)
+                if not batch:
+                    continue
+                try:
+                    self._step(batch, tickets)
+                except Exception as e:  # a failed step fails the rows in it, not the scheduler
+                    log.exception("decode step failed")
+                    for ticket in tickets.values():
+                        ticket._fail(e)
+                    batch, tickets = self._new_batch(), {}
+                self.running = len(batch)
+        finally:
+            error = PrefixportError("the server is shutting down")
+            with self._cond:
+                self._closed = True
+                leftover = list(self._waiting)
+                self._waiting.clear()
+            for ticket in leftover + list(tickets.values()):
+                ticket._fail(error)
