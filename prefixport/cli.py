@@ -145,6 +145,55 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
 
+@main.command()
+@click.argument("outdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--adapters", "adapters_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of bundles, each NAME.safetensors served as model NAME; POST /v1/adapters loads "
+                   "more from it. Default: OUTDIR/adapters.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Most requests decoding at once; more wait in a queue.")
+@click.option("--api-key", envvar="PREFIXPORT_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1/* (or set PREFIXPORT_API_KEY).")
+@click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
+@click.option("--adapter-budget-mb", type=float, default=None,
+              help="Keep at most this many MB of adapters in memory (LRU); default: all.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
+@click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
+@_errors
+def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, api_key: str | None,
+          model_name: str | None, adapter_budget_mb: float | None, device: str, threads: int | None,
+          use_ray: bool, replicas: int) -> None:
+    """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
+    from pathlib import Path
+
+    adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
+    budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
+    if use_ray:
+        from .server.ray_serve import run_ray
+
+        run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch, api_key=api_key,
+                model_name=model_name, replicas=replicas, threads=threads)
+        return
+    import uvicorn
+
+    from .runtime import Engine
+    from .server import create_app
+
+    options = {"device": device} | ({"threads": threads} if threads else {})
+    engine = Engine.load(outdir, adapter_budget_bytes=budget, **options)
+    app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
+                     api_key=api_key)
+    server = app.state.server
+    _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
+              f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch})")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @main.group()
 def adapter() -> None:
     """Convert and inspect adapters."""

@@ -29,5 +29,9 @@ class InputError(PrefixportError):
     """A generation request is invalid: empty prompt, too long for the context, bad settings."""
 
 
+class ContextLengthError(InputError):
+    """The prompt (with the adapter's virtual tokens) plus max_new_tokens exceed the model's context."""
+
+
 class AdapterError(PrefixportError):
     """An adapter (PEFT checkpoint or bundle) cannot be used: bad file, wrong shapes, wrong base."""

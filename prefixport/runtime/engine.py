@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..adapters.bundle import Bundle, make_bundle
-from ..errors import AdapterError, InputError
+from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
 from .generation import RowRequest, generate_rows, prefill
 from .sampling import SamplingParams
@@ -208,7 +208,7 @@ class Engine:
         n_virtual = feed.n_virtual if feed else 0
         limit = self.manifest.max_positions
         if n_virtual + len(ids) + max_new_tokens > limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus "
                 f"max_new_tokens ({max_new_tokens}) exceed the model's context of {limit} positions; "
                 "shorten the prompt or lower max_new_tokens"

@@ -1,0 +1,336 @@
+"""The OpenAI-compatible HTTP API over one Engine and its Scheduler (FastAPI).
+
+`model` in a request names the base model or a registered adapter; requests for different
+adapters share decode steps (continuous batching). Errors are OpenAI's error objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import AdapterError, ContextLengthError, InputError, PrefixportError
+from ..runtime import Engine, GenerationResult, Scheduler, Ticket
+from .metrics import Metrics
+from .protocol import AdapterLoad, ChatRequest, CompletionRequest, Envelope, _Sampling, error_body, usage
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error object with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+def _api_error(e: Exception) -> ApiError:
+    """The library's errors as API errors."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ContextLengthError):
+        return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
+    if isinstance(e, (InputError, AdapterError)):
+        return ApiError(400, str(e))
+    if isinstance(e, PrefixportError):
+        return ApiError(503, str(e), "server_error", code="unavailable")
+    log.error("internal error", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def default_model_name(engine: Engine) -> str:
+    """The name clients use for the base model: the export's model spec (its last path part)."""
+    name = Path(engine.manifest.source).name
+    return name.removesuffix(".gguf") or engine.folder.name
+
+
+class Server:
+    """State behind the routes: the engine, its scheduler, metrics, the adapters folder."""
+
+    def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
+                 max_batch: int = 8, api_key: str | None = None) -> None:
+        self.engine, self.api_key = engine, api_key
+        self.model_name = model_name or default_model_name(engine)
+        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(engine, max_batch, on_step=self.metrics.batch_size.observe)
+        self.metrics.watch(engine, self.scheduler)
+        self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
+        self.created = int(time.time())
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.model_name:
+            return None
+        if model in self.engine.adapters:
+            return model
+        raise ApiError(404, f"The model `{model}` does not exist (serving {self.model_name!r} and adapters: "
+                            f"{', '.join(self.engine.adapters) or 'none'})", param="model", code="model_not_found")
+
+    def check(self, body: _Sampling) -> str | None:
+        for field, reason in body.unsupported().items():
+            raise ApiError(400, reason, param=field, code="unsupported_parameter")
+        return self.adapter_for(body.model)
+
+    def submit(self, prompts: list[Any], body: _Sampling, adapter: str | None, max_tokens: int | None) -> list[Ticket]:
+        """One ticket per prompt and choice; all or none (a bad one cancels those before it)."""
+        tickets: list[Ticket] = []
+        try:
+            for prompt in prompts:
+                limit = max_tokens or self._room(prompt, adapter)
+                for choice in range(body.n):
+                    tickets.append(self.scheduler.submit(prompt, adapter=adapter, max_new_tokens=limit,
+                                                         stop=body.stops(), **body.sampling(choice)))
+        except Exception:
+            for t in tickets:
+                t.cancel()
+            raise
+        return tickets
+
+    def _room(self, ids: list[int], adapter: str | None) -> int:
+        """Default max_tokens for chat: what is left of the context."""
+        n_virtual = self.engine.store.n_virtual(adapter) if adapter else 0
+        room = self.engine.manifest.max_positions - n_virtual - len(ids)
+        if room < 1:
+            raise ContextLengthError(f"the prompt ({len(ids)} tokens) and the adapter's {n_virtual} virtual tokens "
+                                     f"fill the model's context of {self.engine.manifest.max_positions} positions")
+        return room
+
+    async def collect(self, tickets: list[Ticket]) -> list[GenerationResult]:
+        async def one(ticket: Ticket) -> GenerationResult:
+            async for event in ticket.aevents():
+                if event.error is not None:
+                    raise event.error
+                if event.result is not None:
+                    return event.result
+            raise AssertionError("unreachable: a ticket's last event has a result or an error")
+
+        try:
+            return list(await asyncio.gather(*(one(t) for t in tickets)))
+        finally:
+            for t in tickets:
+                t.cancel()
+
+    async def stream(self, envelope: Envelope, tickets: list[Ticket], include_usage: bool,
+                     model: str) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per text delta per choice, the usage, then [DONE]."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, ticket: Ticket) -> None:
+            async for event in ticket.aevents():
+                await queue.put((index, ticket, event))
+
+        tasks = [asyncio.create_task(pump(i, t)) for i, t in enumerate(tickets)]
+        first, left, prompt_tokens, completion_tokens = [True] * len(tickets), len(tickets), 0, 0
+        try:
+            while left:
+                index, ticket, event = await queue.get()
+                if event.error is not None:
+                    yield _sse(_api_error(event.error).body)
+                    return
+                result = event.result
+                if event.text or result is not None or first[index]:
+                    finish = result.finish_reason if result is not None else None
+                    choice = envelope.choice(index, event.text, finish, first=first[index], stream=True)
+                    yield _sse(envelope.chunk([choice]))
+                    first[index] = False
+                if result is not None:
+                    left -= 1
+                    prompt_tokens += result.prompt_tokens
+                    completion_tokens += len(result.token_ids)
+                    self.metrics.finished(model, ticket, result)
+            if include_usage:
+                yield _sse(envelope.chunk([], usage(prompt_tokens, completion_tokens)))
+            yield "data: [DONE]\n\n"
+        finally:  # the client may have gone: its rows leave the batch
+            for t in tickets:
+                t.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def respond(self, envelope: Envelope, tickets: list[Ticket], body: _Sampling, model: str) -> Response:
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self.stream(envelope, tickets, include, model), media_type="text/event-stream")
+        results = await self.collect(tickets)
+        for ticket, result in zip(tickets, results):
+            self.metrics.finished(model, ticket, result)
+        choices = [envelope.choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+        # n choices of one prompt share its prompt tokens: count them once per prompt
+        prompt_tokens = sum(r.prompt_tokens for r in results[:: body.n])
+        return JSONResponse(envelope.whole(choices, usage(prompt_tokens, sum(len(r.token_ids) for r in results))))
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def load_adapter(self, body: AdapterLoad) -> dict[str, Any]:
+        if self.adapters_dir is None:
+            raise ApiError(403, "this server was started without an adapters folder", code="adapters_disabled")
+        if body.name == self.model_name:
+            raise ApiError(409, f"{body.name!r} is the base model's name", param="name", code="name_taken")
+        path = (self.adapters_dir / (body.path or f"{body.name}.safetensors")).resolve()
+        if not path.is_relative_to(self.adapters_dir):
+            raise ApiError(400, f"path must be inside the adapters folder {self.adapters_dir}", param="path")
+        if not path.is_file():
+            raise ApiError(404, f"no adapter bundle at {path.relative_to(self.adapters_dir)} in {self.adapters_dir}",
+                           param="path", code="adapter_not_found")
+        bundle = self.engine.add_adapter(body.name, path)
+        return self.adapter_object(body.name) | {"kind": bundle.kind, "n_virtual": bundle.n_virtual,
+                                                 "bytes": bundle.nbytes, "peft_type": bundle.metadata["peft_type"]}
+
+    def model_object(self, name: str) -> dict[str, Any]:
+        adapter = name != self.model_name
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "prefixport",
+                "root": self.model_name, "parent": self.model_name if adapter else None}
+
+    def adapter_object(self, name: str) -> dict[str, Any]:
+        return self.model_object(name) | {"object": "adapter"}
+
+    def register_folder(self) -> list[str]:
+        """Register every NAME.safetensors in the adapters folder; a bad one is logged and skipped."""
+        if self.adapters_dir is None or not self.adapters_dir.is_dir():
+            return []
+        names = []
+        for path in sorted(self.adapters_dir.glob("*.safetensors")):
+            try:
+                self.engine.add_adapter(path.stem, path)
+                names.append(path.stem)
+            except PrefixportError as e:
+                log.warning("skipping adapter %s: %s", path, e)
+        return names
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
+               max_batch: int = 8, api_key: str | None = None, register_adapters: bool = True) -> FastAPI:
+    """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
+    registered now, named after its file; `api_key` makes /v1/* require `Authorization: Bearer KEY`."""
+    server = Server(engine, model_name, adapters_dir, max_batch, api_key)
+    if register_adapters:
+        server.register_folder()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        server.scheduler.close()
+
+    app = FastAPI(title="prefixport", lifespan=lifespan)
+    app.state.server = server
+
+    def authorize(request: Request) -> None:
+        if server.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
+                           code="invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(PrefixportError)
+    async def library_error(_: Request, e: PrefixportError) -> JSONResponse:
+        err = _api_error(e)
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(message, param=".".join(where) or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        err = _api_error(e)
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        if request.url.path.startswith("/v1/"):
+            endpoint = getattr(route, "path", "unmatched")
+            model = getattr(request.state, "model", "")
+            server.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
+        return response
+
+    v1 = [Depends(authorize)]
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        adapter = server.check(body)
+        request.state.model = body.model
+        prompts = body.prompts()
+        tickets = await asyncio.to_thread(server.submit, prompts, body, adapter, body.max_tokens or 16)
+        return await server.respond(Envelope("text_completion", body.model, server.fingerprint), tickets, body,
+                                    body.model)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        adapter = server.check(body)
+        request.state.model = body.model
+
+        def encode_and_submit() -> list[Ticket]:
+            ids = engine.encode([m.plain() for m in body.messages])
+            return server.submit([ids], body, adapter, body.limit())
+
+        tickets = await asyncio.to_thread(encode_and_submit)
+        return await server.respond(Envelope("chat.completion", body.model, server.fingerprint), tickets, body,
+                                    body.model)
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models() -> dict[str, Any]:
+        names = [server.model_name, *engine.adapters]
+        return {"object": "list", "data": [server.model_object(n) for n in names]}
+
+    @app.get("/v1/models/{model:path}", dependencies=v1)
+    async def model(model: str) -> dict[str, Any]:
+        server.adapter_for(model)
+        return server.model_object(model)
+
+    @app.post("/v1/adapters", dependencies=v1)
+    async def load_adapter(body: AdapterLoad) -> dict[str, Any]:
+        return await asyncio.to_thread(server.load_adapter, body)
+
+    @app.delete("/v1/adapters/{name}", dependencies=v1)
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        if name not in engine.adapters:
+            raise ApiError(404, f"no adapter named {name!r} is loaded", param="name", code="adapter_not_found")
+        engine.remove_adapter(name)
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = server.scheduler.alive
+        body = {"status": "ok" if ok else "unavailable", "model": server.model_name,
+                "adapters": len(engine.adapters), "running": server.scheduler.running,
+                "waiting": server.scheduler.waiting}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,80 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..runtime import Engine, GenerationResult, Scheduler, Ticket
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _EngineCollector(Collector):
+    """Read at scrape time: the adapter store's counters, memory, the scheduler's queue."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler) -> None:
+        self.engine, self.scheduler = engine, scheduler
+
+    def collect(self) -> Iterator:
+        stats = self.engine.stats()
+        store = stats["adapters"]
+        for name, help_ in (("hits", "adapter lookups served from memory"),
+                            ("misses", "adapter lookups that re-read the bundle file"),
+                            ("evictions", "adapters evicted from memory by the byte budget")):
+            family = CounterMetricFamily(f"prefixport_adapter_{name}", help_, labels=["adapter"])
+            for adapter, per in store["adapters"].items():
+                family.add_metric([adapter], per[name])
+            yield family
+        yield GaugeMetricFamily("prefixport_adapters_registered", "adapters registered", store["registered"])
+        yield GaugeMetricFamily("prefixport_adapters_resident", "adapters resident in memory", store["resident"])
+        yield GaugeMetricFamily("prefixport_adapters_resident_bytes", "bytes of resident adapters",
+                                store["resident_bytes"])
+        memory = GaugeMetricFamily("prefixport_memory_bytes", "memory held, by kind (process RSS, device)",
+                                   labels=["kind"])
+        for kind, value in stats["memory"].items():
+            memory.add_metric([kind.removesuffix("_bytes")], value)
+        yield memory
+        yield GaugeMetricFamily("prefixport_requests_running", "requests in the decode batch",
+                                self.scheduler.running)
+        yield GaugeMetricFamily("prefixport_requests_waiting", "requests queued for the batch",
+                                self.scheduler.waiting)
+
+
+class Metrics:
+    """The server's counters and histograms; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("prefixport_requests", "HTTP requests by endpoint, model and status",
+                                ["endpoint", "model", "status"], registry=r)
+        self.prompt_tokens = Counter("prefixport_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("prefixport_generation_tokens", "tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("prefixport_time_to_first_token_seconds", "submission to first token",
+                              ["model"], buckets=_LATENCY, registry=r)
+        self.itl = Histogram("prefixport_inter_token_latency_seconds", "time between a request's tokens",
+                             ["model"], buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("prefixport_request_latency_seconds", "submission to last token",
+                             ["model"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("prefixport_batch_size", "rows in each decode step", buckets=_BATCH, registry=r)
+
+    def watch(self, engine: Engine, scheduler: Scheduler) -> None:
+        self.registry.register(_EngineCollector(engine, scheduler))
+
+    def finished(self, model: str, ticket: Ticket, result: GenerationResult) -> None:
+        times = ticket.token_times
+        self.prompt_tokens.labels(model).inc(result.prompt_tokens)
+        self.generation_tokens.labels(model).inc(len(result.token_ids))
+        if times:
+            self.ttft.labels(model).observe(times[0] - ticket.submitted)
+            self.e2e.labels(model).observe(times[-1] - ticket.submitted)
+            itl = self.itl.labels(model)
+            for a, b in zip(times, times[1:]):
+                itl.observe(b - a)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,184 @@
+"""The OpenAI API's request bodies (the fields prefixport honours) and its response objects.
+
+Unknown fields are refused, as OpenAI does; known fields that prefixport cannot honour (logprobs,
+tools, penalties, ...) are refused with a message saying so rather than silently ignored.
+`top_k` and `repetition_penalty` are extensions (vLLM's names; the openai client sends them via
+`extra_body`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InputError
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None  # accepted, not used
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+
+    def unsupported(self) -> dict[str, Any]:
+        """Fields set to something prefixport cannot do: {field: reason}."""
+        out = {}
+        if self.presence_penalty or self.frequency_penalty:
+            out["presence_penalty" if self.presence_penalty else "frequency_penalty"] = \
+                "presence and frequency penalties are not supported; use repetition_penalty"
+        if self.logit_bias:
+            out["logit_bias"] = "logit_bias is not supported"
+        return out
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self, choice: int) -> dict[str, Any]:
+        """Engine keywords for choice `choice` of n (seeded choices differ, reproducibly)."""
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    repetition_penalty=self.repetition_penalty,
+                    seed=None if self.seed is None else self.seed + choice)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> dict[str, Any]:
+        out = super().unsupported()
+        if self.logprobs is not None:
+            out["logprobs"] = "logprobs are not supported"
+        if self.echo:
+            out["echo"] = "echo is not supported"
+        if self.best_of not in (None, 1):
+            out["best_of"] = "best_of is not supported; use n"
+        if self.suffix:
+            out["suffix"] = "suffix (insertion) is not supported"
+        return out
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
+            return [p]  # type: ignore[list-item]
+        if not p:
+            raise InputError("prompt is empty")
+        return list(p)  # type: ignore[arg-type]
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def plain(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            if any(part.type != "text" for part in content):
+                raise InputError("only text content parts are supported")
+            content = "".join(part.text or "" for part in content)
+        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> dict[str, Any]:
+        out = super().unsupported()
+        if self.logprobs or self.top_logprobs:
+            out["logprobs"] = "logprobs are not supported"
+        if self.tools or self.tool_choice not in (None, "none"):
+            out["tools"] = "tool calling is not supported"
+        if self.response_format and self.response_format.get("type") != "text":
+            out["response_format"] = "only response_format {'type': 'text'} is supported"
+        return out
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class AdapterLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    path: str | None = None  # under the adapters folder; default NAME.safetensors
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Envelope:
+    """Builds the response objects of one completion or chat completion (same id and time)."""
+
+    def __init__(self, kind: Literal["text_completion", "chat.completion"], model: str, fingerprint: str) -> None:
+        self.kind, self.model, self.fingerprint = kind, model, fingerprint
+        self.id = new_id("cmpl" if kind == "text_completion" else "chatcmpl")
+        self.created = int(time.time())
+
+    def _object(self, obj: str, choices: list[dict], extra: dict | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint, "choices": choices, **(extra or {})}
+
+    def choice(self, index: int, text: str, finish_reason: str | None, first: bool = False,
+               stream: bool = False) -> dict[str, Any]:
+        if self.kind == "text_completion":
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        key = "delta" if stream else "message"
+        message = {"content": text} if stream else {"role": "assistant", "content": text}
+        if stream and first:
+            message = {"role": "assistant", "content": text}
+        return {"index": index, key: message, "logprobs": None, "finish_reason": finish_reason}
+
+    def whole(self, choices: list[dict], use: dict[str, int]) -> dict[str, Any]:
+        return self._object(self.kind, choices, {"usage": use})
+
+    def chunk(self, choices: list[dict], use: dict[str, int] | None = None) -> dict[str, Any]:
+        obj = "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"
+        return self._object(obj, choices, {"usage": use} if use is not None else None)
