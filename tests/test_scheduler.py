@@ -87,6 +87,7 @@ def test_stop_strings_and_stop_ids_end_a_row_early(engine):
         by_id = scheduler.submit(PROMPTS[3], max_new_tokens=30, stop_token_ids=[stop_id])
         events = list(by_text.events())
         r = events[-1].result
+        assert by_text.result() is r  # after the events were read, too
         assert r.text == full.text[: full.text.index(stop)] == "".join(e.text for e in events)
         assert r.finish_reason == "stop" and len(r.token_ids) < 30
         r2 = by_id.result()

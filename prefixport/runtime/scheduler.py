@@ -53,6 +53,7 @@ class Ticket:
         self.token_times: list[float] = []  # perf_counter() when each token was produced
         self.cancelled = False
         self._queue: deque[Event] = deque()
+        self._final: Event | None = None
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
@@ -85,19 +86,21 @@ class Ticket:
                 await self._ready.wait()
 
     def result(self) -> GenerationResult:
-        """Block until done; the result, or the request's error raised."""
-        for event in self.events():
-            if event.error is not None:
-                raise event.error
-            if event.result is not None:
-                return event.result
-        raise AssertionError("unreachable: a ticket's last event has a result or an error")
+        """Block until done; the result, or the request's error raised. (Independent of `events`.)"""
+        with self._cond:
+            self._cond.wait_for(lambda: self._final is not None)
+        final = self._final
+        if final.error is not None:
+            raise final.error
+        return final.result
 
     # --- called by the scheduler thread -----------------------------------------------------
 
     def _put(self, event: Event) -> None:
         with self._cond:
             self._queue.append(event)
+            if event.final:
+                self._final = event
             self._cond.notify_all()
         loop, ready = self._loop, self._ready
         if loop is not None and ready is not None:
