@@ -238,6 +238,27 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(served, client):
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
+@pytest.mark.slow
+def test_a_client_that_times_out_frees_its_row(default_export):
+    """Not streaming: the server notices the closed connection and the row leaves the batch (the
+    real model, so that the 200 tokens take seconds: longer than the server needs to notice)."""
+    engine = Engine.load(default_export)
+    app = create_app(engine)
+    scheduler = app.state.server.scheduler
+    with running(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"model": app.state.server.model_name, "prompt": "Once",
+                                                      "max_tokens": 200, "ignore_eos": True}, timeout=0.5)
+        for _ in range(100):
+            if scheduler.running == 0:
+                break
+            time.sleep(0.05)
+        assert scheduler.running == 0 and scheduler.steps < 200 and scheduler.cancelled == 1
+        metrics = httpx.get(url + "/metrics").text
+        assert "prefixport_requests_cancelled_total 1.0" in metrics
+    engine.close()
+
+
 def test_metrics_report_requests_tokens_latency_batches_adapters_memory(served, client):
     client.completions.create(model="prompt", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     text = httpx.get(served[1] + "/metrics").text

@@ -149,7 +149,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.running = 0  # rows in the batch now
-        self.steps = 0
+        self.steps = 0  # decode steps run
+        self.cancelled = 0  # requests that left because their consumer cancelled them
         self._thread = threading.Thread(target=self._run, name="prefixport-scheduler", daemon=True)
         self._thread.start()
 
@@ -208,6 +209,7 @@ class Scheduler:
             if ticket.cancelled:
                 ticket.request.done = True
                 ticket._finish()
+                self.cancelled += 1
                 continue
             try:
                 batch.join(ticket.request)
@@ -228,7 +230,7 @@ class Scheduler:
             self.on_step(len(rows))
         for row in rows:
             if row.done:
-                del tickets[id(row)]
+                self.cancelled += tickets.pop(id(row)).cancelled
         batch.advance()
 
     def _run(self) -> None:

@@ -27,6 +27,8 @@ from .protocol import AdapterLoad, ChatRequest, CompletionRequest, Envelope, _Sa
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
 
 class ApiError(Exception):
     """An error answered as OpenAI's error object with an HTTP status."""
@@ -162,17 +164,27 @@ class Server:
             for task in tasks:
                 task.cancel()
 
-    async def respond(self, envelope: Envelope, tickets: list[Ticket], body: _Sampling, model: str) -> Response:
+    async def respond(self, request: Request, envelope: Envelope, tickets: list[Ticket], body: _Sampling,
+                      model: str) -> Response:
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self.stream(envelope, tickets, include, model), media_type="text/event-stream")
+        collecting = asyncio.ensure_future(self.whole(envelope, tickets, body, model))
+        while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():  # the client gave up: its rows leave the batch
+                collecting.cancel()
+                return Response(status_code=499)
+        return JSONResponse(collecting.result())
+
+    async def whole(self, envelope: Envelope, tickets: list[Ticket], body: _Sampling, model: str) -> dict[str, Any]:
+        """The non-streaming response object: every ticket's result, and the usage."""
         results = await self.collect(tickets)
         for ticket, result in zip(tickets, results):
             self.metrics.finished(model, ticket, result)
         choices = [envelope.choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
         # n choices of one prompt share its prompt tokens: count them once per prompt
         prompt_tokens = sum(r.prompt_tokens for r in results[:: body.n])
-        return JSONResponse(envelope.whole(choices, usage(prompt_tokens, sum(len(r.token_ids) for r in results))))
+        return envelope.whole(choices, usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -211,6 +223,32 @@ class Server:
             except PrefixportError as e:
                 log.warning("skipping adapter %s: %s", path, e)
         return names
+
+
+class _CountRequests:
+    """Counts /v1 requests by route, model and status. Plain ASGI: Starlette's BaseHTTPMiddleware
+    would hide client disconnects from the routes."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            model = scope.get("state", {}).get("model", "")
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -266,15 +304,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
         err = _api_error(e)
         return JSONResponse(err.body, status_code=err.status)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        if request.url.path.startswith("/v1/"):
-            endpoint = getattr(route, "path", "unmatched")
-            model = getattr(request.state, "model", "")
-            server.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=server.metrics)
 
     v1 = [Depends(authorize)]
 
@@ -284,8 +314,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
         request.state.model = body.model
         prompts = body.prompts()
         tickets = await asyncio.to_thread(server.submit, prompts, body, adapter, body.max_tokens or 16)
-        return await server.respond(Envelope("text_completion", body.model, server.fingerprint), tickets, body,
-                                    body.model)
+        envelope = Envelope("text_completion", body.model, server.fingerprint)
+        return await server.respond(request, envelope, tickets, body, body.model)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -297,8 +327,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
             return server.submit([ids], body, adapter, body.limit())
 
         tickets = await asyncio.to_thread(encode_and_submit)
-        return await server.respond(Envelope("chat.completion", body.model, server.fingerprint), tickets, body,
-                                    body.model)
+        envelope = Envelope("chat.completion", body.model, server.fingerprint)
+        return await server.respond(request, envelope, tickets, body, body.model)
 
     @app.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:

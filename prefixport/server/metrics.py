@@ -43,6 +43,8 @@ class _EngineCollector(Collector):
                                 self.scheduler.running)
         yield GaugeMetricFamily("prefixport_requests_waiting", "requests queued for the batch",
                                 self.scheduler.waiting)
+        yield CounterMetricFamily("prefixport_requests_cancelled", "requests that left early: client gone",
+                                  self.scheduler.cancelled)
 
 
 class Metrics:

@@ -2,7 +2,7 @@
 
 Unknown fields are refused, as OpenAI does; known fields that prefixport cannot honour (logprobs,
 tools, penalties, ...) are refused with a message saying so rather than silently ignored.
-`top_k` and `repetition_penalty` are extensions (vLLM's names; the openai client sends them via
+`top_k`, `repetition_penalty` and `ignore_eos` are extensions (vLLM's names; the openai client sends them via
 `extra_body`).
 """
 
@@ -39,6 +39,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
+    ignore_eos: bool = False  # generate max_tokens whatever the model's end-of-sequence tokens
 
     def unsupported(self) -> dict[str, Any]:
         """Fields set to something prefixport cannot do: {field: reason}."""
@@ -57,7 +58,8 @@ class _Sampling(BaseModel):
         """Engine keywords for choice `choice` of n (seeded choices differ, reproducibly)."""
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     repetition_penalty=self.repetition_penalty,
-                    seed=None if self.seed is None else self.seed + choice)
+                    seed=None if self.seed is None else self.seed + choice,
+                    stop_token_ids=[] if self.ignore_eos else None)
 
 
 class CompletionRequest(_Sampling):
