@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prefixport.adapters import convert_checkpoint
-from prefixport.runtime import Engine
+from prefixport.runtime import Engine, Scheduler
 
 from . import peft_helpers as ph
 
@@ -59,3 +59,28 @@ def test_default_model_mixed_batch_rows_equal_rows_alone(setup):
     for prompt, adapter, got in zip(prompts, adapters, batch):
         assert got.token_ids == engine.generate(prompt, adapter=adapter, max_new_tokens=24,
                                                 stop_token_ids=[]).token_ids
+
+
+def test_default_model_continuous_batching_equals_alone_and_peft(setup):
+    """Requests arriving while others decode join their batch; each row still equals itself alone,
+    and the adapter rows equal PEFT's forward."""
+    model, engine, work = setup
+    for variant in ("prompt", "prefix"):
+        _, path = convert_checkpoint(work / variant, engine.folder, name=f"cb-{variant}",
+                                     out=work / f"cb-{variant}.safetensors")
+        engine.add_adapter(f"cb-{variant}", path)
+    jobs = [("The history of the Roman Empire", None, 28), ("Extract the city: Alice lives in Paris.", "cb-prompt", 20),
+            ("def fibonacci(n):", "cb-prefix", 16), ("Q: 2+2=?\nA:", "cb-prompt", 12)]
+    sizes: list[int] = []
+    with Scheduler(engine, max_batch=4, on_step=sizes.append) as scheduler:
+        first = scheduler.submit(jobs[0][0], adapter=jobs[0][1], max_new_tokens=jobs[0][2], stop_token_ids=[])
+        next(iter(first.events()))  # the first request is decoding when the others arrive
+        later = [scheduler.submit(p, adapter=a, max_new_tokens=n, stop_token_ids=[]) for p, a, n in jobs[1:]]
+        results = [first.result()] + [t.result() for t in later]
+    assert max(sizes) == 4 and sizes[0] == 1
+    for (prompt, adapter, n), got in zip(jobs, results):
+        assert got.token_ids == engine.generate(prompt, adapter=adapter, max_new_tokens=n,
+                                                stop_token_ids=[]).token_ids
+    for (prompt, adapter, n), got in list(zip(jobs, results))[1:3]:
+        reference = ph.load_reference(model, work / adapter.removeprefix("cb-"))
+        assert got.token_ids == ph.peft_greedy(reference, engine.encode(prompt), n, None)

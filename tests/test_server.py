@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -292,3 +295,28 @@ def _batch_histogram(url: str) -> tuple[float, float]:
         if line.startswith(("prefixport_batch_size_count", "prefixport_batch_size_sum")):
             values[line.split()[0]] = float(line.split()[1])
     return values["prefixport_batch_size_count"], values["prefixport_batch_size_sum"]
+
+
+def test_cli_serve(tiny_export, tiny_adapters):
+    """`prefixport serve` as a user runs it: adapters from a folder, an API key, a clean Ctrl-C."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "prefixport.cli", "serve", str(tiny_export("llama")), "--port", str(port),
+           "--adapters", str(tiny_adapters("llama")), "--model-name", "tiny", "--max-batch", "4", "--api-key", "k"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert {m.id for m in client.models.list()} == {"tiny", *ADAPTER_VARIANTS}
+        assert client.completions.create(model="prefix", prompt="Hi", max_tokens=3).choices[0].finish_reason
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "serving tiny and 4 adapters" in err and f"http://127.0.0.1:{port}/v1" in err
