@@ -67,6 +67,17 @@ def test_max_batch_bounds_the_batch_and_queues_the_rest(engine):
     assert max(sizes) == 3
 
 
+def test_prefill_budget_admits_a_burst_a_few_at_a_time(engine):
+    """With a budget of one token, one newcomer is prefilled per step (always at least one)."""
+    jobs = [(PROMPTS[i], MIX[i], 12) for i in range(6)]
+    alone = [engine.generate(p, adapter=a, max_new_tokens=n, stop_token_ids=[]).token_ids for p, a, n in jobs]
+    sizes: list[int] = []
+    with Scheduler(engine, max_batch=8, prefill_budget=1, on_step=sizes.append) as scheduler:
+        tickets = [scheduler.submit(p, adapter=a, max_new_tokens=n, stop_token_ids=[]) for p, a, n in jobs]
+        assert [t.result().token_ids for t in tickets] == alone
+    assert all(b - a <= 1 for a, b in zip(sizes, sizes[1:])) and max(sizes) > 1
+
+
 def test_sampling_settings_per_request_match_alone(engine):
     settings = [dict(temperature=0.9, seed=1), dict(temperature=1.2, top_k=20, seed=2),
                 dict(temperature=0.7, top_p=0.8, seed=3), dict(repetition_penalty=1.4), dict()]

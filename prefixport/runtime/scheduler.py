@@ -137,14 +137,20 @@ class Ticket:
 class Scheduler:
     """Continuous batching over one Engine, at most `max_batch` rows decoding at once.
 
+    Between two decode steps, waiting requests are prefilled in arrival order up to
+    `prefill_budget` prompt tokens (at least one request), so a burst of arrivals delays the
+    running rows by a bounded amount per step instead of stalling them until all are prefilled.
     `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
     stops the thread and fails what is still queued or running.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_budget: int = 512,
+                 on_step: Callable[[int], None] | None = None) -> None:
         if max_batch < 1:
             raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
-        self.engine, self.max_batch, self.on_step = engine, max_batch, on_step
+        if prefill_budget < 1:
+            raise PrefixportError(f"prefill_budget must be >= 1 token, got {prefill_budget}")
+        self.engine, self.max_batch, self.prefill_budget, self.on_step = engine, max_batch, prefill_budget, on_step
         self._waiting: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -204,7 +210,13 @@ class Scheduler:
             self._cond.wait_for(lambda: self._waiting or len(batch) or self._closed)
             if self._closed:
                 return False
-            new = [self._waiting.popleft() for _ in range(min(self.max_batch - len(batch), len(self._waiting)))]
+            new, budget = [], self.prefill_budget
+            while self._waiting and len(batch) + len(new) < self.max_batch:
+                cost = len(self._waiting[0].request.prompt_ids)
+                if new and cost > budget:
+                    break
+                new.append(self._waiting.popleft())
+                budget -= cost
         for ticket in new:
             if ticket.cancelled:
                 ticket.request.done = True

@@ -63,12 +63,12 @@ class Server:
     """State behind the routes: the engine, its scheduler, metrics, the adapters folder."""
 
     def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
-                 max_batch: int = 8, api_key: str | None = None) -> None:
+                 max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512) -> None:
         self.engine, self.api_key = engine, api_key
         self.model_name = model_name or default_model_name(engine)
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, max_batch, on_step=self.metrics.batch_size.observe)
+        self.scheduler = Scheduler(engine, max_batch, prefill_budget, on_step=self.metrics.batch_size.observe)
         self.metrics.watch(engine, self.scheduler)
         self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
         self.created = int(time.time())
@@ -256,10 +256,12 @@ def _sse(obj: dict[str, Any]) -> str:
 
 
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
-               max_batch: int = 8, api_key: str | None = None, register_adapters: bool = True) -> FastAPI:
+               max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
+               register_adapters: bool = True) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
-    registered now, named after its file; `api_key` makes /v1/* require `Authorization: Bearer KEY`."""
-    server = Server(engine, model_name, adapters_dir, max_batch, api_key)
+    registered now, named after its file; `api_key` makes /v1/* require `Authorization: Bearer KEY`;
+    `max_batch` and `prefill_budget` go to the `Scheduler`."""
+    server = Server(engine, model_name, adapters_dir, max_batch, api_key, prefill_budget)
     if register_adapters:
         server.register_folder()
 
