@@ -154,6 +154,9 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="Most requests decoding at once; more wait in a queue.")
+@click.option("--prefill-budget", type=int, default=512, show_default=True,
+              help="Most prompt tokens prefilled between two decode steps (at least one request), so "
+                   "arrivals delay running requests by a bounded amount.")
 @click.option("--api-key", envvar="PREFIXPORT_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on /v1/* (or set PREFIXPORT_API_KEY).")
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
@@ -165,9 +168,9 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
               help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @_errors
-def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, api_key: str | None,
-          model_name: str | None, adapter_budget_mb: float | None, device: str, threads: int | None,
-          use_ray: bool, replicas: int) -> None:
+def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
+          api_key: str | None, model_name: str | None, adapter_budget_mb: float | None, device: str,
+          threads: int | None, use_ray: bool, replicas: int) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
@@ -177,7 +180,8 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
         from .server.ray_serve import run_ray
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch, api_key=api_key,
-                model_name=model_name, replicas=replicas, threads=threads)
+                model_name=model_name, replicas=replicas, threads=threads, device=device,
+                adapter_budget_bytes=budget)
         return
     import uvicorn
 
@@ -187,7 +191,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     options = {"device": device} | ({"threads": threads} if threads else {})
     engine = Engine.load(outdir, adapter_budget_bytes=budget, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
-                     api_key=api_key)
+                     prefill_budget=prefill_budget, api_key=api_key)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
               f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch})")
