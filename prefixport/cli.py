@@ -167,10 +167,12 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
+@click.option("--max-adapters", type=int, default=8, show_default=True,
+              help="Adapters each Ray Serve replica keeps registered, least recently used dropped (with --ray).")
 @_errors
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           api_key: str | None, model_name: str | None, adapter_budget_mb: float | None, device: str,
-          threads: int | None, use_ray: bool, replicas: int) -> None:
+          threads: int | None, use_ray: bool, replicas: int, max_adapters: int) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
@@ -179,9 +181,9 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     if use_ray:
         from .server.ray_serve import run_ray
 
-        run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch, api_key=api_key,
-                model_name=model_name, replicas=replicas, threads=threads, device=device,
-                adapter_budget_bytes=budget)
+        run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
+                prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
+                max_adapters=max_adapters, threads=threads, device=device, adapter_budget_bytes=budget)
         return
     import uvicorn
 

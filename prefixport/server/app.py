@@ -53,6 +53,23 @@ def _api_error(e: Exception) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
+def invalid_body(errors: list[dict]) -> ApiError:
+    """pydantic's validation errors as one 400 error naming the first bad field."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+
+def check_api_key(authorization: str, api_key: str | None) -> None:
+    """Raise 401 unless the `Authorization` header carries `Bearer API_KEY` (no key: all pass)."""
+    if api_key is None:
+        return
+    given = authorization.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
+                       code="invalid_api_key")
+
+
 def default_model_name(engine: Engine) -> str:
     """The name clients use for the base model: the export's model spec (its last path part)."""
     name = Path(engine.manifest.source).name
@@ -274,12 +291,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
     app.state.server = server
 
     def authorize(request: Request) -> None:
-        if server.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
-                           code="invalid_api_key")
+        check_api_key(request.headers.get("authorization", ""), server.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -292,10 +304,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
-        return JSONResponse(error_body(message, param=".".join(where) or None), status_code=400)
+        err = invalid_body(list(e.errors()))
+        return JSONResponse(err.body, status_code=err.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:

@@ -1,0 +1,428 @@
+"""Scale-out with Ray Serve: replicas that each hold the base model and an LRU of adapters.
+
+Two deployments make the application:
+
+* `AdapterReplica` loads the export once (the base model, its `Engine` and continuous-batching
+  `Scheduler`, behind the same `Server` as `prefixport serve`). Adapters are `serve.multiplexed`
+  models: a request for adapter NAME registers `ADAPTERS_DIR/NAME.safetensors` in the replica's
+  engine if it is not there yet, and the replica keeps at most `max_adapters` of them (least
+  recently used unregistered first). The base model is not multiplexed: it is always there.
+* `OpenAIIngress` speaks the OpenAI API (`/v1/completions`, `/v1/chat/completions` with SSE
+  streaming, `/v1/models`, `/health`), reads `model` from the body and calls a replica with
+  `multiplexed_model_id=model`, so Ray routes requests for an adapter to replicas that already
+  hold it (and, when none does, to the replica holding the fewest).
+
+Run it with `prefixport serve OUTDIR --ray --replicas N` (one machine), or on a cluster with
+`serve run prefixport.server.ray_serve:app_builder outdir=/shared/OUTDIR replicas=4`, or build it
+in Python with `build_app(...)` and `serve.run(...)`.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from ..errors import AdapterError
+from ..runtime import Engine, Ticket
+from .app import ApiError, Server, _api_error, check_api_key, invalid_body
+from .protocol import ChatRequest, CompletionRequest, Envelope, _Sampling
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["completion", "chat"]
+_ADAPTER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # as POST /v1/adapters names: no path separators
+REPLICA, INGRESS = "AdapterReplica", "OpenAIIngress"  # deployment names
+APP_NAME = "prefixport"
+
+
+class ReplicaError(Exception):
+    """An API error (status, OpenAI error body) raised in a replica; picklable, so it crosses Ray."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(status, body)
+        self.status, self.body = status, body
+
+
+def _to_api_error(e: BaseException) -> ApiError | ReplicaError:
+    """Any error, from this process or from a replica through Ray, as an API error."""
+    if isinstance(e, RayTaskError) and isinstance(e.cause, Exception):
+        e = e.cause
+    if isinstance(e, ReplicaError):
+        return e
+    return _api_error(e)  # type: ignore[arg-type]
+
+
+def _error_response(e: BaseException) -> JSONResponse:
+    err = _to_api_error(e)
+    return JSONResponse(err.body, status_code=err.status)
+
+
+def parse(kind: Kind, data: Any) -> _Sampling:
+    """A request body checked as `create_app` checks it (pydantic; the same 400 error objects)."""
+    model = CompletionRequest if kind == "completion" else ChatRequest
+    try:
+        body = model.model_validate(data)
+    except ValidationError as e:
+        raise invalid_body(list(e.errors())) from None
+    for field, reason in body.unsupported().items():
+        raise ApiError(400, reason, param=field, code="unsupported_parameter")
+    return body
+
+
+class AdapterHandle:
+    """One adapter registered in a replica's engine: what the multiplex LRU holds per adapter id.
+
+    When Ray Serve evicts the id it calls `__del__` (in a worker thread); Python calls it again at
+    garbage collection, so the adapter is unregistered once. Requests already running keep the
+    adapter's tensors they acquired and finish with them.
+    """
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine, self.name, self.registered = engine, name, True
+
+    def release(self) -> None:
+        if not self.registered:
+            return
+        self.registered = False
+        try:
+            self.engine.remove_adapter(self.name)
+        except AdapterError:  # already gone
+            pass
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@serve.deployment(name=REPLICA)
+class AdapterReplica:
+    """The base model and an LRU of at most `max_adapters` adapters, registered on demand."""
+
+    def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
+                 max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8, threads: int | None = None,
+                 device: str = "cpu", adapter_budget_bytes: int | None = None) -> None:
+        options: dict[str, Any] = {"device": device} | ({"threads": threads} if threads else {})
+        self.engine = Engine.load(outdir, adapter_budget_bytes=adapter_budget_bytes, **options)
+        self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget)
+        self.max_adapters = max_adapters
+        self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
+
+        # Made here rather than with a decorator on the class so that the LRU size is a parameter;
+        # Ray Serve detects multiplexed loaders stored on the instance too.
+        async def load_adapter_bundle(adapter_id: str) -> AdapterHandle:
+            path = self.bundle_path(adapter_id)
+            await asyncio.to_thread(self.engine.add_adapter, adapter_id, path)
+            self.loads[adapter_id] = self.loads.get(adapter_id, 0) + 1
+            log.info("registered adapter %s from %s", adapter_id, path)
+            return AdapterHandle(self.engine, adapter_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter_bundle)
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def available(self) -> list[str]:
+        """Adapter ids that can be requested: every NAME.safetensors in the adapters folder."""
+        folder = self.server.adapters_dir
+        if folder is None or not folder.is_dir():
+            return []
+        return sorted(p.stem for p in folder.glob("*.safetensors")
+                      if _ADAPTER_ID.match(p.stem) and p.stem != self.server.model_name)
+
+    def bundle_path(self, adapter_id: str) -> Path:
+        """The bundle file of an adapter id; 404 (as OpenAI's unknown model) when there is none."""
+        folder = self.server.adapters_dir
+        path = folder / f"{adapter_id}.safetensors" if folder is not None and _ADAPTER_ID.match(adapter_id) else None
+        if path is None or not path.is_file():
+            raise ApiError(404, f"The model `{adapter_id}` does not exist (serving {self.server.model_name!r} and "
+                                f"the adapters in {folder}: {', '.join(self.available()) or 'none'})",
+                           param="model", code="model_not_found")
+        return path
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def _submit(self, kind: Kind, request: dict[str, Any]) -> tuple[_Sampling, Envelope, list[Ticket]]:
+        body = parse(kind, request)
+        adapter = None if body.model == self.server.model_name else body.model
+        if adapter is not None:
+            self.bundle_path(adapter)  # an unknown id fails here, before the LRU evicts anything for it
+        if isinstance(body, CompletionRequest):
+            prompts: list[Any] = await asyncio.to_thread(
+                lambda: [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()])
+            max_tokens = body.max_tokens or 16
+        else:
+            assert isinstance(body, ChatRequest)
+            prompts = [await asyncio.to_thread(self.engine.encode, [m.plain() for m in body.messages])]
+            max_tokens = body.limit()
+        if adapter is not None:
+            await self.get_adapter(adapter)
+        # No `await` from here until the tickets hold the adapter: the LRU cannot unregister it between.
+        self.server.check(body)
+        tickets = self.server.submit(prompts, body, adapter, max_tokens)
+        envelope = Envelope("text_completion" if kind == "completion" else "chat.completion", body.model,
+                            self.server.fingerprint)
+        return body, envelope, tickets
+
+    async def complete(self, kind: Kind, request: dict[str, Any]) -> dict[str, Any]:
+        """A completion or chat completion request (an OpenAI body) -> the response object."""
+        try:
+            body, envelope, tickets = await self._submit(kind, request)
+            return await self.server.whole(envelope, tickets, body, body.model)
+        except Exception as e:
+            err = _api_error(e)
+            raise ReplicaError(err.status, err.body) from None
+
+    async def stream(self, kind: Kind, request: dict[str, Any]) -> AsyncIterator[str]:
+        """The same, streamed: server-sent events (`data: {chunk}`, ..., `data: [DONE]`).
+        A request that fails before generating raises before the first event."""
+        try:
+            body, envelope, tickets = await self._submit(kind, request)
+        except Exception as e:
+            err = _api_error(e)
+            raise ReplicaError(err.status, err.body) from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        async for event in self.server.stream(envelope, tickets, include_usage, body.model):
+            yield event
+
+    def describe(self) -> dict[str, Any]:
+        """The base model's name, the model objects of the base and every available adapter, and what
+        this replica holds now (`registered`: adapter ids in its engine, at most `max_adapters`; `loads`:
+        how often it registered each)."""
+        names = [self.server.model_name, *self.available()]
+        scheduler = self.server.scheduler
+        return {"model": self.server.model_name, "models": [self.server.model_object(n) for n in names],
+                "registered": self.engine.adapters, "max_adapters": self.max_adapters, "loads": dict(self.loads),
+                "replica": serve.get_replica_context().replica_id.unique_id, "alive": scheduler.alive,
+                "running": scheduler.running, "waiting": scheduler.waiting}
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose scheduler thread died is restarted."""
+        if not self.server.scheduler.alive:
+            raise RuntimeError("the scheduler thread has stopped")
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.scheduler.close()
+            self.engine.close()
+
+
+api = FastAPI(title="prefixport (Ray Serve)")
+
+
+async def _sse(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    """The first event (already received, so that an error could still be a status) and the rest."""
+    done = False
+    try:
+        yield first
+        async for event in rest:
+            yield event
+        done = True
+    except Exception as e:  # the replica failed mid-stream: say so in the stream, as `Server.stream` does
+        done = True
+        yield f"data: {json.dumps(_to_api_error(e).body, ensure_ascii=False)}\n\n"
+    finally:
+        if not done:  # the client went away: the replica's rows leave its batch
+            rest.cancel()
+
+
+@serve.deployment(name=INGRESS)
+@serve.ingress(api)
+class OpenAIIngress:
+    """The OpenAI API, routing each request to a replica by its `model` (the adapter id)."""
+
+    def __init__(self, replica: DeploymentHandle, api_key: str | None = None) -> None:
+        self.replica, self.api_key = replica, api_key
+        self.model_name: str | None = None  # the base model's, asked from a replica once
+        self.known: set[str] = set()  # adapter ids seen in the adapters folder
+
+    def _authorize(self, request: Request) -> None:
+        check_api_key(request.headers.get("authorization", ""), self.api_key)
+
+    async def _refresh(self) -> dict[str, Any]:
+        info = await self.replica.describe.remote()
+        self.model_name = info["model"]
+        self.known = {m["id"] for m in info["models"]} - {self.model_name}
+        return info
+
+    async def _route(self, model: str) -> DeploymentHandle:
+        """The handle for a request for `model`: the base model is on every replica; an adapter id
+        routes by multiplexing. An id not in the adapters folder is a 404 here, before any replica."""
+        if self.model_name is None or (model != self.model_name and model not in self.known):
+            await self._refresh()  # the folder may have gained a bundle since
+        if model == self.model_name:
+            return self.replica
+        if model not in self.known:
+            raise ApiError(404, f"The model `{model}` does not exist (serving {self.model_name!r} and adapters: "
+                                f"{', '.join(sorted(self.known)) or 'none'})", param="model", code="model_not_found")
+        return self.replica.options(multiplexed_model_id=model)
+
+    async def _generate(self, kind: Kind, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            try:
+                data = await request.json()
+            except ValueError:
+                raise ApiError(400, "the request body is not valid JSON") from None
+            body = parse(kind, data)
+            handle = await self._route(body.model)
+            if not body.stream:
+                return JSONResponse(await handle.complete.remote(kind, data))
+            events = handle.options(stream=True).stream.remote(kind, data)
+            try:
+                first = await events.__anext__()
+            except BaseException:
+                events.cancel()
+                raise
+            return StreamingResponse(_sse(first, events), media_type="text/event-stream")
+        except Exception as e:
+            return _error_response(e)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate("completion", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate("chat", request)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            info = await self._refresh()
+            return JSONResponse({"object": "list", "data": info["models"]})
+        except Exception as e:
+            return _error_response(e)
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            info = await self._refresh()
+            for obj in info["models"]:
+                if obj["id"] == model:
+                    return JSONResponse(obj)
+            raise ApiError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
+        except Exception as e:
+            return _error_response(e)
+
+    @api.api_route("/v1/adapters", methods=["POST"])
+    @api.api_route("/v1/adapters/{name}", methods=["DELETE"])
+    async def adapters(self) -> Response:
+        return JSONResponse(ApiError(501, "under Ray Serve, adapters are registered on demand: put NAME.safetensors "
+                                          "in the adapters folder and request model NAME",
+                                     code="unsupported").body, status_code=501)
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        try:
+            info = await self.replica.describe.remote()
+        except Exception as e:
+            error = _to_api_error(e).body["error"]["message"]
+            return JSONResponse({"status": "unavailable", "error": error}, status_code=503)
+        return JSONResponse({"status": "ok", "model": info["model"], "adapters": len(info["models"]) - 1})
+
+
+def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
+              max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None, replicas: int = 1,
+              max_adapters: int = 8, threads: int | None = None, device: str = "cpu",
+              adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
+              replica_gpus: float = 0) -> serve.Application:
+    """The Serve application: `replicas` x `AdapterReplica` behind one `OpenAIIngress`.
+
+    Paths must exist on every node that runs a replica (shared storage, or the same path on each).
+    `adapters_dir` defaults to OUTDIR/adapters. Each replica reserves `replica_cpus` CPUs (default:
+    `threads`, or 1) and `replica_gpus` GPUs; `max_adapters` is the multiplex LRU size per replica;
+    `max_batch` and `prefill_budget` go to each replica's `Scheduler`.
+    """
+    outdir = Path(outdir).resolve()
+    adapters = Path(adapters_dir).resolve() if adapters_dir is not None else outdir / "adapters"
+    actor: dict[str, Any] = {"num_cpus": replica_cpus if replica_cpus is not None else (threads or 1)}
+    if replica_gpus:
+        actor["num_gpus"] = replica_gpus
+    replica = AdapterReplica.options(
+        num_replicas=replicas, ray_actor_options=actor,
+        max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
+    ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
+           max_adapters=max_adapters, threads=threads, device=device, adapter_budget_bytes=adapter_budget_bytes)
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
+        replica, api_key=api_key)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `app_builder` (`serve run prefixport.server.ray_serve:app_builder outdir=... replicas=2`,
+    or `args:` in a Serve config file)."""
+
+    outdir: str
+    adapters_dir: str | None = None
+    model_name: str | None = None
+    max_batch: int = 8
+    prefill_budget: int = 512
+    api_key: str | None = None
+    replicas: int = 1
+    max_adapters: int = 8
+    threads: int | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    adapter_budget_bytes: int | None = None
+    replica_cpus: float | None = None
+    replica_gpus: float = 0
+
+
+def app_builder(args: AppArgs) -> serve.Application:
+    """The application builder for `serve run` / `serve deploy` (`api_key` also from PREFIXPORT_API_KEY)."""
+    options = args.model_dump()
+    options["api_key"] = options["api_key"] or os.environ.get("PREFIXPORT_API_KEY")
+    return build_app(**options)
+
+
+def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
+            port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
+            model_name: str | None = None, replicas: int = 1, threads: int | None = None, max_adapters: int = 8,
+            device: str = "cpu", adapter_budget_bytes: int | None = None, block: bool = True) -> DeploymentHandle:
+    """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
+    HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
+
+    Without `threads`, the local machine's cores are shared between the replicas.
+    """
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    if threads is None and not os.environ.get("RAY_ADDRESS"):
+        threads = max(1, (os.cpu_count() or 1) // max(1, replicas))
+    serve.start(http_options={"host": host, "port": port})
+    app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
+                    api_key=api_key, replicas=replicas, max_adapters=max_adapters, threads=threads, device=device,
+                    adapter_budget_bytes=adapter_budget_bytes)
+    handle = serve.run(app, name=APP_NAME, route_prefix="/")
+    if not block:
+        return handle
+    print(f"serving on http://{host}:{port}/v1 with {replicas} Ray Serve replica(s); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: shut Serve down as Ctrl-C does
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return handle

@@ -1,0 +1,172 @@
+"""`prefixport serve --ray`: the Ray Serve application on a local Ray (CPU), driven by the official
+openai client over 127.0.0.1. Replicas hold the base model and an LRU of adapters (serve.multiplexed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install 'prefixport[ray]'")
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is optional: pip install 'prefixport[ray]'")
+openai = pytest.importorskip("openai")
+
+from prefixport.runtime import Engine  # noqa: E402
+from prefixport.server.ray_serve import APP_NAME, REPLICA, build_app  # noqa: E402
+
+from .conftest import ADAPTER_VARIANTS  # noqa: E402
+
+REPLICAS, MAX_ADAPTERS = 2, 1  # 4 adapters, 2 replicas holding at most 1 each: the LRU must evict
+PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_served(tiny_export, tiny_adapters, tmp_path_factory):
+    """The Ray Serve application over the tiny Llama export and its four adapters: (engine, url).
+    `engine` is a plain Engine in this process, the reference."""
+    folder = tmp_path_factory.mktemp("ray-adapters")
+    for name in ADAPTER_VARIANTS:
+        shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage report sent anywhere
+    ray.init(num_cpus=REPLICAS, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 1024**2)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(tiny_export("llama"), folder, model_name="tiny", max_batch=4, replicas=REPLICAS,
+                        max_adapters=MAX_ADAPTERS, threads=1, replica_cpus=1)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        engine = Engine.load(tiny_export("llama"), threads=1)
+        for name in ADAPTER_VARIANTS:
+            engine.add_adapter(name, folder / f"{name}.safetensors")
+        yield engine, f"http://127.0.0.1:{port}"
+        engine.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def client(ray_served):
+    return openai.OpenAI(base_url=ray_served[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _adapter(model: str) -> str | None:
+    return None if model == "tiny" else model
+
+
+def _replicas_state() -> dict[str, dict]:
+    """replica id -> its `describe()` (asked until every replica has answered)."""
+    handle = serve.get_deployment_handle(REPLICA, app_name=APP_NAME)
+    seen: dict[str, dict] = {}
+    for _ in range(100):
+        info = handle.describe.remote().result()
+        seen[info["replica"]] = info
+        if len(seen) == REPLICAS:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {REPLICAS} replicas answered")
+
+
+def _check_lru(state: dict[str, dict]) -> None:
+    """Every replica holds at most MAX_ADAPTERS adapters, all of them real ones."""
+    for replica, info in state.items():
+        assert info["max_adapters"] == MAX_ADAPTERS
+        assert len(info["registered"]) <= MAX_ADAPTERS, (replica, info["registered"])
+        assert set(info["registered"]) <= set(ADAPTER_VARIANTS)
+
+
+def _loads(state: dict[str, dict]) -> int:
+    return sum(n for info in state.values() for n in info["loads"].values())
+
+
+def test_models_lists_the_base_and_every_adapter_in_the_folder(client):
+    assert {m.id for m in client.models.list()} == {"tiny", *ADAPTER_VARIANTS}
+    assert client.models.retrieve("prefix").parent == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("missing")
+
+
+def test_completions_for_the_base_and_each_adapter_equal_the_engine_alone(ray_served, client):
+    engine = ray_served[0]
+    # every adapter twice, the first ones again after the LRU evicted them
+    models = ["tiny", *ADAPTER_VARIANTS, "tiny", *ADAPTER_VARIANTS]
+    for i, model in enumerate(models):
+        prompt, n = PROMPTS[i % len(PROMPTS)], 5 + i % 4
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
+        assert got.choices[0].text == engine.generate(prompt, adapter=_adapter(model), max_new_tokens=n).text, model
+        assert got.model == model
+        assert got.usage.completion_tokens <= n
+    state = _replicas_state()
+    _check_lru(state)
+    # 4 adapters on 2 replicas keeping 1 each: some were evicted (unregistered) and registered again
+    assert _loads(state) > REPLICAS * MAX_ADAPTERS
+
+
+def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(client):
+    client.completions.create(model="prefix", prompt="warm", max_tokens=2, temperature=0)
+    time.sleep(1.5)  # replicas push the ids they hold every 0.1 s; the routers learn them from the controller
+    before = _replicas_state()
+    holders = [r for r, info in before.items() if "prefix" in info["registered"]]
+    assert len(holders) == 1
+    for i in range(8):
+        client.completions.create(model="prefix", prompt=PROMPTS[i % 3], max_tokens=2, temperature=0)
+    after = _replicas_state()
+    assert _loads(after) == _loads(before)  # not registered anywhere again: every request went to the holder
+    assert "prefix" in after[holders[0]]["registered"]
+
+
+def test_concurrent_requests_across_adapters_equal_each_alone(ray_served, client):
+    """Requests for more adapters than a replica keeps, at once: evictions never break a running one."""
+    engine = ray_served[0]
+    jobs = [(PROMPTS[i % 3], ["tiny", *ADAPTER_VARIANTS][i % 5], 4 + i % 5) for i in range(15)]
+
+    def call(job):
+        prompt, model, n = job
+        return client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(call, jobs))
+    expected = [engine.generate(p, adapter=_adapter(m), max_new_tokens=n).text for p, m, n in jobs]
+    assert got == expected
+
+
+def test_streamed_chat_and_completions_equal_the_engine_alone(ray_served, client):
+    engine = ray_served[0]
+    for i, model in enumerate(["prefix-projection", "tiny", "prompt", "ptuning-lstm"]):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=7, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == engine.generate(messages, adapter=_adapter(model), max_new_tokens=7).text, model
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 7
+
+        stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True)
+        text = "".join(c.choices[0].text for c in stream if c.choices)
+        assert text == engine.generate(PROMPTS[0], adapter=_adapter(model), max_new_tokens=6).text, model
+
+
+def test_errors_are_openai_errors(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):  # streaming: the status comes before any event
+        client.chat.completions.create(model="../prefix", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, stream=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="prefix", prompt="hi", max_tokens=2, logit_bias={"1": 1.0})
+    assert info.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
+    assert info.value.body["code"] == "context_length_exceeded"
+    _check_lru(_replicas_state())  # the unknown ids never entered a replica's LRU
