@@ -117,6 +117,17 @@ def test_cancel_leaves_the_batch_and_others_go_on(engine):
         assert other.result().token_ids == expected
 
 
+def test_a_request_cancelled_while_queued_never_runs(engine):
+    with Scheduler(engine, max_batch=1) as scheduler:
+        running = scheduler.submit(PROMPTS[0], max_new_tokens=60, stop_token_ids=[])
+        queued = scheduler.submit(PROMPTS[1], max_new_tokens=60, stop_token_ids=[])
+        queued.cancel()
+        after = scheduler.submit(PROMPTS[2], max_new_tokens=5, stop_token_ids=[])
+        assert queued.result().finish_reason == "cancelled" and queued.result().token_ids == []
+        assert len(running.result().token_ids) == 60 and len(after.result().token_ids) == 5
+        assert scheduler.cancelled == 1
+
+
 def test_bad_requests_fail_at_submit_and_nothing_else(engine):
     with Scheduler(engine) as scheduler:
         good = scheduler.submit(PROMPTS[0], adapter="prompt", max_new_tokens=20, stop_token_ids=[])

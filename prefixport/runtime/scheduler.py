@@ -210,19 +210,21 @@ class Scheduler:
             self._cond.wait_for(lambda: self._waiting or len(batch) or self._closed)
             if self._closed:
                 return False
-            new, budget = [], self.prefill_budget
+            new, gone, budget = [], [], self.prefill_budget
             while self._waiting and len(batch) + len(new) < self.max_batch:
+                if self._waiting[0].cancelled:  # cancelled while queued: costs nothing
+                    gone.append(self._waiting.popleft())
+                    continue
                 cost = len(self._waiting[0].request.prompt_ids)
                 if new and cost > budget:
                     break
                 new.append(self._waiting.popleft())
                 budget -= cost
+        for ticket in gone:
+            ticket.request.done = True
+            ticket._finish()
+            self.cancelled += 1
         for ticket in new:
-            if ticket.cancelled:
-                ticket.request.done = True
-                ticket._finish()
-                self.cancelled += 1
-                continue
             try:
                 batch.join(ticket.request)
             except Exception as e:  # this request's prefill failed; the others go on

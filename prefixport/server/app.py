@@ -234,6 +234,9 @@ class Server:
             return []
         names = []
         for path in sorted(self.adapters_dir.glob("*.safetensors")):
+            if path.stem == self.model_name:
+                log.warning("skipping adapter %s: it has the base model's name", path)
+                continue
             try:
                 self.engine.add_adapter(path.stem, path)
                 names.append(path.stem)
