@@ -22,13 +22,16 @@ def engine(tiny_export):
     e.close()
 
 
-def test_runtime_imports_no_torch_or_transformers(tiny_export):
+def test_runtime_and_server_import_no_torch_or_transformers(tiny_export):
     code = textwrap.dedent(f"""
         import sys
         from prefixport.runtime import Engine
+        from prefixport.server import create_app
         import prefixport.cli
-        r = Engine.load({str(tiny_export("llama"))!r}).generate("The quick", max_new_tokens=5)
+        engine = Engine.load({str(tiny_export("llama"))!r})
+        r = engine.generate("The quick", max_new_tokens=5)
         assert len(r.token_ids) >= 1, r
+        create_app(engine).state.server.scheduler.close()
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))
         assert not bad, bad
         print("ok")
