@@ -157,6 +157,10 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
 @click.option("--prefill-budget", type=int, default=512, show_default=True,
               help="Most prompt tokens prefilled between two decode steps (at least one request), so "
                    "arrivals delay running requests by a bounded amount.")
+@click.option("--max-waiting", type=int, default=256, show_default=True,
+              help="Most requests queued for the batch; more are refused with 503 and Retry-After.")
+@click.option("--max-body-mb", type=float, default=4.0, show_default=True,
+              help="Largest request body accepted (413 beyond).")
 @click.option("--api-key", envvar="PREFIXPORT_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on /v1/* (or set PREFIXPORT_API_KEY).")
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
@@ -171,8 +175,9 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
               help="Adapters each Ray Serve replica keeps registered, least recently used dropped (with --ray).")
 @_errors
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
-          api_key: str | None, model_name: str | None, adapter_budget_mb: float | None, device: str,
-          threads: int | None, use_ray: bool, replicas: int, max_adapters: int) -> None:
+          max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
+          adapter_budget_mb: float | None, device: str, threads: int | None, use_ray: bool, replicas: int,
+          max_adapters: int) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
@@ -193,7 +198,8 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     options = {"device": device} | ({"threads": threads} if threads else {})
     engine = Engine.load(outdir, adapter_budget_bytes=budget, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
-                     prefill_budget=prefill_budget, api_key=api_key)
+                     prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
+                     api_key=api_key)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
               f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch})")

@@ -35,3 +35,7 @@ class ContextLengthError(InputError):
 
 class AdapterError(PrefixportError):
     """An adapter (PEFT checkpoint or bundle) cannot be used: bad file, wrong shapes, wrong base."""
+
+
+class BusyError(PrefixportError):
+    """The server's queue is full: retry later."""

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from prefixport.errors import AdapterError, InputError
+from prefixport.errors import AdapterError, BusyError, InputError
 from prefixport.runtime import Engine, Scheduler
 
 from .conftest import ADAPTER_VARIANTS
@@ -168,3 +168,15 @@ def test_closing_fails_what_is_queued(engine):
             ticket.result()
     with pytest.raises(Exception, match="closed"):
         scheduler.submit(PROMPTS[0])
+
+
+def test_max_waiting_refuses_more_at_submit(engine):
+    with Scheduler(engine, max_batch=1, max_waiting=1) as scheduler:
+        running = scheduler.submit(PROMPTS[0], max_new_tokens=200, stop_token_ids=[])
+        _tokens_until(running, 1)
+        queued = scheduler.submit(PROMPTS[1], max_new_tokens=5, stop_token_ids=[])
+        with pytest.raises(BusyError, match="busy"):
+            scheduler.submit(PROMPTS[2], max_new_tokens=5)
+        assert len(running.result().token_ids) == 200 and len(queued.result().token_ids) == 5
+    with pytest.raises(Exception, match="max_waiting must be >= 1"):
+        Scheduler(engine, max_waiting=0)

@@ -320,3 +320,67 @@ def test_cli_serve(tiny_export, tiny_adapters):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "serving tiny and 4 adapters" in err and f"http://127.0.0.1:{port}/v1" in err
+
+
+def test_bodies_over_the_limit_are_refused(tiny_export):
+    engine = Engine.load(tiny_export("llama"))
+    with running(create_app(engine, model_name="tiny", max_body_bytes=1000)) as url:
+        big = json.dumps({"model": "tiny", "prompt": "x" * 2000})
+        r = httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield big[:500].encode()
+            yield big[500:].encode()
+
+        r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        ok = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200  # a body under the limit, read and replayed
+    engine.close()
+
+
+def test_too_many_choices_and_bad_seeds_are_refused(served, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=["x"] * 10, n=8, max_tokens=1)
+    assert e.value.body["code"] == "too_many_choices"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", seed=-1, temperature=1.0, max_tokens=1)
+    assert e.value.body["param"] == "seed"
+
+
+def test_an_adapter_deleted_while_streams_use_it_lets_them_finish(served, client):
+    engine, url, folder, _ = served
+    shutil.copy(folder / "prefix.safetensors", folder / "doomed.safetensors")
+    assert httpx.post(url + "/v1/adapters", json={"name": "doomed"}).status_code == 200
+    expected = _alone(engine, PROMPTS[1], "prefix", 40)
+    stream = client.completions.create(model="doomed", prompt=PROMPTS[1], max_tokens=40, temperature=0, stream=True)
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text
+    assert httpx.delete(url + "/v1/adapters/doomed").status_code == 200
+    text += "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == expected
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="doomed", prompt="x", max_tokens=1)
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_503_and_the_others_go_on(default_export):
+    """max_batch 1 and max_waiting 1 on the real model (seconds per request): a third concurrent
+    request is refused with 503 and Retry-After; the two admitted ones finish."""
+    engine = Engine.load(default_export)
+    app = create_app(engine, max_batch=1, max_waiting=1)
+    server = app.state.server
+    body = {"model": server.model_name, "prompt": "Once", "max_tokens": 40, "ignore_eos": True}
+    with running(app) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
+        while server.scheduler.running == 0:
+            time.sleep(0.01)
+        second = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
+        while server.scheduler.waiting == 0:
+            time.sleep(0.01)
+        refused = httpx.post(url + "/v1/completions", json=body)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert [f.result().json()["usage"]["completion_tokens"] for f in (first, second)] == [40, 40]
+    engine.close()

@@ -30,6 +30,8 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
             raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
 

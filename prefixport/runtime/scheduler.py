@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import PrefixportError
+from ..errors import BusyError, PrefixportError
 from .generation import DecodeBatch, RowRequest
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class Ticket:
 class Scheduler:
     """Continuous batching over one Engine, at most `max_batch` rows decoding at once.
 
+    At most `max_waiting` requests wait for a place (more raise `BusyError` at submit).
     Between two decode steps, waiting requests are prefilled in arrival order up to
     `prefill_budget` prompt tokens (at least one request), so a burst of arrivals delays the
     running rows by a bounded amount per step instead of stalling them until all are prefilled.
@@ -144,13 +145,16 @@ class Scheduler:
     stops the thread and fails what is still queued or running.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, prefill_budget: int = 512,
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_budget: int = 512, max_waiting: int | None = None,
                  on_step: Callable[[int], None] | None = None) -> None:
         if max_batch < 1:
             raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
+        if max_waiting is not None and max_waiting < 1:
+            raise PrefixportError(f"max_waiting must be >= 1 (or None: unbounded), got {max_waiting}")
         if prefill_budget < 1:
             raise PrefixportError(f"prefill_budget must be >= 1 token, got {prefill_budget}")
         self.engine, self.max_batch, self.prefill_budget, self.on_step = engine, max_batch, prefill_budget, on_step
+        self.max_waiting = max_waiting  # None: unbounded
         self._waiting: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -178,6 +182,9 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise PrefixportError("the scheduler is closed")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise BusyError(f"the server is busy: {len(self._waiting)} requests are already waiting "
+                                f"(max_waiting {self.max_waiting}); retry later")
             self._waiting.append(ticket)
             self._cond.notify()
         return ticket

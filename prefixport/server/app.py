@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, ContextLengthError, InputError, PrefixportError
+from ..errors import AdapterError, BusyError, ContextLengthError, InputError, PrefixportError
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket
 from .metrics import Metrics
 from .protocol import AdapterLoad, ChatRequest, CompletionRequest, Envelope, _Sampling, error_body, usage
@@ -47,6 +47,8 @@ def _api_error(e: Exception) -> ApiError:
         return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
     if isinstance(e, (InputError, AdapterError)):
         return ApiError(400, str(e))
+    if isinstance(e, BusyError):
+        return ApiError(503, str(e), "server_error", code="overloaded")
     if isinstance(e, PrefixportError):
         return ApiError(503, str(e), "server_error", code="unavailable")
     log.error("internal error", exc_info=e)
@@ -80,12 +82,14 @@ class Server:
     """State behind the routes: the engine, its scheduler, metrics, the adapters folder."""
 
     def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
-                 max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512) -> None:
-        self.engine, self.api_key = engine, api_key
+                 max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
+                 max_waiting: int | None = 256, max_choices: int = 64) -> None:
+        self.engine, self.api_key, self.max_choices = engine, api_key, max_choices
         self.model_name = model_name or default_model_name(engine)
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, max_batch, prefill_budget, on_step=self.metrics.batch_size.observe)
+        self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting,
+                                   on_step=self.metrics.batch_size.observe)
         self.metrics.watch(engine, self.scheduler)
         self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
         self.created = int(time.time())
@@ -107,6 +111,9 @@ class Server:
 
     def submit(self, prompts: list[Any], body: _Sampling, adapter: str | None, max_tokens: int | None) -> list[Ticket]:
         """One ticket per prompt and choice; all or none (a bad one cancels those before it)."""
+        if len(prompts) * body.n > self.max_choices:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} ask for {len(prompts) * body.n} completions; "
+                                f"at most {self.max_choices} per request", param="n", code="too_many_choices")
         tickets: list[Ticket] = []
         try:
             for prompt in prompts:
@@ -271,17 +278,62 @@ class _CountRequests:
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
 
 
+def _error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body, status_code=e.status, headers=headers)
+
+
+class _LimitBody:
+    """Refuses request bodies over `limit` bytes with 413 (by Content-Length, or counting a chunked
+    body as it arrives) before the app sees them; the app gets the body read here replayed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(send)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(error_body(f"the request body is over {self.limit} bytes",
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
                max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
+               max_waiting: int | None = 256, max_choices: int = 64, max_body_bytes: int = 4 << 20,
                register_adapters: bool = True) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
     registered now, named after its file; `api_key` makes /v1/* require `Authorization: Bearer KEY`;
-    `max_batch` and `prefill_budget` go to the `Scheduler`."""
-    server = Server(engine, model_name, adapters_dir, max_batch, api_key, prefill_budget)
+    `max_batch`, `prefill_budget` and `max_waiting` (more: 503) go to the `Scheduler`; a request asks
+    for at most `max_choices` completions (prompts x n) and its body is at most `max_body_bytes` (413)."""
+    server = Server(engine, model_name, adapters_dir, max_batch, api_key, prefill_budget, max_waiting, max_choices)
     if register_adapters:
         server.register_folder()
 
@@ -298,17 +350,15 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body, status_code=e.status)
+        return _error_response(e)
 
     @app.exception_handler(PrefixportError)
     async def library_error(_: Request, e: PrefixportError) -> JSONResponse:
-        err = _api_error(e)
-        return JSONResponse(err.body, status_code=err.status)
+        return _error_response(_api_error(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        err = invalid_body(list(e.errors()))
-        return JSONResponse(err.body, status_code=err.status)
+        return _error_response(invalid_body(list(e.errors())))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -316,10 +366,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception) -> JSONResponse:
-        err = _api_error(e)
-        return JSONResponse(err.body, status_code=err.status)
+        return _error_response(_api_error(e))
 
     app.add_middleware(_CountRequests, metrics=server.metrics)
+    app.add_middleware(_LimitBody, limit=max_body_bytes)  # added last: runs first
 
     v1 = [Depends(authorize)]
 

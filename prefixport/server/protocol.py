@@ -32,7 +32,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0)
     user: str | None = None  # accepted, not used
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
