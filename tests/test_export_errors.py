@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +12,7 @@ from transformers import OPTConfig
 
 from prefixport import exporter
 from prefixport.cli import main
+from prefixport.errors import ExportError
 
 
 def run(*args):
@@ -93,9 +95,37 @@ def test_interrupted_export_leaves_nothing(tmp_path, tiny_model, monkeypatch, fa
         raise fault
 
     monkeypatch.setattr(exporter.export, "verify", fail)
-    with pytest.raises(type(fault) if isinstance(fault, BaseException) else fault):
+    expected = KeyboardInterrupt if fault is KeyboardInterrupt else ExportError
+    with pytest.raises(expected):
         exporter.export_model(tmp_path / "out", model=str(tiny_model("llama")))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 300 KB filesystem (tmpfs; needs root, as in CI and on the developers' machines)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(small_disk, tiny_model):
+    r = run("export", str(small_disk / "out"), "--model", str(tiny_model("llama")))
+    assert r.exit_code == 1 and "no space left on the device" in r.output and "MB free" in r.output, r.output
+    assert list(small_disk.iterdir()) == []
+
+
+def test_missing_weights(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), model)
+    (model / "model.safetensors").unlink()
+    r = run("export", str(tmp_path / "out"), "--model", str(model))
+    assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_too_old_opset(tmp_path, tiny_model):
@@ -124,3 +154,26 @@ def test_hub_id_from_the_local_cache(tmp_path, tiny_model):
     out = subprocess.run([sys.executable, "-m", "prefixport.cli", "export", str(tmp_path / "out2"), "--model",
                           "tiny-org/not-cached"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 1 and "local Hugging Face cache" in out.stderr
+
+
+class _Marker:
+    """Unpickling this writes a file: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_are_refused_unopened(tmp_path, tiny_model):
+    import pickle
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Marker(marker)))
+    r = run("export", str(tmp_path / "out"), "--model", str(model))
+    assert r.exit_code == 1 and "pickles (pytorch_model.bin)" in r.output and "never loads" in r.output, r.output
+    assert not marker.exists() and not (tmp_path / "out").exists()

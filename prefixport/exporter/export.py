@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -161,11 +162,25 @@ def export_model(
         if outdir.exists():
             shutil.rmtree(outdir) if any(outdir.iterdir()) else outdir.rmdir()
         tmp.rename(outdir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            need = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 1e6
+            raise ExportError(f"no space left on the device of {outdir.parent} while writing the export: it needs "
+                              f"about {need:.0f} MB free (the weights once, plus the tokenizer); nothing was "
+                              "left behind; free some space or choose another folder") from e
         raise
     sizes = {p.name: p.stat().st_size for p in sorted(outdir.iterdir()) if p.is_file()}
     return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype], agreement)
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """Whether `e`, or an error it was raised from, is the disk running out (ENOSPC)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _quantize(folder: Path, manifest: mf.Manifest, kind: str):
