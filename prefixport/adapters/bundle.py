@@ -23,6 +23,13 @@ FORMAT_VERSION = "1"
 KINDS = ("prompt", "prefix")
 DTYPES = ("float32", "float16")
 REQUIRED_METADATA = ("format", "format_version", "kind", "name", "n_virtual", "dtype", "fingerprint", "peft_type")
+# safetensors dtypes that safetensors' numpy path can return; for the others (BF16, F8_*, F6_*, F4) it
+# raises TypeError or AttributeError, so they are refused by name before any tensor is read.
+NUMPY_READABLE = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64")
+# Bounds on what is parsed and read from a file, far above any adapter's (a header of a few KB; one
+# tensor, or two per layer): a 100 MB header of a million tiny tensors takes seconds and GBs to read.
+MAX_HEADER_BYTES = 8 << 20
+MAX_TENSORS = 4096
 
 
 @dataclass
@@ -89,10 +96,39 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
 def read_safetensors(path: Path, hint: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of a safetensors file; any malformed file is an AdapterError."""
     try:
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+        if header_bytes > MAX_HEADER_BYTES:  # parsing is bounded by the header, not by safetensors' 100 MB
+            raise ValueError(f"the first 8 bytes declare a header of {header_bytes:,} bytes; an adapter's header "
+                             f"is a few KB and at most {MAX_HEADER_BYTES:,} are read")
         with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            keys = f.keys()
+            if len(keys) > MAX_TENSORS:
+                raise AdapterError(f"{path} holds {len(keys):,} tensors; an adapter holds one (a soft prompt) or two "
+                                   f"per layer (a prefix), at most {MAX_TENSORS:,} are read{hint}")
+            for k in keys:
+                dtype = f.get_slice(k).get_dtype()
+                if dtype not in NUMPY_READABLE:
+                    raise AdapterError(f"{path}: tensor {k!r} has dtype {dtype}, which prefixport cannot read; "
+                                       "adapters hold float32 or float16 tensors: re-save it in float32")
+            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, TypeError) as e:
+        if _looks_like_pickle(path):
+            raise AdapterError(f"{path} looks like a pickle or torch.save file, not safetensors (whatever its name); "
+                               "prefixport never loads pickles (unpickling runs arbitrary code): re-save the adapter "
+                               "as safetensors where you trust the file") from e
         raise AdapterError(f"{path} is not a readable safetensors file ({e}); it may be truncated{hint}") from e
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """Pickle protocol 2+ starts with PROTO (0x80, version) and an opcode (a safetensors length there has a
+    zero third byte below 64 KiB of header); torch.save's default format is a zip."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return (len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0) or head == b"PK\x03\x04"
 
 
 def load_bundle(path: str | Path, manifest: mf.Manifest | None = None) -> Bundle:
@@ -131,12 +167,37 @@ def check_bundle(bundle: Bundle, where: str = "adapter") -> None:
         raise AdapterError(f"{where}: n_virtual must be >= 1, got {n_virtual}")
     if not bundle.tensors:
         raise AdapterError(f"{where} holds no tensors")
+    _check_layout(bundle.tensors, meta["kind"], n_virtual, where)
     for name, t in bundle.tensors.items():
         if str(t.dtype) != meta["dtype"]:
             raise AdapterError(f"{where}: tensor {name} is {t.dtype}, the metadata says {meta['dtype']}")
         if not np.isfinite(t).all():
             raise AdapterError(f"{where}: tensor {name} holds NaN or Inf; the adapter is broken (retrain or "
                                "re-save it)")
+
+
+def _check_layout(tensors: dict[str, np.ndarray], kind: str, n_virtual: int, where: str) -> None:
+    """The tensors are those of `kind` with n_virtual virtual tokens (what a manifest adds is check_fits')."""
+    again = "; convert the PEFT checkpoint again with `prefixport adapter convert`"
+    names = sorted(tensors)
+    if kind == "prompt":
+        if names != ["prompt_embeds"]:
+            raise AdapterError(f"{where}: a prompt bundle holds one tensor, prompt_embeds; this one holds "
+                               f"{names[:4]}{again}")
+        shape = tensors["prompt_embeds"].shape
+        if len(shape) != 2 or shape[0] != n_virtual:
+            raise AdapterError(f"{where}: prompt_embeds has shape {list(shape)}; with n_virtual {n_virtual} it must be "
+                               f"[{n_virtual}, hidden]{again}")
+        return
+    layers = len(tensors) // 2
+    if layers < 1 or set(names) != set(mf.past_names(layers)):
+        raise AdapterError(f"{where}: a prefix bundle holds past_key_values.{{i}}.key and .value for layers 0..L-1; "
+                           f"this one holds {len(names)} tensors ({names[:4]}){again}")
+    for name in mf.past_names(layers):
+        shape = tensors[name].shape
+        if len(shape) != 3 or shape[1] != n_virtual:
+            raise AdapterError(f"{where}: {name} has shape {list(shape)}; with n_virtual {n_virtual} it must be "
+                               f"[kv_heads, {n_virtual}, head_dim]{again}")
 
 
 def expected_shapes(kind: str, n_virtual: int, manifest: mf.Manifest) -> dict[str, tuple[int, ...]]:

@@ -32,9 +32,11 @@ def read_config(peft_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterError(f"{peft_dir} has no adapter_config.json, so it is not a PEFT checkpoint folder")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON: {e}") from e
+        config = json.loads(path.read_text(encoding="utf-8"))
+    # ValueError: also JSONDecodeError, UnicodeDecodeError and integers of over 4300 digits;
+    # RecursionError: arrays or objects nested thousands deep
+    except (OSError, ValueError, RecursionError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); re-save the adapter with PEFT") from e
     if not isinstance(config, dict):
         raise AdapterError(f"{path} does not hold a JSON object")
     return config
@@ -44,6 +46,20 @@ def _field(config: dict[str, Any], name: str, where: Path) -> Any:
     if config.get(name) is None:
         raise AdapterError(f"{where}/adapter_config.json lacks the field {name!r}; re-save the adapter with PEFT")
     return config[name]
+
+
+def _int_field(config: dict[str, Any], name: str, where: Path) -> int:
+    """A whole-number field (PEFT writes JSON integers; anything else is refused, not truncated)."""
+    value = _field(config, name, where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapterError(f"{where}/adapter_config.json: {name} is {_show(value)}, not a whole number; re-save the "
+                           "adapter with PEFT")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_weights(peft_dir: Path) -> dict[str, np.ndarray]:
@@ -57,7 +73,8 @@ def read_weights(peft_dir: Path) -> dict[str, np.ndarray]:
                 "arbitrary code). Re-save it as safetensors where you trust the file: "
                 "`PeftModel.from_pretrained(base_model, DIR).save_pretrained(DIR, safe_serialization=True)`"
             )
-        raise AdapterError(f"{peft_dir} has no {WEIGHTS}")
+        raise AdapterError(f"{peft_dir} has no {WEIGHTS}; save the adapter with PEFT's `save_pretrained` "
+                           "(safetensors is its default)")
     return read_safetensors(path, "")[0]
 
 
@@ -83,11 +100,11 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
     config = read_config(peft_dir)
     peft_type = _field(config, "peft_type", peft_dir)
     if peft_type not in SUPPORTED:
-        raise AdapterError(f"PEFT type {peft_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+        raise AdapterError(f"PEFT type {_show(peft_type)} is not supported; supported: {', '.join(SUPPORTED)}")
     if config.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{peft_dir}: an encoder-decoder adapter (num_transformer_submodules="
-                           f"{config['num_transformer_submodules']}); only decoder-only models are supported")
-    n_virtual = int(_field(config, "num_virtual_tokens", peft_dir))
+                           f"{_show(config['num_transformer_submodules'])}); only decoder-only models are supported")
+    n_virtual = _int_field(config, "num_virtual_tokens", peft_dir)
     if n_virtual < 1:
         raise AdapterError(f"{peft_dir}: num_virtual_tokens must be >= 1, got {n_virtual}")
     weights = read_weights(peft_dir)
@@ -95,7 +112,7 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
         raise AdapterError(f"--task applies to multitask prompt tuning only; this adapter is {peft_type}")
     extra = {"source": str(config.get("base_model_name_or_path") or "")}
     if peft_type in PROMPT_TYPES:
-        token_dim = int(_field(config, "token_dim", peft_dir))
+        token_dim = _int_field(config, "token_dim", peft_dir)
         if token_dim != manifest.hidden_size:
             raise AdapterError(f"{peft_dir}: token_dim {token_dim} does not match this export's hidden size "
                                f"{manifest.hidden_size}; the adapter was trained for another base model")
@@ -107,7 +124,7 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
         kind = "prompt"
     else:
         layers, kv, hd = manifest.num_layers, manifest.num_kv_heads, manifest.head_dim
-        if int(_field(config, "num_layers", peft_dir)) != layers:
+        if _int_field(config, "num_layers", peft_dir) != layers:
             raise AdapterError(f"{peft_dir}: num_layers {config['num_layers']} does not match this export's "
                                f"{layers}; the adapter was trained for another base model")
         flat = _tensor(weights, "prompt_embeddings", (n_virtual, layers * 2 * kv * hd), peft_dir)
@@ -125,8 +142,8 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
 
 def _task_prompt(config: dict[str, Any], weights: dict[str, np.ndarray], prompt: np.ndarray,
                  task: int | None, where: Path) -> tuple[np.ndarray, int]:
-    num_tasks = int(_field(config, "num_tasks", where))
-    rank = int(_field(config, "num_ranks", where))
+    num_tasks = _int_field(config, "num_tasks", where)
+    rank = _int_field(config, "num_ranks", where)
     if task is None:
         if num_tasks != 1:
             raise AdapterError(f"{where} holds {num_tasks} tasks; choose one with --task N (0..{num_tasks - 1}),"
