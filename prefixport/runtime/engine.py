@@ -242,7 +242,8 @@ class Engine:
                        **kwargs) -> list[GenerationResult]:
         """Generate for many prompts in one batch, each row with its own adapter (or None).
 
-        Every row gives exactly what it gives alone. Keywords as `generate`, shared by all rows.
+        Every row gives what it gives alone (greedy tokens; logits within ~1e-4 when padded).
+        Keywords as `generate`, shared by all rows.
         """
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
