@@ -52,6 +52,7 @@ class Ticket:
         self.submitted = time.perf_counter()
         self.token_times: list[float] = []  # perf_counter() when each token was produced
         self.cancelled = False
+        self.finish_reason: str | None = None  # set when the final result is sent
         self._queue: deque[Event] = deque()
         self._final: Event | None = None
         self._cond = threading.Condition()
@@ -126,8 +127,9 @@ class Ticket:
         delta += self._text.finish()
         first = self.token_times[0] if self.token_times else end
         result = _result(self.request, self._text, self.adapter, self.submitted, first, end)
-        if self.cancelled:
+        if self.cancelled:  # read once: a cancel() after this does not change what was sent
             result.finish_reason = "cancelled"
+        self.finish_reason = result.finish_reason
         self._put(Event(delta, list(tokens), result=result))
 
     def _fail(self, error: Exception) -> None:
@@ -251,7 +253,7 @@ class Scheduler:
             self.on_step(len(rows))
         for row in rows:
             if row.done:
-                self.cancelled += tickets.pop(id(row)).cancelled
+                self.cancelled += tickets.pop(id(row)).finish_reason == "cancelled"
         batch.advance()
 
     def _run(self) -> None:
