@@ -15,7 +15,7 @@ from ..errors import ExportError
 from ..progress import Progress
 from . import loading
 from . import optimize as opt
-from .graph import GraphModule, export_onnx
+from .graph import GraphModule, weight_bytes, export_onnx
 from .verify import TOLERANCE, CaseResult, verify
 
 DTYPES = ("float32", "float16")
@@ -165,7 +165,7 @@ def export_model(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _no_space(e):
-            need = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 1e6
+            need = weight_bytes(module) / 1e6
             raise ExportError(f"no space left on the device of {outdir.parent} while writing the export: it needs "
                               f"about {need:.0f} MB free (the weights once, plus the tokenizer); nothing was "
                               "left behind; free some space or choose another folder") from e

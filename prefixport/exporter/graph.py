@@ -116,7 +116,7 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
                 opset_version=opset,
                 dynamo=True,
                 # protobuf caps a file at 2 GB: larger weights go to model.onnx.data
-                external_data=_weight_bytes(module) > 1.8e9,
+                external_data=weight_bytes(module) > 1.8e9,
                 optimize=True,
                 verbose=False,
             )
@@ -129,5 +129,6 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
                           f"choose another --opset")
 
 
-def _weight_bytes(module: torch.nn.Module) -> int:
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters as they are stored."""
     return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -103,15 +103,15 @@ def load(spec: str, dtype: str = "float32") -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelSpecError(f"cannot load a tokenizer for {spec} ({e}); the export needs one") from e
-    folder = Path(source.path)
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")) \
-        if folder.is_dir() and source.gguf_file is None else []
     try:
         model = AutoModelForCausalLM.from_pretrained(  # safetensors or GGUF only: never unpickle
             source.path, dtype=getattr(torch, dtype), attn_implementation="eager",
             use_safetensors=None if source.gguf_file else True, **kwargs
         )
     except Exception as e:  # corrupt files surface as SafetensorError, OSError, RuntimeError, ...
+        folder = Path(source.path)
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")) \
+            if folder.is_dir() and source.gguf_file is None else []
         if pickles and not any(folder.glob("*.safetensors")):
             raise ModelSpecError(
                 f"{spec} holds its weights as pickles ({', '.join(pickles)}), which prefixport never loads "
