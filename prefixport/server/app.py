@@ -73,6 +73,12 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
                        code="invalid_api_key")
 
 
+def check_supported(body: _Sampling) -> None:
+    """400 for the first field set to something prefixport cannot do (logprobs, tools, ...)."""
+    for field, reason in body.unsupported().items():
+        raise ApiError(400, reason, param=field, code="unsupported_parameter")
+
+
 def default_model_name(engine: Engine) -> str:
     """The name clients use for the base model: the export's model spec (its last path part)."""
     name = Path(engine.manifest.source).name
@@ -106,9 +112,21 @@ class Server:
                             f"{', '.join(self.engine.adapters) or 'none'})", param="model", code="model_not_found")
 
     def check(self, body: _Sampling) -> str | None:
-        for field, reason in body.unsupported().items():
-            raise ApiError(400, reason, param=field, code="unsupported_parameter")
+        """Refuse what prefixport cannot do; the adapter the request names (None: the base)."""
+        check_supported(body)
         return self.adapter_for(body.model)
+
+    def prompts(self, body: _Sampling) -> tuple[list[Any], int | None]:
+        """The request's prompts (text encoded here; chat messages through the template) and its
+        max_tokens (None: the rest of the context). Tokenizes: call it off the event loop."""
+        if isinstance(body, ChatRequest):
+            return [self.engine.encode([m.plain() for m in body.messages])], body.limit()
+        assert isinstance(body, CompletionRequest)
+        return [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()], body.max_tokens or 16
+
+    def envelope(self, body: _Sampling) -> Envelope:
+        kind = "chat.completion" if isinstance(body, ChatRequest) else "text_completion"
+        return Envelope(kind, body.model, self.fingerprint)
 
     def submit(self, prompts: list[Any], body: _Sampling, adapter: str | None, max_tokens: int | None) -> list[Ticket]:
         """One ticket per prompt and choice; all or none (a bad one cancels those before it)."""
@@ -310,27 +328,24 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     v1 = [Depends(authorize)]
 
-    @app.post("/v1/completions", dependencies=v1)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def generate(body: _Sampling, request: Request) -> Response:
         adapter = server.check(body)
         request.state.model = body.model
-        prompts = body.prompts()
-        tickets = await asyncio.to_thread(server.submit, prompts, body, adapter, body.max_tokens or 16)
-        envelope = Envelope("text_completion", body.model, server.fingerprint)
-        return await server.respond(request, envelope, tickets, body, body.model)
+
+        def submit() -> list[Ticket]:
+            prompts, max_tokens = server.prompts(body)
+            return server.submit(prompts, body, adapter, max_tokens)
+
+        tickets = await asyncio.to_thread(submit)
+        return await server.respond(request, server.envelope(body), tickets, body, body.model)
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await generate(body, request)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        adapter = server.check(body)
-        request.state.model = body.model
-
-        def encode_and_submit() -> list[Ticket]:
-            ids = engine.encode([m.plain() for m in body.messages])
-            return server.submit([ids], body, adapter, body.limit())
-
-        tickets = await asyncio.to_thread(encode_and_submit)
-        envelope = Envelope("chat.completion", body.model, server.fingerprint)
-        return await server.respond(request, envelope, tickets, body, body.model)
+        return await generate(body, request)
 
     @app.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:

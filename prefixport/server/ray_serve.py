@@ -39,7 +39,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from ..errors import AdapterError
 from ..runtime import Engine, Ticket
-from .app import ApiError, Server, _api_error, check_api_key, invalid_body
+from .app import ApiError, Server, _api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, Envelope, _Sampling
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ def parse(kind: Kind, data: Any) -> _Sampling:
         body = model.model_validate(data)
     except ValidationError as e:
         raise invalid_body(list(e.errors())) from None
-    for field, reason in body.unsupported().items():
-        raise ApiError(400, reason, param=field, code="unsupported_parameter")
+    check_supported(body)
     return body
 
 
@@ -159,22 +158,13 @@ class AdapterReplica:
         adapter = None if body.model == self.server.model_name else body.model
         if adapter is not None:
             self.bundle_path(adapter)  # an unknown id fails here, before the LRU evicts anything for it
-        if isinstance(body, CompletionRequest):
-            prompts: list[Any] = await asyncio.to_thread(
-                lambda: [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()])
-            max_tokens = body.max_tokens or 16
-        else:
-            assert isinstance(body, ChatRequest)
-            prompts = [await asyncio.to_thread(self.engine.encode, [m.plain() for m in body.messages])]
-            max_tokens = body.limit()
+        prompts, max_tokens = await asyncio.to_thread(self.server.prompts, body)
         if adapter is not None:
             await self.get_adapter(adapter)
         # No `await` from here until the tickets hold the adapter: the LRU cannot unregister it between.
-        self.server.check(body)
+        self.server.adapter_for(body.model)  # parse() already refused unsupported fields
         tickets = self.server.submit(prompts, body, adapter, max_tokens)
-        envelope = Envelope("text_completion" if kind == "completion" else "chat.completion", body.model,
-                            self.server.fingerprint)
-        return body, envelope, tickets
+        return body, self.server.envelope(body), tickets
 
     async def complete(self, kind: Kind, request: dict[str, Any]) -> dict[str, Any]:
         """A completion or chat completion request (an OpenAI body) -> the response object."""
