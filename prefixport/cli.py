@@ -32,6 +32,19 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _backend_flags(fn):
+    """--backend, --provider, --precision and --device, shared by generate, bench and serve."""
+    fn = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+                      help="cpu, or cuda (an NVIDIA GPU). Default: what the backend and provider run on.")(fn)
+    fn = click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+                      help="tensorrt backend: which built engine to run (default: fp32 where both exist).")(fn)
+    fn = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+                      help="onnxruntime backend: the execution provider (cuda and tensorrt need onnxruntime-gpu).")(fn)
+    fn = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                      show_default=True, help="tensorrt runs the engine `prefixport build-engine` built for this GPU.")(fn)
+    return fn
+
+
 @click.group()
 @click.version_option(package_name="prefixport")
 def main() -> None:
@@ -97,17 +110,21 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--stop", "stop", multiple=True, help="A stop string (repeatable); cut from the output.")
 @click.option("--adapter", "adapter", default=None, metavar="NAME_OR_PATH",
               help="An adapter bundle: a file, or a NAME under OUTDIR/adapters/.")
+@_backend_flags
 @_errors
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
              top_p: float, top_k: int, seed: int | None, repetition_penalty: float, stop: tuple[str, ...],
-             adapter: str | None) -> None:
+             adapter: str | None, backend: str, provider: str | None, precision: str | None,
+             device: str | None) -> None:
     """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
     from .adapters import resolve_adapter
     from .runtime import Engine
+    from .runtime.backends import backend_options
 
     progress = Progress(_echo_err)
-    with progress.stage(f"loading {outdir}"):
-        engine = Engine.load(outdir)
+    options = backend_options(backend, provider, device, precision)
+    with progress.stage(f"loading {outdir} ({backend})"):
+        engine = Engine.load(outdir, backend=backend, **options)
         if adapter:
             engine.add_adapter(adapter, resolve_adapter(outdir, adapter))
     if chat is None:
@@ -130,17 +147,20 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
               help="Bundles to use (repeatable; default: all under OUTDIR/adapters).")
 @click.option("--peft", "peft_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="The same adapters as PEFT checkpoints, for the PEFT-on-PyTorch columns (repeatable).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about two minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: OUTDIR/bench.")
+@_backend_flags
 @_errors
-def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], device: str, quick: bool,
-          out: str | None) -> None:
-    """Benchmark adapter swap, memory, latency and throughput against PEFT and the naive way."""
+def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], quick: bool, out: str | None,
+          backend: str, provider: str | None, precision: str | None, device: str | None) -> None:
+    """Benchmark adapter swap, memory, latency and throughput against PEFT and the naive way.
+
+    On a GPU (--device cuda, or a GPU backend) memory is the device's VRAM counter."""
     from .bench import run_bench
 
     progress = Progress(_echo_err)
-    results, written = run_bench(outdir, list(adapters), list(peft_dirs), device, quick, out, progress.say)
+    results, written = run_bench(outdir, list(adapters), list(peft_dirs), device, quick, out, progress.say,
+                                 backend=backend, provider=provider, precision=precision)
     click.echo(written["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
@@ -166,44 +186,86 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], de
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
 @click.option("--adapter-budget-mb", type=float, default=None,
               help="Keep at most this many MB of adapters in memory (LRU); default: all.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option("--max-adapters", type=int, default=8, show_default=True,
               help="Adapters each Ray Serve replica keeps registered, least recently used dropped (with --ray).")
+@_backend_flags
 @_errors
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
-          adapter_budget_mb: float | None, device: str, threads: int | None, use_ray: bool, replicas: int,
-          max_adapters: int) -> None:
+          adapter_budget_mb: float | None, threads: int | None, use_ray: bool, replicas: int,
+          max_adapters: int, backend: str, provider: str | None, precision: str | None, device: str | None) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
+    from .runtime.backends import backend_options
+
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
     budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
+    options = backend_options(backend, provider, device, precision, threads)
     if use_ray:
         from .server.ray_serve import run_ray
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
-                max_adapters=max_adapters, threads=threads, device=device, adapter_budget_bytes=budget)
+                max_adapters=max_adapters, adapter_budget_bytes=budget, threads=threads, device=device,
+                backend=backend, provider=provider, precision=precision)
         return
     import uvicorn
 
     from .runtime import Engine
     from .server import create_app
 
-    options = {"device": device} | ({"threads": threads} if threads else {})
-    engine = Engine.load(outdir, adapter_budget_bytes=budget, **options)
+    engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
                      api_key=api_key)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
-              f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch})")
+              f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch}, "
+              f"{engine.backend.name} on {engine.backend.device})")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command("build-engine")
+@click.argument("outdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--fp16", is_flag=True, help="Half precision: the float32 graph converted (inputs and outputs "
+              "stay float32); a float16 export is always built in float16.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Most rows in one call.")
+@click.option("--max-seq", type=int, default=None, help="Most prompt tokens in one prefill (default: 512).")
+@click.option("--max-past", type=int, default=None,
+              help="Most cached positions a decode step reads; a row's context is this + 1. "
+                   "Default: 2047, or the model's context - 1 if smaller.")
+@click.option("--max-virtual", type=int, default=None,
+              help="Most virtual tokens of an adapter, soft prompt or prefix (default: 128).")
+@click.option("--workspace-mb", type=int, default=None, help="Cap TensorRT's builder workspace.")
+@click.option("--list", "list_only", is_flag=True, help="List the engines built in OUTDIR and exit.")
+@_errors
+def build_engine(outdir: str, fp16: bool, max_batch: int, max_seq: int | None, max_past: int | None,
+                 max_virtual: int | None,
+                 workspace_mb: int | None, list_only: bool) -> None:
+    """Build a TensorRT engine for this GPU from OUTDIR's model.onnx (a --no-optimize export).
+
+    Saved as OUTDIR/engines/KEY.plan, KEY = GPU model, compute capability, TensorRT version and
+    precision; `--backend tensorrt` then runs it with any adapter."""
+    from .engines import records
+
+    if list_only:
+        found = records(outdir)
+        for r in found:
+            click.echo(f"{r.describe()}: {r.plan}, {r.plan_bytes / 1e6:.1f} MB, limits {r.limits}")
+        if not found:
+            click.echo(f"no engines in {outdir}; build one with `prefixport build-engine {outdir}`")
+        return
+    from .engines.build import build_engine as build
+
+    progress = Progress(_echo_err)
+    record = build(outdir, fp16=fp16, max_batch=max_batch, max_seq=max_seq, max_past=max_past,
+                   max_virtual=max_virtual, workspace_mb=workspace_mb, say=progress.say)
+    click.echo(f"built {record.describe()} in {record.build_seconds:.0f}s: {record.plan}")
 
 
 @main.group()

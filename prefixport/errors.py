@@ -39,3 +39,11 @@ class AdapterError(PrefixportError):
 
 class BusyError(PrefixportError):
     """The server's queue is full: retry later."""
+
+
+class DeviceError(PrefixportError):
+    """A GPU path cannot run here: no NVIDIA GPU or driver, or a package it needs is missing."""
+
+
+class EngineError(PrefixportError):
+    """A TensorRT engine cannot be built or used: none for this GPU and TensorRT, stale, or out of range."""

@@ -12,10 +12,16 @@ from .suite import Suite
 
 
 def run_bench(export_dir: str | Path, adapters: list[str] | None = None, peft_dirs: list[str] | None = None,
-              device: str = "cpu", quick: bool = False, out: str | Path | None = None,
-              say: Callable[[str], None] = lambda message: None) -> tuple[dict[str, Any], dict[str, Path]]:
+              device: str | None = None, quick: bool = False, out: str | Path | None = None,
+              say: Callable[[str], None] = lambda message: None, backend: str = "onnxruntime",
+              provider: str | None = None, precision: str | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the suite on an export; adapters are bundle files or names under EXPORT/adapters/
-    (default: all of them). Writes bench.json, bench.md and PNG plots to `out`."""
+    (default: all of them). Writes bench.json, bench.md and PNG plots to `out`.
+
+    `backend` onnxruntime (`provider` cpu, cuda or tensorrt; `device="cuda"` means cuda) or
+    tensorrt (`precision` of the engine); on a GPU memory is the device's VRAM counter."""
+    from ..runtime.backends import backend_options
+
     from ..adapters import resolve_adapter
 
     export_dir = Path(export_dir)
@@ -24,6 +30,7 @@ def run_bench(export_dir: str | Path, adapters: list[str] | None = None, peft_di
     if not paths:
         raise PrefixportError(f"no adapters to benchmark: convert some into {export_dir / ADAPTERS_DIR} "
                               "or pass --adapters")
-    suite = Suite(export_dir, paths, [Path(p) for p in peft_dirs or []], device, quick, say)
+    options = backend_options(backend, provider, device, precision)
+    suite = Suite(export_dir, paths, [Path(p) for p in peft_dirs or []], quick, say, backend, options)
     results = suite.run()
     return results, write(results, out or export_dir / "bench")

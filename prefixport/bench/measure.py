@@ -37,17 +37,6 @@ def rss_bytes() -> int:
     return stats.get("rss_bytes", stats["peak_rss_bytes"])
 
 
-def vram_bytes(device_index: int = 0) -> int:
-    """GPU memory in use on the device, from NVML (the driver's own counter; nvidia-ml-py)."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_index)).used)
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
     """Read bandwidth as a decode step sees it: a float32 matrix-vector product over a matrix far
     larger than the caches (BLAS, all cores), median of `repeats`."""

@@ -13,7 +13,8 @@ def _ms(x: float | None) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"# prefixport bench: {r['model']} on {r['device']}", "",
+    grown = "VRAM" if r["device"] == "cuda" else "RSS"
+    lines = [f"# prefixport bench: {r['model']} on {r['device']} ({r.get('backend', 'onnxruntime')})", "",
              f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; "
              f"{', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Memory: {r['memory_counter']}.", ""]
     s = r["swap"]
@@ -21,20 +22,20 @@ def markdown(r: dict[str, Any]) -> str:
               "| way | p50 ms | p95 ms | × resident |", "|---|---|---|---|"]
     for key, label in (("resident_s", "prefixport, adapter resident"), ("from_disk_s", "prefixport, read from disk"),
                        ("peft_set_adapter_s", "PEFT on PyTorch, set_adapter"),
-                       ("naive_new_session_s", "naive: new InferenceSession per adapter")):
+                       ("naive_new_session_s", "naive: a new session (engine) per adapter")):
         if key in s:
             ratio = s["ratios_vs_resident"].get(key, 1.0)
             lines.append(f"| {label} | {_ms(s[key]['p50'])} | {_ms(s[key]['p95'])} | {ratio:.1f} |")
     mem = r["memory"]
     lines += ["", f"## Memory per adapter ({mem['bundle']}, bundle {mem['bundle_bytes']:,} bytes)", "",
-              "| adapters | prefixport store MB (exact) | prefixport RSS growth MB | PEFT MB (extrapolated) "
+              f"| adapters | prefixport store MB (exact) | prefixport {grown} growth MB | PEFT MB (extrapolated) "
               "| naive N models MB (extrapolated) |", "|---|---|---|---|---|"]
     peft = mem.get("peft_extrapolated")
     for i, p in enumerate(mem["points"]):
         peft_mb = f"{peft[i]['bytes'] / 1e6:.1f}" if peft else "–"
         lines.append(f"| {p['adapters']} | {p['store_resident_bytes'] / 1e6:.1f} | {p['rss_bytes'] / 1e6:.1f} | "
                      f"{peft_mb} | {mem['naive_extrapolated'][i]['bytes'] / 1e6:.0f} |")
-    lines += ["", f"RSS per registered adapter: {mem['rss_per_adapter_bytes']:,.0f} bytes "
+    lines += ["", f"{grown} per registered adapter: {mem['rss_per_adapter_bytes']:,.0f} bytes "
               f"({mem['rss_per_adapter_over_bundle_bytes']:.2f} × the bundle); the store's own count: "
               f"{mem['points'][-1]['store_resident_bytes']:,} bytes for {mem['points'][-1]['adapters']} adapters.", "",
               "## Latency at batch 1 (ms)", "", "| prompt tokens | config | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |",
@@ -50,10 +51,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {batch} | {v['one adapter']['tokens_per_s']['p50']:.1f} | "
                      f"{v['adapter per row']['tokens_per_s']['p50']:.1f} |")
     f = r["floor"]
-    lines += ["", "## Floor", "", f"Memory read bandwidth {f['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s "
-              f"(float32 matrix-vector product over {f['bandwidth']['array_mb']} MB); "
-              f"weights {f['weight_bytes'] / 1e6:.0f} MB → decode floor {_ms(f['decode_floor_s'])} ms/token; "
-              f"measured {_ms(f['decode_step_p50_s'])} ms = **{f['measured_over_floor']:.2f} × the floor**.", ""]
+    if "skipped" in f:
+        lines += ["", "## Floor", "", f"Not measured: {f['skipped']}.", ""]
+    else:
+        lines += ["", "## Floor", "", f"Memory read bandwidth {f['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s "
+                  f"(float32 matrix-vector product over {f['bandwidth']['array_mb']} MB); "
+                  f"weights {f['weight_bytes'] / 1e6:.0f} MB → decode floor {_ms(f['decode_floor_s'])} ms/token; "
+                  f"measured {_ms(f['decode_step_p50_s'])} ms = **{f['measured_over_floor']:.2f} × the floor**.", ""]
     if not r["peft"]["available"]:
         lines.append(f"PEFT and transformers columns skipped: {r['peft']['reason']}.")
     return "\n".join(lines) + "\n"

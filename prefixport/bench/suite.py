@@ -17,11 +17,12 @@ import numpy as np
 
 from .. import manifest as mf
 from ..adapters.bundle import load_bundle
+from ..errors import PrefixportError
 from ..runtime import Engine
-from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+from ..runtime.backends import Backend, gpu_memory, load_backend
 from ..runtime.generation import prefill
 from .machine import describe
-from .measure import memory_bandwidth, rss_bytes, spread, timed, vram_bytes
+from .measure import memory_bandwidth, rss_bytes, spread, timed
 
 TEXT = ("The history of the Roman Empire spans many centuries, from the founding of the city to the fall "
         "of Constantinople, with emperors, senators, soldiers, merchants and farmers all playing a part. ")
@@ -49,14 +50,19 @@ class Suite:
     export_dir: Path
     adapters: list[Path]  # bundle files
     peft_dirs: list[Path] = field(default_factory=list)  # the same adapters as PEFT checkpoints
-    device: str = "cpu"
     quick: bool = False
     say: Callable[[str], None] = lambda message: None
+    backend: str = "onnxruntime"
+    options: dict[str, Any] = field(default_factory=dict)  # Engine.load keywords (provider, precision, ...)
+
+    def _load(self, **kwargs: Any) -> Engine:
+        return Engine.load(self.export_dir, backend=self.backend, **self.options, **kwargs)
 
     def run(self) -> dict[str, Any]:
         plan = Plan.make(self.quick)
         self.manifest = mf.Manifest.load(self.export_dir)
-        self.engine = Engine.load(self.export_dir, device=self.device)
+        self.engine = self._load()
+        self.device = self.engine.backend.device  # "cpu" or "cuda"
         self.names = []
         for path in self.adapters:
             name = Path(path).stem
@@ -72,7 +78,9 @@ class Suite:
             "export": str(self.export_dir),
             "model": self.manifest.source,
             "device": self.device,
-            "memory_counter": "VRAM (NVML)" if self.device == "cuda" else
+            "backend": self.backend + (f" ({self.options['provider']})" if "provider" in self.options else "")
+                       + (f" ({self.engine.backend.record.precision})" if self.backend == "tensorrt" else ""),
+            "memory_counter": "VRAM in use on the GPU (the driver's counter)" if self.device == "cuda" else
                               "process RSS: no GPU, so host memory is reported instead of VRAM",
             "adapters": {n: {k: registered[n][k] for k in ("kind", "bytes", "n_virtual")} for n in self.names},
             "plan": plan.__dict__,
@@ -107,7 +115,7 @@ class Suite:
         except ImportError as e:
             self._peft_reason = f"needs the export extra ({e})"
             return None
-        base = load(self.manifest.source).model
+        base = load(self.manifest.source).model.to("cuda" if self.device == "cuda" else "cpu")
         by_type: dict[str, Any] = {}
         models: dict[str, Any] = {}
         for d in self.peft_dirs:
@@ -126,11 +134,11 @@ class Suite:
         model = models[name]
         model.set_adapter(name)
         with torch.no_grad():
-            model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()
+            model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].argmax()
 
-    def _new_session(self, ids: list[int]) -> OnnxRuntimeBackend:
-        """A new session of the export, after its first prefill (what the naive way pays per adapter)."""
-        backend = OnnxRuntimeBackend(self.export_dir, self.manifest, device=self.device)
+    def _new_session(self, ids: list[int]) -> Backend:
+        """A new session (engine) of the export, after its first prefill (what the naive way pays per adapter)."""
+        backend = load_backend(self.backend, self.export_dir, self.manifest, **self.options)
         prefill(backend, [ids], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
         return backend
 
@@ -149,7 +157,7 @@ class Suite:
         used_before = self._used()
         resident = [t for n in order for t in timed(lambda: first_token(self.engine, n), 1)]
         used_by_swaps = self._used() - used_before  # VRAM on a GPU, RSS on the CPU
-        cold = Engine.load(self.export_dir, device=self.device, adapter_budget_bytes=0)  # every use a miss
+        cold = self._load(adapter_budget_bytes=0)  # every use a miss
         for path, name in zip(self.adapters, names):
             cold.add_adapter(name, path)
         from_disk = [t for n in order for t in timed(lambda: first_token(cold, n), 1)]
@@ -174,14 +182,19 @@ class Suite:
     # --- 2. memory per adapter ---------------------------------------------------------------------
 
     def _used(self) -> int:
-        """Bytes in use on the benchmarked device: VRAM (NVML) on a GPU, else process RSS."""
-        return vram_bytes() if self.device == "cuda" else rss_bytes()
+        """Bytes in use on the benchmarked device: VRAM on a GPU (the driver's counter), else process RSS."""
+        if self.device == "cuda":
+            used = gpu_memory().get("device_used_bytes")
+            if used is None:
+                raise PrefixportError("no GPU memory counter: install cuda-python or nvidia-ml-py")
+            return used
+        return rss_bytes()
 
     def memory(self, plan: Plan, peft: Any) -> dict[str, Any]:
         sizes = {p: load_bundle(p).nbytes for p in self.adapters}
         path = max(sizes, key=sizes.get)  # the largest bundle: RSS moves in pages
         bundle_bytes = sizes[path]
-        engine = Engine.load(self.export_dir, device=self.device)
+        engine = self._load()
         engine.generate(self.ids[:8], max_new_tokens=1)
         base_rss = self._used()
         points, registered = [], 0
@@ -252,7 +265,7 @@ class Suite:
         for _ in range(plan.repeats):
             with torch.no_grad():
                 start = time.perf_counter()
-                out = base(input_ids=torch.tensor([ids]), use_cache=True)
+                out = base(input_ids=torch.tensor([ids], device=base.device), use_cache=True)
                 stamps = [time.perf_counter()]
                 cache, token = out.cache, out.logits[:, -1:].argmax(-1)
                 for _ in range(plan.new_tokens - 1):
@@ -273,7 +286,7 @@ class Suite:
     def throughput(self, plan: Plan) -> dict[str, Any]:
         prompts = [self.ids[i * 7 : i * 7 + 16] for i in range(32)]
         out: dict[str, Any] = {}
-        for batch in plan.batch_sizes:
+        for batch in [b for b in plan.batch_sizes if self.engine.max_batch is None or b <= self.engine.max_batch]:
             rows = prompts[:batch]
             same = [self.names[0]] * batch
             mixed = [([None] + self.names)[i % (len(self.names) + 1)] for i in range(batch)]
@@ -290,6 +303,9 @@ class Suite:
     # --- 5. the bandwidth floor --------------------------------------------------------------------
 
     def floor(self, results: dict[str, Any]) -> dict[str, Any]:
+        if self.device == "cuda":
+            return {"skipped": "the floor is measured for host memory; on a GPU it would need the device's "
+                               "bandwidth, which this suite does not measure"}
         weights = sum(p.stat().st_size for p in self.export_dir.glob("model.onnx*"))
         bandwidth = memory_bandwidth(256 if self.quick else 1024)
         floor_s = weights / bandwidth["bytes_per_s"]

@@ -127,8 +127,9 @@ class Engine:
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
              **options) -> "Engine":
-        """Open an export folder. `adapter_budget_bytes` caps the adapters kept resident (LRU);
-        `options` go to the backend (`device="cpu"|"cuda"`, `threads=N`)."""
+        """Open an export folder with `backend` "onnxruntime" or "tensorrt". `adapter_budget_bytes`
+        caps the adapters kept resident (LRU); `options` go to the backend: ONNX Runtime takes
+        `provider="cpu"|"cuda"|"tensorrt"` and `threads=N`; TensorRT takes `precision="fp32"|"fp16"`."""
         folder = Path(folder)
         manifest = mf.Manifest.load(folder)
         tokenizer = Tokenizer(folder)
@@ -165,6 +166,23 @@ class Engine:
         meta = {k: v for k, v in bundle.metadata.items() if k not in ("kind", "n_virtual", "dtype")}
         meta["baked_from"] = "prompt"
         return make_bundle(kind="prefix", tensors={n: a[0] for n, a in zip(names, arrays)}, **meta)
+
+    @property
+    def context_limit(self) -> int:
+        """Positions a row may use (virtual tokens + prompt + new tokens): the model's, or fewer
+        where a TensorRT engine was built for less."""
+        limits = getattr(self.backend, "limits", None)
+        return min(self.manifest.max_positions, limits.context) if limits else self.manifest.max_positions
+
+    @property
+    def max_batch(self) -> int | None:
+        """Most rows one call may hold (a TensorRT engine's limit), or None for any."""
+        limits = getattr(self.backend, "limits", None)
+        return limits.max_batch if limits else None
+
+    @property
+    def _context_owner(self) -> str:
+        return "model's" if self.context_limit == self.manifest.max_positions else "TensorRT engine's"
 
     def stats(self) -> dict:
         """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions) and memory."""
@@ -206,12 +224,19 @@ class Engine:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         feed = self.store.acquire(adapter) if adapter is not None else None
         n_virtual = feed.n_virtual if feed else 0
-        limit = self.manifest.max_positions
+        limit = self.context_limit
         if n_virtual + len(ids) + max_new_tokens > limit:
             raise ContextLengthError(
                 f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus "
-                f"max_new_tokens ({max_new_tokens}) exceed the model's context of {limit} positions; "
+                f"max_new_tokens ({max_new_tokens}) exceed the {self._context_owner} context of {limit} positions; "
                 "shorten the prompt or lower max_new_tokens"
+            )
+        engine_limits = getattr(self.backend, "limits", None)
+        if engine_limits is not None and (len(ids) > engine_limits.max_seq or n_virtual > engine_limits.max_virtual):
+            raise ContextLengthError(
+                f"the prompt ({len(ids)} tokens) or the adapter's virtual tokens ({n_virtual}) exceed the TensorRT "
+                f"engine's limits (max_seq {engine_limits.max_seq}, max_virtual {engine_limits.max_virtual}); "
+                "shorten the prompt, or rebuild the engine with larger --max-seq / --max-virtual"
             )
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed)
@@ -248,6 +273,9 @@ class Engine:
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        if self.max_batch is not None and len(prompts) > self.max_batch:
+            raise InputError(f"{len(prompts)} prompts in one batch, but the TensorRT engine takes at most "
+                             f"{self.max_batch} rows; split the batch or rebuild with a larger --max-batch")
         stop = kwargs.pop("stop", ())
         requests = [self._request(p, adapter=a, **kwargs) for p, a in zip(prompts, adapters)]
         texts = [RowText(self.tokenizer, stop) for _ in requests]

@@ -27,15 +27,17 @@ class DecodeState:
 
 def prefill_inputs(
     rows: Sequence[Sequence[int]],
-    prompt_embeds: np.ndarray,  # [B, V, H], V may be 0
+    prompt_embeds: Any,  # [B, V, H], V may be 0: an array, or a backend's device copy (then pass `virtual`)
     pad_id: int = 0,
     past_len: int = 0,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    virtual: int | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Graph inputs for a prefill after `past_len` prefix positions, and each row's next position [B].
 
     A prefix adapter's KV occupies positions 0..P-1, a soft prompt the next V, real tokens follow.
     """
-    batch, virtual = len(rows), prompt_embeds.shape[1]
+    batch = len(rows)
+    virtual = prompt_embeds.shape[1] if virtual is None else virtual
     seq = max(len(r) for r in rows)
     start = past_len + virtual  # position of each row's first real token
     input_ids = np.full((batch, seq), pad_id, dtype=np.int64)
@@ -65,9 +67,10 @@ def prefill(
     pad_id: int = 0,
     past: list[Any] | None = None,  # a prefix adapter's KV: backend handles [B, kv_heads, P, head_dim]
     past_len: int = 0,
+    virtual: int | None = None,  # V, where prompt_embeds is a device copy rather than an array
 ) -> tuple[np.ndarray, DecodeState]:
     """Run the prompts; returns last-position logits [B, vocab] and the state to decode from."""
-    inputs, next_position = prefill_inputs(rows, prompt_embeds, pad_id, past_len)
+    inputs, next_position = prefill_inputs(rows, prompt_embeds, pad_id, past_len, virtual)
     logits, present = backend.run(inputs, past if past is not None else backend.empty_past(len(rows)))
     return logits, DecodeState(present, inputs["attention_mask"], next_position)
 
@@ -91,15 +94,17 @@ def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray, hidden
 
 @dataclass
 class AdapterFeed:
-    """What an adapter adds to a row's prefill: a soft prompt, or a prefix past (backend handles)."""
+    """What an adapter adds to a row's prefill: a soft prompt, or a prefix past, both as the
+    backend holds them (on its device)."""
 
-    prompt_embeds: np.ndarray | None = None  # [1, V, H]
+    prompt_embeds: Any = None  # [1, V, H] (`Backend.upload`)
+    virtual: int = 0  # V
     past: list[Any] | None = None  # 2 per layer: [1, kv_heads, P, head_dim]
     past_len: int = 0
 
     @property
     def n_virtual(self) -> int:
-        return self.past_len if self.past is not None else len(self.prompt_embeds[0])
+        return self.past_len if self.past is not None else self.virtual
 
 
 @dataclass
@@ -181,8 +186,12 @@ class DecodeBatch:
     def join(self, request: RowRequest) -> None:
         """Prefill one request (its adapter's soft prompt or prefix included); it samples next step."""
         feed = request.feed or AdapterFeed()
-        embeds = feed.prompt_embeds if feed.prompt_embeds is not None else np.zeros((1, 0, self.hidden), self.dtype)
-        logits, state = prefill(self.backend, [request.prompt_ids], embeds, self.pad_id, feed.past, feed.past_len)
+        if feed.prompt_embeds is not None:
+            embeds, virtual = feed.prompt_embeds, feed.virtual
+        else:
+            embeds, virtual = np.zeros((1, 0, self.hidden), self.dtype), 0
+        logits, state = prefill(self.backend, [request.prompt_ids], embeds, self.pad_id, feed.past, feed.past_len,
+                                virtual)
         self.rows.append(request)
         self._rngs.append(np.random.default_rng(request.params.seed))
         self._parts.append(state)

@@ -151,6 +151,9 @@ class Scheduler:
                  on_step: Callable[[int], None] | None = None) -> None:
         if max_batch < 1:
             raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
+        if engine.max_batch is not None and max_batch > engine.max_batch:
+            raise PrefixportError(f"max_batch {max_batch} exceeds the TensorRT engine's {engine.max_batch} rows; "
+                                  "lower it or rebuild the engine with a larger --max-batch")
         if max_waiting is not None and max_waiting < 1:
             raise PrefixportError(f"max_waiting must be >= 1 (or None: unbounded), got {max_waiting}")
         if prefill_budget < 1:

@@ -120,7 +120,8 @@ class AdapterStore:
     def _feed(self, bundle: Bundle) -> AdapterFeed:
         dtype = np.dtype(self.manifest.dtype)
         if bundle.kind == "prompt":
-            return AdapterFeed(prompt_embeds=np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype))
+            embeds = np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype)
+            return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual)
         past = self.backend.to_past([t[None] for t in bundle.prefix(self.manifest.num_layers)])
         return AdapterFeed(past=past, past_len=bundle.n_virtual)
 

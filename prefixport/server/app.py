@@ -149,10 +149,11 @@ class Server:
     def _room(self, ids: list[int], adapter: str | None) -> int:
         """Default max_tokens for chat: what is left of the context."""
         n_virtual = self.engine.store.n_virtual(adapter) if adapter else 0
-        room = self.engine.manifest.max_positions - n_virtual - len(ids)
+        limit = self.engine.context_limit
+        room = limit - n_virtual - len(ids)
         if room < 1:
             raise ContextLengthError(f"the prompt ({len(ids)} tokens) and the adapter's {n_virtual} virtual tokens "
-                                     f"fill the model's context of {self.engine.manifest.max_positions} positions")
+                                     f"fill the context of {limit} positions")
         return room
 
     async def collect(self, tickets: list[Ticket]) -> list[GenerationResult]:

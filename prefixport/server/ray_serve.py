@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from ..errors import AdapterError
 from ..runtime import Engine, Ticket
+from ..runtime.backends import backend_options
 from .app import ApiError, Server, _api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, Envelope, _Sampling
 
@@ -113,9 +114,10 @@ class AdapterReplica:
 
     def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
                  max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8, threads: int | None = None,
-                 device: str = "cpu", adapter_budget_bytes: int | None = None) -> None:
-        options: dict[str, Any] = {"device": device} | ({"threads": threads} if threads else {})
-        self.engine = Engine.load(outdir, adapter_budget_bytes=adapter_budget_bytes, **options)
+                 device: str | None = None, adapter_budget_bytes: int | None = None, backend: str = "onnxruntime",
+                 provider: str | None = None, precision: str | None = None) -> None:
+        options = backend_options(backend, provider, device, precision, threads)
+        self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, **options)
         self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget)
         self.max_adapters = max_adapters
         self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
@@ -329,16 +331,21 @@ class OpenAIIngress:
 
 def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
               max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None, replicas: int = 1,
-              max_adapters: int = 8, threads: int | None = None, device: str = "cpu",
+              max_adapters: int = 8, threads: int | None = None, device: str | None = None,
               adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
-              replica_gpus: float = 0) -> serve.Application:
+              replica_gpus: float = 0, backend: str = "onnxruntime", provider: str | None = None,
+              precision: str | None = None) -> serve.Application:
     """The Serve application: `replicas` x `AdapterReplica` behind one `OpenAIIngress`.
 
     Paths must exist on every node that runs a replica (shared storage, or the same path on each).
     `adapters_dir` defaults to OUTDIR/adapters. Each replica reserves `replica_cpus` CPUs (default:
-    `threads`, or 1) and `replica_gpus` GPUs; `max_adapters` is the multiplex LRU size per replica;
-    `max_batch` and `prefill_budget` go to each replica's `Scheduler`.
+    `threads`, or 1) and `replica_gpus` GPUs (at least 1 where the backend runs on a GPU);
+    `max_adapters` is the multiplex LRU size per replica; `max_batch` and `prefill_budget` go to
+    each replica's `Scheduler`; `backend`, `provider`, `precision`, `device` choose the backend.
     """
+    options = backend_options(backend, provider, device, precision)  # refused here, not in each replica
+    if options.get("provider", "cuda") != "cpu":  # a GPU backend
+        replica_gpus = replica_gpus or 1
     outdir = Path(outdir).resolve()
     adapters = Path(adapters_dir).resolve() if adapters_dir is not None else outdir / "adapters"
     actor: dict[str, Any] = {"num_cpus": replica_cpus if replica_cpus is not None else (threads or 1)}
@@ -348,7 +355,8 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
         num_replicas=replicas, ray_actor_options=actor,
         max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
-           max_adapters=max_adapters, threads=threads, device=device, adapter_budget_bytes=adapter_budget_bytes)
+           max_adapters=max_adapters, threads=threads, device=device, adapter_budget_bytes=adapter_budget_bytes,
+           backend=backend, provider=provider, precision=precision)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
         replica, api_key=api_key)
 
@@ -366,10 +374,13 @@ class AppArgs(BaseModel):
     replicas: int = 1
     max_adapters: int = 8
     threads: int | None = None
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] | None = None
     adapter_budget_bytes: int | None = None
     replica_cpus: float | None = None
     replica_gpus: float = 0
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    provider: Literal["cpu", "cuda", "tensorrt"] | None = None
+    precision: Literal["fp32", "fp16"] | None = None
 
 
 def app_builder(args: AppArgs) -> serve.Application:
@@ -382,7 +393,9 @@ def app_builder(args: AppArgs) -> serve.Application:
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
             model_name: str | None = None, replicas: int = 1, threads: int | None = None, max_adapters: int = 8,
-            device: str = "cpu", adapter_budget_bytes: int | None = None, block: bool = True) -> DeploymentHandle:
+            device: str | None = None, adapter_budget_bytes: int | None = None, block: bool = True,
+            backend: str = "onnxruntime", provider: str | None = None,
+            precision: str | None = None) -> DeploymentHandle:
     """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
     HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
 
@@ -395,7 +408,7 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
     serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
                     api_key=api_key, replicas=replicas, max_adapters=max_adapters, threads=threads, device=device,
-                    adapter_budget_bytes=adapter_budget_bytes)
+                    adapter_budget_bytes=adapter_budget_bytes, backend=backend, provider=provider, precision=precision)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     if not block:
         return handle

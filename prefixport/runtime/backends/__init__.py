@@ -32,6 +32,11 @@ class Backend(Protocol):
         """Backend handles for past tensors given as numpy arrays [B, kv_heads, P, head_dim]."""
         ...
 
+    def upload(self, array: np.ndarray) -> Any:
+        """An input kept where the backend computes (an adapter's soft prompt): `run` takes it in
+        place of the array. The array itself on the CPU."""
+        ...
+
     def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]: ...
 
     def memory_stats(self) -> dict[str, int]:
@@ -51,12 +56,64 @@ def process_memory() -> dict[str, int]:
     return stats
 
 
+def gpu_memory(device: int = 0) -> dict[str, int]:
+    """Device memory in use and in all, from the driver (cuda-python, else NVML); {} without either."""
+    from ...errors import DeviceError
+    from .. import cuda
+
+    try:
+        return cuda.memory_info()
+    except DeviceError:
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device))
+            return {"device_used_bytes": int(info.used), "device_total_bytes": int(info.total)}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML, no driver, no GPU
+        return {}
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def backend_options(backend: str = "onnxruntime", provider: str | None = None, device: str | None = None,
+                    precision: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """`Engine.load` keywords from the command line's settings, refusing combinations that
+    cannot work: ONNX Runtime takes a provider (cpu, cuda, tensorrt; `device="cuda"` means
+    cuda) and threads; TensorRT runs its own engine on the GPU, in a precision it was built for."""
+    from ...errors import DeviceError, PrefixportError
+
+    if backend == "onnxruntime":
+        if precision:
+            raise PrefixportError("--precision is for the tensorrt backend; ONNX Runtime runs the graph's own dtype")
+        provider = provider or ("cuda" if device == "cuda" else "cpu")
+        if device == "cpu" and provider != "cpu":
+            raise PrefixportError(f"provider {provider!r} runs on the GPU: use --device cuda, or leave --device out")
+        return {"provider": provider} | ({"threads": threads} if threads else {})
+    if backend == "tensorrt":
+        if provider:
+            raise PrefixportError("--provider is for the onnxruntime backend; the tensorrt backend runs its own engine")
+        if device == "cpu":
+            raise DeviceError("the tensorrt backend runs on an NVIDIA GPU: use --device cuda, or leave --device out")
+        return {"precision": precision} if precision else {}
+    raise PrefixportError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
 def load_backend(name: str, folder: str, manifest: Any, **options: Any) -> Backend:
-    """Open the export in `folder` with the named backend."""
+    """Open the export in `folder` with the named backend (`onnxruntime` or `tensorrt`)."""
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(folder, manifest, **options)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(folder, manifest, **options)
     from ...errors import PrefixportError
 
-    raise PrefixportError(f"unknown backend {name!r}; available: onnxruntime")
+    raise PrefixportError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,4 +1,8 @@
-"""ONNX Runtime backend: one InferenceSession; the KV cache stays in OrtValues between steps."""
+"""ONNX Runtime backend: one InferenceSession; the KV cache stays in OrtValues between steps.
+
+Providers: `cpu`; `cuda` and `tensorrt` through onnxruntime-gpu, with IO binding so the cache and
+adapters stay on the GPU and only the last-position logits come back.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +13,65 @@ import numpy as np
 import onnxruntime as ort
 
 from ... import manifest as mf
-from ...errors import ExportFolderError, PrefixportError
-from . import process_memory
+from ...errors import DeviceError, ExportFolderError, PrefixportError
+from . import gpu_memory, process_memory
 
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+_EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
+    """ONNX Runtime's TensorRT profile syntax: `name:1x2x3,name2:4x5`."""
+    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
+def _tensorrt_limits(manifest: mf.Manifest) -> Any:
+    from ...engines.profiles import Limits
+
+    return Limits.for_manifest(manifest)
+
+
+def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, device_id: int = 0) -> dict[str, Any]:
+    """TensorRT provider options: engines cached under `engines/onnxruntime-trt/`, one explicit
+    profile spanning prefill and decode (the default limits of `prefixport build-engine`)."""
+    from ...engines.profiles import plan_profiles, union_shapes
+
+    shapes = union_shapes(plan_profiles(_tensorrt_limits(manifest)), manifest)
+    cache = Path(folder) / "engines" / "onnxruntime-trt"
+    return {
+        "device_id": device_id,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": _shapes_option({n: s[0] for n, s in shapes.items()}),
+        "trt_profile_opt_shapes": _shapes_option({n: s[1] for n, s in shapes.items()}),
+        "trt_profile_max_shapes": _shapes_option({n: s[2] for n, s in shapes.items()}),
+    }
 
 
 class OnnxRuntimeBackend:
-    """Runs `model.onnx` of an export folder on the CPU, or on an NVIDIA GPU (`device="cuda"`,
-    needs onnxruntime-gpu) with the KV cache and adapters resident on the GPU (IO binding)."""
+    """Runs `model.onnx` of an export folder with one ONNX Runtime provider: `cpu`, or on an NVIDIA
+    GPU `cuda` or `tensorrt` (onnxruntime-gpu; `device="cuda"` is the same as `provider="cuda"`)."""
 
     name = "onnxruntime"
 
-    def __init__(self, folder: str | Path, manifest: mf.Manifest, device: str = "cpu",
-                 threads: int | None = None) -> None:
-        if device not in _PROVIDERS:
-            raise PrefixportError(f"device {device!r} is not supported by this backend; use: cpu, cuda")
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise PrefixportError(
-                "device 'cuda' needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime offers "
-                f"{', '.join(ort.get_available_providers())} (install with `pip install prefixport[gpu]`)"
+    def __init__(self, folder: str | Path, manifest: mf.Manifest, provider: str | None = None,
+                 device: str | None = None, threads: int | None = None, device_id: int = 0) -> None:
+        provider = provider or device or "cpu"
+        if provider not in PROVIDERS:
+            raise PrefixportError(f"provider {provider!r} is not supported by this backend; use: {', '.join(PROVIDERS)}")
+        if device not in (None, "cpu", "cuda") or (device == "cpu" and provider != "cpu"):
+            raise PrefixportError(f"device {device!r} does not go with provider {provider!r}")
+        available = ort.get_available_providers()
+        if _EP[provider] not in available:
+            raise DeviceError(
+                f"provider {provider!r} needs onnxruntime-gpu and an NVIDIA GPU"
+                + (" with TensorRT installed" if provider == "tensorrt" else "")
+                + f"; this onnxruntime offers {', '.join(available)} "
+                "(install with `pip install prefixport[gpu]`, which replaces onnxruntime)"
             )
-        self.device = device
+        self.provider, self.device, self.device_id = provider, "cpu" if provider == "cpu" else "cuda", device_id
         path = Path(folder) / mf.MODEL_NAME
         if not path.is_file():
             raise ExportFolderError(f"{folder} has no {mf.MODEL_NAME}; re-run `prefixport export`")
@@ -38,38 +79,55 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if provider != "cpu":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        if provider == "tensorrt":
+            (Path(folder) / "engines" / "onnxruntime-trt").mkdir(parents=True, exist_ok=True)
+            providers.insert(0, ("TensorrtExecutionProvider", tensorrt_provider_options(Path(folder), manifest, device_id)))
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=_PROVIDERS[device])
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors on a bad file
             raise ExportFolderError(f"ONNX Runtime cannot load {path}: {e}") from e
+        if _EP[provider] not in self.session.get_providers():  # it fell back (a CUDA or TensorRT library missing)
+            raise DeviceError(f"ONNX Runtime could not start {_EP[provider]} (running with "
+                              f"{', '.join(self.session.get_providers())}); its log above names the missing library")
         self.manifest = manifest
+        self.limits = _tensorrt_limits(manifest) if provider == "tensorrt" else None  # its profile's ranges
         self.np_dtype = np.dtype(manifest.dtype)
         self._outputs = list(manifest.outputs)
         self._past_names = mf.past_names(manifest.num_layers)
 
-    def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    def run(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         if self.device == "cuda":
             return self._run_bound(inputs, past)
-        feeds = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in inputs.items()}
+        feeds = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+                 for name, value in inputs.items()}
         feeds.update(zip(self._past_names, past))
         outputs = self.session.run_with_ort_values(self._outputs, feeds)
         logits = outputs[0].numpy()[:, -1, :]
         return logits, outputs[1:]
 
-    def _run_bound(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
-        """GPU: small inputs copied up, past bound where it lives, present kept on the GPU,
-        only the last-position logits copied back."""
+    def _run_bound(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """GPU: small inputs copied up, past and adapters bound where they live, present kept on
+        the GPU, only the last-position logits copied back."""
         binding = self.session.io_binding()
         for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+            binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else self._on_device(value))
         for name, value in zip(self._past_names, past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(self._outputs[0], "cpu")
         for name in self._outputs[1:]:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1, :], list(outputs[1:])
+
+    def _on_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+
+    def upload(self, array: np.ndarray) -> Any:
+        return array if self.device == "cpu" else self._on_device(array)
 
     def empty_past(self, batch: int) -> list[Any]:
         m = self.manifest
@@ -77,14 +135,13 @@ class OnnxRuntimeBackend:
         return self.to_past([empty]) * (2 * m.num_layers)
 
     def to_past(self, arrays: Sequence[np.ndarray]) -> list[Any]:
-        device = ("cuda", 0) if self.device == "cuda" else ("cpu", 0)
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, self.np_dtype), *device) for a in arrays]
+        return [self._on_device(np.ascontiguousarray(a, self.np_dtype)) for a in arrays]
 
     def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]:
         return [value.numpy() for value in past]
 
     def memory_stats(self) -> dict[str, int]:
-        return process_memory()
+        return process_memory() | (gpu_memory(self.device_id) if self.device == "cuda" else {})
 
     def close(self) -> None:
         self.session = None

@@ -1,0 +1,127 @@
+"""TensorRT optimisation profiles for the graph contract (DESIGN.md), planned from a few limits.
+
+Two profiles: `prefill` (a prompt after a prefix or a soft prompt; zero past and zero virtual
+tokens included) and `decode` (one token per row over a cache). The runtime picks, per call, the
+first profile whose ranges hold the call's shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import manifest as mf
+from ..errors import EngineError, InputError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an engine accepts. A decode step reads at most `max_past` cached positions, so a row's
+    context (virtual tokens + prompt + new tokens) is at most `max_past + 1`."""
+
+    max_batch: int = 8  # rows in one call
+    max_seq: int = 512  # prompt tokens in one prefill
+    max_past: int = 2047  # cached positions a decode step reads
+    max_virtual: int = 128  # an adapter's virtual tokens (soft prompt or prefix)
+
+    @classmethod
+    def for_manifest(cls, manifest: mf.Manifest, max_batch: int = 8, max_seq: int | None = None,
+                     max_past: int | None = None, max_virtual: int | None = None) -> "Limits":
+        """Limits checked against the export: the context never exceeds the model's positions.
+        Defaults: max_past 2047, max_seq 512, max_virtual 128, each cut to what the model holds."""
+        context = manifest.max_positions
+        max_past = min(2048, context) - 1 if max_past is None else max_past
+        max_seq = min(512, max_past) if max_seq is None else max_seq
+        max_virtual = min(128, max_past) if max_virtual is None else max_virtual
+        limits = cls(max_batch, max_seq, max_past, max_virtual)
+        for name, value in asdict(limits).items():
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if max_past + 1 > context:
+            raise InputError(f"max_past {max_past} + 1 exceeds the model's context of {context} positions")
+        if max_seq > max_past or max_virtual > max_past:
+            raise InputError(f"max_seq ({max_seq}) and max_virtual ({max_virtual}) must not exceed "
+                             f"max_past ({max_past}): a prompt's cache is read by the next decode step")
+        return limits
+
+    @property
+    def context(self) -> int:
+        return self.max_past + 1
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __contains__(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Ranges of the four free dimensions: batch, seq (new tokens), virtual, past."""
+
+    name: str
+    batch: Range
+    seq: Range
+    virtual: Range
+    past: Range
+    context: int  # past + virtual + seq never exceeds it (a row has a prefix or a soft prompt)
+
+    def holds(self, batch: int, seq: int, virtual: int, past: int) -> bool:
+        return batch in self.batch and seq in self.seq and virtual in self.virtual and past in self.past
+
+    def shapes(self, manifest: mf.Manifest) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """min/opt/max shape of every graph input under this profile."""
+        b, s, v, p = self.batch, self.seq, self.virtual, self.past
+
+        def at(pick: str) -> dict[str, Shape]:
+            bb, ss, vv, pp = (getattr(r, pick) for r in (b, s, v, p))
+            # the mask and positions are at least one column wide, at most the context
+            total, new = max(1, min(pp + vv + ss, self.context)), max(1, min(vv + ss, self.context))
+            kv = (bb, manifest.num_kv_heads, pp, manifest.head_dim)
+            shapes = {"input_ids": (bb, ss), "prompt_embeds": (bb, vv, manifest.hidden_size),
+                      "attention_mask": (bb, total), "position_ids": (bb, new)}
+            shapes.update({name: kv for name in mf.past_names(manifest.num_layers)})
+            return shapes
+
+        low, opt, high = at("min"), at("opt"), at("max")
+        return {name: (low[name], opt[name], high[name]) for name in low}
+
+
+def plan_profiles(limits: Limits) -> list[Profile]:
+    """The decode profile first (the hot path), then prefill."""
+    lim = limits
+    decode = Profile("decode", batch=Range(1, max(1, lim.max_batch // 2), lim.max_batch), seq=Range(1, 1, 1),
+                     virtual=Range(0, 0, 0), past=Range(1, min(lim.max_past, 256), lim.max_past), context=lim.context)
+    prefill = Profile("prefill", batch=Range(1, 1, lim.max_batch), seq=Range(0, min(lim.max_seq, 128), lim.max_seq),
+                      virtual=Range(0, 0, lim.max_virtual), past=Range(0, 0, lim.max_virtual), context=lim.context)
+    return [decode, prefill]
+
+
+def choose_profile(profiles: list[Profile], batch: int, seq: int, virtual: int, past: int) -> int:
+    """Index of the first profile that holds a call's shapes; an EngineError names the limit hit."""
+    for i, profile in enumerate(profiles):
+        if profile.holds(batch, seq, virtual, past):
+            return i
+    raise EngineError(
+        f"a call with batch {batch}, {seq} new tokens, {virtual} virtual tokens and a past of {past} "
+        "is outside the TensorRT engine's profiles ("
+        + "; ".join(f"{p.name}: batch <= {p.batch.max}, seq <= {p.seq.max}, virtual <= {p.virtual.max}, "
+                    f"past <= {p.past.max}" for p in profiles)
+        + "); rebuild it with larger limits: `prefixport build-engine OUTDIR --max-batch/--max-seq/--max-past/--max-virtual`"
+    )
+
+
+def union_shapes(profiles: list[Profile], manifest: mf.Manifest) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """One profile covering all of them (for ONNX Runtime's TensorRT provider): the smallest min,
+    the largest max, the first profile's opt."""
+    per = [p.shapes(manifest) for p in profiles]
+    out = {}
+    for name in per[0]:
+        lows, highs = [s[name][0] for s in per], [s[name][2] for s in per]
+        out[name] = (tuple(map(min, zip(*lows))), per[0][name][1], tuple(map(max, zip(*highs))))
+    return out

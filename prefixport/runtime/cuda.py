@@ -1,0 +1,154 @@
+"""Device memory through NVIDIA's CUDA Python bindings (`cuda-python`; never torch).
+
+`DeviceArray` is a typed buffer on the GPU that TensorRT reads and writes; copies go through one
+`Stream`. Every failure becomes a `DeviceError` that says what is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeviceError
+
+
+def cudart() -> Any:
+    """The CUDA runtime module of cuda-python (`cuda.bindings.runtime`, or `cuda.cudart` before 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.6
+        except ImportError:
+            raise DeviceError("the GPU paths need NVIDIA's CUDA Python bindings: "
+                              "pip install 'prefixport[tensorrt]' (cuda-python)") from None
+    return runtime
+
+
+def check(result: Any, what: str) -> Any:
+    """Unpack a cuda-python result tuple (error, *values); raise a DeviceError on an error."""
+    rt = cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        _, text = rt.cudaGetErrorString(err)
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        hint = ""
+        if "cudaErrorNoDevice" in str(err) or "cudaErrorInsufficientDriver" in str(err):
+            hint = " (no NVIDIA GPU with a working driver is visible to this process)"
+        raise DeviceError(f"CUDA {what} failed: {text}{hint}")
+    return values[0] if len(values) == 1 else tuple(values) if values else None
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What an engine is built for: TensorRT engines run only on the GPU model they were built on."""
+
+    name: str
+    compute_capability: tuple[int, int]
+    total_bytes: int
+
+    @property
+    def slug(self) -> str:
+        """The GPU's name as a file-name part, e.g. `nvidia-h200`."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+def device_info(index: int = 0) -> GpuInfo:
+    """The name, compute capability and memory of GPU `index`; a DeviceError where there is none."""
+    rt = cudart()
+    count = check(rt.cudaGetDeviceCount(), "device query")
+    if count <= index:
+        raise DeviceError(f"no CUDA GPU number {index}: this machine has {count}")
+    prop = check(rt.cudaGetDeviceProperties(index), "device properties")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return GpuInfo(name.strip("\x00 "), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
+
+
+def memory_info() -> dict[str, int]:
+    """Device memory in use and in all, from the driver (every process on the GPU counts)."""
+    free, total = check(cudart().cudaMemGetInfo(), "memory query")
+    return {"device_used_bytes": int(total - free), "device_total_bytes": int(total)}
+
+
+class Stream:
+    """A CUDA stream with the device's stream-ordered memory pool. A backend does all its copies,
+    launches, allocations and frees on its one stream, so none of them needs a device-wide sync.
+    Destroyed when the last array allocated on it is gone."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.rt = cudart()
+        check(self.rt.cudaSetDevice(device), "device selection")
+        self.handle = check(self.rt.cudaStreamCreate(), "stream creation")
+        try:  # keep freed blocks in the pool rather than returning them at every synchronize
+            from cuda.bindings import driver
+
+            pool = check(self.rt.cudaDeviceGetDefaultMemPool(device), "memory pool query")
+            self.rt.cudaMemPoolSetAttribute(pool, self.rt.cudaMemPoolAttr.cudaMemPoolAttrReleaseThreshold,
+                                            driver.cuuint64_t(2**64 - 1))
+        except (ImportError, AttributeError, DeviceError):
+            pass  # older bindings: the pool's default threshold only costs speed
+
+    def __int__(self) -> int:
+        return int(self.handle)
+
+    def synchronize(self) -> None:
+        check(self.rt.cudaStreamSynchronize(self.handle), "stream synchronize")
+
+    def __del__(self) -> None:
+        try:
+            self.rt.cudaStreamDestroy(self.handle)
+        except Exception:  # interpreter shutdown: the module may be gone
+            pass
+
+
+class DeviceArray:
+    """An array on the GPU: a pointer, a shape and a dtype, allocated and freed in `stream`'s
+    order (freed when garbage collected). A zero-size array still owns a small block, so its
+    pointer is never null."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | str, stream: Stream) -> None:
+        self.stream, self.rt = stream, stream.rt
+        self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.ptr = int(check(self.rt.cudaMallocAsync(max(self.nbytes, 256), stream.handle),
+                             f"allocation of {self.nbytes:,} bytes"))
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, stream: Stream, dtype: np.dtype | str | None = None) -> "DeviceArray":
+        """A device copy of `array` (synchronised before returning, so `array` may be freed)."""
+        host = np.ascontiguousarray(array, dtype or array.dtype)
+        out = cls(host.shape, host.dtype, stream)
+        out.upload(host)
+        stream.synchronize()
+        return out
+
+    def upload(self, host: np.ndarray) -> None:
+        """Copy a C-contiguous host array of the same size in (asynchronous: keep `host` alive
+        until the stream is synchronised)."""
+        if host.nbytes != self.nbytes:
+            raise DeviceError(f"copying {host.nbytes} bytes into a device array of {self.nbytes}")
+        if self.nbytes:
+            check(self.rt.cudaMemcpyAsync(self.ptr, host.ctypes.data, self.nbytes,
+                                          self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream.handle),
+                  "copy to GPU")
+
+    def to_numpy(self) -> np.ndarray:
+        """A host copy (synchronises the stream)."""
+        host = np.empty(self.shape, self.dtype)
+        if self.nbytes:
+            check(self.rt.cudaMemcpyAsync(host.ctypes.data, self.ptr, self.nbytes,
+                                          self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream.handle),
+                  "copy from GPU")
+        self.stream.synchronize()
+        return host
+
+    def __del__(self) -> None:
+        try:
+            if self.ptr:
+                self.rt.cudaFreeAsync(self.ptr, self.stream.handle)
+                self.ptr = 0
+        except Exception:  # interpreter shutdown: the module may be gone
+            pass

@@ -1,0 +1,377 @@
+"""TensorRT and the GPU paths: what the CPU can check (profile planning against the shapes real
+generation feeds, the engine cache and its refusals, the float16 graph TensorRT builds from,
+backend selection and the errors where TensorRT, onnxruntime-gpu or a GPU is missing), and the
+GPU parity tests, which skip with the reason where there is no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from prefixport import manifest as mf
+from prefixport.adapters import load_bundle
+from prefixport.engines import Limits, choose_profile, engine_key, find_engine, plan_profiles
+from prefixport.engines.build import build_engine, check_buildable, float16_graph
+from prefixport.engines.cache import EngineRecord, onnx_digest, save_record
+from prefixport.engines.profiles import union_shapes
+from prefixport.errors import DeviceError, EngineError, InputError, PrefixportError
+from prefixport.exporter import export_model
+from prefixport.runtime import Engine
+from prefixport.runtime.backends import backend_options
+from prefixport.runtime.backends.onnxruntime import tensorrt_provider_options
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "A B C D E F G"]
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def _gpu() -> str | None:
+    """The reason GPU tests cannot run here, or None when they can."""
+    if not _has("tensorrt"):
+        return "TensorRT is not installed (pip install 'prefixport[tensorrt]')"
+    from prefixport.runtime import cuda
+
+    try:
+        cuda.device_info()
+    except PrefixportError as e:
+        return str(e)
+    return None
+
+
+def _ort_gpu(provider: str) -> str | None:
+    import onnxruntime as ort
+
+    name = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+    if name not in ort.get_available_providers():
+        return f"{name} needs onnxruntime-gpu and an NVIDIA GPU (this onnxruntime has none)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory, tiny_model):
+    """A tiny Llama exported with plain ONNX ops only (`--no-optimize`): what TensorRT parses."""
+    out = tmp_path_factory.mktemp("plain") / "export"
+    export_model(out, model=str(tiny_model("llama")), optimize=False)
+    return out
+
+
+# --- profiles ----------------------------------------------------------------------------------
+
+
+def test_limits_are_checked_against_the_model(plain_export):
+    m = mf.Manifest.load(plain_export)
+    limits = Limits.for_manifest(m)
+    assert limits.context == min(2048, m.max_positions)
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        Limits.for_manifest(m, max_past=m.max_positions)
+    with pytest.raises(InputError, match="positive integer"):
+        Limits.for_manifest(m, max_batch=0)
+    with pytest.raises(InputError, match="must not exceed max_past"):
+        Limits.for_manifest(m, max_seq=64, max_past=32)
+
+
+def test_profiles_cover_every_input_with_zero_past_and_zero_virtual(plain_export):
+    m = mf.Manifest.load(plain_export)
+    limits = Limits.for_manifest(m, max_batch=4, max_seq=64, max_past=200, max_virtual=16)
+    decode, prefill = plan_profiles(limits)
+    for profile in (decode, prefill):
+        shapes = profile.shapes(m)
+        assert set(shapes) == set(m.inputs)  # TensorRT needs a range for every dynamic input
+        for low, opt, high in shapes.values():
+            assert all(0 <= a <= b <= c for a, b, c in zip(low, opt, high))
+    p = prefill.shapes(m)
+    assert p[mf.past_key_name(0)][0][2] == 0 and p["prompt_embeds"][0][1] == 0  # zero past, zero virtual
+    assert p["input_ids"][0][1] == 0  # a soft prompt alone (baking a prefix)
+    d = decode.shapes(m)
+    assert d["input_ids"] == ((1, 1), (2, 1), (4, 1)) and d["prompt_embeds"][2][1] == 0
+    assert d[mf.past_key_name(0)][2][2] == 200 and d["attention_mask"][2][1] == 201
+    union = union_shapes([decode, prefill], m)
+    assert union["input_ids"] == ((1, 0), (2, 1), (4, 64))
+
+
+def test_profiles_hold_every_call_real_generation_makes(plain_export, tiny_adapters):
+    """Every backend call of prefill (with a soft prompt, a prefix, baking a prefix), decode and
+    mixed batches falls inside a planned profile, dimension by dimension."""
+    engine = Engine.load(plain_export)
+    m = engine.manifest
+    work = tiny_adapters("llama")
+    for name in ("prompt", "prefix"):
+        engine.add_adapter(name, work / f"{name}.safetensors")
+    engine.add_adapter("baked", bundle=engine.bake_prefix(load_bundle(work / "prompt.safetensors")))
+    limits = Limits.for_manifest(m, max_batch=4, max_seq=64, max_past=127, max_virtual=32)
+    profiles = plan_profiles(limits)
+    calls = []
+    run = engine.backend.run
+
+    def recording(inputs, past):
+        calls.append(({n: tuple(np.shape(v)) for n, v in inputs.items()},
+                      tuple(engine.backend.past_to_numpy(past[:1])[0].shape)))
+        return run(inputs, past)
+
+    engine.backend.run = recording
+    engine.bake_prefix(load_bundle(work / "prompt.safetensors"))  # seq 0: the soft prompt alone
+    engine.generate_batch(PROMPTS, adapters=["prompt", "prefix", None], max_new_tokens=6, stop_token_ids=[])
+    engine.generate(PROMPTS[0], adapter="baked", max_new_tokens=4, stop_token_ids=[])
+    assert len(calls) > 10
+    kinds = set()
+    for shapes, past in calls:
+        batch, seq = shapes["input_ids"]
+        virtual = shapes["prompt_embeds"][1]
+        index = choose_profile(profiles, batch, seq, virtual, past[2])
+        kinds.add(profiles[index].name)
+        ranges = profiles[index].shapes(m)
+        for name, shape in list(shapes.items()) + [(mf.past_key_name(0), past)]:
+            low, _, high = ranges[name]
+            assert all(a <= s <= b for a, s, b in zip(low, shape, high)), (name, shape, low, high)
+    assert kinds == {"decode", "prefill"}
+
+
+def test_a_call_outside_the_profiles_names_the_limit():
+    profiles = plan_profiles(Limits(max_batch=4, max_seq=64, max_past=127, max_virtual=16))
+    with pytest.raises(EngineError, match="batch 9.*rebuild it with larger limits"):
+        choose_profile(profiles, 9, 1, 0, 10)
+    with pytest.raises(EngineError, match="past of 500"):
+        choose_profile(profiles, 1, 1, 0, 500)
+    assert profiles[choose_profile(profiles, 1, 20, 16, 0)].name == "prefill"
+    assert profiles[choose_profile(profiles, 3, 1, 0, 127)].name == "decode"
+
+
+def test_onnxruntime_tensorrt_options_spell_the_profile(plain_export):
+    m = mf.Manifest.load(plain_export)
+    options = tensorrt_provider_options(plain_export, m)
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith("engines/onnxruntime-trt")
+    parsed = {}
+    for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+        parsed[key] = dict(item.split(":") for item in options[key].split(","))
+        assert set(parsed[key]) == set(m.inputs)
+    assert parsed["trt_profile_min_shapes"]["input_ids"] == "1x0"
+    assert parsed["trt_profile_max_shapes"]["attention_mask"] == f"8x{Limits.for_manifest(m).context}"
+
+
+# --- the engine cache --------------------------------------------------------------------------
+
+
+def _record(folder: Path, manifest: mf.Manifest, gpu: str = "nvidia-h200", cc=(9, 0), trt="11.4.0.106",
+            precision: str = "fp32", **overrides) -> EngineRecord:
+    key = engine_key(gpu, cc, trt, precision)
+    digest, size, mtime = onnx_digest(folder)
+    fields = dict(key=key, plan=f"{key}.plan", gpu=gpu.upper(), compute_capability=list(cc), tensorrt=trt,
+                  precision=precision, limits=Limits.for_manifest(manifest).__dict__.copy(), onnx_sha256=digest,
+                  onnx_bytes=size, onnx_mtime_ns=mtime, fingerprint=manifest.fingerprint) | overrides
+    record = EngineRecord(**fields)
+    (folder / "engines").mkdir(exist_ok=True)
+    (folder / "engines" / record.plan).write_bytes(b"a plan TensorRT would deserialize")
+    save_record(folder, record)
+    return record
+
+
+def test_engine_key_names_gpu_capability_tensorrt_and_precision():
+    assert engine_key("nvidia-h200", (9, 0), "11.4.0.106", "fp16") == "nvidia-h200-sm90-trt11.4.0.106-fp16"
+
+
+def test_find_engine_picks_this_machines_engine_and_refuses_others(tmp_path, plain_export):
+    folder = tmp_path / "export"
+    shutil.copytree(plain_export, folder)
+    m = mf.Manifest.load(folder)
+    here = dict(gpu_slug="nvidia-h200", gpu_name="NVIDIA H200", compute_capability=(9, 0),
+                tensorrt_version="11.4.0.106")
+    with pytest.raises(EngineError, match="has no TensorRT engine; build one on this machine"):
+        find_engine(folder, m, **here)
+    _record(folder, m, gpu="nvidia-a100-sxm4-80gb", cc=(8, 0))
+    _record(folder, m, trt="10.13.0.35")
+    with pytest.raises(EngineError) as refused:
+        find_engine(folder, m, **here)
+    message = str(refused.value)
+    assert "fits this machine: NVIDIA H200, compute capability 9.0, TensorRT 11.4.0.106" in message
+    assert "nvidia-a100-sxm4-80gb-sm80" in message and "trt10.13.0.35" in message
+    assert "prefixport build-engine" in message
+    fp16 = _record(folder, m, precision="fp16")
+    assert find_engine(folder, m, **here).key == fp16.key
+    fp32 = _record(folder, m)
+    assert find_engine(folder, m, **here).key == fp32.key  # exact first
+    assert find_engine(folder, m, **here, precision="fp16").key == fp16.key
+
+
+def test_find_engine_refuses_a_stale_or_broken_engine(tmp_path, plain_export):
+    folder = tmp_path / "export"
+    shutil.copytree(plain_export, folder)
+    m = mf.Manifest.load(folder)
+    here = dict(gpu_slug="nvidia-h200", gpu_name="NVIDIA H200", compute_capability=(9, 0),
+                tensorrt_version="11.4.0.106")
+    record = _record(folder, m, fingerprint="sha256:another-model")
+    with pytest.raises(EngineError, match="built for another base model"):
+        find_engine(folder, m, **here)
+    record = _record(folder, m)
+    (folder / "engines" / record.plan).unlink()
+    with pytest.raises(EngineError, match="which is missing"):
+        find_engine(folder, m, **here)
+    record = _record(folder, m)
+    os.utime(folder / mf.MODEL_NAME)  # touched, same bytes: still accepted (the digest is checked)
+    assert find_engine(folder, m, **here).key == record.key
+    with open(folder / mf.MODEL_NAME, "ab") as f:  # the export changed since the build
+        f.write(b"\0")
+    with pytest.raises(EngineError, match="built from another model.onnx"):
+        find_engine(folder, m, **here)
+    (folder / "engines" / f"{record.key}.json").write_text("{not json")
+    with pytest.raises(EngineError, match="not a readable engine record"):
+        find_engine(folder, m, **here)
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def test_build_refuses_onnxruntime_only_graphs_before_any_gpu_work(tiny_export, plain_export):
+    fused = tiny_export("llama")
+    with pytest.raises(EngineError, match="fused ops .*GroupQueryAttention.*--no-optimize"):
+        build_engine(fused)
+    m = mf.Manifest.load(plain_export)
+    m.quantization = {"bits": 8}
+    with pytest.raises(EngineError, match="MatMulNBits"):
+        check_buildable(m, plain_export)
+
+
+@pytest.mark.skipif(_has("tensorrt"), reason="TensorRT is installed here: the build itself is tested on the GPU")
+def test_build_without_tensorrt_says_how_to_install(plain_export):
+    with pytest.raises(DeviceError, match=r"TensorRT is not installed.*prefixport\[tensorrt\]"):
+        build_engine(plain_export)
+    with pytest.raises(DeviceError, match="TensorRT is not installed"):
+        Engine.load(plain_export, backend="tensorrt")
+
+
+def test_float16_graph_keeps_float32_io_and_agrees(tmp_path, plain_export):
+    """The graph `build-engine --fp16` hands TensorRT, run here by ONNX Runtime: float32 inputs
+    and outputs (adapters unchanged), float16 weights, RMSNorm statistics in float32."""
+    folder = tmp_path / "half"
+    shutil.copytree(plain_export, folder)
+    float16_graph(plain_export / mf.MODEL_NAME, folder / mf.MODEL_NAME)
+    graph = onnx.load(str(folder / mf.MODEL_NAME)).graph
+    io = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
+    assert io["prompt_embeds"] == io["past_key_values.0.key"] == io["logits"] == onnx.TensorProto.FLOAT
+    assert {t.data_type for t in graph.initializer if t.dims and len(t.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:  # no float32 -> float16 -> float32 round trip before RMSNorm's statistics
+        if node.op_type == "ReduceMean":
+            source = producer.get(node.input[0])
+            assert source is not None and source.op_type == "Pow", source
+
+    half, full = Engine.load(folder), Engine.load(plain_export)
+    for prompt in PROMPTS:
+        a = full.generate(prompt, max_new_tokens=12, stop_token_ids=[])
+        b = half.generate(prompt, max_new_tokens=12, stop_token_ids=[])
+        assert np.mean(np.array(a.token_ids) == np.array(b.token_ids)) >= 0.75
+
+
+# --- choosing a backend ------------------------------------------------------------------------
+
+
+def test_backend_options_refuse_what_cannot_work():
+    assert backend_options() == {"provider": "cpu"}
+    assert backend_options(device="cuda") == {"provider": "cuda"}
+    assert backend_options(provider="tensorrt", threads=2) == {"provider": "tensorrt", "threads": 2}
+    assert backend_options("tensorrt", precision="fp16") == {"precision": "fp16"}
+    with pytest.raises(PrefixportError, match="--precision is for the tensorrt backend"):
+        backend_options(precision="fp16")
+    with pytest.raises(PrefixportError, match="runs on the GPU"):
+        backend_options(provider="cuda", device="cpu")
+    with pytest.raises(PrefixportError, match="--provider is for the onnxruntime backend"):
+        backend_options("tensorrt", provider="cuda")
+    with pytest.raises(DeviceError, match="runs on an NVIDIA GPU"):
+        backend_options("tensorrt", device="cpu")
+    with pytest.raises(PrefixportError, match="unknown backend"):
+        backend_options("tvm")
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_onnxruntime_gpu_provider_missing_is_a_clear_error(plain_export, provider):
+    if _ort_gpu(provider) is None:
+        pytest.skip(f"onnxruntime-gpu offers {provider} here: covered by the GPU parity test")
+    with pytest.raises(DeviceError, match=f"provider '{provider}' needs onnxruntime-gpu"):
+        Engine.load(plain_export, provider=provider)
+
+
+def test_no_gpu_is_a_clear_error():
+    if not _has("cuda.bindings") and not _has("cuda.cudart"):
+        pytest.skip("cuda-python is not installed (the tensorrt extra)")
+    from prefixport.runtime import cuda
+
+    try:
+        info = cuda.device_info()
+    except DeviceError as e:  # what every GPU path says first on a machine without one
+        assert "CUDA device query failed" in str(e) and "no NVIDIA GPU with a working driver" in str(e)
+    else:
+        pytest.skip(f"a GPU is visible here ({info.name})")
+
+
+def test_cli_build_engine_lists_and_refuses(plain_export, tiny_export):
+    from click.testing import CliRunner
+
+    from prefixport.cli import main
+
+    runner = CliRunner()
+    listed = runner.invoke(main, ["build-engine", str(plain_export), "--list"])
+    assert listed.exit_code == 0 and "no engines in" in listed.output
+    refused = runner.invoke(main, ["build-engine", str(tiny_export("llama"))])
+    assert refused.exit_code == 1 and "--no-optimize" in refused.output
+    wrong = runner.invoke(main, ["generate", str(plain_export), "hi", "--backend", "tensorrt", "--device", "cpu"])
+    assert wrong.exit_code == 1 and "runs on an NVIDIA GPU" in wrong.output
+
+
+# --- on a GPU ----------------------------------------------------------------------------------
+
+
+def _parity(engine: Engine, reference: Engine, work: Path, atol: float) -> None:
+    """Greedy tokens with each adapter kind, alone and in one mixed batch, equal ORT-CPU's; the
+    first-step logits within `atol`."""
+    for name in ("prompt", "prefix"):
+        for e in (engine, reference):
+            e.add_adapter(name, work / f"{name}.safetensors")
+    kw = dict(max_new_tokens=8, stop_token_ids=[])
+    adapters = ["prompt", "prefix", None]
+    got = [r.token_ids for r in engine.generate_batch(PROMPTS, adapters=adapters, **kw)]
+    want = [r.token_ids for r in reference.generate_batch(PROMPTS, adapters=adapters, **kw)]
+    assert got == want
+    from prefixport.runtime.generation import prefill
+
+    ids = reference.encode(PROMPTS[0])
+    hidden, dtype = reference.manifest.hidden_size, reference.manifest.dtype
+    a, _ = prefill(engine.backend, [ids], np.zeros((1, 0, hidden), dtype))
+    b, _ = prefill(reference.backend, [ids], np.zeros((1, 0, hidden), dtype))
+    assert np.abs(a.astype(np.float32) - b).max() <= atol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu() is not None, reason=f"needs TensorRT and an NVIDIA GPU: {_gpu()}")
+@pytest.mark.parametrize("fp16,atol", [(False, 1e-3), (True, 5e-2)])
+def test_tensorrt_engine_matches_onnxruntime_cpu(tmp_path, plain_export, tiny_adapters, fp16, atol):
+    folder = tmp_path / "export"
+    shutil.copytree(plain_export, folder)
+    record = build_engine(folder, fp16=fp16, max_batch=4, max_seq=64, max_past=127, max_virtual=32)
+    assert json.loads((folder / "engines" / f"{record.key}.json").read_text())["precision"] == ("fp16" if fp16 else "fp32")
+    engine = Engine.load(folder, backend="tensorrt", precision=record.precision)
+    assert engine.context_limit == 128 and engine.max_batch == 4
+    _parity(engine, Engine.load(folder), tiny_adapters("llama"), atol)
+    used = engine.stats()["memory"]
+    assert used["device_used_bytes"] > 0
+    with pytest.raises(PrefixportError, match="at most 4 rows"):
+        engine.generate_batch(PROMPTS * 2, max_new_tokens=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_onnxruntime_gpu_matches_cpu(plain_export, tiny_adapters, provider):
+    reason = _ort_gpu(provider)
+    if reason:
+        pytest.skip(reason)
+    _parity(Engine.load(plain_export, provider=provider), Engine.load(plain_export), tiny_adapters("llama"), 1e-3)
