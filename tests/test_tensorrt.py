@@ -160,6 +160,34 @@ def test_onnxruntime_tensorrt_options_spell_the_profile(plain_export):
     assert parsed["trt_profile_max_shapes"]["attention_mask"] == f"8x{Limits.for_manifest(m).context}"
 
 
+def test_engine_limits_bound_requests_before_any_work(plain_export, tiny_adapters):
+    """A backend built for less than the model (a TensorRT engine's limits, set here on the CPU
+    backend, which honours whatever limits it carries) bounds requests, batches, the scheduler's
+    batch and adapters, each with an error naming the flag to rebuild with; within them, the
+    outputs are the unbounded engine's."""
+    from prefixport.errors import AdapterError, ContextLengthError
+    from prefixport.runtime import Scheduler
+
+    work = tiny_adapters("llama")
+    engine = Engine.load(plain_export)
+    engine.backend.limits = Limits(max_batch=2, max_seq=20, max_past=63, max_virtual=4)
+    assert engine.context_limit == 64 and engine.max_batch == 2
+    with pytest.raises(ContextLengthError, match="exceed the TensorRT engine's context of 64 positions"):
+        engine.generate("a b c", max_new_tokens=70)
+    with pytest.raises(ContextLengthError, match="max_seq 20.*--max-seq"):
+        engine.generate(list(range(1, 25)), max_new_tokens=2)
+    with pytest.raises(InputError, match="at most 2 rows.*--max-batch"):
+        engine.generate_batch(PROMPTS, max_new_tokens=2)
+    with pytest.raises(PrefixportError, match="exceeds the TensorRT engine's 2 rows"):
+        Scheduler(engine, max_batch=4)
+    with pytest.raises(AdapterError, match="6 virtual tokens.*max_virtual 4.*--max-virtual"):
+        engine.add_adapter("prompt", work / "prompt.safetensors")
+    assert engine.adapters == []  # nothing half-registered
+    kw = dict(max_new_tokens=6, stop_token_ids=[])
+    bounded = [r.token_ids for r in engine.generate_batch(PROMPTS[:2], **kw)]
+    assert bounded == [r.token_ids for r in Engine.load(plain_export).generate_batch(PROMPTS[:2], **kw)]
+
+
 # --- the engine cache --------------------------------------------------------------------------
 
 

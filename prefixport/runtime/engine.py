@@ -171,18 +171,13 @@ class Engine:
     def context_limit(self) -> int:
         """Positions a row may use (virtual tokens + prompt + new tokens): the model's, or fewer
         where a TensorRT engine was built for less."""
-        limits = getattr(self.backend, "limits", None)
+        limits = self.backend.limits
         return min(self.manifest.max_positions, limits.context) if limits else self.manifest.max_positions
 
     @property
     def max_batch(self) -> int | None:
         """Most rows one call may hold (a TensorRT engine's limit), or None for any."""
-        limits = getattr(self.backend, "limits", None)
-        return limits.max_batch if limits else None
-
-    @property
-    def _context_owner(self) -> str:
-        return "model's" if self.context_limit == self.manifest.max_positions else "TensorRT engine's"
+        return self.backend.limits.max_batch if self.backend.limits else None
 
     def stats(self) -> dict:
         """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions) and memory."""
@@ -224,20 +219,17 @@ class Engine:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         feed = self.store.acquire(adapter) if adapter is not None else None
         n_virtual = feed.n_virtual if feed else 0
-        limit = self.context_limit
+        limit, limits = self.context_limit, self.backend.limits
         if n_virtual + len(ids) + max_new_tokens > limit:
+            owner = "model's" if limit == self.manifest.max_positions else "TensorRT engine's"
             raise ContextLengthError(
                 f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus "
-                f"max_new_tokens ({max_new_tokens}) exceed the {self._context_owner} context of {limit} positions; "
+                f"max_new_tokens ({max_new_tokens}) exceed the {owner} context of {limit} positions; "
                 "shorten the prompt or lower max_new_tokens"
             )
-        engine_limits = getattr(self.backend, "limits", None)
-        if engine_limits is not None and (len(ids) > engine_limits.max_seq or n_virtual > engine_limits.max_virtual):
-            raise ContextLengthError(
-                f"the prompt ({len(ids)} tokens) or the adapter's virtual tokens ({n_virtual}) exceed the TensorRT "
-                f"engine's limits (max_seq {engine_limits.max_seq}, max_virtual {engine_limits.max_virtual}); "
-                "shorten the prompt, or rebuild the engine with larger --max-seq / --max-virtual"
-            )
+        if limits and len(ids) > limits.max_seq:
+            raise ContextLengthError(f"the prompt ({len(ids)} tokens) exceeds the TensorRT engine's max_seq "
+                                     f"{limits.max_seq}; shorten it, or rebuild the engine with a larger --max-seq")
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed)
 

@@ -51,6 +51,10 @@ class AdapterStore:
         else:
             check_bundle(bundle, name)
             check_fits(bundle, self.manifest, name)
+        limits = self.backend.limits
+        if limits and bundle.n_virtual > limits.max_virtual:
+            raise AdapterError(f"{name} has {bundle.n_virtual} virtual tokens, more than the TensorRT engine's "
+                               f"max_virtual {limits.max_virtual}; rebuild it with a larger --max-virtual")
         feed = self._feed(bundle)
         entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, bundle.nbytes)
         with self._lock:

@@ -18,6 +18,8 @@ class Backend(Protocol):
     """
 
     name: str
+    device: str  # "cpu" or "cuda"
+    limits: Any  # the shapes a TensorRT engine was built for (`engines.Limits`), or None: the model's
 
     def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         """Feed `input_ids`, `prompt_embeds`, `attention_mask`, `position_ids` and the past

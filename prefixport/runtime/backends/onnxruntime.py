@@ -72,6 +72,7 @@ class OnnxRuntimeBackend:
                 "(install with `pip install prefixport[gpu]`, which replaces onnxruntime)"
             )
         self.provider, self.device, self.device_id = provider, "cpu" if provider == "cpu" else "cuda", device_id
+        self.limits = _tensorrt_limits(manifest) if provider == "tensorrt" else None  # its profile's ranges
         path = Path(folder) / mf.MODEL_NAME
         if not path.is_file():
             raise ExportFolderError(f"{folder} has no {mf.MODEL_NAME}; re-run `prefixport export`")
@@ -93,7 +94,6 @@ class OnnxRuntimeBackend:
             raise DeviceError(f"ONNX Runtime could not start {_EP[provider]} (running with "
                               f"{', '.join(self.session.get_providers())}); its log above names the missing library")
         self.manifest = manifest
-        self.limits = _tensorrt_limits(manifest) if provider == "tensorrt" else None  # its profile's ranges
         self.np_dtype = np.dtype(manifest.dtype)
         self._outputs = list(manifest.outputs)
         self._past_names = mf.past_names(manifest.num_layers)
