@@ -124,31 +124,36 @@ def gather_rows(backend: Backend, states: Sequence[DecodeState], keeps: Sequence
                 pool: list[np.ndarray] | None = None) -> DecodeState:
     """The rows `keeps[i]` of each `states[i]`, in order, as one batch: rows prefilled apart merged,
     finished rows dropped, in one copy of the cache. Each row is right-aligned behind masked left
-    padding, so its tokens stay contiguous (sliding-window masks work by cache slot), and the
-    batch is as wide as its longest row.
+    padding (zeros), so its tokens stay contiguous (sliding-window masks work by cache slot), and
+    the batch is as wide as its longest row.
 
+    A backend with `gather_past` copies on its device; otherwise the copy goes through numpy, into
     `pool`: buffers (one per past tensor) reused from one call to the next instead of fresh memory
     (a fresh 400 MB cache costs more in page faults than in copying). Only for a state that is fed
     to one decode step and then dropped, as `DecodeBatch` does.
     """
-    rows = [(i, j) for i, keep in enumerate(keeps) for j in keep]
-    firsts = [int(np.argmax(states[i].attention_mask[j])) for i, j in rows]  # its first attended column
-    lengths = [states[i].attention_mask.shape[1] - f for (i, _), f in zip(rows, firsts)]
-    width = max(lengths)
-    mask = np.zeros((len(rows), width), np.int64)
-    for r, ((i, j), f, n) in enumerate(zip(rows, firsts, lengths)):
+    plan = []  # (state, row, first attended column, length) per output row
+    for i, keep in enumerate(keeps):
+        for j in keep:
+            first = int(np.argmax(states[i].attention_mask[j]))
+            plan.append((i, j, first, states[i].attention_mask.shape[1] - first))
+    width = max(n for *_, n in plan)
+    mask = np.zeros((len(plan), width), np.int64)
+    for r, (i, j, f, n) in enumerate(plan):
         mask[r, width - n :] = states[i].attention_mask[j, f:]
+    positions = np.array([states[i].next_position[j] for i, j, _, _ in plan], np.int64)
+    device_gather = getattr(backend, "gather_past", None)
+    if device_gather is not None:
+        return DecodeState(device_gather([s.past for s in states], plan, width), mask, positions)
     pasts = [backend.past_to_numpy(s.past) for s in states]
     merged = []
     for layer in range(len(pasts[0])):
         _, heads, _, head_dim = pasts[0][layer].shape
-        shape = (len(rows), heads, width, head_dim)
-        out = _buffer(pool, layer, shape, pasts[0][layer].dtype)
-        for r, ((i, j), f, n) in enumerate(zip(rows, firsts, lengths)):
+        out = _buffer(pool, layer, (len(plan), heads, width, head_dim), pasts[0][layer].dtype)
+        for r, (i, j, f, n) in enumerate(plan):
             out[r, :, : width - n] = 0
             out[r, :, width - n :] = pasts[i][layer][j, :, f:]
         merged.append(out)
-    positions = np.array([states[i].next_position[j] for i, j in rows], np.int64)
     return DecodeState(backend.to_past(merged), mask, positions)
 
 

@@ -1,6 +1,7 @@
 """TensorRT backend: the engine built by `prefixport build-engine` for this GPU, run through
 NVIDIA's CUDA Python bindings (never torch). The KV cache and the adapters stay on the GPU as
-`DeviceArray`s; only the last-position logits come back per step.
+`DeviceArray`s (rows joining or leaving a batch are gathered there too); only the last-position
+logits come back per step.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class TensorRTBackend:
             raise EngineError(f"TensorRT {trt.__version__} could not load {self.record.plan} (its log above says "
                               f"why); rebuild it with `prefixport build-engine {folder}`")
         if self.engine.num_optimization_profiles != len(self.profiles):
-            raise EngineError(f"{self.record.plan} has {self.engine.num_optimization_profiles} optimisation profiles, "
-                              f"this prefixport plans {len(self.profiles)}; rebuild it with `prefixport build-engine {folder}`")
+            raise EngineError(f"{self.record.plan} has {self.engine.num_optimization_profiles} optimisation "
+                              f"profiles, this prefixport plans {len(self.profiles)}; rebuild it with "
+                              f"`prefixport build-engine {folder}`")
         self.context = self.engine.create_execution_context()
         self._profile = 0
         self._past_names = mf.past_names(manifest.num_layers)
@@ -116,6 +118,31 @@ class TensorRTBackend:
                    "copy of the logits")
         self.stream.synchronize()
         return host
+
+    def gather_past(self, pasts: Sequence[Sequence[DeviceArray]], plan: Sequence[tuple[int, int, int, int]],
+                    width: int) -> list[DeviceArray]:
+        """`generation.gather_rows` on the GPU: output row r of every past tensor is
+        `pasts[i][layer][j, :, f:f+n]` right-aligned in `width` columns behind zeros, for
+        (i, j, f, n) = plan[r]; one 2-D copy (and one 2-D memset) per row and tensor, all heads at once."""
+        rt, stream = cuda.cudart(), self.stream.handle
+        device = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        out = []
+        for layer in range(len(pasts[0])):
+            _, heads, _, head_dim = pasts[0][layer].shape
+            item = pasts[0][layer].dtype.itemsize
+            dst = DeviceArray((len(plan), heads, width, head_dim), pasts[0][layer].dtype, self.stream)
+            pitch, token = width * head_dim * item, head_dim * item  # bytes per head row, per position
+            for r, (i, j, f, n) in enumerate(plan):
+                src = pasts[i][layer]
+                row = dst.ptr + r * heads * pitch
+                if n < width:
+                    cuda.check(rt.cudaMemset2DAsync(row, pitch, 0, (width - n) * token, heads, stream), "zero padding")
+                src_pitch = src.shape[2] * token
+                start = src.ptr + j * heads * src_pitch + f * token  # src[j, 0, f]
+                cuda.check(rt.cudaMemcpy2DAsync(row + (width - n) * token, pitch, start, src_pitch, n * token, heads,
+                                                device, stream), "cache gather")
+            out.append(dst)
+        return out
 
     def upload(self, array: np.ndarray) -> Any:
         return DeviceArray.from_numpy(array, self.stream)
