@@ -6,6 +6,7 @@ logits come back per step.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,6 +62,7 @@ class TensorRTBackend:
                               f"`prefixport build-engine {folder}`")
         self.context = self.engine.create_execution_context()
         self._profile = 0
+        self._lock = threading.Lock()  # one execution context: one call at a time (ORT sessions allow many)
         self._past_names = mf.past_names(manifest.num_layers)
         self._outputs = list(manifest.outputs)
         names = list(manifest.inputs) + self._outputs
@@ -70,6 +72,17 @@ class TensorRTBackend:
     # --- the protocol --------------------------------------------------------------------------
 
     def run(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        with self._lock:
+            try:
+                return self._run(inputs, past)
+            except BaseException:
+                try:  # copies still queued may read host arrays about to be freed
+                    self.stream.synchronize()
+                except DeviceError:
+                    pass
+                raise
+
+    def _run(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         batch, seq = inputs["input_ids"].shape
         virtual, past_len = inputs["prompt_embeds"].shape[1], past[0].shape[2]
         profile = choose_profile(self.profiles, batch, seq, virtual, past_len)
