@@ -28,6 +28,8 @@ def test_runtime_and_server_import_no_torch_or_transformers(tiny_export):
         from prefixport.runtime import Engine
         from prefixport.server import create_app
         import prefixport.cli
+        import prefixport.engines, prefixport.engines.build, prefixport.runtime.cuda
+        import prefixport.runtime.backends.tensorrt
         engine = Engine.load({str(tiny_export("llama"))!r})
         r = engine.generate("The quick", max_new_tokens=5)
         assert len(r.token_ids) >= 1, r

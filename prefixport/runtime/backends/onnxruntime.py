@@ -17,6 +17,9 @@ from ...errors import DeviceError, ExportFolderError, PrefixportError
 from . import gpu_memory, process_memory
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: with both, either may win.
+_GPU_INSTALL = ("Install onnxruntime-gpu in place of onnxruntime (the two cannot be installed together): "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu nvidia-ml-py")
 _EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -68,8 +71,7 @@ class OnnxRuntimeBackend:
             raise DeviceError(
                 f"provider {provider!r} needs onnxruntime-gpu and an NVIDIA GPU"
                 + (" with TensorRT installed" if provider == "tensorrt" else "")
-                + f"; this onnxruntime offers {', '.join(available)} "
-                "(install with `pip install prefixport[gpu]`, which replaces onnxruntime)"
+                + f"; this onnxruntime offers {', '.join(available)}. " + _GPU_INSTALL
             )
         self.provider, self.device, self.device_id = provider, "cpu" if provider == "cpu" else "cuda", device_id
         self.limits = _tensorrt_limits(manifest) if provider == "tensorrt" else None  # its profile's ranges
