@@ -71,7 +71,8 @@ def main() -> None:
               "first_step_logits_max_abs_diff": max(diffs), "rows": rows}
     print(f"{identical}/{len(rows)} greedy sequences of {args.new_tokens} tokens identical "
           f"(adapters: {', '.join(str(a) for a in adapters)}); first-step logits max abs diff {max(diffs):.3g}; "
-          f"graph {half_bytes / 1e6:.0f} MB vs {result['float32_graph_bytes'] / 1e6:.0f} MB; converted in {convert_s:.0f}s")
+          f"graph {half_bytes / 1e6:.0f} MB vs {result['float32_graph_bytes'] / 1e6:.0f} MB; "
+          f"converted in {convert_s:.0f}s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

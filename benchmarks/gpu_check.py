@@ -34,11 +34,11 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "List thr
 ADAPTERS = ["prompt", "prefix", None]
 NEW_TOKENS = 16
 TOLERANCE = {"fp32": (1e-3, 1.0), "fp16": (0.1, 0.9)}  # logits max abs diff, fraction of tokens equal
-PATHS = [  # label, Engine.load keywords, precision, bench keywords
-    ("onnxruntime cuda", {"provider": "cuda"}, "fp32", {"provider": "cuda"}),
-    ("onnxruntime tensorrt", {"provider": "tensorrt"}, "fp32", {"provider": "tensorrt"}),
-    ("tensorrt fp32", {"backend": "tensorrt", "precision": "fp32"}, "fp32", {"backend": "tensorrt", "precision": "fp32"}),
-    ("tensorrt fp16", {"backend": "tensorrt", "precision": "fp16"}, "fp16", {"backend": "tensorrt", "precision": "fp16"}),
+PATHS = [  # label, keywords of Engine.load and run_bench, precision
+    ("onnxruntime cuda", {"provider": "cuda"}, "fp32"),
+    ("onnxruntime tensorrt", {"provider": "tensorrt"}, "fp32"),
+    ("tensorrt fp32", {"backend": "tensorrt", "precision": "fp32"}, "fp32"),
+    ("tensorrt fp16", {"backend": "tensorrt", "precision": "fp16"}, "fp16"),
 ]
 
 
@@ -126,17 +126,19 @@ def bench(label: str, keywords: dict, export: Path, peft_dirs: list[Path], out: 
     shortest = min(results["latency"], key=int)
     base = results["latency"][shortest]["base"]
     widest = max(results["throughput"], key=int)
-    return {"path": label, "swap_resident_ms": swap["resident_s"]["p50"] * 1e3,
+    return {k: float(v) if isinstance(v, np.floating) else v for k, v in {
+            "path": label, "swap_resident_ms": swap["resident_s"]["p50"] * 1e3,
             "swap_naive_ms": swap["naive_new_session_s"]["p50"] * 1e3,
             "vram_per_adapter_bytes": mem["rss_per_adapter_bytes"], "bundle_bytes": mem["bundle_bytes"],
             "vram_growth_over_swaps_bytes": swap["memory_growth_over_swaps_bytes"],
             "ttft_ms": base["ttft_s"]["p50"] * 1e3, "itl_ms": base["itl_s"]["p50"] * 1e3,
             f"tokens_per_s_batch{widest}": results["throughput"][widest]["adapter per row"]["tokens_per_s"]["p50"],
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1)}.items()}
 
 
 def table(checks: list[dict], benches: list[dict]) -> str:
-    lines = ["", "| path | status | logits max abs diff | tokens equal | tolerance | note |", "|---|---|---|---|---|---|"]
+    lines = ["", "| path | status | logits max abs diff | tokens equal | tolerance | note |",
+             "|---|---|---|---|---|---|"]
     for c in checks:
         if c["status"] in ("pass", "FAIL"):
             tol = f"{c['tolerance']['logits']:g}, {c['tolerance']['tokens_equal']:.0%}"
@@ -172,17 +174,17 @@ def main() -> int:
     say("reference: ONNX Runtime on the CPU")
     reference = outputs(Engine.load(export), export)
     checks = []
-    for label, options, precision, _ in PATHS:
+    for label, options, precision in PATHS:
         say(f"parity: {label}")
         checks.append(parity(label, options, precision, export, reference))
         say(f"  {checks[-1]['status']} {checks[-1].get('reason', '')}")
     benches = []
     if not args.no_bench:
-        for (label, _, _, keywords), check in zip(PATHS, checks):
+        for (label, options, _), check in zip(PATHS, checks):
             if check["status"] == "pass" and label in ("onnxruntime cuda", "tensorrt fp32", "tensorrt fp16"):
                 say(f"quick benchmark: {label}")
                 try:
-                    benches.append(bench(label, keywords, export, peft_dirs, args.out))
+                    benches.append(bench(label, options, export, peft_dirs, args.out))
                 except Exception:
                     traceback.print_exc()
     from prefixport.bench.machine import describe

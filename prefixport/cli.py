@@ -41,7 +41,8 @@ def _backend_flags(fn):
     fn = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
                       help="onnxruntime backend: the execution provider (cuda and tensorrt need onnxruntime-gpu).")(fn)
     fn = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-                      show_default=True, help="tensorrt runs the engine `prefixport build-engine` built for this GPU.")(fn)
+                      show_default=True,
+                      help="tensorrt runs the engine `prefixport build-engine` built for this GPU.")(fn)
     return fn
 
 

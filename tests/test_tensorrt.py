@@ -210,12 +210,20 @@ def test_engine_key_names_gpu_capability_tensorrt_and_precision():
     assert engine_key("nvidia-h200", (9, 0), "11.4.0.106", "fp16") == "nvidia-h200-sm90-trt11.4.0.106-fp16"
 
 
-def test_find_engine_picks_this_machines_engine_and_refuses_others(tmp_path, plain_export):
+HERE = dict(gpu_slug="nvidia-h200", gpu_name="NVIDIA H200", compute_capability=(9, 0), tensorrt_version="11.4.0.106")
+
+
+@pytest.fixture
+def copied(tmp_path, plain_export) -> tuple[Path, mf.Manifest]:
+    """A copy of the plain export, free to get engine records and a changed model.onnx."""
     folder = tmp_path / "export"
     shutil.copytree(plain_export, folder)
-    m = mf.Manifest.load(folder)
-    here = dict(gpu_slug="nvidia-h200", gpu_name="NVIDIA H200", compute_capability=(9, 0),
-                tensorrt_version="11.4.0.106")
+    return folder, mf.Manifest.load(folder)
+
+
+def test_find_engine_picks_this_machines_engine_and_refuses_others(copied):
+    folder, m = copied
+    here = HERE
     with pytest.raises(EngineError, match="has no TensorRT engine; build one on this machine"):
         find_engine(folder, m, **here)
     _record(folder, m, gpu="nvidia-a100-sxm4-80gb", cc=(8, 0))
@@ -233,12 +241,9 @@ def test_find_engine_picks_this_machines_engine_and_refuses_others(tmp_path, pla
     assert find_engine(folder, m, **here, precision="fp16").key == fp16.key
 
 
-def test_find_engine_refuses_a_stale_or_broken_engine(tmp_path, plain_export):
-    folder = tmp_path / "export"
-    shutil.copytree(plain_export, folder)
-    m = mf.Manifest.load(folder)
-    here = dict(gpu_slug="nvidia-h200", gpu_name="NVIDIA H200", compute_capability=(9, 0),
-                tensorrt_version="11.4.0.106")
+def test_find_engine_refuses_a_stale_or_broken_engine(copied):
+    folder, m = copied
+    here = HERE
     record = _record(folder, m, fingerprint="sha256:another-model")
     with pytest.raises(EngineError, match="built for another base model"):
         find_engine(folder, m, **here)
@@ -392,7 +397,8 @@ def test_tensorrt_engine_matches_onnxruntime_cpu(tmp_path, plain_export, tiny_ad
     folder = tmp_path / "export"
     shutil.copytree(plain_export, folder)
     record = build_engine(folder, fp16=fp16, max_batch=4, max_seq=64, max_past=127, max_virtual=32)
-    assert json.loads((folder / "engines" / f"{record.key}.json").read_text())["precision"] == ("fp16" if fp16 else "fp32")
+    saved = json.loads((folder / "engines" / f"{record.key}.json").read_text())
+    assert saved["precision"] == ("fp16" if fp16 else "fp32")
     engine = Engine.load(folder, backend="tensorrt", precision=record.precision)
     assert engine.context_limit == 128 and engine.max_batch == 4
     _parity(engine, Engine.load(folder), tiny_adapters("llama"), atol)

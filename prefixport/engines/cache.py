@@ -120,7 +120,8 @@ def find_engine(folder: str | Path, manifest: mf.Manifest, gpu_slug: str, gpu_na
         )
     record = matches[0]
     if not (folder / ENGINES_DIR / record.plan).is_file():
-        raise EngineError(f"the engine record {record.key} names {record.plan}, which is missing; rebuild with {rebuild}")
+        raise EngineError(f"the engine record {record.key} names {record.plan}, which is missing; "
+                          f"rebuild with {rebuild}")
     if record.fingerprint != manifest.fingerprint:
         raise EngineError(f"the engine {record.key} was built for another base model; rebuild with {rebuild}")
     if (record.onnx_bytes, record.onnx_mtime_ns) != _stat(folder) and onnx_digest(folder)[0] != record.onnx_sha256:

@@ -112,7 +112,8 @@ def choose_profile(profiles: list[Profile], batch: int, seq: int, virtual: int, 
         "is outside the TensorRT engine's profiles ("
         + "; ".join(f"{p.name}: batch <= {p.batch.max}, seq <= {p.seq.max}, virtual <= {p.virtual.max}, "
                     f"past <= {p.past.max}" for p in profiles)
-        + "); rebuild it with larger limits: `prefixport build-engine OUTDIR --max-batch/--max-seq/--max-past/--max-virtual`"
+        + "); rebuild it with larger limits: "
+        "`prefixport build-engine OUTDIR --max-batch/--max-seq/--max-past/--max-virtual`"
     )
 
 

@@ -63,7 +63,8 @@ class OnnxRuntimeBackend:
                  device: str | None = None, threads: int | None = None, device_id: int = 0) -> None:
         provider = provider or device or "cpu"
         if provider not in PROVIDERS:
-            raise PrefixportError(f"provider {provider!r} is not supported by this backend; use: {', '.join(PROVIDERS)}")
+            raise PrefixportError(f"provider {provider!r} is not supported by this backend; "
+                                  f"use: {', '.join(PROVIDERS)}")
         if device not in (None, "cpu", "cuda") or (device == "cpu" and provider != "cpu"):
             raise PrefixportError(f"device {device!r} does not go with provider {provider!r}")
         available = ort.get_available_providers()
@@ -87,7 +88,8 @@ class OnnxRuntimeBackend:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         if provider == "tensorrt":
             (Path(folder) / "engines" / "onnxruntime-trt").mkdir(parents=True, exist_ok=True)
-            providers.insert(0, ("TensorrtExecutionProvider", tensorrt_provider_options(Path(folder), manifest, device_id)))
+            options_trt = tensorrt_provider_options(Path(folder), manifest, device_id)
+            providers.insert(0, ("TensorrtExecutionProvider", options_trt))
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors on a bad file
