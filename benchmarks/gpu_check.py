@@ -163,7 +163,10 @@ def main() -> int:
     parser.add_argument("--model", default=default, help=f"default here: {default}")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/prefixport-gpu-check"))
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=400,
+                        help="no benchmark starts later than this minus 120 s (the script is killed at 470 s)")
     args = parser.parse_args()
+    start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("PREFIXPORT_GPU_WORK", "/tmp/prefixport-gpu-work")) / args.model
     work.mkdir(parents=True, exist_ok=True)
@@ -182,6 +185,9 @@ def main() -> int:
     if not args.no_bench:
         for (label, options, _), check in zip(PATHS, checks):
             if check["status"] == "pass" and label in ("onnxruntime cuda", "tensorrt fp32", "tensorrt fp16"):
+                if time.monotonic() - start > args.budget_s - 120:
+                    say(f"quick benchmark: {label} skipped, out of time")
+                    continue
                 say(f"quick benchmark: {label}")
                 try:
                     benches.append(bench(label, options, export, peft_dirs, args.out))
