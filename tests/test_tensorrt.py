@@ -263,6 +263,39 @@ def test_find_engine_refuses_a_stale_or_broken_engine(copied):
         find_engine(folder, m, **here)
 
 
+# The "Y" rows of onnx-tensorrt's operator support matrix (docs/operators.md, TensorRT 8.5, opset 17;
+# later releases only add operators).
+TENSORRT_ONNX_OPS = set("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip
+Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout
+Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool
+GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GRU HardSwish HardSigmoid Identity If ImageScaler
+InstanceNormalization IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool
+MatMul Max MaxPool Mean MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
+ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range
+Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
+ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
+Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_plain_graph_uses_only_what_tensorrt_parses(tmp_path, plain_export, half):
+    """Every operator of a `--no-optimize` export (and of its float16 conversion) is in TensorRT's
+    ONNX support matrix, with the constant `axes` its parser requires of Slice/Squeeze/Unsqueeze."""
+    path = plain_export / mf.MODEL_NAME
+    if half:
+        path = float16_graph(path, tmp_path / "half.onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert {n.op_type for n in graph.node} <= TENSORRT_ONNX_OPS
+    constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    for node in graph.node:
+        axes = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1}.get(node.op_type)
+        if axes is not None and len(node.input) > axes and node.input[axes]:
+            assert node.input[axes] in constant, node.name
+
+
 # --- building ----------------------------------------------------------------------------------
 
 
