@@ -39,7 +39,7 @@ def _backend_flags(fn):
     fn = click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
                       help="tensorrt backend: which built engine to run (default: fp32 where both exist).")(fn)
     fn = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
-                      help="onnxruntime backend: the execution provider (cuda and tensorrt need onnxruntime-gpu).")(fn)
+                      help="onnxruntime backend: the execution provider (cuda, tensorrt: onnxruntime-gpu).")(fn)
     fn = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                       show_default=True,
                       help="tensorrt runs the engine `prefixport build-engine` built for this GPU.")(fn)
@@ -246,8 +246,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
 @click.option("--list", "list_only", is_flag=True, help="List the engines built in OUTDIR and exit.")
 @_errors
 def build_engine(outdir: str, fp16: bool, max_batch: int, max_seq: int | None, max_past: int | None,
-                 max_virtual: int | None,
-                 workspace_mb: int | None, list_only: bool) -> None:
+                 max_virtual: int | None, workspace_mb: int | None, list_only: bool) -> None:
     """Build a TensorRT engine for this GPU from OUTDIR's model.onnx (a --no-optimize export).
 
     Saved as OUTDIR/engines/KEY.plan, KEY = GPU model, compute capability, TensorRT version and
