@@ -243,10 +243,11 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
 @click.option("--max-virtual", type=int, default=None,
               help="Most virtual tokens of an adapter, soft prompt or prefix (default: 128).")
 @click.option("--workspace-mb", type=int, default=None, help="Cap TensorRT's builder workspace.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the engine against ONNX Runtime on the CPU.")
 @click.option("--list", "list_only", is_flag=True, help="List the engines built in OUTDIR and exit.")
 @_errors
 def build_engine(outdir: str, fp16: bool, max_batch: int, max_seq: int | None, max_past: int | None,
-                 max_virtual: int | None, workspace_mb: int | None, list_only: bool) -> None:
+                 max_virtual: int | None, workspace_mb: int | None, no_verify: bool, list_only: bool) -> None:
     """Build a TensorRT engine for this GPU from OUTDIR's model.onnx (a --no-optimize export).
 
     Saved as OUTDIR/engines/KEY.plan, KEY = GPU model, compute capability, TensorRT version and
@@ -264,8 +265,13 @@ def build_engine(outdir: str, fp16: bool, max_batch: int, max_seq: int | None, m
 
     progress = Progress(_echo_err)
     record = build(outdir, fp16=fp16, max_batch=max_batch, max_seq=max_seq, max_past=max_past,
-                   max_virtual=max_virtual, workspace_mb=workspace_mb, say=progress.say)
+                   max_virtual=max_virtual, workspace_mb=workspace_mb, verify=not no_verify, say=progress.say)
     click.echo(f"built {record.describe()} in {record.build_seconds:.0f}s: {record.plan}")
+    for check in record.verification:
+        click.echo(f"  {check['name']}: logits {check['logits_max_abs_diff']:.2e} vs ONNX Runtime (CPU), "
+                   f"KV (relative) {check['present_max_rel_diff']:.2e}")
+    if not record.verification:
+        click.echo("  not verified (--no-verify)")
 
 
 @main.group()

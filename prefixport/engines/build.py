@@ -88,12 +88,13 @@ def drop_round_trips(model: Any, float32_ops: list[str]) -> int:
 
 def build_engine(folder: str | Path, fp16: bool = False, max_batch: int = 8, max_seq: int | None = None,
                  max_past: int | None = None, max_virtual: int | None = None, workspace_mb: int | None = None,
-                 say: Callable[[str], None] = lambda message: None) -> EngineRecord:
+                 verify: bool = True, say: Callable[[str], None] = lambda message: None) -> EngineRecord:
     """Build and save `engines/KEY.plan` (+ `KEY.json`) for this GPU and TensorRT; returns its record.
 
     Two optimisation profiles (decode, prefill) cover zero past and zero virtual tokens. `fp16`
     on a float32 export converts the graph first (inputs and outputs stay float32); a float16
-    export is built as it is.
+    export is built as it is. `verify`: the engine is checked against ONNX Runtime on the CPU
+    (`engines.verify`) and removed again when it disagrees.
     """
     folder = Path(folder)
     manifest = mf.Manifest.load(folder)
@@ -126,10 +127,32 @@ def build_engine(folder: str | Path, fp16: bool = False, max_batch: int = 8, max
         versions={"tensorrt": trt.__version__, "cuda-python": _version("cuda-python")},
     )
     save_record(folder, record)
+    if verify:
+        say("verifying the engine against ONNX Runtime on the CPU")
+        try:
+            record.verification = [r.as_dict() for r in _verify(folder, manifest, precision)]
+        except BaseException:
+            path.unlink(missing_ok=True)
+            (out / f"{key}.json").unlink(missing_ok=True)
+            raise
+        save_record(folder, record)
     manifest.engines[key] = f"{ENGINES_DIR}/{path.name}"
     manifest.save(folder)
     say(f"wrote {path} ({len(plan) / 1e6:.1f} MB) in {record.build_seconds:.0f}s")
     return record
+
+
+def _verify(folder: Path, manifest: mf.Manifest, precision: str) -> list:
+    from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from ..runtime.backends.tensorrt import TensorRTBackend
+    from .verify import compare
+
+    engine, reference = TensorRTBackend(folder, manifest, precision=precision), OnnxRuntimeBackend(folder, manifest)
+    try:
+        return compare(engine, reference, manifest, precision)
+    finally:
+        engine.close()
+        reference.close()
 
 
 def _build(trt: Any, source: Path, manifest: mf.Manifest, limits: Limits, precision: str,

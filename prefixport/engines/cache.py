@@ -45,6 +45,7 @@ class EngineRecord:
     build_seconds: float = 0.0
     plan_bytes: int = 0
     versions: dict = field(default_factory=dict)
+    verification: list = field(default_factory=list)  # engines.verify.CheckResult dicts
 
     @property
     def engine_limits(self) -> Limits:
