@@ -63,7 +63,7 @@ def main() -> None:
             la, _ = prefill(full.backend, [ids], np.zeros((1, 0, m.hidden_size), m.dtype))
             lb, _ = prefill(half.backend, [ids], np.zeros((1, 0, m.hidden_size), m.dtype))
             diffs.append(float(np.abs(la - lb).max()))
-        half_bytes = (half_dir / mf.MODEL_NAME).stat().st_size
+        half_bytes = sum(f.stat().st_size for f in half_dir.glob(mf.MODEL_NAME + "*"))
     identical = sum(r["tokens_equal_before_first_difference"] == args.new_tokens for r in rows)
     result = {"export": str(args.export), "model": m.source, "machine": describe(), "convert_s": round(convert_s, 1),
               "float16_graph_bytes": half_bytes, "float32_graph_bytes": (args.export / mf.MODEL_NAME).stat().st_size,

@@ -46,7 +46,8 @@ def float16_graph(source: Path, target: Path) -> Path:
     blocked = DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT32
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
     drop_round_trips(half, blocked)
-    onnx.save(half, str(target))
+    # weights beside the graph (TARGET.data), so models over protobuf's 2 GB limit convert too
+    onnx.save(half, str(target), save_as_external_data=True, location=target.name + ".data")
     return target
 
 
@@ -124,7 +125,7 @@ def build_engine(folder: str | Path, fp16: bool = False, max_batch: int = 8, max
         tensorrt=trt.__version__, precision=precision, limits=limits.__dict__.copy(), onnx_sha256=digest,
         onnx_bytes=size, onnx_mtime_ns=mtime, fingerprint=manifest.fingerprint,
         build_seconds=round(time.perf_counter() - start, 1), plan_bytes=len(plan),
-        versions={"tensorrt": trt.__version__, "cuda-python": _version("cuda-python")},
+        versions={"tensorrt": trt.__version__, "cuda-bindings": _version("cuda-bindings")},
     )
     save_record(folder, record)
     if verify:
