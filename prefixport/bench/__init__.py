@@ -20,9 +20,8 @@ def run_bench(export_dir: str | Path, adapters: list[str] | None = None, peft_di
 
     `backend` onnxruntime (`provider` cpu, cuda or tensorrt; `device="cuda"` means cuda) or
     tensorrt (`precision` of the engine); on a GPU memory is the device's VRAM counter."""
-    from ..runtime.backends import backend_options
-
     from ..adapters import resolve_adapter
+    from ..runtime.backends import backend_options
 
     export_dir = Path(export_dir)
     paths = [resolve_adapter(export_dir, a) for a in adapters] if adapters else \
