@@ -42,11 +42,19 @@ def test_requests_join_a_running_batch_and_match_alone(engine):
     alone = [engine.generate(p, adapter=a, max_new_tokens=n, stop_token_ids=[])
              for p, a, n in zip(PROMPTS, MIX, lengths)]
     sizes: list[int] = []
-    with Scheduler(engine, max_batch=8, on_step=sizes.append) as scheduler:
+    submitted = threading.Event()
+
+    def step(size: int) -> None:  # the 5th step waits for the late requests (a loaded machine may
+        sizes.append(size)  # starve this thread while the first request decodes to its end)
+        if len(sizes) == 5:
+            submitted.wait(60)
+
+    with Scheduler(engine, max_batch=8, on_step=step) as scheduler:
         first = scheduler.submit(PROMPTS[0], adapter=MIX[0], max_new_tokens=lengths[0], stop_token_ids=[])
         head = _tokens_until(first, 5)  # the first request is decoding...
         later = [scheduler.submit(p, adapter=a, max_new_tokens=n, stop_token_ids=[])
                  for p, a, n in zip(PROMPTS[1:], MIX[1:], lengths[1:])]  # ...when the others arrive
+        submitted.set()
         results = [first.result()] + [t.result() for t in later]
     assert "".join(e.text for e in head) == alone[0].text[: len("".join(e.text for e in head))]
     for got, ref in zip(results, alone):
