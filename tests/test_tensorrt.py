@@ -25,7 +25,7 @@ from prefixport.errors import DeviceError, EngineError, InputError, PrefixportEr
 from prefixport.exporter import export_model
 from prefixport.runtime import Engine
 from prefixport.runtime.backends import backend_options
-from prefixport.runtime.backends.onnxruntime import tensorrt_provider_options
+from prefixport.runtime.backends.onnxruntime import tensorrt_limits, tensorrt_provider_options
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A B C D E F G"]
 
@@ -151,7 +151,7 @@ def test_a_call_outside_the_profiles_names_the_limit():
 
 def test_onnxruntime_tensorrt_options_spell_the_profile(plain_export):
     m = mf.Manifest.load(plain_export)
-    options = tensorrt_provider_options(plain_export, m)
+    options = tensorrt_provider_options(plain_export, m, tensorrt_limits(m))
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith("engines/onnxruntime-trt")
     parsed = {}
     for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):

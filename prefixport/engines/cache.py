@@ -56,21 +56,25 @@ class EngineRecord:
         return f"{self.key} ({self.gpu}, compute capability {cc}, TensorRT {self.tensorrt}, {self.precision})"
 
 
-def onnx_digest(folder: Path) -> tuple[str, int, int]:
-    """sha256, size and mtime of the export's model.onnx (and its external data, if any)."""
-    digest, size, mtime = hashlib.sha256(), 0, 0
-    for path in sorted(Path(folder).glob(mf.MODEL_NAME + "*")):
-        stat = path.stat()
-        size, mtime = size + stat.st_size, max(mtime, stat.st_mtime_ns)
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest(), size, mtime
+def _graph_files(folder: Path) -> list[Path]:
+    """The export's model.onnx and its external data, if any."""
+    return sorted(Path(folder).glob(mf.MODEL_NAME + "*"))
 
 
 def _stat(folder: Path) -> tuple[int, int]:
-    paths = list(Path(folder).glob(mf.MODEL_NAME + "*"))
-    return sum(p.stat().st_size for p in paths), max((p.stat().st_mtime_ns for p in paths), default=0)
+    """Total size and newest mtime of the graph's files."""
+    stats = [p.stat() for p in _graph_files(folder)]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
+def onnx_digest(folder: Path) -> tuple[str, int, int]:
+    """sha256, size and mtime of the export's model.onnx (and its external data, if any)."""
+    digest = hashlib.sha256()
+    for path in _graph_files(folder):
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return ("sha256:" + digest.hexdigest(), *_stat(folder))
 
 
 def records(folder: str | Path) -> list[EngineRecord]:

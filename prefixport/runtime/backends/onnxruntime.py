@@ -28,19 +28,23 @@ def _shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
 
 
-def _tensorrt_limits(manifest: mf.Manifest) -> Any:
+def tensorrt_limits(manifest: mf.Manifest) -> Any:
+    """The TensorRT provider's shape ranges: the default limits of `prefixport build-engine`."""
     from ...engines.profiles import Limits
 
     return Limits.for_manifest(manifest)
 
 
-def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, device_id: int = 0) -> dict[str, Any]:
-    """TensorRT provider options: engines cached under `engines/onnxruntime-trt/`, one explicit
-    profile spanning prefill and decode (the default limits of `prefixport build-engine`)."""
+def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, limits: Any,
+                              device_id: int = 0) -> dict[str, Any]:
+    """TensorRT provider options: engines cached under `engines/onnxruntime-trt/` (created here),
+    one explicit profile spanning prefill and decode within `limits`."""
+    from ...engines.cache import ENGINES_DIR
     from ...engines.profiles import plan_profiles, union_shapes
 
-    shapes = union_shapes(plan_profiles(_tensorrt_limits(manifest)), manifest)
-    cache = Path(folder) / "engines" / "onnxruntime-trt"
+    shapes = union_shapes(plan_profiles(limits), manifest)
+    cache = Path(folder) / ENGINES_DIR / "onnxruntime-trt"
+    cache.mkdir(parents=True, exist_ok=True)
     return {
         "device_id": device_id,
         "trt_engine_cache_enable": True,
@@ -75,7 +79,7 @@ class OnnxRuntimeBackend:
                 + f"; this onnxruntime offers {', '.join(available)}. " + _GPU_INSTALL
             )
         self.provider, self.device, self.device_id = provider, "cpu" if provider == "cpu" else "cuda", device_id
-        self.limits = _tensorrt_limits(manifest) if provider == "tensorrt" else None  # its profile's ranges
+        self.limits = tensorrt_limits(manifest) if provider == "tensorrt" else None  # its profile's ranges
         path = Path(folder) / mf.MODEL_NAME
         if not path.is_file():
             raise ExportFolderError(f"{folder} has no {mf.MODEL_NAME}; re-run `prefixport export`")
@@ -87,8 +91,7 @@ class OnnxRuntimeBackend:
         if provider != "cpu":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         if provider == "tensorrt":
-            (Path(folder) / "engines" / "onnxruntime-trt").mkdir(parents=True, exist_ok=True)
-            options_trt = tensorrt_provider_options(Path(folder), manifest, device_id)
+            options_trt = tensorrt_provider_options(Path(folder), manifest, self.limits, device_id)
             providers.insert(0, ("TensorrtExecutionProvider", options_trt))
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

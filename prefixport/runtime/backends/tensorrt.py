@@ -45,7 +45,7 @@ class TensorRTBackend:
         gpu = cuda.device_info(device_id)
         self.record = find_engine(folder, manifest, gpu.slug, gpu.name, gpu.compute_capability, trt.__version__,
                                   precision)
-        self.manifest, self.device, self.device_id, self.gpu = manifest, "cuda", device_id, gpu
+        self.manifest, self.device, self.device_id = manifest, "cuda", device_id
         self.limits = self.record.engine_limits
         self.profiles = plan_profiles(self.limits)
         self.stream = cuda.Stream(device_id)
