@@ -228,9 +228,9 @@ class Suite:
     # --- 3. latency ------------------------------------------------------------------------------
 
     def _token_times(self, ids: list[int], adapter: str | None, n: int) -> tuple[float, list[float]]:
-        request = self.engine._request(ids, adapter=adapter, max_new_tokens=n, stop_token_ids=[])
+        request = self.engine.prepare(ids, adapter=adapter, max_new_tokens=n, stop_token_ids=[])
         start = time.perf_counter()
-        stamps = [time.perf_counter() for _ in self.engine._rows([request])]
+        stamps = [time.perf_counter() for _ in self.engine.run_rows([request])]
         return stamps[0] - start, list(np.diff(stamps))
 
     def latency(self, plan: Plan, peft: Any) -> dict[str, Any]:

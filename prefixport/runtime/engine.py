@@ -97,11 +97,13 @@ class TextStream:
         tail = self._text.finish()
         if tail:
             yield tail
-        self.result = _result(self._request, self._text, self._adapter, start, first or end, end)
+        self.result = make_result(self._request, self._text, self._adapter, start, first or end, end)
 
 
-def _result(request: RowRequest, text: RowText, adapter: str | None, start: float, first: float,
-            end: float) -> GenerationResult:
+def make_result(request: RowRequest, text: RowText, adapter: str | None, start: float, first: float,
+                end: float) -> GenerationResult:
+    """The result of a finished row: its tokens and text, why it stopped, and its timings (perf_counter
+    seconds: submitted at `start`, first token at `first`, last at `end`)."""
     ids = request.tokens
     n_decode, decode_s = max(len(ids) - 1, 0), end - first
     stopped = text.stopped or (bool(ids) and ids[-1] in request.stop_ids)
@@ -205,11 +207,11 @@ class Engine:
             return ids
         raise InputError("a prompt is a string, a list of token ids, or a list of chat messages")
 
-    def _request(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
+    def prepare(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
                  chat: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None) -> RowRequest:
-        """Check a request completely, before any work; acquire its adapter."""
+        """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         ids = self.encode(prompt, chat=chat)
@@ -233,15 +235,16 @@ class Engine:
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed)
 
-    def _rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
+    def run_rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
+        """Generate for prepared requests together; yields (index in `requests`, token) as produced."""
         m = self.manifest
         return generate_rows(self.backend, requests, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
 
     def stream(self, prompt: Prompt, *, stop: Sequence[str] = (), adapter: str | None = None,
                **kwargs) -> TextStream:
         """Like `generate`, but iterate it for text deltas; the result is on `.result` after."""
-        request = self._request(prompt, adapter=adapter, **kwargs)
-        return TextStream(self._rows([request]), request, RowText(self.tokenizer, stop), adapter)
+        request = self.prepare(prompt, adapter=adapter, **kwargs)
+        return TextStream(self.run_rows([request]), request, RowText(self.tokenizer, stop), adapter)
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """Generate from one prompt; greedy by default.
@@ -269,12 +272,12 @@ class Engine:
             raise InputError(f"{len(prompts)} prompts in one batch, but the TensorRT engine takes at most "
                              f"{self.max_batch} rows; split the batch or rebuild with a larger --max-batch")
         stop = kwargs.pop("stop", ())
-        requests = [self._request(p, adapter=a, **kwargs) for p, a in zip(prompts, adapters)]
+        requests = [self.prepare(p, adapter=a, **kwargs) for p, a in zip(prompts, adapters)]
         texts = [RowText(self.tokenizer, stop) for _ in requests]
         start = time.perf_counter()
         first: list[float | None] = [None] * len(requests)
         last = [start] * len(requests)
-        for i, token in self._rows(requests):
+        for i, token in self.run_rows(requests):
             first[i] = first[i] or time.perf_counter()
             texts[i].push(token)
             if texts[i].stopped:
@@ -283,7 +286,7 @@ class Engine:
                 last[i] = time.perf_counter()
         for t in texts:
             t.finish()
-        return [_result(r, t, a, start, f or l, l) for r, t, a, f, l in zip(requests, texts, adapters, first, last)]
+        return [make_result(r, t, a, start, f or l, l) for r, t, a, f, l in zip(requests, texts, adapters, first, last)]
 
     def close(self) -> None:
         self.backend.close()

@@ -121,12 +121,12 @@ class Ticket:
             self._put(Event(delta, [token]))
 
     def _finish(self, delta: str = "", tokens: Sequence[int] = (), now: float | None = None) -> None:
-        from .engine import _result
+        from .engine import make_result
 
         end = now or time.perf_counter()
         delta += self._text.finish()
         first = self.token_times[0] if self.token_times else end
-        result = _result(self.request, self._text, self.adapter, self.submitted, first, end)
+        result = make_result(self.request, self._text, self.adapter, self.submitted, first, end)
         if self.cancelled:  # read once: a cancel() after this does not change what was sent
             result.finish_reason = "cancelled"
         self.finish_reason = result.finish_reason
@@ -182,7 +182,7 @@ class Scheduler:
         """Queue a request (keywords as `Engine.generate`); raises at once if it is invalid."""
         from .engine import RowText
 
-        request = self.engine._request(prompt, adapter=adapter, **kwargs)
+        request = self.engine.prepare(prompt, adapter=adapter, **kwargs)
         ticket = Ticket(request, RowText(self.engine.tokenizer, stop), adapter)
         with self._cond:
             if self._closed:
