@@ -1,4 +1,5 @@
-"""`prefixport.json`: what the runtime needs to know about an export (DESIGN.md, "The export folder")."""
+"""`prefixport.json`: what the runtime needs to know about an export (docs/design.md, "The export
+folder"). `FORMAT_VERSION` is the graph contract's version: the runtime refuses any other."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from pathlib import Path
 
 from .errors import ExportFolderError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the slot cache (per-row lengths, one buffer for past and present)
 MANIFEST_NAME = "prefixport.json"
 MODEL_NAME = "model.onnx"
 LOGITS = ("last", "all")  # which positions the graph returns logits for
+# "shared": the runtime binds one buffer as past and present (GroupQueryAttention writes in place);
+# "copy": present is a separate buffer of the same shape (plain ONNX ops write a copy).
+CACHE_MODES = ("shared", "copy")
 TOKENIZER_NAME = "tokenizer.json"
 
 
@@ -37,7 +41,7 @@ def past_names(num_layers: int) -> list[str]:
 
 
 def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "prompt_embeds", "attention_mask", "position_ids", *past_names(num_layers)]
+    return ["input_ids", "prompt_embeds", "past_lengths", "input_lengths", *past_names(num_layers)]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -49,7 +53,7 @@ def output_names(num_layers: int) -> list[str]:
 
 @dataclass
 class Manifest:
-    """The contents of `prefixport.json`. Shapes follow DESIGN.md's graph contract."""
+    """The contents of `prefixport.json`. Shapes follow docs/design.md's graph contract."""
 
     architecture: str  # the Hugging Face model_type, e.g. "llama"
     num_layers: int
@@ -64,9 +68,10 @@ class Manifest:
     bos_token_id: int | None
     fingerprint: str  # sha256 over the base model's weights
     source: str  # the model spec it was exported from
-    # Window of sliding-attention layers (None: none). The model masks by cache slot, so a row's
-    # tokens must stay contiguous in the cache (no padding between soft prompt and text).
+    # Window of sliding-attention layers (None: none). The graph masks by slot (= position), so a
+    # row's slots hold its prefix, soft prompt and tokens contiguously from slot 0.
     sliding_window: int | None = None
+    cache: str = "shared"  # CACHE_MODES
     logits: str = "last"  # "last": logits for the last position only; "all": every position
     fused_ops: dict[str, int] = field(default_factory=dict)  # ONNX Runtime contrib ops in the graph
     quantization: dict | None = None  # weight-only quantisation and its agreement with float
@@ -103,8 +108,9 @@ class Manifest:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ExportFolderError(
-                f"{path} has format version {version!r}, this prefixport reads version {FORMAT_VERSION}; "
-                "re-export the model with this version"
+                f"{path} has graph contract version {version!r}, this prefixport reads version "
+                f"{FORMAT_VERSION} (the slot KV cache); re-export the model with this version: "
+                f"prefixport export {Path(folder)} --overwrite"
             )
         known = set(cls.__dataclass_fields__)
         try:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from prefixport.runtime import Engine
-from prefixport.runtime.generation import decode_step, prefill
+from prefixport.runtime.generation import decode_step, prefill_new
 
 
 def hf_last_logits(model, ids: list[int]) -> np.ndarray:
@@ -36,9 +36,9 @@ def runtime_logits(engine: Engine, rows: list[list[int]], decode: list[int] | No
     """Last-position logits [B, vocab] after a prefill of `rows` and optionally one decode step."""
     m = engine.manifest
     embeds = soft if soft is not None else np.zeros((len(rows), 0, m.hidden_size), np.float32)
-    logits, state = prefill(engine.backend, rows, embeds, m.pad_token_id or 0)
+    logits, cache = prefill_new(engine.backend, rows, embeds)
     if decode is not None:
-        logits = decode_step(engine.backend, state, np.array(decode, np.int64), m.hidden_size, np.float32)
+        logits = decode_step(engine.backend, cache, np.array(decode, np.int64), m.hidden_size, np.float32)
     return logits
 
 
@@ -47,10 +47,10 @@ def runtime_greedy_batch(engine: Engine, rows: list[list[int]], n: int,
     """n greedy tokens for each row of one batch (no early stop)."""
     m = engine.manifest
     embeds = soft if soft is not None else np.zeros((len(rows), 0, m.hidden_size), np.float32)
-    logits, state = prefill(engine.backend, rows, embeds, m.pad_token_id or 0)
+    logits, cache = prefill_new(engine.backend, rows, embeds, extra=n)
     out = []
     for _ in range(n):
         tokens = logits.argmax(-1).astype(np.int64)
         out.append(tokens)
-        logits = decode_step(engine.backend, state, tokens, m.hidden_size, np.float32)
+        logits = decode_step(engine.backend, cache, tokens, m.hidden_size, np.float32)
     return np.stack(out, 1).tolist()

@@ -18,7 +18,7 @@ from peft import (
 )
 
 from prefixport.runtime import Engine
-from prefixport.runtime.generation import prefill
+from prefixport.runtime.generation import prefill_new
 
 CAUSAL = TaskType.CAUSAL_LM
 VARIANTS = {
@@ -76,9 +76,5 @@ def peft_greedy(model: PeftModel, ids: list[int], n: int, task: int | None = Non
 def runtime_adapter_logits(engine: Engine, name: str, ids: list[int]) -> np.ndarray:
     """Last-position logits of one prefill with the registered adapter `name`."""
     feed = engine.store.acquire(name)
-    if feed.past is None:
-        logits, _ = prefill(engine.backend, [ids], feed.prompt_embeds)
-    else:
-        empty = np.zeros((1, 0, engine.manifest.hidden_size), np.float32)
-        logits, _ = prefill(engine.backend, [ids], empty, past=feed.past, past_len=feed.past_len)
+    logits, _ = prefill_new(engine.backend, [ids], feed.prompt_embeds, prefix=feed.past)
     return logits[0]

@@ -137,7 +137,8 @@ def export_model(
             loaded.model.to(torch.float16)
     manifest = _manifest(loaded, dtype, opset, digest)
     manifest.logits = logits
-    module = GraphModule(loaded.model, manifest.num_layers, fused=optimize, all_logits=logits == "all")
+    manifest.cache = "shared" if optimize else "copy"
+    module = GraphModule(loaded.model, loaded.arch, fused=optimize, all_logits=logits == "all")
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outdir.parent / f".{outdir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The traced graph: a thin torch module with DESIGN.md's inputs, and its export to ONNX."""
+"""The traced graph: a thin torch module with the inputs of docs/design.md, and its export to ONNX."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 import onnx
 import torch
-from transformers import DynamicCache
 
 from .. import manifest as mf
 from ..errors import ExportError
@@ -18,68 +17,72 @@ from .specs import ArchSpec
 
 
 class GraphModule(torch.nn.Module):
-    """Soft prompt + tokens + past KV in; logits (last position, or all) + present KV out.
+    """The graph of docs/design.md ("The graph contract"): tokens, soft prompt, per-row lengths
+    and the KV slot buffers in; logits and the buffers with this call's keys and values out.
 
     The soft prompt is prepended after the model's embedding module (so any scaling the module
-    applies is not applied to it), exactly where PEFT puts it. With `fused`, each layer's
-    attention becomes one GroupQueryAttention node (see `attention.py`); the model's own eager
-    attention otherwise.
+    applies is not applied to it), exactly where PEFT puts it. Positions are the slots: row b's
+    query i sits at `past_lengths[b] + i`. Logits are taken at each row's last real position
+    (`input_lengths - 1`: rows are right-padded), or at every position with `all_logits`.
     """
 
-    def __init__(self, model: Any, num_layers: int, fused: bool = False, all_logits: bool = False) -> None:
+    def __init__(self, model: Any, arch: ArchSpec, fused: bool = False, all_logits: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.num_layers = num_layers
+        self.num_layers = arch.num_layers(model.config)
+        self.softcap = arch.final_logit_softcap(model.config)
         self.fused = fused
-        self.logits_to_keep = 0 if all_logits else 1  # transformers: 0 = every position
-        model.config._attn_implementation = attention.register() if fused else "eager"
+        self.all_logits = all_logits
+        model.config._attn_implementation = attention.register(fused)
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # [B, S] int64
+        input_ids: torch.Tensor,  # [B, S] int64, right-padded
         prompt_embeds: torch.Tensor,  # [B, V, H]
-        attention_mask: torch.Tensor,  # [B, P + V + S] int64
-        position_ids: torch.Tensor,  # [B, V + S] int64
-        past: list[torch.Tensor],  # 2L x [B, kv_heads, P, head_dim]: key, value per layer
+        past_lengths: torch.Tensor,  # [B] int64: filled slots of each row before this call
+        input_lengths: torch.Tensor,  # [B] int64: this call's positions of each row, 1..V+S
+        past: list[torch.Tensor],  # 2L x [B, kv_heads, capacity, head_dim]: key, value per layer
     ) -> tuple[torch.Tensor, ...]:
         token_embeds = self.model.get_input_embeddings()(input_ids)
-        inputs_embeds = torch.cat([prompt_embeds.to(token_embeds.dtype), token_embeds], dim=1)
-        pairs = list(zip(past[0::2], past[1::2]))
-        extra: dict[str, Any] = {}
-        if self.fused:
-            cache = extra["fused_cache"] = attention.FusedCache(pairs, attention_mask)
-        else:
-            cache = DynamicCache(ddp_cache_data=pairs)
-        out = self.model(
+        inputs_embeds = torch.cat([prompt_embeds.to(token_embeds.dtype), token_embeds], dim=1)  # [B, Q, H]
+        query = inputs_embeds.shape[1]
+        cache = attention.SlotCache(list(zip(past[0::2], past[1::2])), past_lengths, input_lengths, query,
+                                    self.fused)
+        out = self.model.base_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=cache.positions,
             cache=cache,
             use_cache=True,
-            logits_to_keep=self.logits_to_keep,
-            **extra,
+            slot_cache=cache,
         )
+        hidden = out.last_hidden_state  # [B, Q, H]
+        if not self.all_logits:
+            last = (input_lengths - 1).reshape(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+            hidden = hidden.gather(1, last)  # [B, 1, H]
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         presents: list[torch.Tensor] = []
-        for layer in out.cache.layers:
+        for layer in cache.layers:
             presents += [layer.keys, layer.values]
-        return (out.logits, *presents)
+        return (logits, *presents)
 
 
 def sample_inputs(
     arch: ArchSpec, config: Any, dtype: torch.dtype, batch: int, virtual: int, seq: int, past: int,
-    generator: torch.Generator | None = None,
+    capacity: int | None = None, generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
-    """Random inputs of the given sizes, with the layout the runtime feeds (no padding)."""
+    """Random inputs of the given sizes: every row `past` filled slots, `virtual + seq` new ones."""
     kv, hd, hidden = arch.num_kv_heads(config), arch.head_dim(config), config.hidden_size
+    capacity = capacity or past + virtual + seq
     g = generator
-    positions = torch.arange(past, past + virtual + seq).expand(batch, -1).contiguous()
     return {
         "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g),
         "prompt_embeds": torch.randn(batch, virtual, hidden, generator=g).to(dtype) * 0.02,
-        "attention_mask": torch.ones(batch, past + virtual + seq, dtype=torch.int64),
-        "position_ids": positions,
+        "past_lengths": torch.full((batch,), past, dtype=torch.int64),
+        "input_lengths": torch.full((batch,), virtual + seq, dtype=torch.int64),
         "past": [
-            torch.randn(batch, kv, past, hd, generator=g).to(dtype)
+            torch.randn(batch, kv, capacity, hd, generator=g).to(dtype)
             for _ in range(2 * arch.num_layers(config))
         ],
     }
@@ -89,16 +92,15 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
     """torch.onnx.export (dynamo) with every axis of the contract symbolic."""
     dtype = next(module.parameters()).dtype
     # Sizes >= 2 and all different: dynamo turns a sample axis of size 0 or 1 into a constant.
-    inputs = sample_inputs(arch, config, dtype, batch=2, virtual=3, seq=5, past=7)
+    inputs = sample_inputs(arch, config, dtype, batch=2, virtual=3, seq=5, past=7, capacity=19)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    virtual, past = torch.export.Dim("n_virtual"), torch.export.Dim("past")
-    total = torch.export.Dim("total")
+    virtual, capacity = torch.export.Dim("n_virtual"), torch.export.Dim("capacity")
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "prompt_embeds": {0: batch, 1: virtual},
-        "attention_mask": {0: batch, 1: total},
-        "position_ids": {0: batch, 1: torch.export.Dim("query")},
-        "past": [{0: batch, 2: past}] * len(inputs["past"]),
+        "past_lengths": {0: batch},
+        "input_lengths": {0: batch},
+        "past": [{0: batch, 2: capacity}] * len(inputs["past"]),
     }
     n = arch.num_layers(config)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

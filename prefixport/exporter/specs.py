@@ -1,8 +1,9 @@
 """Per-architecture specs: everything prefixport knows about a model family, in one registry.
 
 A spec holds data only. The export path is the same for every architecture: the model's own
-embedding module, its own mask construction (so sliding-window and hybrid layers stay exact) and
-transformers' DynamicCache; a spec says where the config keeps the numbers the graph needs.
+embedding module, q/k/v, norms and rotary, with attention over the slot cache (`attention.py`,
+whose sliding window comes from each layer's own `sliding_window`); a spec says where the config
+keeps the numbers the graph needs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class ArchSpec:
 
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings)
+
+    def final_logit_softcap(self, config: Any) -> float | None:
+        """tanh soft-capping of the logits that the CausalLM head applies (Gemma), or None."""
+        cap = getattr(config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
 
     def sliding_window(self, config: Any) -> int | None:
         """The attention window of sliding layers, or None when every layer attends to all."""

@@ -12,7 +12,6 @@ import torch
 from .. import manifest as mf
 from ..errors import VerificationError
 from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
-from ..runtime.generation import prefill_inputs
 from .graph import GraphModule
 
 # Allowed difference between ONNX Runtime and PyTorch: max abs difference of the logits, and of
@@ -29,31 +28,36 @@ class CaseResult:
     present_max_rel_diff: float  # max |ort - torch| / max(1, max |torch|), over the KV tensors
 
 
+CAPACITY = 24  # slots per row in the verification cases
+
+
 def _torch_run(module: GraphModule, inputs: dict[str, np.ndarray], past: list[np.ndarray]):
     with torch.no_grad():
         out = module(**{k: torch.from_numpy(v) for k, v in inputs.items()},
-                     past=[torch.from_numpy(p) for p in past])
-    return out[0][:, -1].float().numpy(), [t.numpy() for t in out[1:]]
+                     past=[torch.from_numpy(p.copy()) for p in past])
+    return out[0].float().numpy(), [t.numpy() for t in out[1:]]
 
 
 def _cases(manifest: mf.Manifest, embed_std: float, rng: np.random.Generator):
     """(name, inputs, past or None) with past None meaning "take the previous case's present"."""
     dt, hidden, vocab = np.dtype(manifest.dtype), manifest.hidden_size, manifest.vocab_size
-    ids = lambda n: rng.integers(0, vocab, n).tolist()  # noqa: E731
     soft = lambda b, v: (rng.standard_normal((b, v, hidden)) * embed_std).astype(dt)  # noqa: E731
-    empty = lambda b: [np.zeros((b, manifest.num_kv_heads, 0, manifest.head_dim), dt)  # noqa: E731
-                       for _ in range(2 * manifest.num_layers)]
-    yield "prefill", prefill_inputs([ids(7)], soft(1, 0))[0], empty(1)
-    inputs, next_pos = prefill_inputs([ids(6), ids(6)], soft(2, 4))
-    yield "prefill + soft prompt (batch 2)", inputs, empty(2)
-    decode = {
-        "input_ids": np.array([ids(1), ids(1)], np.int64),
-        "prompt_embeds": soft(2, 0),
-        "attention_mask": np.ones((2, int(next_pos[0]) + 1), np.int64),
-        "position_ids": next_pos.reshape(2, 1),
-    }
-    yield "decode step with past", decode, None
-    yield "prefill batch 2, left padding", prefill_inputs([ids(8), ids(3)], soft(2, 0))[0], empty(2)
+    cache = lambda b: [(rng.standard_normal((b, manifest.num_kv_heads, CAPACITY, manifest.head_dim))  # noqa: E731
+                        ).astype(dt) for _ in range(2 * manifest.num_layers)]
+
+    def call(lengths: list[int], past: list[int], virtual: int = 0) -> dict[str, np.ndarray]:
+        ids = np.zeros((len(lengths), max(lengths)), np.int64)  # right-padded
+        for b, n in enumerate(lengths):
+            ids[b, :n] = rng.integers(0, vocab, n)
+        return {"input_ids": ids, "prompt_embeds": soft(len(lengths), virtual),
+                "past_lengths": np.array(past, np.int64), "input_lengths": np.array(lengths, np.int64) + virtual}
+
+    yield "prefill", call([7], [0]), cache(1)
+    yield "prefill + soft prompt (batch 2)", call([6, 6], [0, 0], virtual=4), cache(2)
+    yield "decode step with past", call([1, 1], [10, 10]), None
+    yield "prefill batch 2, right padding", call([8, 3], [0, 0]), cache(2)
+    yield "prefill after a prefix", call([4], [5], virtual=2), cache(1)
+    yield "decode, rows of different lengths", call([1, 1, 1], [12, 5, 0]), cache(3)
 
 
 def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int | None = None) -> list[CaseResult]:
@@ -67,13 +71,17 @@ def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int |
         for name, inputs, past in _cases(manifest, embed_std, rng):
             past = previous_present if past is None else past
             ref_logits, ref_present = _torch_run(module, inputs, past)
-            logits, present = backend.run(inputs, backend.to_past(past))
-            present = backend.past_to_numpy(present)
-            logits_diff = float(np.abs(logits.astype(np.float32) - ref_logits).max())
-            # Padded slots are masked out of every later step, so their contents never matter (the
-            # fused attention and eager attention fill them differently): compare attended slots.
-            attended = inputs["attention_mask"].astype(bool)[:, None, :, None]
-            present_diff = max(_relative_diff(np.where(attended, a, 0), np.where(attended, b, 0))
+            buffers = [p.copy() for p in past]
+            present = buffers if manifest.cache == "shared" else [np.zeros_like(p) for p in past]
+            logits = backend.run(inputs, buffers, present)
+            positions = np.arange(logits.shape[1])[None, :, None] < inputs["input_lengths"][:, None, None]
+            if logits.shape[1] == 1:  # the last position of each row
+                positions = np.ones_like(positions)
+            logits_diff = float(np.abs(np.where(positions, logits.astype(np.float32) - ref_logits, 0)).max())
+            # Only the filled slots of each row matter (what lies beyond is never attended).
+            total = inputs["past_lengths"] + inputs["input_lengths"]
+            filled = (np.arange(CAPACITY)[None, :] < total[:, None])[:, None, :, None]
+            present_diff = max(_relative_diff(np.where(filled, a, 0), np.where(filled, b, 0))
                                for a, b in zip(present, ref_present))
             results.append(CaseResult(name, logits_diff, present_diff))
             if not np.isfinite(logits).all():

@@ -18,6 +18,7 @@ import numpy as np
 
 from .backends import Backend
 from .generation import decode_step, prefill
+from .kv_cache import CacheSettings, KVCache
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
@@ -51,13 +52,15 @@ class Agreement:
 def _greedy(backend: Backend, ids: list[int], n: int, hidden: int, dtype: np.dtype,
             forced: Sequence[int] | None = None) -> list[int]:
     """n argmax tokens; with `forced`, the forced token is fed at each step instead of the argmax."""
-    logits, state = prefill(backend, [ids], np.zeros((1, 0, hidden), dtype))
+    cache = KVCache(backend, backend.manifest, CacheSettings(max_rows=1, budget_mb=None), len(ids) + n)
+    cache.admit(len(ids) + n)
+    logits = prefill(backend, cache, 0, [ids], np.zeros((1, 0, hidden), dtype), 0)
     out: list[int] = []
     for i in range(n):
         out.append(int(np.argmax(logits[0])))
         if i + 1 < n:
             fed = forced[i] if forced is not None else out[-1]
-            logits = decode_step(backend, state, np.array([fed], np.int64), hidden, dtype)
+            logits = decode_step(backend, cache, np.array([fed], np.int64), hidden, dtype)
     return out
 
 

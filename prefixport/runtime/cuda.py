@@ -109,12 +109,22 @@ class DeviceArray:
     order (freed when garbage collected). A zero-size array still owns a small block, so its
     pointer is never null."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | str, stream: Stream) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | str, stream: Stream, base: Any = None,
+                 ptr: int = 0) -> None:
         self.stream, self.rt = stream, stream.rt
         self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self.ptr = int(check(self.rt.cudaMallocAsync(max(self.nbytes, 256), stream.handle),
-                             f"allocation of {self.nbytes:,} bytes"))
+        self.base = base  # a view keeps the array it looks into alive, and frees nothing
+        self.ptr = ptr if base is not None else int(check(self.rt.cudaMallocAsync(max(self.nbytes, 256),
+                                                                                 stream.handle),
+                                                          f"allocation of {self.nbytes:,} bytes"))
+
+    def __getitem__(self, rows: slice) -> "DeviceArray":
+        """A view of rows [start, stop) of the first axis (contiguous: no copy)."""
+        start, stop, _ = rows.indices(self.shape[0])
+        row_bytes = self.nbytes // max(self.shape[0], 1)
+        return DeviceArray((stop - start, *self.shape[1:]), self.dtype, self.stream, base=self,
+                           ptr=self.ptr + start * row_bytes)
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, stream: Stream, dtype: np.dtype | str | None = None) -> "DeviceArray":
@@ -147,8 +157,44 @@ class DeviceArray:
 
     def __del__(self) -> None:
         try:
-            if self.ptr:
+            if self.ptr and self.base is None:
                 self.rt.cudaFreeAsync(self.ptr, self.stream.handle)
                 self.ptr = 0
         except Exception:  # interpreter shutdown: the module may be gone
             pass
+
+
+def copy_slots(dst: DeviceArray, src: DeviceArray | np.ndarray, row: int, slots: int | None, stream: Stream) -> None:
+    """src [r, heads, n, head_dim] (device or host) into dst[row:row+r, :, :n] (the first `slots`
+    of the n when given): one 2-D copy, one line per row and head."""
+    rt = stream.rt
+    rows, heads, n, head_dim = src.shape
+    item = dst.dtype.itemsize
+    width = (n if slots is None else slots) * head_dim * item
+    host = isinstance(src, np.ndarray)
+    if host:
+        src = np.ascontiguousarray(src, dst.dtype)
+    src_ptr = src.ctypes.data if host else src.ptr
+    dst_ptr = dst.ptr + row * heads * dst.shape[2] * head_dim * item
+    if width and rows:
+        check(rt.cudaMemcpy2DAsync(dst_ptr, dst.shape[2] * head_dim * item, src_ptr, n * head_dim * item, width,
+                                   rows * heads, rt.cudaMemcpyKind.cudaMemcpyDefault, stream.handle), "cache copy")
+    if host:
+        stream.synchronize()  # the host array may be freed once this returns
+
+
+class DeviceBuffers:
+    """The cache-buffer operations of a backend on the GPU (ONNX Runtime's CUDA providers)."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.stream = Stream(device)
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
+        return DeviceArray(shape, dtype, self.stream)
+
+    def from_numpy(self, array: np.ndarray) -> DeviceArray:
+        return DeviceArray.from_numpy(array, self.stream)
+
+    def copy_into(self, dst: DeviceArray, src: Any, row: int, slots: int | None) -> None:
+        copy_slots(dst, src, row, slots, self.stream)
+        self.stream.synchronize()  # ONNX Runtime runs on its own stream

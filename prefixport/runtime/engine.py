@@ -7,6 +7,7 @@ register or unregister adapters meanwhile; each request keeps the adapter it sta
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..adapters.bundle import Bundle, make_bundle
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
 from .generation import RowRequest, generate_rows, prefill
+from .kv_cache import CacheSettings, KVCache, slot_bytes
 from .sampling import SamplingParams
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -119,8 +121,13 @@ class Engine:
     """Generation from one export folder. Load with `Engine.load(folder)`."""
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
-                 generation_config: dict, adapter_budget_bytes: int | None = None) -> None:
+                 generation_config: dict, adapter_budget_bytes: int | None = None,
+                 cache: CacheSettings | None = None) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
+        self.cache_settings = cache or CacheSettings()
+        self._caches: list[KVCache] = []  # every cache made; idle ones in `_idle`
+        self._idle: list[KVCache] = []
+        self._cache_lock = threading.Lock()
         self.generation_config = generation_config
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
@@ -128,9 +135,10 @@ class Engine:
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
-             **options) -> "Engine":
+             cache: CacheSettings | None = None, **options) -> "Engine":
         """Open an export folder with `backend` "onnxruntime" or "tensorrt". `adapter_budget_bytes`
-        caps the adapters kept resident (LRU); `options` go to the backend: ONNX Runtime takes
+        caps the adapters kept resident (LRU); `cache` bounds each KV cache (rows, slots per row,
+        MB; default: a 2 GB budget); `options` go to the backend: ONNX Runtime takes
         `provider="cpu"|"cuda"|"tensorrt"` and `threads=N`; TensorRT takes `precision="fp32"|"fp16"`."""
         folder = Path(folder)
         manifest = mf.Manifest.load(folder)
@@ -138,7 +146,7 @@ class Engine:
         gen_path = folder / "generation_config.json"
         generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         return cls(folder, manifest, tokenizer, load_backend(backend, folder, manifest, **options),
-                   generation_config, adapter_budget_bytes)
+                   generation_config, adapter_budget_bytes, cache)
 
     # --- adapters ---------------------------------------------------------------------------
 
@@ -161,13 +169,14 @@ class Engine:
         if bundle.kind != "prompt":
             raise AdapterError(f"only a soft prompt can be baked into a prefix; {bundle.name} is a {bundle.kind}")
         m = self.manifest
-        embeds = bundle.tensors["prompt_embeds"][None].astype(m.dtype)
-        _, state = prefill(self.backend, [[]], embeds, m.pad_token_id or 0)
-        arrays = self.backend.past_to_numpy(state.past)
+        embeds = self.backend.upload(bundle.tensors["prompt_embeds"][None].astype(m.dtype))
+        cache = KVCache(self.backend, m, CacheSettings(max_rows=1, budget_mb=None), self.context_limit)
+        cache.admit(bundle.n_virtual)
+        prefill(self.backend, cache, 0, [[]], embeds, bundle.n_virtual, m.pad_token_id or 0)
         names = mf.past_names(m.num_layers)
         meta = {k: v for k, v in bundle.metadata.items() if k not in ("kind", "n_virtual", "dtype")}
         meta["baked_from"] = "prompt"
-        return make_bundle(kind="prefix", tensors={n: a[0] for n, a in zip(names, arrays)}, **meta)
+        return make_bundle(kind="prefix", tensors=dict(zip(names, cache.read(0))), **meta)
 
     @property
     def context_limit(self) -> int:
@@ -182,9 +191,34 @@ class Engine:
         return self.backend.limits.max_batch if self.backend.limits else None
 
     def stats(self) -> dict:
-        """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions) and memory."""
-        return {"adapters": self.store.stats(), "memory": self.backend.memory_stats(),
+        """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions), the KV
+        caches (bytes in all, and each cache's rows and capacity) and memory."""
+        with self._cache_lock:
+            caches = [c.stats() for c in self._caches]
+        kv = {"bytes": sum(c["bytes"] for c in caches), "budget_bytes_each": self.cache_settings.budget_bytes,
+              "caches": caches}
+        return {"adapters": self.store.stats(), "kv_cache": kv, "memory": self.backend.memory_stats(),
                 "backend": self.backend.name}
+
+    # --- KV caches ------------------------------------------------------------------------------
+
+    def new_cache(self) -> KVCache:
+        """A KV cache of its own under this engine's settings (a scheduler keeps one for its life);
+        counted in `stats()`."""
+        cache = KVCache(self.backend, self.manifest, self.cache_settings, self.context_limit)
+        with self._cache_lock:
+            self._caches.append(cache)
+        return cache
+
+    def _borrow_cache(self) -> KVCache:
+        with self._cache_lock:
+            if self._idle:
+                return self._idle.pop()
+        return self.new_cache()
+
+    def _return_cache(self, cache: KVCache) -> None:
+        with self._cache_lock:
+            self._idle.append(cache)
 
     # --- generation -------------------------------------------------------------------------
 
@@ -222,8 +256,18 @@ class Engine:
         feed = self.store.acquire(adapter) if adapter is not None else None
         n_virtual = feed.n_virtual if feed else 0
         limit, limits = self.context_limit, self.backend.limits
+        need, budget = n_virtual + len(ids) + max_new_tokens, self.cache_settings.budget_bytes
+        if budget is not None and need * slot_bytes(self.manifest) > budget:
+            raise ContextLengthError(
+                f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus max_new_tokens "
+                f"({max_new_tokens}) need {need * slot_bytes(self.manifest) / 2**20:.0f} MB of KV cache, over the "
+                f"budget of {budget / 2**20:.0f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
+            )
+        if self.cache_settings.max_context is not None and need > self.cache_settings.max_context:
+            limit = min(limit, self.cache_settings.max_context)
         if n_virtual + len(ids) + max_new_tokens > limit:
-            owner = "model's" if limit == self.manifest.max_positions else "TensorRT engine's"
+            owner = ("model's" if limit == self.manifest.max_positions else "KV cache's" if
+                     limit == self.cache_settings.max_context else "TensorRT engine's")
             raise ContextLengthError(
                 f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus "
                 f"max_new_tokens ({max_new_tokens}) exceed the {owner} context of {limit} positions; "
@@ -238,7 +282,12 @@ class Engine:
     def run_rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
         """Generate for prepared requests together; yields (index in `requests`, token) as produced."""
         m = self.manifest
-        return generate_rows(self.backend, requests, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+        cache = self._borrow_cache()
+        try:
+            yield from generate_rows(self.backend, cache, requests, m.hidden_size, np.dtype(m.dtype),
+                                     m.pad_token_id or 0)
+        finally:
+            self._return_cache(cache)
 
     def stream(self, prompt: Prompt, *, stop: Sequence[str] = (), adapter: str | None = None,
                **kwargs) -> TextStream:

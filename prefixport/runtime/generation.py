@@ -1,8 +1,10 @@
-"""The generation loop as plain functions over a backend: prefill, decode_step, generate_rows.
+"""The generation loop as plain functions over a backend and a KV cache: prefill, decode_step,
+and `DecodeBatch`, the rows decoding together, on top.
 
-Layout of a prefill row (DESIGN.md): [virtual tokens | left padding | real tokens]. Virtual tokens
-sit at positions 0..V-1 and real token i at V + i whatever the padding, and padding is masked,
-so every row gives what it gives alone (batch invariance).
+A row's slots hold, from slot 0, its prefix adapter's keys and values, its soft prompt and its
+tokens (slot index = position; docs/design.md, "The KV cache"). A row joins by a prefill into a
+free row of the cache and leaves by freeing it: no other row is copied or re-aligned, and every
+row computes exactly what it computes alone.
 """
 
 from __future__ import annotations
@@ -12,90 +14,79 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import PrefixportError
 from .backends import Backend
+from .kv_cache import KVCache
 from .sampling import SamplingParams, choose
 
 
-@dataclass
-class DecodeState:
-    """What a batch carries from one step to the next."""
-
-    past: list[Any]  # backend handles, 2 per layer: [B, kv_heads, T, head_dim]
-    attention_mask: np.ndarray  # [B, T] int64
-    next_position: np.ndarray  # [B] int64: the position of each row's next token
-
-
-def prefill_inputs(
-    rows: Sequence[Sequence[int]],
-    prompt_embeds: Any,  # [B, V, H], V may be 0: an array, or a backend's device copy (then pass `virtual`)
-    pad_id: int = 0,
-    past_len: int = 0,
-    virtual: int | None = None,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Graph inputs for a prefill after `past_len` prefix positions, and each row's next position [B].
-
-    A prefix adapter's KV occupies positions 0..P-1, a soft prompt the next V, real tokens follow.
-    """
-    batch = len(rows)
-    virtual = prompt_embeds.shape[1] if virtual is None else virtual
-    seq = max(len(r) for r in rows)
-    start = past_len + virtual  # position of each row's first real token
-    input_ids = np.full((batch, seq), pad_id, dtype=np.int64)
-    mask = np.zeros((batch, start + seq), dtype=np.int64)
-    positions = np.zeros((batch, virtual + seq), dtype=np.int64)
-    mask[:, :start] = 1
-    positions[:, :virtual] = np.arange(past_len, start)
+def prefill(backend: Backend, cache: KVCache, start: int, rows: Sequence[Sequence[int]], prompt_embeds: Any,
+            virtual: int, pad_id: int = 0) -> np.ndarray:
+    """Run prompts into cache rows [start, start + len(rows)) after what each row holds already
+    (a prefix adapter's keys and values; then one row alone: ONNX Runtime's attention takes a
+    past with several new positions only at batch 1). `prompt_embeds` is [B, V, H] (V = `virtual`,
+    maybe 0), an array or the backend's device copy. Returns each row's last-position logits [B, vocab]."""
+    batch, seq = len(rows), max(len(r) for r in rows)
+    stop = start + batch
+    input_ids = np.full((batch, seq), pad_id, np.int64)  # right-padded
     for b, row in enumerate(rows):
-        n = len(row)
-        if n:
-            input_ids[b, seq - n :] = row
-            mask[b, start + seq - n :] = 1
-            positions[b, virtual + seq - n :] = np.arange(start, start + n)
-    inputs = {
-        "input_ids": input_ids,
-        "prompt_embeds": prompt_embeds,
-        "attention_mask": mask,
-        "position_ids": positions,
-    }
-    return inputs, np.array([start + len(r) for r in rows], dtype=np.int64)
+        input_ids[b, : len(row)] = row
+    past_lengths = cache.lengths[start:stop].copy()
+    input_lengths = np.array([virtual + len(r) for r in rows], np.int64)
+    cache.reserve(stop, int(past_lengths.max()) + virtual + seq)
+    inputs = {"input_ids": input_ids, "prompt_embeds": prompt_embeds, "past_lengths": past_lengths,
+              "input_lengths": input_lengths}
+    logits = backend.run(inputs, *cache.bind(start, stop))
+    cache.lengths[start:stop] = past_lengths + input_lengths
+    cache.commit(start, stop)
+    return _last(logits, input_lengths)
 
 
-def prefill(
-    backend: Backend,
-    rows: Sequence[Sequence[int]],
-    prompt_embeds: np.ndarray,  # [B, V, H], V may be 0
-    pad_id: int = 0,
-    past: list[Any] | None = None,  # a prefix adapter's KV: backend handles [B, kv_heads, P, head_dim]
-    past_len: int = 0,
-    virtual: int | None = None,  # V, where prompt_embeds is a device copy rather than an array
-) -> tuple[np.ndarray, DecodeState]:
-    """Run the prompts; returns last-position logits [B, vocab] and the state to decode from."""
-    inputs, next_position = prefill_inputs(rows, prompt_embeds, pad_id, past_len, virtual)
-    logits, present = backend.run(inputs, past if past is not None else backend.empty_past(len(rows)))
-    return logits, DecodeState(present, inputs["attention_mask"], next_position)
+def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype) -> np.ndarray:
+    """Feed one token to each of the cache's rows [0, len(tokens)) ([B] int64; a free row takes
+    any token and its result is ignored); returns logits [B, vocab]."""
+    batch = len(tokens)
+    past_lengths = cache.lengths[:batch].copy()
+    cache.reserve(batch, int(past_lengths.max()) + 1)
+    inputs = {"input_ids": tokens.reshape(batch, 1).astype(np.int64), "prompt_embeds": np.zeros((batch, 0, hidden), dtype),
+              "past_lengths": past_lengths, "input_lengths": np.ones(batch, np.int64)}
+    logits = backend.run(inputs, *cache.bind(0, batch))
+    cache.lengths[:batch] = past_lengths + 1
+    cache.commit(0, batch)
+    return logits[:, -1]
 
 
-def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray, hidden: int,
-                dtype: np.dtype) -> np.ndarray:
-    """Feed one token per row ([B] int64); updates `state`, returns logits [B, vocab]."""
-    batch = tokens.shape[0]
-    mask = np.concatenate([state.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-    inputs = {
-        "input_ids": tokens.reshape(batch, 1).astype(np.int64),
-        "prompt_embeds": np.zeros((batch, 0, hidden), dtype),
-        "attention_mask": mask,
-        "position_ids": state.next_position.reshape(batch, 1),
-    }
-    logits, state.past = backend.run(inputs, state.past)
-    state.attention_mask = mask
-    state.next_position = state.next_position + 1
-    return logits
+def prefill_new(backend: Backend, rows: Sequence[Sequence[int]], prompt_embeds: Any = None,
+                prefix: list[Any] | None = None, extra: int = 64) -> tuple[np.ndarray, KVCache]:
+    """A fresh cache with one row per prompt, prefilled in one run (after a prefix adapter's keys
+    and values, for a single row); room for `extra` more tokens per row. Returns last-position
+    logits [B, vocab] and the cache, for `decode_step`. For checks, tests and benchmarks."""
+    from .kv_cache import CacheSettings
+
+    m = backend.manifest
+    dtype = np.dtype(m.dtype)
+    embeds = np.zeros((len(rows), 0, m.hidden_size), dtype) if prompt_embeds is None else prompt_embeds
+    virtual = int(embeds.shape[1])
+    need = (prefix[0].shape[2] if prefix else 0) + virtual + max(len(r) for r in rows) + extra
+    cache = KVCache(backend, m, CacheSettings(max_rows=len(rows), budget_mb=None), need)
+    for _ in rows:
+        cache.admit(need)
+    if prefix is not None:
+        cache.write(0, prefix)
+    return prefill(backend, cache, 0, rows, embeds, virtual, m.pad_token_id or 0), cache
+
+
+def _last(logits: np.ndarray, input_lengths: np.ndarray) -> np.ndarray:
+    """[B, L, vocab] -> each row's last position [B, vocab] (L is 1 unless the graph keeps all)."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    return logits[np.arange(len(input_lengths)), input_lengths - 1]
 
 
 @dataclass
 class AdapterFeed:
-    """What an adapter adds to a row's prefill: a soft prompt, or a prefix past, both as the
-    backend holds them (on its device)."""
+    """What an adapter adds to a row's prefill: a soft prompt, or a prefix's keys and values, both
+    as the backend holds them (on its device)."""
 
     prompt_embeds: Any = None  # [1, V, H] (`Backend.upload`)
     virtual: int = 0  # V
@@ -119,132 +110,140 @@ class RowRequest:
     tokens: list[int] = field(default_factory=list)
     done: bool = False  # set by the loop, or by the consumer between yields (a stop string, say)
 
-
-def gather_rows(backend: Backend, states: Sequence[DecodeState], keeps: Sequence[Sequence[int]],
-                pool: list[np.ndarray] | None = None) -> DecodeState:
-    """The rows `keeps[i]` of each `states[i]`, in order, as one batch: rows prefilled apart merged,
-    finished rows dropped, in one copy of the cache. Each row is right-aligned behind masked left
-    padding (zeros), so its tokens stay contiguous (sliding-window masks work by cache slot), and
-    the batch is as wide as its longest row.
-
-    A backend with `gather_past` copies on its device; otherwise the copy goes through numpy, into
-    `pool`: buffers (one per past tensor) reused from one call to the next instead of fresh memory
-    (a fresh 400 MB cache costs more in page faults than in copying). Only for a state that is fed
-    to one decode step and then dropped, as `DecodeBatch` does.
-    """
-    plan = []  # (state, row, first attended column, length) per output row
-    for i, keep in enumerate(keeps):
-        for j in keep:
-            first = int(np.argmax(states[i].attention_mask[j]))
-            plan.append((i, j, first, states[i].attention_mask.shape[1] - first))
-    width = max(n for *_, n in plan)
-    mask = np.zeros((len(plan), width), np.int64)
-    for r, (i, j, f, n) in enumerate(plan):
-        mask[r, width - n :] = states[i].attention_mask[j, f:]
-    positions = np.array([states[i].next_position[j] for i, j, _, _ in plan], np.int64)
-    device_gather = getattr(backend, "gather_past", None)
-    if device_gather is not None:
-        return DecodeState(device_gather([s.past for s in states], plan, width), mask, positions)
-    pasts = [backend.past_to_numpy(s.past) for s in states]
-    merged = []
-    for layer in range(len(pasts[0])):
-        _, heads, _, head_dim = pasts[0][layer].shape
-        out = _buffer(pool, layer, (len(plan), heads, width, head_dim), pasts[0][layer].dtype)
-        for r, (i, j, f, n) in enumerate(plan):
-            out[r, :, : width - n] = 0
-            out[r, :, width - n :] = pasts[i][layer][j, :, f:]
-        merged.append(out)
-    return DecodeState(backend.to_past(merged), mask, positions)
-
-
-def _buffer(pool: list[np.ndarray] | None, index: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array of `shape`: a view of `pool[index]` (grown by half when too small)."""
-    if pool is None:
-        return np.empty(shape, dtype)
-    size = int(np.prod(shape))
-    while len(pool) <= index:
-        pool.append(np.empty(0, dtype))
-    if pool[index].size < size or pool[index].dtype != dtype:
-        pool[index] = np.empty(size + size // 2, dtype)
-    return pool[index][:size].reshape(shape)
+    @property
+    def need(self) -> int:
+        """Slots the row may reach: virtual tokens, prompt, new tokens."""
+        return (self.feed.n_virtual if self.feed else 0) + len(self.prompt_ids) + self.max_new_tokens
 
 
 class DecodeBatch:
-    """Rows decoding together. A row joins at any step (prefilled alone with its adapter, merged
-    in) and leaves once done; every row gives what it gives alone.
+    """Rows decoding together in one KV cache. Rows join at any step (prefilled into free cache
+    rows, fresh prompts without a prefix several in one run) and leave once done.
 
     One step: `join` the newcomers, `sample` a token for every row (from its prefill or last
-    decode logits), then `advance` (drop the rows now done, run one decode step for the rest).
+    decode logits), then `advance` (free the rows now done, run one decode step for the rest).
     """
 
-    def __init__(self, backend: Backend, hidden: int, dtype: np.dtype, pad_id: int = 0) -> None:
-        self.backend, self.hidden, self.dtype, self.pad_id = backend, hidden, dtype, pad_id
-        self.rows: list[RowRequest] = []  # in cache order
-        self._rngs: list[np.random.Generator] = []
-        self._parts: list[DecodeState] = []  # consecutive groups of rows, merged by `advance`
-        self._logits: list[np.ndarray] = []  # per part: [rows, vocab], not yet sampled
-        self._pool: list[np.ndarray] = []  # cache buffers reused by `gather_rows`
+    def __init__(self, backend: Backend, cache: KVCache, hidden: int, dtype: np.dtype, pad_id: int = 0) -> None:
+        self.backend, self.cache, self.hidden, self.dtype, self.pad_id = backend, cache, hidden, dtype, pad_id
+        self.rows: dict[int, RowRequest] = {}  # cache row -> request
+        self._rngs: dict[int, np.random.Generator] = {}
+        self._logits: dict[int, np.ndarray] = {}  # cache row -> [vocab], not yet sampled
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, request: RowRequest) -> None:
-        """Prefill one request (its adapter's soft prompt or prefix included); it samples next step."""
-        feed = request.feed or AdapterFeed()
-        if feed.prompt_embeds is not None:
+    def close(self) -> None:
+        """Free every row (the batch is abandoned, say after a failed step)."""
+        for row in list(self.rows):
+            self.cache.release(row)
+        self.rows, self._rngs, self._logits = {}, {}, {}
+
+    def join(self, requests: Sequence[RowRequest]) -> int:
+        """Prefill requests in order while the cache has room; returns how many joined (the rest
+        wait for rows to leave). Consecutive fresh rows (no prefix) with equal soft-prompt lengths
+        in consecutive cache rows share one prefill run."""
+        placed: list[tuple[int, RowRequest]] = []
+        for request in requests:
+            row = self.cache.admit(request.need)
+            if row is None:
+                break
+            placed.append((row, request))
+        try:
+            for group in _groups(placed):
+                self._prefill(group)
+        except BaseException:
+            for row, _ in placed:
+                if row not in self.rows:
+                    self.cache.release(row)
+            raise
+        return len(placed)
+
+    def _prefill(self, group: list[tuple[int, RowRequest]]) -> None:
+        start = group[0][0]
+        feed = group[0][1].feed or AdapterFeed()
+        if feed.past is not None:  # a prefix: its keys and values into the row's first slots
+            self.cache.write(start, feed.past)
+        if feed.prompt_embeds is not None and len(group) == 1:
             embeds, virtual = feed.prompt_embeds, feed.virtual
+        elif feed.prompt_embeds is not None:  # several soft prompts of one length (host arrays)
+            embeds, virtual = np.concatenate([r.feed.prompt_embeds for _, r in group]), feed.virtual
         else:
-            embeds, virtual = np.zeros((1, 0, self.hidden), self.dtype), 0
-        logits, state = prefill(self.backend, [request.prompt_ids], embeds, self.pad_id, feed.past, feed.past_len,
-                                virtual)
-        self.rows.append(request)
-        self._rngs.append(np.random.default_rng(request.params.seed))
-        self._parts.append(state)
-        self._logits.append(logits)
+            embeds, virtual = np.zeros((len(group), 0, self.hidden), self.dtype), 0
+        logits = prefill(self.backend, self.cache, start, [r.prompt_ids for _, r in group], embeds, virtual,
+                         self.pad_id)
+        for (row, request), row_logits in zip(group, logits):
+            self.rows[row] = request
+            self._rngs[row] = np.random.default_rng(request.params.seed)
+            self._logits[row] = row_logits
 
     def sample(self) -> list[RowRequest]:
         """Choose each row's next token (appended to its `tokens`; `done` set at a stop id or
-        max_new_tokens). Returns the rows in order; the caller may set `done` before `advance`."""
-        logits = np.concatenate(self._logits)  # [B, vocab]
-        for row, rng, row_logits in zip(self.rows, self._rngs, logits):
-            seen = row.prompt_ids + row.tokens if row.params.repetition_penalty != 1.0 else []
-            token = choose(row_logits, seen, row.params, rng)
-            row.tokens.append(token)
-            row.done = row.done or token in row.stop_ids or len(row.tokens) >= row.max_new_tokens
-        self._logits = []
-        return list(self.rows)
+        max_new_tokens). Returns the rows; the caller may set `done` before `advance`."""
+        for row, logits in self._logits.items():
+            request = self.rows[row]
+            seen = request.prompt_ids + request.tokens if request.params.repetition_penalty != 1.0 else []
+            token = choose(logits, seen, request.params, self._rngs[row])
+            request.tokens.append(token)
+            request.done = request.done or token in request.stop_ids or len(request.tokens) >= request.max_new_tokens
+        self._logits = {}
+        return [self.rows[r] for r in sorted(self.rows)]
 
     def advance(self) -> None:
-        """Drop the rows that are done; one decode step for the others, fed their last token."""
-        keeps, start = [], 0
-        for state in self._parts:
-            n = len(state.next_position)
-            keeps.append([j for j in range(n) if not self.rows[start + j].done])
-            start += n
-        self._rngs = [g for r, g in zip(self.rows, self._rngs) if not r.done]
-        self.rows = [r for r in self.rows if not r.done]
+        """Free the rows that are done; one decode step for the others, fed their last token."""
+        for row in [r for r, request in self.rows.items() if request.done]:
+            del self.rows[row], self._rngs[row]
+            self.cache.release(row)
         if not self.rows:
-            self._parts = []
             return
-        whole = len(self._parts) == 1 and len(keeps[0]) == len(self._parts[0].next_position)
-        state = self._parts[0] if whole else gather_rows(self.backend, self._parts, keeps, self._pool)
-        tokens = np.array([r.tokens[-1] for r in self.rows], np.int64)
-        self._logits = [decode_step(self.backend, state, tokens, self.hidden, self.dtype)]
-        self._parts = [state]
+        tokens = np.full(self.cache.active, self.pad_id, np.int64)
+        for row, request in self.rows.items():
+            tokens[row] = request.tokens[-1]
+        logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype)
+        self._logits = {row: logits[row] for row in sorted(self.rows)}
 
 
-def generate_rows(backend: Backend, requests: list[RowRequest], hidden: int, dtype: np.dtype,
+def _groups(placed: list[tuple[int, RowRequest]]) -> Iterator[list[tuple[int, RowRequest]]]:
+    """Runs of requests that may share one prefill: consecutive cache rows, no prefix, the same
+    number of virtual tokens, soft prompts as host arrays."""
+    group: list[tuple[int, RowRequest]] = []
+    for row, request in placed:
+        if group and _joins(group[-1], (row, request)):
+            group.append((row, request))
+            continue
+        if group:
+            yield group
+        group = [(row, request)]
+    if group:
+        yield group
+
+
+def _joins(last: tuple[int, RowRequest], new: tuple[int, RowRequest]) -> bool:
+    a, b = last[1].feed or AdapterFeed(), new[1].feed or AdapterFeed()
+    if new[0] != last[0] + 1 or a.past is not None or b.past is not None or a.virtual != b.virtual:
+        return False
+    return a.prompt_embeds is None or (isinstance(a.prompt_embeds, np.ndarray) and isinstance(b.prompt_embeds, np.ndarray))
+
+
+def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], hidden: int, dtype: np.dtype,
                   pad_id: int = 0) -> Iterator[tuple[int, int]]:
     """Yield (row index, token) as each row produces tokens; every row gives what it gives alone.
 
-    Rows are prefilled one by one (each with its own adapter) and decoded together; a row leaves
-    the batch once done (a stop id, max_new_tokens, or `done` set by the consumer).
+    Rows join as the cache has room (all at once unless its bounds say otherwise) and leave once
+    done (a stop id, max_new_tokens, or `done` set by the consumer between yields).
     """
-    batch = DecodeBatch(backend, hidden, dtype, pad_id)
-    for r in requests:
-        batch.join(r)
+    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id)
     index = {id(r): i for i, r in enumerate(requests)}
-    while batch:
-        for r in batch.sample():
-            yield index[id(r)], r.tokens[-1]
-        batch.advance()
+    waiting = list(requests)
+    try:
+        while waiting or batch:
+            if waiting:
+                joined = batch.join(waiting)
+                if not joined and not batch:
+                    raise PrefixportError(f"a request needing {waiting[0].need} slots does not fit the KV cache")
+                waiting = waiting[joined:]
+            for r in batch.sample():
+                yield index[id(r)], r.tokens[-1]
+            batch.advance()
+    finally:
+        batch.close()

@@ -166,6 +166,7 @@ class Scheduler:
         self.running = 0  # rows in the batch now
         self.steps = 0  # decode steps run
         self.cancelled = 0  # requests that left because their consumer cancelled them
+        self.cache = engine.new_cache()  # one KV cache for the scheduler's life, rows reused
         self._thread = threading.Thread(target=self._run, name="prefixport-scheduler", daemon=True)
         self._thread.start()
 
@@ -214,7 +215,7 @@ class Scheduler:
 
     def _new_batch(self) -> DecodeBatch:
         m = self.engine.manifest
-        return DecodeBatch(self.engine.backend, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+        return DecodeBatch(self.engine.backend, self._cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
 
     def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
         """Wait for work; prefill newcomers into the batch. False once closed."""
@@ -236,15 +237,34 @@ class Scheduler:
             ticket.request.done = True
             ticket._finish()
             self.cancelled += 1
-        for ticket in new:
+        joined = self._join(batch, new)
+        for ticket in new[:joined]:
+            if not ticket.request.done:
+                tickets[id(ticket.request)] = ticket
+        if joined < len(new):  # the KV cache has no room for them yet: they wait, first in line
+            with self._cond:
+                self._waiting.extendleft(reversed(new[joined:]))
+        return True
+
+    def _join(self, batch: DecodeBatch, new: list[Ticket]) -> int:
+        """Prefill `new` (fresh prompts several per run); returns how many were taken, in order.
+        Where a prefill fails, each request is tried alone so that only the bad one fails."""
+        try:
+            return batch.join([t.request for t in new])
+        except Exception:
+            log.exception("prefill failed; trying the requests one by one")
+        joined = set(map(id, batch.rows.values()))
+        for i, ticket in enumerate(new):
+            if id(ticket.request) in joined:
+                continue
             try:
-                batch.join(ticket.request)
+                if not batch.join([ticket.request]):
+                    return i
             except Exception as e:  # this request's prefill failed; the others go on
                 log.exception("prefill failed")
+                ticket.request.done = True
                 ticket._fail(e)
-                continue
-            tickets[id(ticket.request)] = ticket
-        return True
+        return len(new)
 
     def _step(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> None:
         rows = batch.sample()
@@ -272,6 +292,7 @@ class Scheduler:
                     log.exception("decode step failed")
                     for ticket in tickets.values():
                         ticket._fail(e)
+                    batch.close()
                     batch, tickets = self._new_batch(), {}
                 self.running = len(batch)
         finally:

@@ -126,7 +126,7 @@ class AdapterStore:
         if bundle.kind == "prompt":
             embeds = np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype)
             return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual)
-        past = self.backend.to_past([t[None] for t in bundle.prefix(self.manifest.num_layers)])
+        past = [self.backend.upload(np.ascontiguousarray(t[None], dtype)) for t in bundle.prefix(self.manifest.num_layers)]
         return AdapterFeed(past=past, past_len=bundle.n_virtual)
 
     def _evict(self, keep: str) -> None:

@@ -1,0 +1,183 @@
+"""The KV cache: one preallocated buffer per layer and K/V, `[rows, kv_heads, capacity, head_dim]`,
+with per-row lengths (docs/design.md, "The KV cache").
+
+A request owns one row (its slot) from its prefill until it leaves: the row holds its prefix
+adapter's keys and values, its soft prompt and its tokens contiguously from slot 0 (slot index =
+position). Rows join and leave without touching other rows. The buffers grow geometrically (one
+copy per doubling, never per step) and never past the settings' bounds:
+`bytes = rows x capacity x 2 x layers x kv_heads x head_dim x dtype size`.
+
+The graph is bound on the buffers in place: as past and present at once where the export's
+attention writes in place (`manifest.cache == "shared"`), or with a scratch present copied back
+after each run (`"copy"`: `--no-optimize` and TensorRT graphs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import PrefixportError
+
+if TYPE_CHECKING:
+    from .. import manifest as mf
+    from .backends import Backend
+
+MIN_CAPACITY = 64  # slots a fresh buffer holds at least
+DEFAULT_BUDGET_MB = 2048
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Bounds of one KV cache: rows decoding at once, slots per row, and bytes in all."""
+
+    max_rows: int | None = None  # None: as many as the budget allows
+    max_context: int | None = None  # slots per row; None: the model's (or TensorRT engine's) context
+    budget_mb: float | None = DEFAULT_BUDGET_MB  # None: unbounded
+
+    def __post_init__(self) -> None:
+        if self.max_rows is not None and self.max_rows < 1:
+            raise PrefixportError(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.max_context is not None and self.max_context < 1:
+            raise PrefixportError(f"max_context must be >= 1, got {self.max_context}")
+        if self.budget_mb is not None and not self.budget_mb > 0:
+            raise PrefixportError(f"the KV cache budget must be > 0 MB, got {self.budget_mb}")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget_mb is None else int(self.budget_mb * 2**20)
+
+
+def slot_bytes(manifest: mf.Manifest) -> int:
+    """Bytes one slot (one position of one row) takes over every layer, keys and values."""
+    return 2 * manifest.num_layers * manifest.num_kv_heads * manifest.head_dim * np.dtype(manifest.dtype).itemsize
+
+
+class KVCache:
+    """Rows of slots on the backend's device; `lengths[row]` slots of each row are filled."""
+
+    def __init__(self, backend: Backend, manifest: mf.Manifest, settings: CacheSettings, context: int) -> None:
+        self.backend, self.settings = backend, settings
+        self.shared = manifest.cache == "shared"
+        self.heads, self.head_dim, self.tensors = manifest.num_kv_heads, manifest.head_dim, 2 * manifest.num_layers
+        self.slot_bytes = slot_bytes(manifest)
+        self.max_context = min(settings.max_context or context, context)
+        self.max_rows = settings.max_rows
+        self.budget = settings.budget_bytes
+        self.rows = self.capacity = 0  # allocated
+        self.buffers: list[Any] = []  # 2L x [rows, kv_heads, capacity, head_dim]: key, value per layer
+        self._scratch: list[Any] = []  # "copy" graphs: where present is written before it is copied back
+        self.lengths = np.zeros(0, np.int64)  # filled slots per row
+        self._needs: dict[int, int] = {}  # row in use -> slots it may reach
+        self.grows = 0  # reallocations (for stats and tests)
+
+    # --- rows ---------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold now (the scratch of a "copy" graph included)."""
+        return self.rows * self.capacity * self.slot_bytes * (1 if self.shared else 2)
+
+    @property
+    def active(self) -> int:
+        """Rows a decode step spans: up to the last row in use (free rows below it ride along)."""
+        return max(self._needs) + 1 if self._needs else 0
+
+    def in_use(self) -> list[int]:
+        return sorted(self._needs)
+
+    def fits_alone(self, need: int) -> bool:
+        """Whether one row reaching `need` slots fits these bounds at all."""
+        return need <= self.max_context and (self.budget is None or need * self._bytes_per_slot <= self.budget)
+
+    def admit(self, need: int) -> int | None:
+        """Take the lowest free row for a request that may reach `need` slots, or None while
+        the rows in use leave no room for it (bounds: max_rows, max_context, budget)."""
+        if not self.fits_alone(need):
+            raise PrefixportError(f"a row of {need} slots does not fit this KV cache")
+        row = next(r for r in range(len(self._needs) + 1) if r not in self._needs)
+        rows = max(row + 1, self.active)
+        cap = max([need, *self._needs.values()])
+        if self.max_rows is not None and rows > self.max_rows:
+            return None
+        if self.budget is not None and rows * cap * self._bytes_per_slot > self.budget:
+            return None
+        self._needs[row] = need
+        self.reserve(rows, 0)
+        self.lengths[row] = 0
+        return row
+
+    def release(self, row: int) -> None:
+        """The row's request left: its slots are free for the next one (nothing is copied)."""
+        self._needs.pop(row, None)
+        self.lengths[row] = 0
+
+    # --- buffers ------------------------------------------------------------------------------
+
+    @property
+    def _bytes_per_slot(self) -> int:
+        return self.slot_bytes * (1 if self.shared else 2)
+
+    def reserve(self, rows: int, capacity: int) -> None:
+        """At least `rows` rows of `capacity` slots: grown geometrically within the bounds, the
+        rows in use copied over once."""
+        if rows <= self.rows and capacity <= self.capacity:
+            return
+        cap = max(capacity, self.capacity)
+        if cap > self.capacity:
+            cap = min(max(cap, 2 * self.capacity, MIN_CAPACITY), self.max_context)
+        n = max(rows, self.rows)
+        if n > self.rows:
+            n = max(n, 2 * self.rows)
+            if self.max_rows is not None:
+                n = min(n, self.max_rows)
+        if self.budget is not None:  # geometric headroom only where the budget allows it
+            per_row = self._bytes_per_slot
+            if n * cap * per_row > self.budget:
+                n = max(rows, self.active)
+            if n * cap * per_row > self.budget:
+                cap = max(capacity, max(self._needs.values(), default=0))
+        shape = (n, self.heads, cap, self.head_dim)
+        keep = self.active
+        buffers = [self.backend.allocate(shape) for _ in range(self.tensors)]
+        if keep and self.capacity:
+            filled = int(self.lengths[:keep].max(initial=0))  # never more than the new capacity
+            for new, old in zip(buffers, self.buffers):
+                self.backend.copy_into(new, old[:keep], slots=filled)
+        self.buffers = buffers
+        self._scratch = [] if self.shared else [self.backend.allocate(shape) for _ in range(self.tensors)]
+        lengths = np.zeros(n, np.int64)
+        m = min(n, len(self.lengths))
+        lengths[:m] = self.lengths[:m]
+        self.rows, self.capacity, self.lengths = n, cap, lengths
+        self.grows += 1
+
+    def write(self, row: int, arrays: list[Any]) -> None:
+        """A prefix adapter's keys and values ([1, kv_heads, P, head_dim] each, as the backend
+        holds them) into the row's first P slots."""
+        self.reserve(row + 1, arrays[0].shape[2])
+        for buffer, array in zip(self.buffers, arrays):
+            self.backend.copy_into(buffer, array, row=row)
+        self.lengths[row] = arrays[0].shape[2]
+
+    def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any]]:
+        """(past, present) views of rows [start, stop) to run the graph on."""
+        past = [b[start:stop] for b in self.buffers]
+        return past, (past if self.shared else [s[: stop - start] for s in self._scratch])
+
+    def commit(self, start: int, stop: int) -> None:
+        """After a run on rows [start, stop): a "copy" graph's present becomes the rows' cache."""
+        if not self.shared:
+            for buffer, scratch in zip(self.buffers, self._scratch):
+                self.backend.copy_into(buffer, scratch[: stop - start], row=start)
+
+    def read(self, row: int) -> list[np.ndarray]:
+        """The row's filled slots, one [kv_heads, length, head_dim] array per tensor (host copies)."""
+        n = int(self.lengths[row])
+        return [self.backend.to_numpy(b[row : row + 1])[0, :, :n] for b in self.buffers]
+
+    def stats(self) -> dict[str, Any]:
+        return {"bytes": self.nbytes, "rows": self.rows, "capacity": self.capacity, "rows_in_use": len(self._needs),
+                "slot_bytes": self.slot_bytes, "budget_bytes": self.budget, "reallocations": self.grows}
