@@ -128,6 +128,22 @@ def test_chat_without_max_tokens_runs_to_a_stop_within_the_context(served, clien
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_chat_without_max_tokens_whose_prompt_fills_the_context_is_the_runtimes_400(served, client):
+    """The context rule is the runtime's (`Engine.prepare`): a chat prompt that leaves no room for a
+    new token is its ContextLengthError, answered 400 `context_length_exceeded`, with or without an
+    adapter's virtual tokens."""
+    engine = served[0]
+    messages = [{"role": "user", "content": "word " * engine.context_limit}]
+    assert len(engine.encode(messages)) >= engine.context_limit
+    for model in ("tiny", "prefix"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=messages, temperature=0)
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+        assert f"exceed the model's context of {engine.context_limit} positions" in e.value.body["message"]
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2).choices  # still serving
+
+
 def test_n_choices_and_prompt_lists_and_seeds(served, client):
     engine = served[0]
     r = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=8, temperature=0)

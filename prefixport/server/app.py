@@ -24,7 +24,7 @@ from ..errors import AdapterError, BusyError, ContextLengthError, InputError, Pr
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket
 from .metrics import Metrics
 from .middleware import CountRequests, LimitBody
-from .protocol import AdapterLoad, ChatRequest, CompletionRequest, Envelope, _Sampling, error_body, usage
+from .protocol import AdapterLoad, ChatRequest, CompletionRequest, Envelope, GenerationRequest, error_body, usage
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class ApiError(Exception):
         self.status, self.body = status, error_body(message, type_, param, code)
 
 
-def _api_error(e: Exception) -> ApiError:
-    """The library's errors as API errors."""
+def as_api_error(e: Exception) -> ApiError:
+    """Any error as the API error it is answered with: the library's errors by kind (input: 400,
+    context length: 400 `context_length_exceeded`, busy: 503, ...), anything else 500 (logged)."""
     if isinstance(e, ApiError):
         return e
     if isinstance(e, ContextLengthError):
@@ -73,7 +74,7 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
                        code="invalid_api_key")
 
 
-def check_supported(body: _Sampling) -> None:
+def check_supported(body: GenerationRequest) -> None:
     """400 for the first field set to something prefixport cannot do (logprobs, tools, ...)."""
     for field, reason in body.unsupported().items():
         raise ApiError(400, reason, param=field, code="unsupported_parameter")
@@ -111,12 +112,12 @@ class Server:
         raise ApiError(404, f"The model `{model}` does not exist (serving {self.model_name!r} and adapters: "
                             f"{', '.join(self.engine.adapters) or 'none'})", param="model", code="model_not_found")
 
-    def check(self, body: _Sampling) -> str | None:
+    def check(self, body: GenerationRequest) -> str | None:
         """Refuse what prefixport cannot do; the adapter the request names (None: the base)."""
         check_supported(body)
         return self.adapter_for(body.model)
 
-    def prompts(self, body: _Sampling) -> tuple[list[Any], int | None]:
+    def prompts(self, body: GenerationRequest) -> tuple[list[Any], int | None]:
         """The request's prompts (text encoded here; chat messages through the template) and its
         max_tokens (None: the rest of the context). Tokenizes: call it off the event loop."""
         if isinstance(body, ChatRequest):
@@ -124,11 +125,12 @@ class Server:
         assert isinstance(body, CompletionRequest)
         return [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()], body.max_tokens or 16
 
-    def envelope(self, body: _Sampling) -> Envelope:
+    def envelope(self, body: GenerationRequest) -> Envelope:
         kind = "chat.completion" if isinstance(body, ChatRequest) else "text_completion"
         return Envelope(kind, body.model, self.fingerprint)
 
-    def submit(self, prompts: list[Any], body: _Sampling, adapter: str | None, max_tokens: int | None) -> list[Ticket]:
+    def submit(self, prompts: list[Any], body: GenerationRequest, adapter: str | None,
+               max_tokens: int | None) -> list[Ticket]:
         """One ticket per prompt and choice; all or none (a bad one cancels those before it)."""
         if len(prompts) * body.n > self.max_choices:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} ask for {len(prompts) * body.n} completions; "
@@ -147,14 +149,11 @@ class Server:
         return tickets
 
     def _room(self, ids: list[int], adapter: str | None) -> int:
-        """Default max_tokens for chat: what is left of the context."""
+        """Default max_tokens for chat: what the context leaves after the adapter's virtual tokens and
+        the prompt, at least 1. A prompt that leaves nothing is refused by `Engine.prepare`
+        (ContextLengthError: 400 `context_length_exceeded`), which checks every request."""
         n_virtual = self.engine.store.n_virtual(adapter) if adapter else 0
-        limit = self.engine.context_limit
-        room = limit - n_virtual - len(ids)
-        if room < 1:
-            raise ContextLengthError(f"the prompt ({len(ids)} tokens) and the adapter's {n_virtual} virtual tokens "
-                                     f"fill the context of {limit} positions")
-        return room
+        return max(1, self.engine.context_limit - n_virtual - len(ids))
 
     async def collect(self, tickets: list[Ticket]) -> list[GenerationResult]:
         async def one(ticket: Ticket) -> GenerationResult:
@@ -186,7 +185,7 @@ class Server:
             while left:
                 index, ticket, event = await queue.get()
                 if event.error is not None:
-                    yield _sse(_api_error(event.error).body)
+                    yield _sse(as_api_error(event.error).body)
                     return
                 result = event.result
                 if event.text or result is not None or first[index]:
@@ -208,7 +207,7 @@ class Server:
             for task in tasks:
                 task.cancel()
 
-    async def respond(self, request: Request, envelope: Envelope, tickets: list[Ticket], body: _Sampling,
+    async def respond(self, request: Request, envelope: Envelope, tickets: list[Ticket], body: GenerationRequest,
                       model: str) -> Response:
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
@@ -220,7 +219,8 @@ class Server:
                 return Response(status_code=499)
         return JSONResponse(collecting.result())
 
-    async def whole(self, envelope: Envelope, tickets: list[Ticket], body: _Sampling, model: str) -> dict[str, Any]:
+    async def whole(self, envelope: Envelope, tickets: list[Ticket], body: GenerationRequest,
+                    model: str) -> dict[str, Any]:
         """The non-streaming response object: every ticket's result, and the usage."""
         results = await self.collect(tickets)
         for ticket, result in zip(tickets, results):
@@ -310,7 +310,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     @app.exception_handler(PrefixportError)
     async def library_error(_: Request, e: PrefixportError) -> JSONResponse:
-        return _error_response(_api_error(e))
+        return _error_response(as_api_error(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -322,14 +322,14 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception) -> JSONResponse:
-        return _error_response(_api_error(e))
+        return _error_response(as_api_error(e))
 
     app.add_middleware(CountRequests, metrics=server.metrics)
     app.add_middleware(LimitBody, limit=max_body_bytes)  # added last: runs first
 
     v1 = [Depends(authorize)]
 
-    async def generate(body: _Sampling, request: Request) -> Response:
+    async def generate(body: GenerationRequest, request: Request) -> Response:
         adapter = server.check(body)
         request.state.model = body.model
 

@@ -21,7 +21,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class GenerationRequest(BaseModel):
+    """What a completion and a chat completion request share (the base of `CompletionRequest` and
+    `ChatRequest`): the model (base or adapter), sampling, stopping, n choices, streaming."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -62,7 +65,7 @@ class _Sampling(BaseModel):
                     stop_token_ids=[] if self.ignore_eos else None)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = None
@@ -111,7 +114,7 @@ class ChatMessage(BaseModel):
         return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False

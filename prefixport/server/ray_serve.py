@@ -40,8 +40,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ..errors import AdapterError
 from ..runtime import Engine, Ticket
 from ..runtime.backends import backend_options
-from .app import ApiError, Server, _api_error, check_api_key, check_supported, invalid_body
-from .protocol import ChatRequest, CompletionRequest, Envelope, _Sampling
+from .app import ApiError, Server, as_api_error, check_api_key, check_supported, invalid_body
+from .protocol import ChatRequest, CompletionRequest, Envelope, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _to_api_error(e: BaseException) -> ApiError | ReplicaError:
         e = e.cause
     if isinstance(e, ReplicaError):
         return e
-    return _api_error(e)  # type: ignore[arg-type]
+    return as_api_error(e)  # type: ignore[arg-type]
 
 
 def _error_response(e: BaseException) -> JSONResponse:
@@ -73,7 +73,7 @@ def _error_response(e: BaseException) -> JSONResponse:
     return JSONResponse(err.body, status_code=err.status)
 
 
-def parse(kind: Kind, data: Any) -> _Sampling:
+def parse(kind: Kind, data: Any) -> GenerationRequest:
     """A request body checked as `create_app` checks it (pydantic; the same 400 error objects)."""
     model = CompletionRequest if kind == "completion" else ChatRequest
     try:
@@ -155,7 +155,7 @@ class AdapterReplica:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def _submit(self, kind: Kind, request: dict[str, Any]) -> tuple[_Sampling, Envelope, list[Ticket]]:
+    async def _submit(self, kind: Kind, request: dict[str, Any]) -> tuple[GenerationRequest, Envelope, list[Ticket]]:
         body = parse(kind, request)
         adapter = None if body.model == self.server.model_name else body.model
         if adapter is not None:
@@ -174,7 +174,7 @@ class AdapterReplica:
             body, envelope, tickets = await self._submit(kind, request)
             return await self.server.whole(envelope, tickets, body, body.model)
         except Exception as e:
-            err = _api_error(e)
+            err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
 
     async def stream(self, kind: Kind, request: dict[str, Any]) -> AsyncIterator[str]:
@@ -183,7 +183,7 @@ class AdapterReplica:
         try:
             body, envelope, tickets = await self._submit(kind, request)
         except Exception as e:
-            err = _api_error(e)
+            err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         async for event in self.server.stream(envelope, tickets, include_usage, body.model):
