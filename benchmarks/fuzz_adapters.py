@@ -165,8 +165,9 @@ def build_seeds(work: Path, arch: str = "llama", say: Callable[[str], None] = pr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefixport.adapters import convert_checkpoint
+    from prefixport.adapters import convert_checkpoint, convert_for_export, save_bundle
     from prefixport.exporter import export_model
+    from prefixport.runtime import Engine
     from tests import peft_helpers as ph
     from tests import tiny_models
 
@@ -180,8 +181,12 @@ def build_seeds(work: Path, arch: str = "llama", say: Callable[[str], None] = pr
         task = 1 if variant == "multitask" else None
         name = variant + (f"-task{task}" if task is not None else "")
         convert_checkpoint(seeds / "peft" / variant, export, name=name, task=task, out=seeds / f"{name}.safetensors")
-    convert_checkpoint(seeds / "peft" / "prompt", export, name="prompt-baked", bake_prefix=True,
-                       out=seeds / "prompt-baked.safetensors")
+    engine = Engine.load(export)  # the soft prompt baked into a prefix: the runtime runs the graph over it
+    try:
+        baked = engine.bake_prefix(convert_for_export(seeds / "peft" / "prompt", export, name="prompt-baked"))
+    finally:
+        engine.close()
+    save_bundle(baked, seeds / "prompt-baked.safetensors")
     return export, seeds
 
 

@@ -292,10 +292,21 @@ def adapter() -> None:
 def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int | None, bake_prefix: bool,
                     out: str | None) -> None:
     """Convert a PEFT prompt-tuning, p-tuning, multitask or prefix-tuning checkpoint to a bundle."""
-    from .adapters import convert_checkpoint
+    from pathlib import Path
 
-    bundle, path = convert_checkpoint(peft_dir, export_dir, name=name, task=task, bake_prefix=bake_prefix,
-                                      out=out)
+    from .adapters import bundle_path, convert_for_export, save_bundle
+
+    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task)
+    path = Path(out) if out else bundle_path(export_dir, bundle.name)
+    if bake_prefix:  # the graph runs once over the virtual tokens: the runtime's work
+        from .runtime import Engine
+
+        engine = Engine.load(export_dir)
+        try:
+            bundle = engine.bake_prefix(bundle)
+        finally:
+            engine.close()
+    path = save_bundle(bundle, path)
     click.echo(f"wrote {path}: {bundle.kind} adapter {bundle.name!r} ({bundle.metadata['peft_type']}), "
                f"{bundle.n_virtual} virtual tokens, {bundle.nbytes:,} bytes")
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefixport.adapters import convert_checkpoint, load_bundle, save_bundle
+from prefixport.adapters import (bundle_path, convert_checkpoint, convert_for_export, load_bundle,
+                                 save_bundle)
 from prefixport.adapters.bundle import make_bundle
 from prefixport.cli import main
 from prefixport.errors import AdapterError, InputError
@@ -51,7 +52,11 @@ def test_runtime_equals_peft_forward(arch_setup, variant, bake):
     arch, folder, engine, work = arch_setup
     task = 1 if variant == "multitask" else None
     name = f"{variant}{'-baked' if bake else ''}"
-    bundle, path = convert_checkpoint(work / variant, engine.folder, name=name, task=task, bake_prefix=bake)
+    if bake:  # converted, then baked by the runtime (the adapters package never runs the graph)
+        bundle = engine.bake_prefix(convert_for_export(work / variant, engine.folder, name=name, task=task))
+        path = save_bundle(bundle, bundle_path(engine.folder, name))
+    else:
+        bundle, path = convert_checkpoint(work / variant, engine.folder, name=name, task=task)
     assert path == engine.folder / "adapters" / f"{name}.safetensors"
     assert bundle.kind == ("prefix" if bake or variant.startswith("prefix") else "prompt")
     engine.add_adapter(name, path)
@@ -225,3 +230,27 @@ def test_cli_convert_inspect_generate(llama, tmp_path):
     assert r.exit_code == 1 and "neither a file nor a bundle" in r.output
     r = runner.invoke(main, ["adapter", "convert", str(work / "multitask"), "--export", str(export)])
     assert r.exit_code == 1 and "--task" in r.output
+
+
+def test_cli_convert_bakes_a_soft_prompt_into_a_prefix(llama, tmp_path):
+    """`adapter convert --bake-prefix`: the CLI converts, the runtime bakes; the baked bundle gives
+    the soft prompt's tokens."""
+    export, work = llama
+    out = tmp_path / "baked.safetensors"
+    r = CliRunner().invoke(main, ["adapter", "convert", str(work / "prompt"), "--export", str(export),
+                                  "--name", "baked", "--bake-prefix", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}: prefix adapter 'baked'" in r.output
+    baked = load_bundle(out)
+    assert baked.kind == "prefix" and baked.metadata["baked_from"] == "prompt"
+    engine = Engine.load(export)
+    engine.add_adapter("baked", out)
+    engine.add_adapter("soft", convert_checkpoint(work / "prompt", export, out=tmp_path / "soft.safetensors")[1])
+    kw = dict(max_new_tokens=8, stop_token_ids=[])
+    baked_ids, soft_ids = (engine.generate(PROMPT, adapter=a, **kw).token_ids for a in ("baked", "soft"))
+    assert baked_ids == soft_ids
+    engine.close()
+    r = CliRunner().invoke(main, ["adapter", "convert", str(work / "prefix"), "--export", str(export),
+                                  "--bake-prefix", "--out", str(tmp_path / "no.safetensors")])
+    assert r.exit_code == 1 and "only a soft prompt can be baked" in r.output
+    assert not (tmp_path / "no.safetensors").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prefixport.adapters import convert_checkpoint
+from prefixport.adapters import bundle_path, convert_checkpoint, convert_for_export, save_bundle
 from prefixport.runtime import Engine, Scheduler
 
 from . import peft_helpers as ph
@@ -32,7 +32,11 @@ def test_default_model_equals_peft(setup, variant, bake):
     model, engine, work = setup
     task = 2 if variant == "multitask" else None
     name = f"{variant}{'-baked' if bake else ''}"
-    _, path = convert_checkpoint(work / variant, engine.folder, name=name, task=task, bake_prefix=bake)
+    if bake:
+        baked = engine.bake_prefix(convert_for_export(work / variant, engine.folder, name=name, task=task))
+        path = save_bundle(baked, bundle_path(engine.folder, name))
+    else:
+        _, path = convert_checkpoint(work / variant, engine.folder, name=name, task=task)
     engine.add_adapter(name, path)
     reference = ph.load_reference(model, work / variant)  # prompt learning leaves the base untouched
     for prompt in PROMPTS:

@@ -19,13 +19,13 @@ from prefixport import manifest as mf
 from prefixport.adapters import load_bundle
 from prefixport.engines import Limits, choose_profile, engine_key, find_engine, plan_profiles
 from prefixport.engines.build import build_engine, check_buildable, float16_graph
-from prefixport.engines.cache import EngineRecord, onnx_digest, save_record
-from prefixport.engines.profiles import union_shapes
 from prefixport.errors import DeviceError, EngineError, InputError, PrefixportError
 from prefixport.exporter import export_model
 from prefixport.runtime import Engine
 from prefixport.runtime.backends import backend_options
 from prefixport.runtime.backends.onnxruntime import tensorrt_limits, tensorrt_provider_options
+from prefixport.runtime.engine_cache import EngineRecord, onnx_digest, save_record
+from prefixport.runtime.profiles import union_shapes
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A B C D E F G"]
 

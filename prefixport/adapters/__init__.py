@@ -9,30 +9,36 @@ from .. import manifest as mf
 from .bundle import Bundle, load_bundle, save_bundle
 from .peft import convert
 
-__all__ = ["Bundle", "convert", "convert_checkpoint", "load_bundle", "resolve_adapter", "save_bundle"]
+__all__ = ["ADAPTERS_DIR", "Bundle", "bundle_path", "convert", "convert_checkpoint", "convert_for_export",
+           "load_bundle", "resolve_adapter", "save_bundle"]
 
 ADAPTERS_DIR = "adapters"
 
 
-def convert_checkpoint(peft_dir: str | Path, export_dir: str | Path, name: str | None = None,
-                       task: int | None = None, bake_prefix: bool = False,
-                       out: str | Path | None = None) -> tuple[Bundle, Path]:
-    """Convert a PEFT checkpoint for the export in `export_dir`; write it to `out` or to
-    `export_dir/adapters/NAME.safetensors`. `bake_prefix` turns a soft prompt into a prefix."""
+def convert_for_export(peft_dir: str | Path, export_dir: str | Path, name: str | None = None,
+                       task: int | None = None) -> Bundle:
+    """A PEFT checkpoint converted for the export in `export_dir` (checked against its manifest),
+    in memory. `name` defaults to the checkpoint folder's name (+ `-taskN`); characters other than
+    letters, digits, `.`, `_` and `-` become `_`."""
     manifest = mf.Manifest.load(export_dir)
     if name is None:
         name = Path(peft_dir).resolve().name + (f"-task{task}" if task is not None else "")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    bundle = convert(peft_dir, manifest, name=name, task=task)
-    if bake_prefix:
-        from ..runtime import Engine
+    return convert(peft_dir, manifest, name=name, task=task)
 
-        engine = Engine.load(export_dir)
-        try:
-            bundle = engine.bake_prefix(bundle)
-        finally:
-            engine.close()
-    path = Path(out) if out else Path(export_dir) / ADAPTERS_DIR / f"{name}.safetensors"
+
+def bundle_path(export_dir: str | Path, name: str) -> Path:
+    """Where an export keeps the bundle NAME: `export_dir/adapters/NAME.safetensors`."""
+    return Path(export_dir) / ADAPTERS_DIR / f"{name}.safetensors"
+
+
+def convert_checkpoint(peft_dir: str | Path, export_dir: str | Path, name: str | None = None,
+                       task: int | None = None, out: str | Path | None = None) -> tuple[Bundle, Path]:
+    """Convert a PEFT checkpoint for the export in `export_dir` (`convert_for_export`); write it to
+    `out` or to `export_dir/adapters/NAME.safetensors`. (A soft prompt baked into a prefix needs
+    the runtime: `Engine.bake_prefix` on `convert_for_export`'s bundle, then `save_bundle`.)"""
+    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task)
+    path = Path(out) if out else bundle_path(export_dir, bundle.name)
     return bundle, save_bundle(bundle, path)
 
 
@@ -41,7 +47,7 @@ def resolve_adapter(export_dir: str | Path, name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    candidate = Path(export_dir) / ADAPTERS_DIR / f"{name_or_path}.safetensors"
+    candidate = bundle_path(export_dir, name_or_path)
     if candidate.is_file():
         return candidate
     from ..errors import AdapterError

@@ -16,8 +16,9 @@ from .. import manifest as mf
 from ..errors import DeviceError, EngineError
 from ..runtime import cuda
 from ..runtime.backends.tensorrt import tensorrt_module
-from .cache import ENGINES_DIR, EngineRecord, engine_key, onnx_digest, save_record
-from .profiles import Limits, plan_profiles
+from ..runtime.engine_cache import ENGINES_DIR, EngineRecord, engine_key, onnx_digest, save_record
+from ..runtime.limits import Limits
+from ..runtime.profiles import plan_profiles
 
 # RMSNorm's variance and its inverse square root stay float32 in a float16 graph (as transformers
 # computes them): a hidden state over 256 would overflow float16 when squared.

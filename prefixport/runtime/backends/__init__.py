@@ -9,6 +9,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ..limits import Limits
+
 
 class Backend(Protocol):
     """What the generation loop needs from a backend.
@@ -19,7 +21,7 @@ class Backend(Protocol):
 
     name: str
     device: str  # "cpu" or "cuda"
-    limits: Any  # the shapes a TensorRT engine was built for (`engines.Limits`), or None: the model's
+    limits: Limits | None  # the shapes a TensorRT engine (or provider) accepts; None: the model's own
 
     def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         """Feed `input_ids`, `prompt_embeds`, `attention_mask`, `position_ids` and the past

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from ... import manifest as mf
 from ...errors import DeviceError, ExportFolderError, PrefixportError
+from ..limits import Limits
 from . import gpu_memory, process_memory
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
@@ -28,10 +29,8 @@ def _shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
 
 
-def tensorrt_limits(manifest: mf.Manifest) -> Any:
+def tensorrt_limits(manifest: mf.Manifest) -> Limits:
     """The TensorRT provider's shape ranges: the default limits of `prefixport build-engine`."""
-    from ...engines.profiles import Limits
-
     return Limits.for_manifest(manifest)
 
 
@@ -39,8 +38,8 @@ def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, limits: Any,
                               device_id: int = 0) -> dict[str, Any]:
     """TensorRT provider options: engines cached under `engines/onnxruntime-trt/` (created here),
     one explicit profile spanning prefill and decode within `limits`."""
-    from ...engines.cache import ENGINES_DIR
-    from ...engines.profiles import plan_profiles, union_shapes
+    from ..engine_cache import ENGINES_DIR
+    from ..profiles import plan_profiles, union_shapes
 
     shapes = union_shapes(plan_profiles(limits), manifest)
     cache = Path(folder) / ENGINES_DIR / "onnxruntime-trt"

@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ... import manifest as mf
-from ...engines.cache import ENGINES_DIR, find_engine
-from ...engines.profiles import choose_profile, plan_profiles
 from ...errors import DeviceError, EngineError
 from .. import cuda
 from ..cuda import DeviceArray
+from ..engine_cache import ENGINES_DIR, find_engine
+from ..profiles import choose_profile, plan_profiles
 from . import gpu_memory, process_memory
 
 

@@ -2,7 +2,8 @@
 version and precision, each with a `.json` record that says what it was built from and for.
 
 An engine runs only on the GPU model and TensorRT version it was built with, and only with the
-`model.onnx` it was built from: anything else is refused with a hint to rebuild.
+`model.onnx` it was built from: anything else is refused with a hint to rebuild. The runtime reads
+the cache (`find_engine`, for the TensorRT backend); `prefixport.engines.build` writes it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..errors import EngineError
-from .profiles import Limits
+from .limits import Limits
 
 ENGINES_DIR = "engines"
 PRECISIONS = ("fp32", "fp16")
