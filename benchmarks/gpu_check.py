@@ -121,10 +121,13 @@ def parity(label: str, options: dict, precision: str, export: Path, reference: t
 
 def bench(label: str, keywords: dict, export: Path, peft_dirs: list[Path], out: Path) -> dict:
     from prefixport.bench import run_bench
+    from prefixport.runtime import BackendSettings
 
     start = time.perf_counter()
-    results, _ = run_bench(export, peft_dirs=[str(p) for p in peft_dirs], device="cuda", quick=True,
-                           out=out / ("bench-" + label.replace(" ", "-")), say=say, **keywords)
+    settings = BackendSettings(kind=keywords.get("backend", "onnxruntime"), provider=keywords.get("provider"),
+                               device="cuda", precision=keywords.get("precision"))
+    results, _ = run_bench(export, peft_dirs=[str(p) for p in peft_dirs], settings=settings, quick=True,
+                           out=out / ("bench-" + label.replace(" ", "-")), say=say)
     mem, swap = results["memory"], results["swap"]
     shortest = min(results["latency"], key=int)
     base = results["latency"][shortest]["base"]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from .errors import PrefixportError
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .runtime import BackendSettings
 
 
 def _errors(fn):
@@ -33,7 +37,21 @@ def _mb(n: int) -> str:
 
 
 def _backend_flags(fn):
-    """--backend, --provider, --precision and --device, shared by generate, bench and serve."""
+    """--backend, --provider, --precision and --device, shared by generate, bench and serve: the
+    command receives them, with --threads where it has that option, as one `BackendSettings`
+    keyword, `settings` (refused there if they cannot work together). Put it below `_errors`."""
+
+    command = fn
+
+    @functools.wraps(command)
+    def with_settings(*args, backend: str, provider: str | None, precision: str | None, device: str | None,
+                      **kwargs):
+        from .runtime import BackendSettings
+
+        settings = BackendSettings(backend, provider, device, precision, kwargs.pop("threads", None))
+        return command(*args, settings=settings, **kwargs)
+
+    fn = with_settings
     fn = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                       help="cpu, or cuda (an NVIDIA GPU). Default: what the backend and provider run on.")(fn)
     fn = click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
@@ -111,19 +129,17 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--stop", "stop", multiple=True, help="A stop string (repeatable); cut from the output.")
 @click.option("--adapter", "adapter", default=None, metavar="NAME_OR_PATH",
               help="An adapter bundle: a file, or a NAME under OUTDIR/adapters/.")
-@_backend_flags
 @_errors
+@_backend_flags
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
              top_p: float, top_k: int, seed: int | None, repetition_penalty: float, stop: tuple[str, ...],
-             adapter: str | None, backend: str, provider: str | None, precision: str | None,
-             device: str | None) -> None:
+             adapter: str | None, settings: BackendSettings) -> None:
     """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
     from .adapters import resolve_adapter
     from .runtime import Engine
-    from .runtime.backends import backend_options
 
     progress = Progress(_echo_err)
-    options = backend_options(backend, provider, device, precision)
+    backend, options = settings.load_kwargs()
     with progress.stage(f"loading {outdir} ({backend})"):
         engine = Engine.load(outdir, backend=backend, **options)
         if adapter:
@@ -150,18 +166,18 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
               help="The same adapters as PEFT checkpoints, for the PEFT-on-PyTorch columns (repeatable).")
 @click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about two minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: OUTDIR/bench.")
-@_backend_flags
 @_errors
+@_backend_flags
 def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], quick: bool, out: str | None,
-          backend: str, provider: str | None, precision: str | None, device: str | None) -> None:
+          settings: BackendSettings) -> None:
     """Benchmark adapter swap, memory, latency and throughput against PEFT and the naive way.
 
     On a GPU (--device cuda, or a GPU backend) memory is the device's VRAM counter."""
     from .bench import run_bench
 
     progress = Progress(_echo_err)
-    results, written = run_bench(outdir, list(adapters), list(peft_dirs), device, quick, out, progress.say,
-                                 backend=backend, provider=provider, precision=precision)
+    results, written = run_bench(outdir, list(adapters), list(peft_dirs), settings=settings, quick=quick, out=out,
+                                 say=progress.say)
     click.echo(written["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
@@ -193,33 +209,30 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option("--max-adapters", type=int, default=8, show_default=True,
               help="Adapters each Ray Serve replica keeps registered, least recently used dropped (with --ray).")
-@_backend_flags
 @_errors
+@_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
-          adapter_budget_mb: float | None, threads: int | None, use_ray: bool, replicas: int,
-          max_adapters: int, backend: str, provider: str | None, precision: str | None, device: str | None) -> None:
+          adapter_budget_mb: float | None, use_ray: bool, replicas: int, max_adapters: int,
+          settings: BackendSettings) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
-    from .runtime.backends import backend_options
-
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
     budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
-    options = backend_options(backend, provider, device, precision, threads)
     if use_ray:
         from .server.ray_serve import run_ray
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
-                max_adapters=max_adapters, adapter_budget_bytes=budget, threads=threads, device=device,
-                backend=backend, provider=provider, precision=precision)
+                max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings)
         return
     import uvicorn
 
     from .runtime import Engine
     from .server import create_app
 
+    backend, options = settings.load_kwargs()
     engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),

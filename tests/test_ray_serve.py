@@ -15,8 +15,8 @@ ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install 'pre
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is optional: pip install 'prefixport[ray]'")
 openai = pytest.importorskip("openai")
 
-from prefixport.runtime import Engine  # noqa: E402
-from prefixport.server.ray_serve import APP_NAME, REPLICA, build_app  # noqa: E402
+from prefixport.runtime import BackendSettings, Engine  # noqa: E402
+from prefixport.server.ray_serve import APP_NAME, REPLICA, AppArgs, app_builder, build_app  # noqa: E402
 
 from .conftest import ADAPTER_VARIANTS  # noqa: E402
 
@@ -44,7 +44,7 @@ def ray_served(tiny_export, tiny_adapters, tmp_path_factory):
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(tiny_export("llama"), folder, model_name="tiny", max_batch=4, replicas=REPLICAS,
-                        max_adapters=MAX_ADAPTERS, threads=1, replica_cpus=1)
+                        max_adapters=MAX_ADAPTERS, replica_cpus=1, settings=BackendSettings(threads=1))
         serve.run(app, name=APP_NAME, route_prefix="/")
         engine = Engine.load(tiny_export("llama"), threads=1)
         for name in ADAPTER_VARIANTS:
@@ -170,3 +170,14 @@ def test_errors_are_openai_errors(client):
         client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
     assert info.value.body["code"] == "context_length_exceeded"
     _check_lru(_replicas_state())  # the unknown ids never entered a replica's LRU
+
+
+def test_app_builder_refuses_settings_that_cannot_work(tmp_path):
+    """`serve run ...:app_builder` takes the flat command-line arguments and makes them one
+    BackendSettings, refused before anything is deployed (no Ray needed)."""
+    from prefixport.errors import DeviceError, PrefixportError
+
+    with pytest.raises(DeviceError, match="the tensorrt backend runs on an NVIDIA GPU"):
+        app_builder(AppArgs(outdir=str(tmp_path), backend="tensorrt", device="cpu"))
+    with pytest.raises(PrefixportError, match="--precision is for the tensorrt backend"):
+        app_builder(AppArgs(outdir=str(tmp_path), precision="fp16"))

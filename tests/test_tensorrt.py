@@ -5,6 +5,7 @@ GPU parity tests, which skip with the reason where there is no GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,8 +22,7 @@ from prefixport.engines import Limits, choose_profile, engine_key, find_engine, 
 from prefixport.engines.build import build_engine, check_buildable, float16_graph
 from prefixport.errors import DeviceError, EngineError, InputError, PrefixportError
 from prefixport.exporter import export_model
-from prefixport.runtime import Engine
-from prefixport.runtime.backends import backend_options
+from prefixport.runtime import BackendSettings, Engine
 from prefixport.runtime.backends.onnxruntime import tensorrt_limits, tensorrt_provider_options
 from prefixport.runtime.engine_cache import EngineRecord, onnx_digest, save_record
 from prefixport.runtime.profiles import union_shapes
@@ -373,21 +373,36 @@ def test_engine_verification_compares_backends_case_by_case(tmp_path, plain_expo
 # --- choosing a backend ------------------------------------------------------------------------
 
 
-def test_backend_options_refuse_what_cannot_work():
-    assert backend_options() == {"provider": "cpu"}
-    assert backend_options(device="cuda") == {"provider": "cuda"}
-    assert backend_options(provider="tensorrt", threads=2) == {"provider": "tensorrt", "threads": 2}
-    assert backend_options("tensorrt", precision="fp16") == {"precision": "fp16"}
+def test_backend_settings_refuse_what_cannot_work():
+    assert BackendSettings().load_kwargs() == ("onnxruntime", {"provider": "cpu"})
+    assert BackendSettings(device="cuda").options() == {"provider": "cuda"}
+    assert BackendSettings(provider="tensorrt", threads=2).options() == {"provider": "tensorrt", "threads": 2}
+    assert BackendSettings("tensorrt", precision="fp16").load_kwargs() == ("tensorrt", {"precision": "fp16"})
+    assert BackendSettings("tensorrt", threads=4).options() == {}  # threads are ONNX Runtime's
+    assert [BackendSettings(**kw).uses_gpu for kw in ({}, {"device": "cuda"}, {"provider": "tensorrt"},
+                                                      {"kind": "tensorrt"})] == [False, True, True, True]
     with pytest.raises(PrefixportError, match="--precision is for the tensorrt backend"):
-        backend_options(precision="fp16")
+        BackendSettings(precision="fp16")
     with pytest.raises(PrefixportError, match="runs on the GPU"):
-        backend_options(provider="cuda", device="cpu")
+        BackendSettings(provider="cuda", device="cpu")
     with pytest.raises(PrefixportError, match="--provider is for the onnxruntime backend"):
-        backend_options("tensorrt", provider="cuda")
+        BackendSettings("tensorrt", provider="cuda")
     with pytest.raises(DeviceError, match="runs on an NVIDIA GPU"):
-        backend_options("tensorrt", device="cpu")
-    with pytest.raises(PrefixportError, match="unknown backend"):
-        backend_options("tvm")
+        BackendSettings("tensorrt", device="cpu")
+    with pytest.raises(PrefixportError, match="unknown backend 'tvm'; available: onnxruntime, tensorrt"):
+        BackendSettings("tvm")
+    with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, when made: it cannot change after
+        BackendSettings().provider = "cuda"  # type: ignore[misc]
+    with pytest.raises(PrefixportError, match="runs on the GPU"):  # a changed copy is checked again
+        dataclasses.replace(BackendSettings(device="cpu"), provider="tensorrt")
+
+
+def test_backend_settings_load_an_engine(plain_export):
+    """`Engine.load(folder, backend=kind, **options)`: the settings' keywords are what it takes."""
+    backend, options = BackendSettings(threads=1).load_kwargs()
+    engine = Engine.load(plain_export, backend=backend, **options)
+    assert (engine.backend.name, engine.backend.device, engine.backend.limits) == ("onnxruntime", "cpu", None)
+    engine.close()
 
 
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])

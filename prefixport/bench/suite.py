@@ -21,6 +21,7 @@ from ..errors import PrefixportError
 from ..runtime import Engine
 from ..runtime.backends import Backend, gpu_memory, load_backend
 from ..runtime.generation import prefill
+from ..runtime.settings import BackendSettings
 from .machine import describe
 from .measure import memory_bandwidth, rss_bytes, spread, timed
 
@@ -52,11 +53,11 @@ class Suite:
     peft_dirs: list[Path] = field(default_factory=list)  # the same adapters as PEFT checkpoints
     quick: bool = False
     say: Callable[[str], None] = lambda message: None
-    backend: str = "onnxruntime"
-    options: dict[str, Any] = field(default_factory=dict)  # Engine.load keywords (provider, precision, ...)
+    settings: BackendSettings = BackendSettings()  # the backend every engine and session is loaded with
 
     def _load(self, **kwargs: Any) -> Engine:
-        return Engine.load(self.export_dir, backend=self.backend, **self.options, **kwargs)
+        backend, options = self.settings.load_kwargs()
+        return Engine.load(self.export_dir, backend=backend, **options, **kwargs)
 
     def run(self) -> dict[str, Any]:
         plan = Plan.make(self.quick)
@@ -78,8 +79,7 @@ class Suite:
             "export": str(self.export_dir),
             "model": self.manifest.source,
             "device": self.device,
-            "backend": self.backend + (f" ({self.options['provider']})" if "provider" in self.options else "")
-                       + (f" ({self.engine.backend.record.precision})" if self.backend == "tensorrt" else ""),
+            "backend": self._backend_label(),
             "memory_counter": "VRAM in use on the GPU (the driver's counter)" if self.device == "cuda" else
                               "process RSS: no GPU, so host memory is reported instead of VRAM",
             "adapters": {n: {k: registered[n][k] for k in ("kind", "bytes", "n_virtual")} for n in self.names},
@@ -95,6 +95,15 @@ class Suite:
             results[key] = step()
         self.engine.close()
         return results
+
+    def _backend_label(self) -> str:
+        """e.g. `onnxruntime (cpu)`, `tensorrt (fp16)`: the backend, and its provider or the engine's precision."""
+        backend, options = self.settings.load_kwargs()
+        if "provider" in options:
+            return f"{backend} ({options['provider']})"
+        if backend == "tensorrt":
+            return f"{backend} ({self.engine.backend.record.precision})"
+        return backend
 
     # --- the PEFT side -------------------------------------------------------------------------
 
@@ -138,7 +147,8 @@ class Suite:
 
     def _new_session(self, ids: list[int]) -> Backend:
         """A new session (engine) of the export, after its first prefill (what the naive way pays per adapter)."""
-        backend = load_backend(self.backend, self.export_dir, self.manifest, **self.options)
+        name, options = self.settings.load_kwargs()
+        backend = load_backend(name, self.export_dir, self.manifest, **options)
         prefill(backend, [ids], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
         return backend
 

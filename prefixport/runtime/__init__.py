@@ -4,5 +4,7 @@ never torch or transformers."""
 from .engine import Engine, GenerationResult, TextStream
 from .sampling import SamplingParams
 from .scheduler import Event, Scheduler, Ticket
+from .settings import BackendSettings
 
-__all__ = ["Engine", "Event", "GenerationResult", "SamplingParams", "Scheduler", "TextStream", "Ticket"]
+__all__ = ["BackendSettings", "Engine", "Event", "GenerationResult", "SamplingParams", "Scheduler", "TextStream",
+           "Ticket"]

@@ -18,6 +18,7 @@ in Python with `build_app(...)` and `serve.run(...)`.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -38,8 +39,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from ..errors import AdapterError
-from ..runtime import Engine, Ticket
-from ..runtime.backends import backend_options
+from ..runtime import BackendSettings, Engine, Ticket
 from .app import ApiError, Server, as_api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, Envelope, GenerationRequest
 
@@ -113,10 +113,9 @@ class AdapterReplica:
     """The base model and an LRU of at most `max_adapters` adapters, registered on demand."""
 
     def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
-                 max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8, threads: int | None = None,
-                 device: str | None = None, adapter_budget_bytes: int | None = None, backend: str = "onnxruntime",
-                 provider: str | None = None, precision: str | None = None) -> None:
-        options = backend_options(backend, provider, device, precision, threads)
+                 max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8,
+                 adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings()) -> None:
+        backend, options = settings.load_kwargs()
         self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, **options)
         self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget)
         self.max_adapters = max_adapters
@@ -331,39 +330,37 @@ class OpenAIIngress:
 
 def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
               max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None, replicas: int = 1,
-              max_adapters: int = 8, threads: int | None = None, device: str | None = None,
-              adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
-              replica_gpus: float = 0, backend: str = "onnxruntime", provider: str | None = None,
-              precision: str | None = None) -> serve.Application:
+              max_adapters: int = 8, adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
+              replica_gpus: float = 0, settings: BackendSettings = BackendSettings()) -> serve.Application:
     """The Serve application: `replicas` x `AdapterReplica` behind one `OpenAIIngress`.
 
     Paths must exist on every node that runs a replica (shared storage, or the same path on each).
     `adapters_dir` defaults to OUTDIR/adapters. Each replica reserves `replica_cpus` CPUs (default:
-    `threads`, or 1) and `replica_gpus` GPUs (at least 1 where the backend runs on a GPU);
+    `settings.threads`, or 1) and `replica_gpus` GPUs (at least 1 where the backend runs on a GPU);
     `max_adapters` is the multiplex LRU size per replica; `max_batch` and `prefill_budget` go to
-    each replica's `Scheduler`; `backend`, `provider`, `precision`, `device` choose the backend.
+    each replica's `Scheduler`; `settings` chooses the backend (checked when it was made, so a bad
+    combination is refused here, not in each replica).
     """
-    options = backend_options(backend, provider, device, precision)  # refused here, not in each replica
-    if options.get("provider", "cuda") != "cpu":  # a GPU backend
+    if settings.uses_gpu:
         replica_gpus = replica_gpus or 1
     outdir = Path(outdir).resolve()
     adapters = Path(adapters_dir).resolve() if adapters_dir is not None else outdir / "adapters"
-    actor: dict[str, Any] = {"num_cpus": replica_cpus if replica_cpus is not None else (threads or 1)}
+    actor: dict[str, Any] = {"num_cpus": replica_cpus if replica_cpus is not None else (settings.threads or 1)}
     if replica_gpus:
         actor["num_gpus"] = replica_gpus
     replica = AdapterReplica.options(
         num_replicas=replicas, ray_actor_options=actor,
         max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
-           max_adapters=max_adapters, threads=threads, device=device, adapter_budget_bytes=adapter_budget_bytes,
-           backend=backend, provider=provider, precision=precision)
+           max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
         replica, api_key=api_key)
 
 
 class AppArgs(BaseModel):
     """Arguments of `app_builder` (`serve run prefixport.server.ray_serve:app_builder outdir=... replicas=2`,
-    or `args:` in a Serve config file)."""
+    or `args:` in a Serve config file): flat, as on the command line; `threads`, `device`, `backend`,
+    `provider` and `precision` make the `BackendSettings`."""
 
     outdir: str
     adapters_dir: str | None = None
@@ -387,28 +384,30 @@ def app_builder(args: AppArgs) -> serve.Application:
     """The application builder for `serve run` / `serve deploy` (`api_key` also from PREFIXPORT_API_KEY)."""
     options = args.model_dump()
     options["api_key"] = options["api_key"] or os.environ.get("PREFIXPORT_API_KEY")
-    return build_app(**options)
+    settings = BackendSettings(kind=options.pop("backend"), provider=options.pop("provider"),
+                               device=options.pop("device"), precision=options.pop("precision"),
+                               threads=options.pop("threads"))
+    return build_app(**options, settings=settings)
 
 
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
-            model_name: str | None = None, replicas: int = 1, threads: int | None = None, max_adapters: int = 8,
-            device: str | None = None, adapter_budget_bytes: int | None = None, block: bool = True,
-            backend: str = "onnxruntime", provider: str | None = None,
-            precision: str | None = None) -> DeploymentHandle:
+            model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
+            adapter_budget_bytes: int | None = None, block: bool = True,
+            settings: BackendSettings = BackendSettings()) -> DeploymentHandle:
     """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
     HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
 
-    Without `threads`, the local machine's cores are shared between the replicas.
+    Without `settings.threads`, the local machine's cores are shared between the replicas.
     """
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    if threads is None and not os.environ.get("RAY_ADDRESS"):
-        threads = max(1, (os.cpu_count() or 1) // max(1, replicas))
+    if settings.threads is None and not os.environ.get("RAY_ADDRESS"):
+        settings = dataclasses.replace(settings, threads=max(1, (os.cpu_count() or 1) // max(1, replicas)))
     serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
-                    api_key=api_key, replicas=replicas, max_adapters=max_adapters, threads=threads, device=device,
-                    adapter_budget_bytes=adapter_budget_bytes, backend=backend, provider=provider, precision=precision)
+                    api_key=api_key, replicas=replicas, max_adapters=max_adapters,
+                    adapter_budget_bytes=adapter_budget_bytes, settings=settings)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     if not block:
         return handle

@@ -85,29 +85,6 @@ def gpu_memory(device: int = 0) -> dict[str, int]:
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def backend_options(backend: str = "onnxruntime", provider: str | None = None, device: str | None = None,
-                    precision: str | None = None, threads: int | None = None) -> dict[str, Any]:
-    """`Engine.load` keywords from the command line's settings, refusing combinations that
-    cannot work: ONNX Runtime takes a provider (cpu, cuda, tensorrt; `device="cuda"` means
-    cuda) and threads; TensorRT runs its own engine on the GPU, in a precision it was built for."""
-    from ...errors import DeviceError, PrefixportError
-
-    if backend == "onnxruntime":
-        if precision:
-            raise PrefixportError("--precision is for the tensorrt backend; ONNX Runtime runs the graph's own dtype")
-        provider = provider or ("cuda" if device == "cuda" else "cpu")
-        if device == "cpu" and provider != "cpu":
-            raise PrefixportError(f"provider {provider!r} runs on the GPU: use --device cuda, or leave --device out")
-        return {"provider": provider} | ({"threads": threads} if threads else {})
-    if backend == "tensorrt":
-        if provider:
-            raise PrefixportError("--provider is for the onnxruntime backend; the tensorrt backend runs its own engine")
-        if device == "cpu":
-            raise DeviceError("the tensorrt backend runs on an NVIDIA GPU: use --device cuda, or leave --device out")
-        return {"precision": precision} if precision else {}
-    raise PrefixportError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-
-
 def load_backend(name: str, folder: str, manifest: Any, **options: Any) -> Backend:
     """Open the export in `folder` with the named backend (`onnxruntime` or `tensorrt`)."""
     if name == "onnxruntime":

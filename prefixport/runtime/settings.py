@@ -1,0 +1,70 @@
+"""`BackendSettings`: which backend runs an export, and how; one value from the command line to
+`Engine.load` (the CLI builds it once; the bench and Ray Serve pass it along)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DeviceError, PrefixportError
+from .backends import BACKENDS
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The backend (`kind`: onnxruntime or tensorrt) and its settings, checked when made.
+
+    ONNX Runtime takes a `provider` (cpu, cuda, tensorrt; `device="cuda"` without one means cuda)
+    and `threads` (intra-op; None: all cores); the tensorrt backend runs its own engine on an
+    NVIDIA GPU, in a `precision` it was built for (fp32, fp16; None: fp32 where both exist).
+    `device` is cpu, cuda or None (what the backend and provider run on). Combinations that cannot
+    work raise at construction: a PrefixportError, or a DeviceError for tensorrt on the CPU.
+    """
+
+    kind: str = "onnxruntime"
+    provider: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse combinations that cannot work (the messages name the command line's flags)."""
+        if self.kind == "onnxruntime":
+            if self.precision:
+                raise PrefixportError("--precision is for the tensorrt backend; ONNX Runtime runs the graph's "
+                                      "own dtype")
+            provider = self._provider()
+            if self.device == "cpu" and provider != "cpu":
+                raise PrefixportError(f"provider {provider!r} runs on the GPU: use --device cuda, or leave "
+                                      "--device out")
+        elif self.kind == "tensorrt":
+            if self.provider:
+                raise PrefixportError("--provider is for the onnxruntime backend; the tensorrt backend runs its own "
+                                      "engine")
+            if self.device == "cpu":
+                raise DeviceError("the tensorrt backend runs on an NVIDIA GPU: use --device cuda, or leave "
+                                  "--device out")
+        else:
+            raise PrefixportError(f"unknown backend {self.kind!r}; available: {', '.join(BACKENDS)}")
+
+    def _provider(self) -> str:
+        return self.provider or ("cuda" if self.device == "cuda" else "cpu")
+
+    def options(self) -> dict[str, Any]:
+        """The backend's `Engine.load` keywords: `Engine.load(folder, backend=s.kind, **s.options())`.
+        ONNX Runtime: provider (always) and threads (when set); tensorrt: precision (when set)."""
+        if self.kind == "onnxruntime":
+            return {"provider": self._provider()} | ({"threads": self.threads} if self.threads else {})
+        return {"precision": self.precision} if self.precision else {}
+
+    def load_kwargs(self) -> tuple[str, dict[str, Any]]:
+        """(backend name, options): what `Engine.load` and `load_backend` take."""
+        return self.kind, self.options()
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether the backend runs on an NVIDIA GPU (the tensorrt backend, a cuda or tensorrt provider)."""
+        return self.kind == "tensorrt" or self._provider() != "cpu"
