@@ -6,12 +6,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from transformers import AutoModelForCausalLM
 
 from prefixport import manifest as mf
 from prefixport.runtime import Engine
-from prefixport.runtime.generation import prefill_inputs
+from prefixport.runtime.generation import prefill_new
 
 from .helpers import hf_greedy, hf_last_logits, runtime_greedy_batch, runtime_logits
 from .tiny_models import ARCHITECTURES
@@ -39,11 +38,12 @@ def test_graph_contract(case):
     assert [v.name for v in graph.output] == mf.output_names(m.num_layers)
     assert shapes["input_ids"] == (I, ["batch", "seq"])
     assert shapes["prompt_embeds"] == (F, ["batch", "n_virtual", m.hidden_size])
-    assert shapes["attention_mask"] == (I, ["batch", "total"])
-    assert shapes["position_ids"] == (I, ["batch", "query"])
+    assert shapes["past_lengths"] == (I, ["batch"])
+    assert shapes["input_lengths"] == (I, ["batch"])
+    assert m.format_version == mf.FORMAT_VERSION == 2 and m.cache == "shared"
     for i in range(m.num_layers):
-        assert shapes[mf.past_key_name(i)] == (F, ["batch", m.num_kv_heads, "past", m.head_dim])
-        assert shapes[mf.past_value_name(i)] == (F, ["batch", m.num_kv_heads, "past", m.head_dim])
+        assert shapes[mf.past_key_name(i)] == (F, ["batch", m.num_kv_heads, "capacity", m.head_dim])
+        assert shapes[mf.past_value_name(i)] == (F, ["batch", m.num_kv_heads, "capacity", m.head_dim])
         key = shapes[mf.present_key_name(i)]
         assert key[0] == F and key[1][1] == m.num_kv_heads and key[1][3] == m.head_dim
         assert all(isinstance(d, str) for d in (key[1][0], key[1][2])), "present axes must be symbolic"
@@ -58,10 +58,10 @@ def test_runs_at_many_shapes(case, batch, virtual, seq, past):
     """Every axis is really dynamic, zeros included (the tracer baked none of the sample sizes)."""
     _, _, engine = case
     if engine.manifest.fused_ops and batch > 1 and past and virtual + seq > 1:
-        # ONNX Runtime's GroupQueryAttention refuses this one shape; the runtime prefills rows one
-        # at a time, so it never feeds it (README: graph optimisation). Each row alone runs.
+        # ONNX Runtime's GroupQueryAttention refuses this one shape; the runtime prefills rows with
+        # a past (a prefix adapter) one at a time, so it never feeds it. Each row alone runs.
         run_shape(engine, 1, virtual, seq, past)
-        with pytest.raises(InvalidArgument, match="batch_size must be 1"):
+        with pytest.raises(RuntimeError, match="batch_size must be 1"):
             run_shape(engine, batch, virtual, seq, past)
         return
     run_shape(engine, batch, virtual, seq, past)
@@ -70,19 +70,24 @@ def test_runs_at_many_shapes(case, batch, virtual, seq, past):
 def run_shape(engine: Engine, batch: int, virtual: int, seq: int, past: int) -> None:
     m = engine.manifest
     rng = np.random.default_rng(0)
+    capacity = past + virtual + seq + 3
     inputs = {
         "input_ids": rng.integers(0, m.vocab_size, (batch, seq)),
         "prompt_embeds": rng.standard_normal((batch, virtual, m.hidden_size)).astype(np.float32),
-        "attention_mask": np.ones((batch, past + virtual + seq), np.int64),
-        "position_ids": np.tile(np.arange(past, past + virtual + seq), (batch, 1)),
+        "past_lengths": np.full(batch, past, np.int64),
+        "input_lengths": np.full(batch, virtual + seq, np.int64),
     }
-    pasts = [rng.standard_normal((batch, m.num_kv_heads, past, m.head_dim)).astype(np.float32)
+    pasts = [rng.standard_normal((batch, m.num_kv_heads, capacity, m.head_dim)).astype(np.float32)
              for _ in range(2 * m.num_layers)]
-    import onnxruntime as ort
-
-    logits, present = engine.backend.run(inputs, [ort.OrtValue.ortvalue_from_numpy(p) for p in pasts])
-    assert logits.shape == (batch, m.vocab_size) and np.isfinite(logits).all()
-    assert all(p.shape() == [batch, m.num_kv_heads, past + virtual + seq, m.head_dim] for p in present)
+    presents = pasts if m.cache == "shared" else [np.zeros_like(p) for p in pasts]
+    before = [p.copy() for p in pasts]
+    logits = engine.backend.run(inputs, pasts, presents)
+    width = virtual + seq if m.logits == "all" else 1
+    assert logits.shape == (batch, width, m.vocab_size) and np.isfinite(logits).all()
+    for old, new in zip(before, presents):  # the past kept, this call's positions written after it
+        np.testing.assert_array_equal(new[:, :, :past], old[:, :, :past])
+        if virtual + seq:
+            assert not np.array_equal(new[:, :, past : past + virtual + seq], old[:, :, past : past + virtual + seq])
 
 
 def test_logits_match_transformers_at_prefill_and_decode(case):
@@ -104,24 +109,19 @@ def test_greedy_tokens_match_transformers_generate(case):
 
 
 def test_padded_batch_rows_equal_rows_alone(case):
-    """Left padding inside a batch changes nothing: each row gives what it gives alone.
-
-    With a soft prompt the layout is [virtual | pads | real]; sliding-window layers mask by cache
-    slot, so there the pads would shift the window: such models are checked without soft prompt
-    (the batch runtime prefills their rows apart instead, DESIGN.md).
-    """
+    """Right padding inside a batch changes nothing: each row gives, bitwise, what it gives alone
+    (rows of different lengths prefilled in one run, then decoded together; windows included)."""
     _, _, engine = case
     rows = [engine.encode(p) for p in PROMPTS]
     assert len({len(r) for r in rows}) > 1
     soft = np.random.default_rng(1).standard_normal((1, 3, engine.manifest.hidden_size)).astype(np.float32)
-    for embeds in (None,) if engine.manifest.sliding_window else (None, soft):
+    for embeds in (None, soft):
         batch_embeds = None if embeds is None else np.repeat(embeds, len(rows), axis=0)
         batched = runtime_greedy_batch(engine, rows, 12, batch_embeds)
         alone = [runtime_greedy_batch(engine, [r], 12, embeds)[0] for r in rows]
         assert batched == alone
-        np.testing.assert_allclose(runtime_logits(engine, rows, soft=batch_embeds),
-                                   np.concatenate([runtime_logits(engine, [r], soft=embeds) for r in rows]),
-                                   atol=1e-4)
+        np.testing.assert_array_equal(runtime_logits(engine, rows, soft=batch_embeds),
+                                      np.concatenate([runtime_logits(engine, [r], soft=embeds) for r in rows]))
 
 
 def test_soft_prompt_matches_transformers_inputs_embeds(case):
@@ -149,7 +149,7 @@ def test_unoptimized_export_is_plain_onnx_and_takes_every_shape(plain_export):
     graph = onnx.load(str(plain_export / mf.MODEL_NAME)).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, "no ONNX Runtime contrib ops"
     engine = Engine.load(plain_export)
-    assert engine.manifest.fused_ops == {} and engine.manifest.logits == "all"
+    assert engine.manifest.fused_ops == {} and engine.manifest.logits == "all" and engine.manifest.cache == "copy"
     for shape in SHAPES:  # batch > 1 with past and several new positions included
         run_shape(engine, *shape)
 
@@ -159,9 +159,12 @@ def test_all_position_logits_match_transformers(plain_export, tiny_model):
     engine = Engine.load(plain_export)
     m = engine.manifest
     ids = engine.encode(PROMPTS[1])
-    feeds, _ = prefill_inputs([ids], np.zeros((1, 0, m.hidden_size), np.float32))
-    feeds.update(zip(mf.past_names(m.num_layers), engine.backend.past_to_numpy(engine.backend.empty_past(1))))
+    last, cache = prefill_new(engine.backend, [ids])
+    feeds = {"input_ids": np.array([ids]), "prompt_embeds": np.zeros((1, 0, m.hidden_size), np.float32),
+             "past_lengths": np.zeros(1, np.int64), "input_lengths": np.array([len(ids)])}
+    feeds.update(zip(mf.past_names(m.num_layers), [np.zeros_like(b[:1]) for b in cache.buffers]))
     logits = engine.backend.session.run(["logits"], feeds)[0]
+    np.testing.assert_array_equal(last[0], logits[0, -1])
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits.numpy()
     assert logits.shape == ref.shape == (1, len(ids), m.vocab_size)

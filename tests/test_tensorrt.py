@@ -83,7 +83,7 @@ def test_limits_are_checked_against_the_model(plain_export):
         Limits.for_manifest(m, max_seq=64, max_past=32)
 
 
-def test_profiles_cover_every_input_with_zero_past_and_zero_virtual(plain_export):
+def test_profiles_cover_every_input_with_zero_virtual_and_no_tokens(plain_export):
     m = mf.Manifest.load(plain_export)
     limits = Limits.for_manifest(m, max_batch=4, max_seq=64, max_past=200, max_virtual=16)
     decode, prefill = plan_profiles(limits)
@@ -93,11 +93,12 @@ def test_profiles_cover_every_input_with_zero_past_and_zero_virtual(plain_export
         for low, opt, high in shapes.values():
             assert all(0 <= a <= b <= c for a, b, c in zip(low, opt, high))
     p = prefill.shapes(m)
-    assert p[mf.past_key_name(0)][0][2] == 0 and p["prompt_embeds"][0][1] == 0  # zero past, zero virtual
+    assert p["prompt_embeds"][0][1] == 0  # zero virtual
     assert p["input_ids"][0][1] == 0  # a soft prompt alone (baking a prefix)
+    assert p[mf.past_key_name(0)][2][2] == 201  # a prompt may join a cache as wide as the context
     d = decode.shapes(m)
     assert d["input_ids"] == ((1, 1), (2, 1), (4, 1)) and d["prompt_embeds"][2][1] == 0
-    assert d[mf.past_key_name(0)][2][2] == 200 and d["attention_mask"][2][1] == 201
+    assert d[mf.past_key_name(0)][2][2] == 201 and d["past_lengths"] == ((1,), (2,), (4,))
     union = union_shapes([decode, prefill], m)
     assert union["input_ids"] == ((1, 0), (2, 1), (4, 64))
 
@@ -116,10 +117,9 @@ def test_profiles_hold_every_call_real_generation_makes(plain_export, tiny_adapt
     calls = []
     run = engine.backend.run
 
-    def recording(inputs, past):
-        calls.append(({n: tuple(np.shape(v)) for n, v in inputs.items()},
-                      tuple(engine.backend.past_to_numpy(past[:1])[0].shape)))
-        return run(inputs, past)
+    def recording(inputs, past, present):
+        calls.append(({n: tuple(np.shape(v)) for n, v in inputs.items()}, tuple(past[0].shape)))
+        return run(inputs, past, present)
 
     engine.backend.run = recording
     engine.bake_prefix(load_bundle(work / "prompt.safetensors"))  # seq 0: the soft prompt alone
@@ -143,10 +143,10 @@ def test_a_call_outside_the_profiles_names_the_limit():
     profiles = plan_profiles(Limits(max_batch=4, max_seq=64, max_past=127, max_virtual=16))
     with pytest.raises(EngineError, match="batch 9.*rebuild it with larger limits"):
         choose_profile(profiles, 9, 1, 0, 10)
-    with pytest.raises(EngineError, match="past of 500"):
+    with pytest.raises(EngineError, match="a cache of 500 slots"):
         choose_profile(profiles, 1, 1, 0, 500)
-    assert profiles[choose_profile(profiles, 1, 20, 16, 0)].name == "prefill"
-    assert profiles[choose_profile(profiles, 3, 1, 0, 127)].name == "decode"
+    assert profiles[choose_profile(profiles, 1, 20, 16, 64)].name == "prefill"
+    assert profiles[choose_profile(profiles, 3, 1, 0, 128)].name == "decode"
 
 
 def test_onnxruntime_tensorrt_options_spell_the_profile(plain_export):
@@ -158,7 +158,7 @@ def test_onnxruntime_tensorrt_options_spell_the_profile(plain_export):
         parsed[key] = dict(item.split(":") for item in options[key].split(","))
         assert set(parsed[key]) == set(m.inputs)
     assert parsed["trt_profile_min_shapes"]["input_ids"] == "1x0"
-    assert parsed["trt_profile_max_shapes"]["attention_mask"] == f"8x{Limits.for_manifest(m).context}"
+    assert parsed["trt_profile_max_shapes"][mf.past_key_name(0)] == f"8x{m.num_kv_heads}x{Limits.for_manifest(m).context}x{m.head_dim}"
 
 
 def test_engine_limits_bound_requests_before_any_work(plain_export, tiny_adapters):
@@ -459,12 +459,11 @@ def _parity(engine: Engine, reference: Engine, work: Path, atol: float) -> None:
     got = [r.token_ids for r in engine.generate_batch(PROMPTS, adapters=adapters, **kw)]
     want = [r.token_ids for r in reference.generate_batch(PROMPTS, adapters=adapters, **kw)]
     assert got == want
-    from prefixport.runtime.generation import prefill
+    from prefixport.runtime.generation import prefill_new
 
     ids = reference.encode(PROMPTS[0])
-    hidden, dtype = reference.manifest.hidden_size, reference.manifest.dtype
-    a, _ = prefill(engine.backend, [ids], np.zeros((1, 0, hidden), dtype))
-    b, _ = prefill(reference.backend, [ids], np.zeros((1, 0, hidden), dtype))
+    a, _ = prefill_new(engine.backend, [ids])
+    b, _ = prefill_new(reference.backend, [ids])
     assert np.abs(a.astype(np.float32) - b).max() <= atol
 
 

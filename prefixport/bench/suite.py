@@ -20,7 +20,7 @@ from ..adapters.bundle import load_bundle
 from ..errors import PrefixportError
 from ..runtime import Engine
 from ..runtime.backends import Backend, gpu_memory, load_backend
-from ..runtime.generation import prefill
+from ..runtime.generation import prefill_new
 from ..runtime.settings import BackendSettings
 from .machine import describe
 from .measure import memory_bandwidth, rss_bytes, spread, timed
@@ -149,7 +149,7 @@ class Suite:
         """A new session (engine) of the export, after its first prefill (what the naive way pays per adapter)."""
         name, options = self.settings.load_kwargs()
         backend = load_backend(name, self.export_dir, self.manifest, **options)
-        prefill(backend, [ids], np.zeros((1, 0, self.manifest.hidden_size), self.manifest.dtype))
+        prefill_new(backend, [ids])
         return backend
 
     # --- 1. adapter swap -------------------------------------------------------------------------

@@ -135,6 +135,12 @@ class DeviceArray:
         stream.synchronize()
         return out
 
+    def zero(self) -> "DeviceArray":
+        """Fill with zero bytes (asynchronous); returns self."""
+        if self.nbytes:
+            check(self.rt.cudaMemsetAsync(self.ptr, 0, self.nbytes, self.stream.handle), "memset")
+        return self
+
     def upload(self, host: np.ndarray) -> None:
         """Copy a C-contiguous host array of the same size in (asynchronous: keep `host` alive
         until the stream is synchronised)."""
@@ -189,8 +195,10 @@ class DeviceBuffers:
     def __init__(self, device: int = 0) -> None:
         self.stream = Stream(device)
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
-        return DeviceArray(shape, dtype, self.stream)
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
+        array = DeviceArray(shape, dtype, self.stream).zero()
+        self.stream.synchronize()
+        return array
 
     def from_numpy(self, array: np.ndarray) -> DeviceArray:
         return DeviceArray.from_numpy(array, self.stream)

@@ -109,6 +109,7 @@ class RowRequest:
     feed: AdapterFeed | None = None
     tokens: list[int] = field(default_factory=list)
     done: bool = False  # set by the loop, or by the consumer between yields (a stop string, say)
+    logits: list[np.ndarray] | None = None  # a list: the logits [vocab] each token was chosen from
 
     @property
     def need(self) -> int:
@@ -184,6 +185,8 @@ class DecodeBatch:
             request = self.rows[row]
             seen = request.prompt_ids + request.tokens if request.params.repetition_penalty != 1.0 else []
             token = choose(logits, seen, request.params, self._rngs[row])
+            if request.logits is not None:
+                request.logits.append(logits)
             request.tokens.append(token)
             request.done = request.done or token in request.stop_ids or len(request.tokens) >= request.max_new_tokens
         self._logits = {}

@@ -1,7 +1,8 @@
-"""TensorRT optimisation profiles for the graph contract (DESIGN.md), planned from a few limits.
+"""TensorRT optimisation profiles for the graph contract (docs/design.md), planned from a few limits.
 
-Two profiles: `prefill` (a prompt after a prefix or a soft prompt; zero past and zero virtual
-tokens included) and `decode` (one token per row over a cache). The runtime picks, per call, the
+Two profiles: `prefill` (prompts, after a prefix or with a soft prompt; zero virtual tokens
+included) and `decode` (one token per row). Both run on cache rows of any capacity up to the
+context (the capacity is the cache's, shared by rows of every length). The runtime picks, per call, the
 first profile whose ranges hold the call's shapes. Pure data and arithmetic: `prefixport.engines.build`
 builds an engine with these profiles, the TensorRT backend and ONNX Runtime's TensorRT provider use them.
 """
@@ -29,29 +30,27 @@ class Range:
 
 @dataclass(frozen=True)
 class Profile:
-    """Ranges of the four free dimensions: batch, seq (new tokens), virtual, past."""
+    """Ranges of the four free dimensions: batch, seq (new tokens), virtual, capacity (cache slots)."""
 
     name: str
     batch: Range
     seq: Range
     virtual: Range
-    past: Range
-    context: int  # past + virtual + seq never exceeds it (a row has a prefix or a soft prompt)
+    capacity: Range
+    context: int  # a row's slots never exceed it
 
-    def holds(self, batch: int, seq: int, virtual: int, past: int) -> bool:
-        return batch in self.batch and seq in self.seq and virtual in self.virtual and past in self.past
+    def holds(self, batch: int, seq: int, virtual: int, capacity: int) -> bool:
+        return batch in self.batch and seq in self.seq and virtual in self.virtual and capacity in self.capacity
 
     def shapes(self, manifest: mf.Manifest) -> dict[str, tuple[Shape, Shape, Shape]]:
         """min/opt/max shape of every graph input under this profile."""
-        b, s, v, p = self.batch, self.seq, self.virtual, self.past
+        b, s, v, c = self.batch, self.seq, self.virtual, self.capacity
 
         def at(pick: str) -> dict[str, Shape]:
-            bb, ss, vv, pp = (getattr(r, pick) for r in (b, s, v, p))
-            # the mask and positions are at least one column wide, at most the context
-            total, new = max(1, min(pp + vv + ss, self.context)), max(1, min(vv + ss, self.context))
-            kv = (bb, manifest.num_kv_heads, pp, manifest.head_dim)
+            bb, ss, vv, cc = (getattr(r, pick) for r in (b, s, v, c))
+            kv = (bb, manifest.num_kv_heads, cc, manifest.head_dim)
             shapes = {"input_ids": (bb, ss), "prompt_embeds": (bb, vv, manifest.hidden_size),
-                      "attention_mask": (bb, total), "position_ids": (bb, new)}
+                      "past_lengths": (bb,), "input_lengths": (bb,)}
             shapes.update({name: kv for name in mf.past_names(manifest.num_layers)})
             return shapes
 
@@ -63,22 +62,24 @@ def plan_profiles(limits: Limits) -> list[Profile]:
     """The decode profile first (the hot path), then prefill."""
     lim = limits
     decode = Profile("decode", batch=Range(1, max(1, lim.max_batch // 2), lim.max_batch), seq=Range(1, 1, 1),
-                     virtual=Range(0, 0, 0), past=Range(1, min(lim.max_past, 256), lim.max_past), context=lim.context)
+                     virtual=Range(0, 0, 0), capacity=Range(1, min(lim.context, 256), lim.context),
+                     context=lim.context)
     prefill = Profile("prefill", batch=Range(1, 1, lim.max_batch), seq=Range(0, min(lim.max_seq, 128), lim.max_seq),
-                      virtual=Range(0, 0, lim.max_virtual), past=Range(0, 0, lim.max_virtual), context=lim.context)
+                      virtual=Range(0, 0, lim.max_virtual), capacity=Range(1, min(lim.context, 256), lim.context),
+                      context=lim.context)
     return [decode, prefill]
 
 
-def choose_profile(profiles: list[Profile], batch: int, seq: int, virtual: int, past: int) -> int:
+def choose_profile(profiles: list[Profile], batch: int, seq: int, virtual: int, capacity: int) -> int:
     """Index of the first profile that holds a call's shapes; an EngineError names the limit hit."""
     for i, profile in enumerate(profiles):
-        if profile.holds(batch, seq, virtual, past):
+        if profile.holds(batch, seq, virtual, capacity):
             return i
     raise EngineError(
-        f"a call with batch {batch}, {seq} new tokens, {virtual} virtual tokens and a past of {past} "
+        f"a call with batch {batch}, {seq} new tokens, {virtual} virtual tokens and a cache of {capacity} slots "
         "is outside the TensorRT engine's profiles ("
         + "; ".join(f"{p.name}: batch <= {p.batch.max}, seq <= {p.seq.max}, virtual <= {p.virtual.max}, "
-                    f"past <= {p.past.max}" for p in profiles)
+                    f"capacity <= {p.capacity.max}" for p in profiles)
         + "); rebuild it with larger limits: "
         "`prefixport build-engine OUTDIR --max-batch/--max-seq/--max-past/--max-virtual`"
     )

@@ -215,7 +215,7 @@ class Scheduler:
 
     def _new_batch(self) -> DecodeBatch:
         m = self.engine.manifest
-        return DecodeBatch(self.engine.backend, self._cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+        return DecodeBatch(self.engine.backend, self.cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
 
     def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
         """Wait for work; prefill newcomers into the batch. False once closed."""

@@ -9,39 +9,46 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ... import manifest as mf
 from ..limits import Limits
 
 
 class Backend(Protocol):
-    """What the generation loop needs from a backend.
+    """What the generation loop needs from a backend: run the graph on the KV cache's buffers
+    in place, and the few buffer operations the cache needs on the backend's device.
 
-    `past` handles are the backend's own device values (OrtValues for ONNX Runtime): they go from
-    one step's outputs to the next step's inputs without a round trip through numpy.
+    A buffer is a numpy array on the CPU and a `cuda.DeviceArray` on the GPU; both slice rows
+    (`buffer[a:b]`) without copying, so a cache row range binds as it lies.
     """
 
     name: str
     device: str  # "cpu" or "cuda"
+    manifest: mf.Manifest
     limits: Limits | None  # the shapes a TensorRT engine (or provider) accepts; None: the model's own
 
-    def run(self, inputs: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
-        """Feed `input_ids`, `prompt_embeds`, `attention_mask`, `position_ids` and the past
-        (key, value per layer); return last-position logits [batch, vocab] and the present."""
-        ...
-
-    def empty_past(self, batch: int) -> list[Any]:
-        """A past of length 0 for `batch` rows."""
-        ...
-
-    def to_past(self, arrays: Sequence[np.ndarray]) -> list[Any]:
-        """Backend handles for past tensors given as numpy arrays [B, kv_heads, P, head_dim]."""
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
+        """Feed `input_ids`, `prompt_embeds`, `past_lengths`, `input_lengths` and the cache rows
+        (`past`: key, value per layer); the graph writes the present into `present` (the same
+        buffers as `past` for a "shared" export). Returns the logits [batch, L, vocab] on the host."""
         ...
 
     def upload(self, array: np.ndarray) -> Any:
-        """An input kept where the backend computes (an adapter's soft prompt): `run` takes it in
-        place of the array. The array itself on the CPU."""
+        """A buffer holding `array` where the backend computes (an adapter's soft prompt or
+        prefix): `run` and `copy_into` take it in place of the array."""
         ...
 
-    def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]: ...
+    def allocate(self, shape: tuple[int, ...]) -> Any:
+        """A zeroed buffer of the export's dtype (a "copy" graph reads every slot: no garbage)."""
+        ...
+
+    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
+        """src [r, kv_heads, n, head_dim] (a buffer or a host array) into dst[row:row+r, :, :n];
+        only its first `slots` of the n when given."""
+        ...
+
+    def to_numpy(self, buffer: Any) -> np.ndarray:
+        """A host copy of a buffer."""
+        ...
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes held, by kind (e.g. process RSS, device memory)."""

@@ -1,7 +1,8 @@
-"""ONNX Runtime backend: one InferenceSession; the KV cache stays in OrtValues between steps.
+"""ONNX Runtime backend: one InferenceSession run with IO binding on the KV cache's buffers in
+place (numpy arrays on the CPU; device buffers from cuda-bindings on the GPU), and logits written
+into a fresh host array.
 
-Providers: `cpu`; `cuda` and `tensorrt` through onnxruntime-gpu, with IO binding so the cache and
-adapters stay on the GPU and only the last-position logits come back.
+Providers: `cpu`; `cuda` and `tensorrt` through onnxruntime-gpu.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, limits: Any,
     }
 
 
+def _pointer(value: Any) -> int:
+    return value.ctypes.data if isinstance(value, np.ndarray) else value.ptr
+
+
 class OnnxRuntimeBackend:
     """Runs `model.onnx` of an export folder with one ONNX Runtime provider: `cpu`, or on an NVIDIA
     GPU `cuda` or `tensorrt` (onnxruntime-gpu; `device="cuda"` is the same as `provider="cuda"`)."""
@@ -103,48 +108,63 @@ class OnnxRuntimeBackend:
         self.np_dtype = np.dtype(manifest.dtype)
         self._outputs = list(manifest.outputs)
         self._past_names = mf.past_names(manifest.num_layers)
+        self._device_buffers: Any = None
 
-    def run(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
-        if self.device == "cuda":
-            return self._run_bound(inputs, past)
-        feeds = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
-                 for name, value in inputs.items()}
-        feeds.update(zip(self._past_names, past))
-        outputs = self.session.run_with_ort_values(self._outputs, feeds)
-        logits = outputs[0].numpy()[:, -1, :]
-        return logits, outputs[1:]
-
-    def _run_bound(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
-        """GPU: small inputs copied up, past and adapters bound where they live, present kept on
-        the GPU, only the last-position logits copied back."""
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
+        """Bind the inputs, the cache rows as past and present (the same buffers where the graph
+        writes in place) and a fresh logits array; run; return the logits [B, L, vocab]."""
+        batch, query = inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + self._virtual(inputs)
+        width = query if self.manifest.logits == "all" else 1
+        logits = np.empty((batch, width, self.manifest.vocab_size), self.np_dtype)
         binding = self.session.io_binding()
         for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else self._on_device(value))
-        for name, value in zip(self._past_names, past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(self._outputs[0], "cpu")
-        for name in self._outputs[1:]:
-            binding.bind_output(name, "cuda", self.device_id)
+            if self.device == "cpu":
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            elif isinstance(value, np.ndarray):
+                binding.bind_ortvalue_input(name, self._on_device(value))
+            else:  # a device buffer: an adapter's soft prompt
+                binding.bind_input(name, "cuda", self.device_id, value.dtype, value.shape, value.ptr)
+        for names, values in ((self._past_names, past), (self._outputs[1:], present)):
+            bind = binding.bind_input if names is self._past_names else binding.bind_output
+            for name, value in zip(names, values):
+                bind(name, *self._where(value), self.np_dtype, value.shape, _pointer(value))
+        binding.bind_output(self._outputs[0], "cpu", 0, self.np_dtype, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy()[:, -1, :], list(outputs[1:])
+        return logits
+
+    @staticmethod
+    def _virtual(inputs: dict[str, Any]) -> int:
+        return int(inputs["prompt_embeds"].shape[1])
+
+    def _where(self, value: Any) -> tuple[str, int]:
+        return ("cpu", 0) if isinstance(value, np.ndarray) else ("cuda", self.device_id)
 
     def _on_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
     def upload(self, array: np.ndarray) -> Any:
-        return array if self.device == "cpu" else self._on_device(array)
+        return np.ascontiguousarray(array, self.np_dtype) if self.device == "cpu" else self._gpu().from_numpy(array)
 
-    def empty_past(self, batch: int) -> list[Any]:
-        m = self.manifest
-        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), self.np_dtype)
-        return self.to_past([empty]) * (2 * m.num_layers)
+    def allocate(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, self.np_dtype) if self.device == "cpu" else self._gpu().zeros(shape, self.np_dtype)
 
-    def to_past(self, arrays: Sequence[np.ndarray]) -> list[Any]:
-        return [self._on_device(np.ascontiguousarray(a, self.np_dtype)) for a in arrays]
+    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
+        if self.device == "cpu":
+            n = src.shape[2] if slots is None else slots
+            dst[row : row + src.shape[0], :, :n] = src[:, :, :n]
+        else:
+            self._gpu().copy_into(dst, src, row, slots)
 
-    def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]:
-        return [value.numpy() for value in past]
+    def to_numpy(self, buffer: Any) -> np.ndarray:
+        return np.array(buffer) if self.device == "cpu" else buffer.to_numpy()
+
+    def _gpu(self) -> Any:
+        """Device buffers for the cache on the GPU (cuda-bindings), made on first use."""
+        if self._device_buffers is None:
+            from ..cuda import DeviceBuffers
+
+            self._device_buffers = DeviceBuffers(self.device_id)
+        return self._device_buffers
 
     def memory_stats(self) -> dict[str, int]:
         return process_memory() | (gpu_memory(self.device_id) if self.device == "cuda" else {})

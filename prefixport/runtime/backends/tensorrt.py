@@ -1,7 +1,7 @@
 """TensorRT backend: the engine built by `prefixport build-engine` for this GPU, run through
 NVIDIA's CUDA Python bindings (never torch). The KV cache and the adapters stay on the GPU as
-`DeviceArray`s (rows joining or leaving a batch are gathered there too); only the last-position
-logits come back per step.
+`DeviceArray`s; the engine writes each step's present into the cache's scratch rows (TensorRT
+cannot alias an output with an input: the export's "copy" mode); only the logits come back.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ class TensorRTBackend:
 
     # --- the protocol --------------------------------------------------------------------------
 
-    def run(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
         with self._lock:
             try:
-                return self._run(inputs, past)
+                return self._run(inputs, past, present)
             except BaseException:
                 try:  # copies still queued may read host arrays about to be freed
                     self.stream.synchronize()
@@ -82,10 +82,10 @@ class TensorRTBackend:
                     pass
                 raise
 
-    def _run(self, inputs: dict[str, Any], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    def _run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
         batch, seq = inputs["input_ids"].shape
-        virtual, past_len = inputs["prompt_embeds"].shape[1], past[0].shape[2]
-        profile = choose_profile(self.profiles, batch, seq, virtual, past_len)
+        virtual, capacity = inputs["prompt_embeds"].shape[1], past[0].shape[2]
+        profile = choose_profile(self.profiles, batch, seq, virtual, capacity)
         ctx, stream = self.context, self.stream
         if profile != self._profile:
             if not ctx.set_optimization_profile_async(profile, int(stream)):
@@ -102,15 +102,13 @@ class TensorRTBackend:
             self._bind_input(name, value)
         for name, value in zip(self._past_names, past):
             self._bind_input(name, value)
-        outputs = []
-        for name in self._outputs:
-            out = DeviceArray(tuple(ctx.get_tensor_shape(name)), self._dtypes[name], stream)
-            ctx.set_tensor_address(name, out.ptr)
-            outputs.append(out)
+        logits = DeviceArray(tuple(ctx.get_tensor_shape(self._outputs[0])), self._dtypes[self._outputs[0]], stream)
+        ctx.set_tensor_address(self._outputs[0], logits.ptr)
+        for name, value in zip(self._outputs[1:], present):  # the cache's scratch rows: no allocation
+            ctx.set_tensor_address(name, value.ptr)
         if not ctx.execute_async_v3(int(stream)):
             raise EngineError("TensorRT failed to run the engine (its log above says why)")
-        logits = self._last_position(outputs[0])
-        return logits, outputs[1:]
+        return logits.to_numpy()  # synchronises
 
     def _bind_input(self, name: str, value: DeviceArray) -> None:
         if value.dtype != self._dtypes[name]:
@@ -120,56 +118,17 @@ class TensorRTBackend:
                               f"(profile {self.profiles[self._profile].name})")
         self.context.set_tensor_address(name, value.ptr)
 
-    def _last_position(self, logits: DeviceArray) -> np.ndarray:
-        """[B, L, vocab] on the GPU -> the last position [B, vocab] on the host, in one strided copy."""
-        batch, length, vocab = logits.shape
-        host = np.empty((batch, vocab), logits.dtype)
-        row = vocab * logits.dtype.itemsize
-        rt = cuda.cudart()
-        cuda.check(rt.cudaMemcpy2DAsync(host.ctypes.data, row, logits.ptr + (length - 1) * row, length * row, row,
-                                        batch, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream.handle),
-                   "copy of the logits")
-        self.stream.synchronize()
-        return host
-
-    def gather_past(self, pasts: Sequence[Sequence[DeviceArray]], plan: Sequence[tuple[int, int, int, int]],
-                    width: int) -> list[DeviceArray]:
-        """`generation.gather_rows` on the GPU: output row r of every past tensor is
-        `pasts[i][layer][j, :, f:f+n]` right-aligned in `width` columns behind zeros, for
-        (i, j, f, n) = plan[r]; one 2-D copy (and one 2-D memset) per row and tensor, all heads at once."""
-        rt, stream = cuda.cudart(), self.stream.handle
-        device = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        out = []
-        for layer in range(len(pasts[0])):
-            _, heads, _, head_dim = pasts[0][layer].shape
-            item = pasts[0][layer].dtype.itemsize
-            dst = DeviceArray((len(plan), heads, width, head_dim), pasts[0][layer].dtype, self.stream)
-            pitch, token = width * head_dim * item, head_dim * item  # bytes per head row, per position
-            for r, (i, j, f, n) in enumerate(plan):
-                src = pasts[i][layer]
-                row = dst.ptr + r * heads * pitch
-                if n < width:
-                    cuda.check(rt.cudaMemset2DAsync(row, pitch, 0, (width - n) * token, heads, stream), "zero padding")
-                src_pitch = src.shape[2] * token
-                start = src.ptr + j * heads * src_pitch + f * token  # src[j, 0, f]
-                cuda.check(rt.cudaMemcpy2DAsync(row + (width - n) * token, pitch, start, src_pitch, n * token, heads,
-                                                device, stream), "cache gather")
-            out.append(dst)
-        return out
-
     def upload(self, array: np.ndarray) -> Any:
-        return DeviceArray.from_numpy(array, self.stream)
+        return DeviceArray.from_numpy(array, self.stream, self.np_dtype)
 
-    def empty_past(self, batch: int) -> list[Any]:
-        m = self.manifest
-        empty = DeviceArray((batch, m.num_kv_heads, 0, m.head_dim), self.np_dtype, self.stream)
-        return [empty] * (2 * m.num_layers)
+    def allocate(self, shape: tuple[int, ...]) -> Any:
+        return DeviceArray(shape, self.np_dtype, self.stream).zero()
 
-    def to_past(self, arrays: Sequence[np.ndarray]) -> list[Any]:
-        return [DeviceArray.from_numpy(a, self.stream, self.np_dtype) for a in arrays]
+    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
+        cuda.copy_slots(dst, src, row, slots, self.stream)
 
-    def past_to_numpy(self, past: Sequence[Any]) -> list[np.ndarray]:
-        return [value.to_numpy() for value in past]
+    def to_numpy(self, buffer: Any) -> np.ndarray:
+        return buffer.to_numpy()
 
     def memory_stats(self) -> dict[str, int]:
         return process_memory() | gpu_memory(self.device_id)
