@@ -25,7 +25,7 @@ from prefixport import manifest as mf  # noqa: E402
 from prefixport.bench.machine import describe  # noqa: E402
 from prefixport.engines.build import float16_graph  # noqa: E402
 from prefixport.runtime import Engine  # noqa: E402
-from prefixport.runtime.generation import prefill  # noqa: E402
+from prefixport.runtime.generation import prefill_new  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
            "List three prime numbers.", "Translate 'good morning' into Spanish.", "What is 17 times 3?",
@@ -60,8 +60,8 @@ def main() -> None:
         diffs = []
         for prompt in PROMPTS:
             ids = full.encode(prompt, chat=True)
-            la, _ = prefill(full.backend, [ids], np.zeros((1, 0, m.hidden_size), m.dtype))
-            lb, _ = prefill(half.backend, [ids], np.zeros((1, 0, m.hidden_size), m.dtype))
+            la, _ = prefill_new(full.backend, [ids])
+            lb, _ = prefill_new(half.backend, [ids])
             diffs.append(float(np.abs(la - lb).max()))
         half_bytes = sum(f.stat().st_size for f in half_dir.glob(mf.MODEL_NAME + "*"))
     identical = sum(r["tokens_equal_before_first_difference"] == args.new_tokens for r in rows)

@@ -72,14 +72,13 @@ def prepare(model: str, work: Path) -> tuple[Path, list[Path]]:
 
 
 def outputs(engine, export: Path) -> tuple[list[list[int]], np.ndarray]:
-    from prefixport.runtime.generation import prefill
+    from prefixport.runtime.generation import prefill_new
 
     for name in ("prompt", "prefix"):
         if name not in engine.adapters:
             engine.add_adapter(name, export / "adapters" / f"{name}.safetensors")
     results = engine.generate_batch(PROMPTS, adapters=ADAPTERS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
-    m = engine.manifest
-    logits, _ = prefill(engine.backend, [engine.encode(PROMPTS[0])], np.zeros((1, 0, m.hidden_size), m.dtype))
+    logits, _ = prefill_new(engine.backend, [engine.encode(PROMPTS[0])])
     return [r.token_ids for r in results], np.asarray(logits, np.float32)
 
 

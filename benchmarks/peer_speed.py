@@ -6,8 +6,9 @@ transformers eager (the GGUF-loaded model, a greedy loop with cache) and PEFT ea
 PeftModel with a prompt-tuning adapter: PeftModel.forward prefills, the base model decodes from
 its cache, since PEFT's generate() is broken for these adapters on transformers 5).
 
-Every side gets the same prompt token ids (8 different raw-text prompts; batch 1 uses the first),
-decodes greedily and makes exactly N new tokens (EOS ignored by prefixport and the torch loops,
+Every side gets the same prompt token ids (8 different raw-text prompts; batch 1 uses the first;
+with a context C > 0 each prompt is preceded by a long passage cut so that the row holds C
+prompt tokens), decodes greedily and makes exactly N new tokens (EOS ignored by prefixport and the torch loops,
 suppressed by genai's min_length). Decode tokens/s = batch * (N - 1) / (time of the last token
 - time of the first), so prefill is excluded; time to first token (TTFT) is reported apart. Sides
 are interleaved over R repetitions (their order rotated each time), after a warm-up, and reported
@@ -16,7 +17,10 @@ side runs with --threads intra-op threads (default: all cores): genai's built ge
 sets none, and genai then decoded at one-thread speed on a 2-core machine.
 
     python benchmarks/peer_speed.py --prefixport fp32=exports/smollm2-135m-instruct \\
-        [--prefixport int4=exports/smollm2-int4] [--quick] [--out benchmarks/results]
+        [--prefixport int4=exports/smollm2-int4] [--cases 1x0 1x1600 8x1100] [--quick] [--out benchmarks/results]
+
+A case BxC is B rows of C prompt tokens (C = 0: the short prompts as they are). Each side's
+slowdown from the short context to the longest one at batch 1 is reported beside the ratios.
 
 Writes OUT/peer_speed.json and OUT/peer_speed.md. Needs the `export` and `bench` extras (torch,
 transformers, peft, onnxruntime-genai). The genai models are built once under --genai-dir
@@ -120,7 +124,7 @@ def _rel(path: Path) -> str:
 
 
 def write_hf_folder(source: str, folder: Path) -> None:
-    """A GGUF-loaded model refuses save_pretrained (DESIGN.md): rebuild a plain model from its
+    """A GGUF-loaded model refuses save_pretrained (docs/design.md): rebuild a plain model from its
     config without quantization_config, load the de-quantized weights, save it and the tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -224,6 +228,19 @@ def torch_side(model: Any, base: Any, pad_id: int, n_virtual: int = 0) -> Side:
 
 # --- the run ---------------------------------------------------------------------------------
 
+LONG = ("The history of the Roman Empire spans many centuries, from the founding of the city to the fall of "
+        "Constantinople, with emperors, senators, soldiers, merchants and farmers all playing a part. Its roads, "
+        "laws, languages and buildings shaped Europe, North Africa and the Near East long after its end. ")
+
+
+def case_rows(rows: list[list[int]], long: list[int], batch: int, context: int) -> list[list[int]]:
+    """`batch` rows; with `context`, each is a slice of the long passage then its prompt, `context` tokens in all."""
+    picked = rows[:batch]
+    if not context:
+        return picked
+    return [long[i * 7 : i * 7 + context - len(r)] + r for i, r in enumerate(picked)]
+
+
 def agreement(reference: list[list[int]], tokens: list[list[int]], eos: set[int]) -> str:
     """Rows whose tokens equal the reference's up to its first EOS (genai never emits one)."""
     same = 0
@@ -244,7 +261,8 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers and PEFT sides")
     parser.add_argument("--tokens", type=int, help="new tokens per row (default 64, --quick 16)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 5, --quick 3)")
-    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--cases", nargs="*", default=["1x0", "8x0", "1x1600", "8x1100"], metavar="BxC",
+                        help="B rows of C prompt tokens each (C = 0: the short prompts)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="intra-op threads for every side (default: all cores; 0: each runtime's default)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (~1-2 minutes)")
@@ -252,7 +270,8 @@ def main() -> None:
     args = parser.parse_args()
     n = args.tokens or (16 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 5)
-    if max(args.batch) > len(PROMPTS):
+    cases = [tuple(map(int, c.split("x"))) for c in args.cases]
+    if max(b for b, _ in cases) > len(PROMPTS):
         parser.error(f"at most {len(PROMPTS)} rows (one per prompt)")
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     began = time.perf_counter()
@@ -262,6 +281,8 @@ def main() -> None:
     first = next(iter(engines.values()))
     manifest: Manifest = first.manifest
     rows = [first.encode(p) for p in PROMPTS]
+    long = first.encode(LONG * 80)
+    inputs = {f"{b}x{c}": case_rows(rows, long, b, c) for b, c in cases}
     eos = set(first.eos_token_ids)
     sides: dict[str, Side] = {f"prefixport {p}": prefixport_side(e) for p, e in engines.items()}
     precision_of = {f"prefixport {p}": p for p in engines}
@@ -296,15 +317,15 @@ def main() -> None:
 
     say(f"warming up {len(sides)} sides ...")
     for side in sides.values():
-        for batch in args.batch:
-            side(rows[:batch], 4)
-    runs: dict[str, dict[int, list[Run]]] = {name: {b: [] for b in args.batch} for name in sides}
+        for case in inputs.values():
+            side(case, 4)
+    runs: dict[str, dict[str, list[Run]]] = {name: {c: [] for c in inputs} for name in sides}
     names = list(sides)
     for rep in range(repeats):
         say(f"repetition {rep + 1}/{repeats} ...")
         for name in names[rep % len(names):] + names[: rep % len(names)]:
-            for batch in args.batch:
-                runs[name][batch].append(sides[name](rows[:batch], n))
+            for case, case_input in inputs.items():
+                runs[name][case].append(sides[name](case_input, n))
 
     def reference(name: str) -> str:
         wanted = f"prefixport {precision_of[name]}"
@@ -313,16 +334,23 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in names:
         results[name] = {}
-        for batch in args.batch:
-            done = runs[name][batch]
+        for case in inputs:
+            done = runs[name][case]
             ref = reference(name)
             tps = spread([r.decode_tokens_per_s for r in done])
-            ref_tps = spread([r.decode_tokens_per_s for r in runs[ref][batch]])["p50"]
-            results[name][str(batch)] = {
+            ref_tps = spread([r.decode_tokens_per_s for r in runs[ref][case]])["p50"]
+            results[name][case] = {
                 "decode_tokens_per_s": tps, "ttft_s": spread([r.ttft_s for r in done]),
                 "ratio_vs": ref, "ratio": tps["p50"] / ref_tps,
                 "same_tokens_as_ratio_ref": None if name.startswith("peft") else
-                agreement(runs[ref][batch][-1].tokens, done[-1].tokens, eos)}
+                agreement(runs[ref][case][-1].tokens, done[-1].tokens, eos)}
+    ones = sorted(c for b, c in cases if b == 1)
+    slowdown = {}
+    if len(ones) > 1:  # decode tok/s at the short context over that at the longest, batch 1
+        short, longest = f"1x{ones[0]}", f"1x{ones[-1]}"
+        slowdown = {"from": short, "to": longest, "by_side": {
+            name: results[name][short]["decode_tokens_per_s"]["p50"] / results[name][longest]["decode_tokens_per_s"]["p50"]
+            for name in names}}
 
     versions = describe()
     for package in ("onnxruntime-genai", "peft", "onnx"):
@@ -335,8 +363,9 @@ def main() -> None:
         threads["torch"] = torch.get_num_threads()
     result = {
         "benchmark": "peer_speed", "quick": args.quick, "model": manifest.source,
-        "prefixport_exports": exports, "new_tokens": n, "repeats": repeats, "batches": args.batch,
-        "prompt_tokens": [len(r) for r in rows], "prompts": PROMPTS,
+        "prefixport_exports": exports, "new_tokens": n, "repeats": repeats, "cases": list(inputs),
+        "prompt_tokens": {case: [len(r) for r in rows] for case, rows in inputs.items()}, "prompts": PROMPTS,
+        "slowdown_short_to_long_context": slowdown,
         "decode_tokens_per_s": "batch * (new_tokens - 1) / (last token time - first token time)",
         "results": results, "genai": genai, "threads": threads, "machine": versions,
         "seconds": time.perf_counter() - began,
@@ -354,18 +383,23 @@ def markdown(result: dict[str, Any]) -> str:
     threads = ", ".join(f"{k} {v}" for k, v in result["threads"].items())
     lines = [f"# Decode speed beside peers ({result['model']})", "",
              f"{result['new_tokens']} new tokens per row, greedy, {result['repeats']} interleaved repetitions; "
-             f"prompts of {min(result['prompt_tokens'])}-{max(result['prompt_tokens'])} tokens; "
+             "cases BxC: B rows of C prompt tokens (C = 0: the short prompts, "
+             f"{min(result['prompt_tokens'].get('1x0', [0]) or [0])}+ tokens); "
              f"{m['cpu']}, {m['cores']} cores; threads: {threads}; onnxruntime {m['versions'].get('onnxruntime')}, "
              f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}, torch {m['versions'].get('torch')}, "
              f"transformers {m['versions'].get('transformers')}.", "",
-             "| side | batch | decode tok/s (median) | min-max | TTFT ms (median) | decode vs | ratio | same tokens |",
+             "| side | case | decode tok/s (median) | min-max | TTFT ms (median) | decode vs | ratio | same tokens |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, by_batch in result["results"].items():
-        for batch, r in by_batch.items():
+    for name, by_case in result["results"].items():
+        for batch, r in by_case.items():
             t = r["decode_tokens_per_s"]
             lines.append(f"| {name} | {batch} | {t['p50']:.1f} | {t['min']:.1f}-{t['max']:.1f} | "
                          f"{1000 * r['ttft_s']['p50']:.0f} | {r['ratio_vs']} | {r['ratio']:.2f}x | "
                          f"{r['same_tokens_as_ratio_ref'] or '-'} |")
+    slow = result.get("slowdown_short_to_long_context")
+    if slow:
+        lines += ["", f"Decode slowdown from {slow['from']} to {slow['to']}: "
+                  + ", ".join(f"{name} {x:.2f}x" for name, x in slow["by_side"].items())]
     return "\n".join(lines) + "\n"
 
 

@@ -45,11 +45,11 @@ def _decode_feeds(m: mf.Manifest, batch: int, past: int) -> dict[str, np.ndarray
     feeds = {
         "input_ids": rng.integers(0, m.vocab_size, (batch, 1)),
         "prompt_embeds": np.zeros((batch, 0, m.hidden_size), dtype),
-        "attention_mask": np.ones((batch, past + 1), np.int64),
-        "position_ids": np.full((batch, 1), past, np.int64),
+        "past_lengths": np.full(batch, past, np.int64),
+        "input_lengths": np.ones(batch, np.int64),
     }
-    for name in mf.past_names(m.num_layers):
-        feeds[name] = rng.standard_normal((batch, m.num_kv_heads, past, m.head_dim)).astype(dtype)
+    for name in mf.past_names(m.num_layers):  # a cache of past + 1 slots (graph contract 2)
+        feeds[name] = rng.standard_normal((batch, m.num_kv_heads, past + 1, m.head_dim)).astype(dtype)
     return feeds
 
 

@@ -203,6 +203,11 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
 @click.option("--adapter-budget-mb", type=float, default=None,
               help="Keep at most this many MB of adapters in memory (LRU); default: all.")
+@click.option("--kv-cache-mb", type=float, default=2048, show_default=True,
+              help="Most MB the KV cache may hold (rows x capacity x 2 x layers x kv_heads x head_dim x dtype "
+                   "size); a request that cannot fit yet waits, one that never can is refused (400).")
+@click.option("--max-context", type=int, default=None,
+              help="Most positions per request (virtual tokens + prompt + new tokens); default: the model's.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
@@ -213,11 +218,14 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
-          adapter_budget_mb: float | None, use_ray: bool, replicas: int, max_adapters: int,
-          settings: BackendSettings) -> None:
+          adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, use_ray: bool,
+          replicas: int, max_adapters: int, settings: BackendSettings) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
+    from .runtime.kv_cache import CacheSettings
+
+    cache = CacheSettings(max_rows=max_batch, max_context=max_context, budget_mb=kv_cache_mb)
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
     budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
     if use_ray:
@@ -225,7 +233,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
-                max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings)
+                max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache)
         return
     import uvicorn
 
@@ -233,7 +241,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     from .server import create_app
 
     backend, options = settings.load_kwargs()
-    engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, **options)
+    engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
                      api_key=api_key)

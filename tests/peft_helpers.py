@@ -66,7 +66,7 @@ def peft_logits(model: PeftModel, ids: list[int], task: int | None = None) -> np
 
 
 def peft_greedy(model: PeftModel, ids: list[int], n: int, task: int | None = None) -> list[int]:
-    """DESIGN.md's reference: a greedy loop over PeftModel.forward without cache."""
+    """docs/design.md's reference: a greedy loop over PeftModel.forward without cache."""
     out: list[int] = []
     for _ in range(n):
         out.append(int(peft_logits(model, ids + out, task).argmax()))

@@ -400,3 +400,32 @@ def test_a_full_queue_answers_503_and_the_others_go_on(default_export):
         assert refused.json()["error"]["code"] == "overloaded"
         assert [f.result().json()["usage"]["completion_tokens"] for f in (first, second)] == [40, 40]
     engine.close()
+
+
+def test_a_load_over_the_kv_cache_budget_waits_and_an_impossible_request_is_a_400(tiny_export):
+    """A budget for two rows: eight concurrent requests all finish (the others wait for rows to
+    leave), each with its text alone; one that can never fit gets 400 context_length_exceeded;
+    /metrics reports the cache's bytes, within the budget."""
+    from prefixport.runtime import CacheSettings
+    from prefixport.runtime.kv_cache import slot_bytes
+
+    plain = Engine.load(tiny_export("llama"))
+    need = max(len(plain.encode(p)) for p in PROMPTS) + 24
+    budget_mb = 2 * need * slot_bytes(plain.manifest) / 2**20
+    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(budget_mb=budget_mb))
+    app = create_app(engine, model_name="tiny", max_batch=8)
+    with running(app) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        jobs = [PROMPTS[i % 4] for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=24,
+                                                                      temperature=0).choices[0].text, jobs))
+        assert texts == [plain.generate(p, max_new_tokens=24).text for p in jobs]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10 * need)
+        assert err.value.body["code"] == "context_length_exceeded" and "KV cache" in err.value.body["message"]
+        metrics = httpx.get(url + "/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("prefixport_kv_cache_bytes "))
+    assert 0 < float(line.split()[1]) <= budget_mb * 2**20
+    assert app.state.server.scheduler.cache.rows <= 2
+    engine.close()

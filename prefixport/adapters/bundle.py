@@ -1,4 +1,4 @@
-"""Adapter bundles (DESIGN.md): one safetensors file of plain tensors plus string metadata.
+"""Adapter bundles (docs/design.md): one safetensors file of plain tensors plus string metadata.
 
     kind "prompt": prompt_embeds [n_virtual, hidden]
     kind "prefix": past_key_values.{i}.key / .value [kv_heads, n_virtual, head_dim] per layer

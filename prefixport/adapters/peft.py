@@ -1,6 +1,6 @@
 """PEFT checkpoint (adapter_config.json + adapter_model.safetensors) -> Bundle, without torch.
 
-Semantics (DESIGN.md, peft 0.21):
+Semantics (docs/design.md, peft 0.21):
 - PROMPT_TUNING, P_TUNING: the saved `prompt_embeddings` [n_virtual, hidden] already is the soft
   prompt (PEFT saves the prompt encoder's output, MLP or LSTM included).
 - MULTITASK_PROMPT_TUNING: task t's prompt is prompt_embeddings * (prefix_task_cols[t] @ prefix_task_rows[t]).

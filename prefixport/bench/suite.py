@@ -289,7 +289,7 @@ class Suite:
         return {"transformers eager": {"ttft_s": spread(ttft), "itl_s": spread(itl)},
                 f"peft eager ({name})": {"ttft_s": spread(peft_ttft), "itl_s": None,
                                          "note": "first token only: PEFT's generate() is broken for these "
-                                                 "adapter types on transformers 5 (DESIGN.md)"}}
+                                                 "adapter types on transformers 5 (docs/design.md)"}}
 
     # --- 4. throughput -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""`export_model`: model spec -> export folder (DESIGN.md), written atomically."""
+"""`export_model`: model spec -> export folder (docs/design.md), written atomically."""
 
 from __future__ import annotations
 

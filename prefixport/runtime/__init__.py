@@ -2,9 +2,10 @@
 never torch or transformers."""
 
 from .engine import Engine, GenerationResult, TextStream
+from .kv_cache import CacheSettings
 from .sampling import SamplingParams
 from .scheduler import Event, Scheduler, Ticket
 from .settings import BackendSettings
 
-__all__ = ["BackendSettings", "Engine", "Event", "GenerationResult", "SamplingParams", "Scheduler", "TextStream",
-           "Ticket"]
+__all__ = ["BackendSettings", "CacheSettings", "Engine", "Event", "GenerationResult", "SamplingParams", "Scheduler",
+           "TextStream", "Ticket"]

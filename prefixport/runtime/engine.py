@@ -20,7 +20,7 @@ from ..adapters.bundle import Bundle, make_bundle
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
 from .generation import RowRequest, generate_rows, prefill
-from .kv_cache import CacheSettings, KVCache, slot_bytes
+from .kv_cache import CacheSettings, KVCache, row_bytes
 from .sampling import SamplingParams
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -185,6 +185,17 @@ class Engine:
         limits = self.backend.limits
         return min(self.manifest.max_positions, limits.context) if limits else self.manifest.max_positions
 
+    def room(self, prompt_tokens: int, n_virtual: int = 0) -> int:
+        """New tokens a request may ask for after `n_virtual` virtual tokens and its prompt: what the
+        context, the KV cache's `max_context` and its budget (for one row) leave; <= 0 if nothing."""
+        limit = self.context_limit
+        if self.cache_settings.max_context is not None:
+            limit = min(limit, self.cache_settings.max_context)
+        budget = self.cache_settings.budget_bytes
+        if budget is not None:
+            limit = min(limit, budget // row_bytes(self.manifest, 1))
+        return limit - n_virtual - prompt_tokens
+
     @property
     def max_batch(self) -> int | None:
         """Most rows one call may hold (a TensorRT engine's limit), or None for any."""
@@ -257,11 +268,11 @@ class Engine:
         n_virtual = feed.n_virtual if feed else 0
         limit, limits = self.context_limit, self.backend.limits
         need, budget = n_virtual + len(ids) + max_new_tokens, self.cache_settings.budget_bytes
-        if budget is not None and need * slot_bytes(self.manifest) > budget:
+        if budget is not None and row_bytes(self.manifest, need) > budget:
             raise ContextLengthError(
                 f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus max_new_tokens "
-                f"({max_new_tokens}) need {need * slot_bytes(self.manifest) / 2**20:.0f} MB of KV cache, over the "
-                f"budget of {budget / 2**20:.0f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
+                f"({max_new_tokens}) need {row_bytes(self.manifest, need) / 2**20:.1f} MB of KV cache, over the "
+                f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
             )
         if self.cache_settings.max_context is not None and need > self.cache_settings.max_context:
             limit = min(limit, self.cache_settings.max_context)

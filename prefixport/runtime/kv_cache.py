@@ -55,6 +55,11 @@ def slot_bytes(manifest: mf.Manifest) -> int:
     return 2 * manifest.num_layers * manifest.num_kv_heads * manifest.head_dim * np.dtype(manifest.dtype).itemsize
 
 
+def row_bytes(manifest: mf.Manifest, slots: int) -> int:
+    """Bytes a row of `slots` slots costs in a cache of this export (a "copy" graph's scratch included)."""
+    return slots * slot_bytes(manifest) * (1 if manifest.cache == "shared" else 2)
+
+
 class KVCache:
     """Rows of slots on the backend's device; `lengths[row]` slots of each row are filled."""
 
@@ -118,7 +123,7 @@ class KVCache:
 
     @property
     def _bytes_per_slot(self) -> int:
-        return self.slot_bytes * (1 if self.shared else 2)
+        return self.slot_bytes * (1 if self.shared else 2)  # row_bytes(manifest, 1)
 
     def reserve(self, rows: int, capacity: int) -> None:
         """At least `rows` rows of `capacity` slots: grown geometrically within the bounds, the

@@ -149,11 +149,11 @@ class Server:
         return tickets
 
     def _room(self, ids: list[int], adapter: str | None) -> int:
-        """Default max_tokens for chat: what the context leaves after the adapter's virtual tokens and
-        the prompt, at least 1. A prompt that leaves nothing is refused by `Engine.prepare`
-        (ContextLengthError: 400 `context_length_exceeded`), which checks every request."""
+        """Default max_tokens for chat: what the context and the KV cache leave after the adapter's
+        virtual tokens and the prompt (`Engine.room`), at least 1. A prompt that leaves nothing is
+        refused by `Engine.prepare` (ContextLengthError: 400 `context_length_exceeded`)."""
         n_virtual = self.engine.store.n_virtual(adapter) if adapter else 0
-        return max(1, self.engine.context_limit - n_virtual - len(ids))
+        return max(1, self.engine.room(len(ids), n_virtual))
 
     async def collect(self, tickets: list[Ticket]) -> list[GenerationResult]:
         async def one(ticket: Ticket) -> GenerationResult:

@@ -39,6 +39,16 @@ class _EngineCollector(Collector):
         for kind, value in stats["memory"].items():
             memory.add_metric([kind.removesuffix("_bytes")], value)
         yield memory
+        kv = stats["kv_cache"]
+        yield GaugeMetricFamily("prefixport_kv_cache_bytes", "bytes held by the KV caches (rows x capacity x "
+                                "2 x layers x kv_heads x head_dim x dtype size)", kv["bytes"])
+        if kv["budget_bytes_each"] is not None:
+            yield GaugeMetricFamily("prefixport_kv_cache_budget_bytes", "the KV cache budget (per cache)",
+                                    kv["budget_bytes_each"])
+        cache = self.scheduler.cache.stats()
+        yield GaugeMetricFamily("prefixport_kv_cache_rows", "rows of the serving KV cache", cache["rows"])
+        yield GaugeMetricFamily("prefixport_kv_cache_capacity", "slots per row of the serving KV cache",
+                                cache["capacity"])
         yield GaugeMetricFamily("prefixport_requests_running", "requests in the decode batch",
                                 self.scheduler.running)
         yield GaugeMetricFamily("prefixport_requests_waiting", "requests queued for the batch",

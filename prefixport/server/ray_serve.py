@@ -39,7 +39,8 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from ..errors import AdapterError
-from ..runtime import BackendSettings, Engine, Ticket
+from ..runtime import BackendSettings, CacheSettings, Engine, Ticket
+from ..runtime.kv_cache import DEFAULT_BUDGET_MB
 from .app import ApiError, Server, as_api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, Envelope, GenerationRequest
 
@@ -114,9 +115,11 @@ class AdapterReplica:
 
     def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
                  max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8,
-                 adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings()) -> None:
+                 adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings(),
+                 cache: CacheSettings = CacheSettings()) -> None:
         backend, options = settings.load_kwargs()
-        self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, **options)
+        self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, cache=cache,
+                                  **options)
         self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget)
         self.max_adapters = max_adapters
         self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
@@ -331,7 +334,8 @@ class OpenAIIngress:
 def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
               max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None, replicas: int = 1,
               max_adapters: int = 8, adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
-              replica_gpus: float = 0, settings: BackendSettings = BackendSettings()) -> serve.Application:
+              replica_gpus: float = 0, settings: BackendSettings = BackendSettings(),
+              cache: CacheSettings = CacheSettings()) -> serve.Application:
     """The Serve application: `replicas` x `AdapterReplica` behind one `OpenAIIngress`.
 
     Paths must exist on every node that runs a replica (shared storage, or the same path on each).
@@ -339,7 +343,7 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
     `settings.threads`, or 1) and `replica_gpus` GPUs (at least 1 where the backend runs on a GPU);
     `max_adapters` is the multiplex LRU size per replica; `max_batch` and `prefill_budget` go to
     each replica's `Scheduler`; `settings` chooses the backend (checked when it was made, so a bad
-    combination is refused here, not in each replica).
+    combination is refused here, not in each replica); `cache` bounds each replica's KV cache.
     """
     if settings.uses_gpu:
         replica_gpus = replica_gpus or 1
@@ -352,7 +356,7 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
         num_replicas=replicas, ray_actor_options=actor,
         max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
-           max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings)
+           max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
         replica, api_key=api_key)
 
@@ -378,6 +382,8 @@ class AppArgs(BaseModel):
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     provider: Literal["cpu", "cuda", "tensorrt"] | None = None
     precision: Literal["fp32", "fp16"] | None = None
+    kv_cache_mb: float | None = DEFAULT_BUDGET_MB
+    max_context: int | None = None
 
 
 def app_builder(args: AppArgs) -> serve.Application:
@@ -387,14 +393,15 @@ def app_builder(args: AppArgs) -> serve.Application:
     settings = BackendSettings(kind=options.pop("backend"), provider=options.pop("provider"),
                                device=options.pop("device"), precision=options.pop("precision"),
                                threads=options.pop("threads"))
-    return build_app(**options, settings=settings)
+    cache = CacheSettings(budget_mb=options.pop("kv_cache_mb"), max_context=options.pop("max_context"))
+    return build_app(**options, settings=settings, cache=cache)
 
 
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
             model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
             adapter_budget_bytes: int | None = None, block: bool = True,
-            settings: BackendSettings = BackendSettings()) -> DeploymentHandle:
+            settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings()) -> DeploymentHandle:
     """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
     HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
 
@@ -407,7 +414,7 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
     serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
                     api_key=api_key, replicas=replicas, max_adapters=max_adapters,
-                    adapter_budget_bytes=adapter_budget_bytes, settings=settings)
+                    adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     if not block:
         return handle
