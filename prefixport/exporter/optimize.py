@@ -102,8 +102,79 @@ def fuse(path: Path, max_positions: int) -> dict[str, int]:
     _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([_PackedRotary.rule()]))(model)
     onnxscript_optimize(model)  # inlines any half-fused rotary left over, drops dead nodes
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
+    rotary_into_attention(model.graph)
+    onnxscript_optimize(model)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     ir.save(model, path)
     return _fused_counts(model)
+
+
+def rotary_into_attention(graph: ir.Graph) -> int:
+    """GroupQueryAttention(RotaryEmbedding(q), RotaryEmbedding(k), v, ...) -> one GroupQueryAttention
+    that rotates q and k itself (`do_rotary`, the same cos/sin tables and positions: exact), fed the
+    q, k, v projections packed into one MatMul where they are three bias-free MatMuls of one
+    activation (`packed QKV`). Returns how many attention nodes were rewritten.
+
+    Measured on the default model (2 cores): 60 RotaryEmbedding and 60 MatMul nodes fewer, and the
+    reshapes around them (what onnxruntime-genai's builder emits for this model)."""
+    done = 0
+    for node in list(graph):
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.inputs) != 7:
+            continue
+        q_rot, k_rot = (v.producer() if v is not None else None for v in node.inputs[:2])
+        if not all(r is not None and r.op_type == "RotaryEmbedding" and r.domain == "com.microsoft"
+                   for r in (q_rot, k_rot)):
+            continue
+        if q_rot.inputs[1:] != k_rot.inputs[1:] or (q_rot.attributes.get_int("interleaved", 0)
+                                                     != k_rot.attributes.get_int("interleaved", 0)):
+            continue
+        positions, cos, sin = q_rot.inputs[1:4]
+        q, k, v = q_rot.inputs[0], k_rot.inputs[0], _through_reshapes(node.inputs[2])
+        packed = _pack(graph, node, [q, k, v])
+        qkv = [packed, None, None] if packed is not None else [q, k, v]
+        attributes = [a for a in node.attributes.values() if a.name not in ("do_rotary", "rotary_interleaved")]
+        attributes += [ir.AttrInt64("do_rotary", 1),
+                       ir.AttrInt64("rotary_interleaved", q_rot.attributes.get_int("interleaved", 0))]
+        fused = ir.Node("com.microsoft", "GroupQueryAttention", [*qkv, *node.inputs[3:7], cos, sin, positions],
+                        attributes=attributes, num_outputs=len(node.outputs), name=f"{node.name}.rotary")
+        graph.insert_before(node, fused)
+        for old, new in zip(node.outputs, fused.outputs):
+            new.shape, new.type, name = old.shape, old.type, old.name
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            old.name, new.name = f"{name}.replaced", name  # present.{i}.*: the contract's names
+        graph.remove(node, safe=True)
+        done += 1
+    return done
+
+
+def _through_reshapes(value: ir.Value) -> ir.Value:
+    """`value`, or what a chain of Reshapes made it from when that has the same rank-3 shape (the
+    [B, S, N*D] -> [B, S, N, D] -> [B, S, N*D] round trip of transformers' view and our packing)."""
+    source = value
+    while source.producer() is not None and source.producer().op_type == "Reshape":
+        source = source.producer().inputs[0]
+    shape, want = source.shape, value.shape
+    if source is value or shape is None or want is None or len(shape) != 3 or len(want) != 3:
+        return value
+    return source if shape[2] == want[2] and isinstance(shape[2], int) else value
+
+
+def _pack(graph: ir.Graph, before: ir.Node, values: list[ir.Value]) -> ir.Value | None:
+    """One MatMul over the concatenated weights when `values` are bias-free MatMuls of one
+    activation with constant 2-D weights; None otherwise."""
+    nodes = [v.producer() for v in values]
+    if not all(n is not None and n.op_type == "MatMul" and n.domain == "" for n in nodes):
+        return None
+    activation = nodes[0].inputs[0]
+    weights = [n.inputs[1].const_value for n in nodes]
+    if any(n.inputs[0] is not activation for n in nodes) or any(w is None or len(w.shape) != 2 for w in weights):
+        return None
+    name = f"{nodes[0].name}.qkv"
+    weight = ir.Value(name=f"{name}.weight", const_value=ir.tensor(np.concatenate([w.numpy() for w in weights], 1)))
+    graph.register_initializer(weight)
+    matmul = ir.Node("", "MatMul", [activation, weight], name=name)
+    graph.insert_before(before, matmul)
+    return matmul.outputs[0]
 
 
 def _fused_counts(model: ir.Model) -> dict[str, int]:
