@@ -76,6 +76,7 @@ class KVCache:
         self._scratch: list[Any] = []  # "copy" graphs: where present is written before it is copied back
         self.lengths = np.zeros(0, np.int64)  # filled slots per row
         self._needs: dict[int, int] = {}  # row in use -> slots it may reach
+        self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}  # bind()'s, until the buffers change
         self.grows = 0  # reallocations (for stats and tests)
 
     # --- rows ---------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class KVCache:
         m = min(n, len(self.lengths))
         lengths[:m] = self.lengths[:m]
         self.rows, self.capacity, self.lengths = n, cap, lengths
+        self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}
         self.grows += 1
 
     def write(self, row: int, arrays: list[Any]) -> None:
@@ -168,9 +170,13 @@ class KVCache:
         self.lengths[row] = arrays[0].shape[2]
 
     def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any]]:
-        """(past, present) views of rows [start, stop) to run the graph on."""
-        past = [b[start:stop] for b in self.buffers]
-        return past, (past if self.shared else [s[: stop - start] for s in self._scratch])
+        """(past, present) views of rows [start, stop) to run the graph on: the same lists while the
+        buffers stay (a backend may keep its binding for them)."""
+        views = self._views.get((start, stop))
+        if views is None:
+            past = [b[start:stop] for b in self.buffers]
+            views = self._views[(start, stop)] = (past, past if self.shared else [s[: stop - start] for s in self._scratch])
+        return views
 
     def commit(self, start: int, stop: int) -> None:
         """After a run on rows [start, stop): a "copy" graph's present becomes the rows' cache."""

@@ -7,6 +7,7 @@ Providers: `cpu`; `cuda` and `tensorrt` through onnxruntime-gpu.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -109,6 +110,7 @@ class OnnxRuntimeBackend:
         self._outputs = list(manifest.outputs)
         self._past_names = mf.past_names(manifest.num_layers)
         self._device_buffers: Any = None
+        self._bindings = threading.local()
 
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
         """Bind the inputs, the cache rows as past and present (the same buffers where the graph
@@ -116,7 +118,7 @@ class OnnxRuntimeBackend:
         batch, query = inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + self._virtual(inputs)
         width = query if self.manifest.logits == "all" else 1
         logits = np.empty((batch, width, self.manifest.vocab_size), self.np_dtype)
-        binding = self.session.io_binding()
+        binding = self._cache_binding(past, present)
         for name, value in inputs.items():
             if self.device == "cpu":
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -124,13 +126,25 @@ class OnnxRuntimeBackend:
                 binding.bind_ortvalue_input(name, self._on_device(value))
             else:  # a device buffer: an adapter's soft prompt
                 binding.bind_input(name, "cuda", self.device_id, value.dtype, value.shape, value.ptr)
+        binding.bind_output(self._outputs[0], "cpu", 0, self.np_dtype, logits.shape, logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits
+
+    def _cache_binding(self, past: Sequence[Any], present: Sequence[Any]) -> ort.IOBinding:
+        """An IO binding with the cache rows bound (by pointer), reused by this thread while the same
+        row views come again (`KVCache.bind` hands out the same lists until its buffers change, and
+        the binding holds them, so they cannot be freed and their ids reused): only the four small
+        inputs and the logits are bound per call. One per thread: an Engine serves many."""
+        held = getattr(self._bindings, "held", None)  # this thread's (past, present, binding)
+        if held is not None and held[0] is past and held[1] is present:
+            return held[2]
+        binding = self.session.io_binding()
         for names, values in ((self._past_names, past), (self._outputs[1:], present)):
             bind = binding.bind_input if names is self._past_names else binding.bind_output
             for name, value in zip(names, values):
                 bind(name, *self._where(value), self.np_dtype, value.shape, _pointer(value))
-        binding.bind_output(self._outputs[0], "cpu", 0, self.np_dtype, logits.shape, logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        return logits
+        self._bindings.held = (past, present, binding)
+        return binding
 
     @staticmethod
     def _virtual(inputs: dict[str, Any]) -> int:
