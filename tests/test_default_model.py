@@ -38,8 +38,18 @@ def test_export_folder_and_manifest(default_export):
     assert (m["hidden_size"], m["vocab_size"], m["dtype"], m["eos_token_ids"]) == (576, 49152, "float32", [2])
     assert m["fingerprint"].startswith("sha256:") and len(m["fingerprint"]) == 71
     assert m["source"] == "smollm2-135m-instruct" and m["max_positions"] == 8192
-    assert m["fused_ops"] == {"GroupQueryAttention": 30, "RotaryEmbedding": 60, "SkipSimplifiedLayerNormalization": 60}
+    # rotary inside the attention and q/k/v packed into one MatMul per layer (exporter.optimize)
+    assert m["fused_ops"] == {"GroupQueryAttention": 30, "SkipSimplifiedLayerNormalization": 60}
     assert m["logits"] == "last" and m["quantization"] is None
+    assert m["format_version"] == 2 and m["cache"] == "shared"
+    import onnx
+
+    graph = onnx.load(str(default_export / "model.onnx"), load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    for node in attention:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["do_rotary"] == 1 and node.input[1] == node.input[2] == ""  # packed QKV
+    assert sum(n.op_type == "MatMul" for n in graph.node) == 30 * 5 + 1  # qkv, o, gate, up, down; lm_head
 
 
 @pytest.mark.parametrize("chat,prompt", [(False, p) for p in RAW] + [(True, p) for p in CHAT])
