@@ -160,7 +160,11 @@ class OnnxRuntimeBackend:
         return np.ascontiguousarray(array, self.np_dtype) if self.device == "cpu" else self._gpu().from_numpy(array)
 
     def allocate(self, shape: tuple[int, ...]) -> Any:
-        return np.zeros(shape, self.np_dtype) if self.device == "cpu" else self._gpu().zeros(shape, self.np_dtype)
+        if self.device != "cpu":
+            return self._gpu().zeros(shape, self.np_dtype)
+        buffer = np.empty(shape, self.np_dtype)
+        buffer.fill(0)  # written now, not page by page as slots fill: the memory is held from the start
+        return buffer
 
     def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
         if self.device == "cpu":
