@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -125,8 +126,8 @@ class Engine:
                  cache: CacheSettings | None = None) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
         self.cache_settings = cache or CacheSettings()
-        self._caches: list[KVCache] = []  # every cache made; idle ones in `_idle`
-        self._idle: list[KVCache] = []
+        self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # every cache alive, for stats()
+        self._idle: KVCache | None = None  # one cache kept for the next direct call; others are freed
         self._cache_lock = threading.Lock()
         self.generation_config = generation_config
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
@@ -205,7 +206,7 @@ class Engine:
         """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions), the KV
         caches (bytes in all, and each cache's rows and capacity) and memory."""
         with self._cache_lock:
-            caches = [c.stats() for c in self._caches]
+            caches = [c.stats() for c in list(self._caches)]
         kv = {"bytes": sum(c["bytes"] for c in caches), "budget_bytes_each": self.cache_settings.budget_bytes,
               "caches": caches}
         return {"adapters": self.store.stats(), "kv_cache": kv, "memory": self.backend.memory_stats(),
@@ -218,18 +219,20 @@ class Engine:
         counted in `stats()`."""
         cache = KVCache(self.backend, self.manifest, self.cache_settings, self.context_limit)
         with self._cache_lock:
-            self._caches.append(cache)
+            self._caches.add(cache)
         return cache
 
     def _borrow_cache(self) -> KVCache:
+        """A cache for one direct call: the idle one, or a new one when calls run concurrently."""
         with self._cache_lock:
-            if self._idle:
-                return self._idle.pop()
-        return self.new_cache()
+            cache, self._idle = self._idle, None
+        return cache or self.new_cache()
 
     def _return_cache(self, cache: KVCache) -> None:
+        """Keep the larger of this cache and the idle one for the next call; the other is freed."""
         with self._cache_lock:
-            self._idle.append(cache)
+            if self._idle is None or cache.nbytes > self._idle.nbytes:
+                self._idle = cache
 
     # --- generation -------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class KVCache:
         self.shared = manifest.cache == "shared"
         self.heads, self.head_dim, self.tensors = manifest.num_kv_heads, manifest.head_dim, 2 * manifest.num_layers
         self.slot_bytes = slot_bytes(manifest)
+        self._slot_cost = row_bytes(manifest, 1)  # a slot with a "copy" graph's scratch
         self.max_context = min(settings.max_context or context, context)
         self.max_rows = settings.max_rows
         self.budget = settings.budget_bytes
@@ -84,7 +85,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes the buffers hold now (the scratch of a "copy" graph included)."""
-        return self.rows * self.capacity * self.slot_bytes * (1 if self.shared else 2)
+        return self.rows * self.capacity * self._slot_cost
 
     @property
     def active(self) -> int:
@@ -96,7 +97,7 @@ class KVCache:
 
     def fits_alone(self, need: int) -> bool:
         """Whether one row reaching `need` slots fits these bounds at all."""
-        return need <= self.max_context and (self.budget is None or need * self._bytes_per_slot <= self.budget)
+        return need <= self.max_context and (self.budget is None or need * self._slot_cost <= self.budget)
 
     def admit(self, need: int) -> int | None:
         """Take the lowest free row for a request that may reach `need` slots, or None while
@@ -108,7 +109,7 @@ class KVCache:
         cap = max([need, *self._needs.values()])
         if self.max_rows is not None and rows > self.max_rows:
             return None
-        if self.budget is not None and rows * cap * self._bytes_per_slot > self.budget:
+        if self.budget is not None and rows * cap * self._slot_cost > self.budget:
             return None
         self._needs[row] = need
         self.reserve(rows, 0)
@@ -121,10 +122,6 @@ class KVCache:
         self.lengths[row] = 0
 
     # --- buffers ------------------------------------------------------------------------------
-
-    @property
-    def _bytes_per_slot(self) -> int:
-        return self.slot_bytes * (1 if self.shared else 2)  # row_bytes(manifest, 1)
 
     def reserve(self, rows: int, capacity: int) -> None:
         """At least `rows` rows of `capacity` slots: grown geometrically within the bounds, the
@@ -140,10 +137,9 @@ class KVCache:
             if self.max_rows is not None:
                 n = min(n, self.max_rows)
         if self.budget is not None:  # geometric headroom only where the budget allows it
-            per_row = self._bytes_per_slot
-            if n * cap * per_row > self.budget:
+            if n * cap * self._slot_cost > self.budget:
                 n = max(rows, self.active)
-            if n * cap * per_row > self.budget:
+            if n * cap * self._slot_cost > self.budget:
                 cap = max(capacity, max(self._needs.values(), default=0))
         shape = (n, self.heads, cap, self.head_dim)
         keep = self.active
@@ -158,7 +154,7 @@ class KVCache:
         m = min(n, len(self.lengths))
         lengths[:m] = self.lengths[:m]
         self.rows, self.capacity, self.lengths = n, cap, lengths
-        self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}
+        self._views = {}
         self.grows += 1
 
     def write(self, row: int, arrays: list[Any]) -> None:
