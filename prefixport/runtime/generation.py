@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import PrefixportError
 from .backends import Backend
-from .kv_cache import KVCache
+from .kv_cache import CacheSettings, KVCache
 from .sampling import SamplingParams, choose
 
 
@@ -61,8 +61,6 @@ def prefill_new(backend: Backend, rows: Sequence[Sequence[int]], prompt_embeds: 
     """A fresh cache with one row per prompt, prefilled in one run (after a prefix adapter's keys
     and values, for a single row); room for `extra` more tokens per row. Returns last-position
     logits [B, vocab] and the cache, for `decode_step`. For checks, tests and benchmarks."""
-    from .kv_cache import CacheSettings
-
     m = backend.manifest
     dtype = np.dtype(m.dtype)
     embeds = np.zeros((len(rows), 0, m.hidden_size), dtype) if prompt_embeds is None else prompt_embeds

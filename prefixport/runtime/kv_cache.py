@@ -175,10 +175,12 @@ class KVCache:
         return views
 
     def commit(self, start: int, stop: int) -> None:
-        """After a run on rows [start, stop): a "copy" graph's present becomes the rows' cache."""
+        """After a run on rows [start, stop) (lengths updated): a "copy" graph's present becomes the
+        rows' cache, their filled slots only."""
         if not self.shared:
+            filled = int(self.lengths[start:stop].max(initial=0))
             for buffer, scratch in zip(self.buffers, self._scratch):
-                self.backend.copy_into(buffer, scratch[: stop - start], row=start)
+                self.backend.copy_into(buffer, scratch[: stop - start], row=start, slots=filled)
 
     def read(self, row: int) -> list[np.ndarray]:
         """The row's filled slots, one [kv_heads, length, head_dim] array per tensor (host copies)."""
