@@ -16,6 +16,7 @@ import numpy as np
 from .. import manifest as mf
 from ..errors import EngineError
 from ..runtime.backends import Backend
+from ..runtime.generation import graph_inputs
 
 # Max abs difference of the last-position logits allowed against float32 ONNX Runtime on the CPU.
 # float16: the converted graph differed by 0.031 on the default model (benchmarks/fp16_graph.py).
@@ -43,11 +44,8 @@ def cases(manifest: mf.Manifest, seed: int = 0) -> Iterator[tuple[str, dict[str,
     soft = lambda b, v: (rng.standard_normal((b, v, hidden)) * 0.05).astype(dt)  # noqa: E731
 
     def call(lengths: list[int], past: list[int], virtual: int = 0) -> dict[str, np.ndarray]:
-        ids = np.zeros((len(lengths), max(lengths)), np.int64)  # right-padded
-        for b, n in enumerate(lengths):
-            ids[b, :n] = rng.integers(0, vocab, n)
-        return {"input_ids": ids, "prompt_embeds": soft(len(lengths), virtual),
-                "past_lengths": np.array(past, np.int64), "input_lengths": np.array(lengths, np.int64) + virtual}
+        rows = [rng.integers(0, vocab, n).tolist() for n in lengths]
+        return graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past))
 
     yield "prefill", call([7], [0]), 1
     yield "prefill after a prefix", call([5], [7]), "previous"

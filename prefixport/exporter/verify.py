@@ -11,6 +11,7 @@ import torch
 from .. import manifest as mf
 from ..errors import VerificationError
 from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+from ..runtime.generation import graph_inputs
 from .graph import GraphModule
 
 # Allowed difference between ONNX Runtime and PyTorch: max abs difference of the logits, and of
@@ -45,11 +46,8 @@ def _cases(manifest: mf.Manifest, embed_std: float, rng: np.random.Generator):
                         ).astype(dt) for _ in range(2 * manifest.num_layers)]
 
     def call(lengths: list[int], past: list[int], virtual: int = 0) -> dict[str, np.ndarray]:
-        ids = np.zeros((len(lengths), max(lengths)), np.int64)  # right-padded
-        for b, n in enumerate(lengths):
-            ids[b, :n] = rng.integers(0, vocab, n)
-        return {"input_ids": ids, "prompt_embeds": soft(len(lengths), virtual),
-                "past_lengths": np.array(past, np.int64), "input_lengths": np.array(lengths, np.int64) + virtual}
+        rows = [rng.integers(0, vocab, n).tolist() for n in lengths]
+        return graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past))
 
     yield "prefill", call([7], [0]), cache(1)
     yield "prefill + soft prompt (batch 2)", call([6, 6], [0, 0], virtual=4), cache(2)

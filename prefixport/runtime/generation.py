@@ -20,22 +20,28 @@ from .kv_cache import CacheSettings, KVCache
 from .sampling import SamplingParams, choose
 
 
+def graph_inputs(rows: Sequence[Sequence[int]], prompt_embeds: Any, virtual: int, past_lengths: np.ndarray,
+                 pad_id: int = 0) -> dict[str, Any]:
+    """The graph's inputs for token rows (right-padded) after `past_lengths` filled slots, each row
+    with `virtual` soft-prompt positions first (`prompt_embeds` [B, V, H])."""
+    input_ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, np.int64)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = row
+    return {"input_ids": input_ids, "prompt_embeds": prompt_embeds, "past_lengths": np.asarray(past_lengths, np.int64),
+            "input_lengths": np.array([virtual + len(r) for r in rows], np.int64)}
+
+
 def prefill(backend: Backend, cache: KVCache, start: int, rows: Sequence[Sequence[int]], prompt_embeds: Any,
             virtual: int, pad_id: int = 0) -> np.ndarray:
     """Run prompts into cache rows [start, start + len(rows)) after what each row holds already
     (a prefix adapter's keys and values; then one row alone: ONNX Runtime's attention takes a
     past with several new positions only at batch 1). `prompt_embeds` is [B, V, H] (V = `virtual`,
     maybe 0), an array or the backend's device copy. Returns each row's last-position logits [B, vocab]."""
-    batch, seq = len(rows), max(len(r) for r in rows)
-    stop = start + batch
-    input_ids = np.full((batch, seq), pad_id, np.int64)  # right-padded
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = row
+    stop = start + len(rows)
     past_lengths = cache.lengths[start:stop].copy()
-    input_lengths = np.array([virtual + len(r) for r in rows], np.int64)
-    cache.reserve(stop, int(past_lengths.max()) + virtual + seq)
-    inputs = {"input_ids": input_ids, "prompt_embeds": prompt_embeds, "past_lengths": past_lengths,
-              "input_lengths": input_lengths}
+    inputs = graph_inputs(rows, prompt_embeds, virtual, past_lengths, pad_id)
+    input_lengths = inputs["input_lengths"]
+    cache.reserve(stop, int(past_lengths.max()) + virtual + inputs["input_ids"].shape[1])
     logits = backend.run(inputs, *cache.bind(start, stop))
     cache.lengths[start:stop] = past_lengths + input_lengths
     cache.commit(start, stop)
