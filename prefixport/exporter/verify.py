@@ -49,12 +49,14 @@ def _cases(manifest: mf.Manifest, embed_std: float, rng: np.random.Generator):
         rows = [rng.integers(0, vocab, n).tolist() for n in lengths]
         return graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past))
 
+    # Every past that is read was written by a case before (random keys would be far from the
+    # model's: a wrong slot or position still shows, and the tolerance keeps its meaning).
     yield "prefill", call([7], [0]), cache(1)
+    yield "prefill after a prefix", call([4], [7], virtual=2), None
     yield "prefill + soft prompt (batch 2)", call([6, 6], [0, 0], virtual=4), cache(2)
     yield "decode step with past", call([1, 1], [10, 10]), None
     yield "prefill batch 2, right padding", call([8, 3], [0, 0]), cache(2)
-    yield "prefill after a prefix", call([4], [5], virtual=2), cache(1)
-    yield "decode, rows of different lengths", call([1, 1, 1], [12, 5, 0]), cache(3)
+    yield "decode, rows of different lengths", call([1, 1], [8, 3]), None
 
 
 def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int | None = None) -> list[CaseResult]:
