@@ -92,6 +92,10 @@ def test_rows_leave_without_copying_and_their_row_is_reused(mistral):
         batch.advance()
     assert cache.in_use() == [1, 2]  # row 0 left; nothing moved
     assert [id(b) for b in cache.buffers] == buffers
+    for _ in range(3):  # the free row rides along in decode steps, empty: it never needs capacity
+        batch.sample()
+        batch.advance()
+        assert cache.lengths[0] == 0
     late = mistral.prepare(PROMPTS[3], max_new_tokens=3, stop_token_ids=[])
     assert batch.join([late]) == 1 and cache.in_use() == [0, 1, 2]  # the free row is taken again
 

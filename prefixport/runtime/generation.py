@@ -49,15 +49,17 @@ def prefill(backend: Backend, cache: KVCache, start: int, rows: Sequence[Sequenc
 
 
 def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype) -> np.ndarray:
-    """Feed one token to each of the cache's rows [0, len(tokens)) ([B] int64; a free row takes
-    any token and its result is ignored); returns logits [B, vocab]."""
+    """Feed one token to each of the cache's rows [0, len(tokens)) ([B] int64); returns logits
+    [B, vocab]. A free row among them takes any token at slot 0 and stays empty: its result is
+    ignored and its length stays 0, so it never needs capacity."""
     batch = len(tokens)
-    past_lengths = cache.lengths[:batch].copy()
+    used = cache.used(batch)
+    past_lengths = np.where(used, cache.lengths[:batch], 0)
     cache.reserve(batch, int(past_lengths.max()) + 1)
     inputs = {"input_ids": tokens.reshape(batch, 1).astype(np.int64), "prompt_embeds": np.zeros((batch, 0, hidden), dtype),
               "past_lengths": past_lengths, "input_lengths": np.ones(batch, np.int64)}
     logits = backend.run(inputs, *cache.bind(0, batch))
-    cache.lengths[:batch] = past_lengths + 1
+    cache.lengths[:batch] = np.where(used, past_lengths + 1, 0)
     cache.commit(0, batch)
     return logits[:, -1]
 

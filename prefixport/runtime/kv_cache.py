@@ -95,6 +95,12 @@ class KVCache:
     def in_use(self) -> list[int]:
         return sorted(self._needs)
 
+    def used(self, stop: int) -> np.ndarray:
+        """[stop] bool: which of rows [0, stop) hold a request."""
+        mask = np.zeros(stop, bool)
+        mask[[r for r in self._needs if r < stop]] = True
+        return mask
+
     def fits_alone(self, need: int) -> bool:
         """Whether one row reaching `need` slots fits these bounds at all."""
         return need <= self.max_context and (self.budget is None or need * self._slot_cost <= self.budget)
