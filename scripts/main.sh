@@ -28,5 +28,5 @@ for a in json-prompt date-prefix; do prefixport adapter convert "demo/adapters/$
 prefixport generate "$Q" "Write a haiku about the sea." --max-new-tokens 64
 python demo/evaluate.py "$Q" --examples 0 --out "$Q/demo_results.json"
 # A short benchmark (about a minute): swap, memory, latency, throughput, floor; side by side with
-# PEFT on PyTorch and with the naive way. Full run: drop --quick (README, "Benchmarks").
+# PEFT on PyTorch and with the naive way. Full run: drop --quick (docs/benchmarks.md).
 prefixport bench "$OUT" --quick --peft demo/adapters/json-prompt --peft demo/adapters/date-prefix

@@ -26,7 +26,7 @@ import tasks  # noqa: E402
 
 # Teacher-forced top-1 agreement with the float graph over the 4 fixed prompts x 32 greedy tokens.
 # Measured 94.5% (int8) and 66.4% (int4): round-to-nearest int4 of a 135M model that was already
-# 4-bit in its GGUF loses a third of the greedy tokens; README, "Quantisation".
+# 4-bit in its GGUF loses a third of the greedy tokens; docs/export.md, "Quantisation".
 MIN_TOP1 = {"int8": 0.90, "int4": 0.55}
 MAX_SIZE = {"int8": 0.55, "int4": 0.45}  # model.onnx size relative to float32
 
@@ -57,7 +57,7 @@ def test_quantized_graph_agrees_with_float(quantized, default_export):
 @pytest.mark.slow
 def test_adapters_run_on_quantized_graph(quantized, tmp_path):
     """The float export's bundles fit (same fingerprint). int8 keeps the prefix adapter's task
-    (85% on all 40 held-out dates, as float); int4 does not (2.5%: README, "Quantisation"), so
+    (85% on all 40 held-out dates, as float); int4 does not (2.5%: docs/export.md, "Quantisation"), so
     for int4 only that the adapter is applied (it changes the output) is checked."""
     kind, folder, _ = quantized
     engine = Engine.load(folder)
