@@ -17,8 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .backends import Backend
-from .generation import decode_step, prefill
-from .kv_cache import CacheSettings, KVCache
+from .generation import decode_step, prefill_new
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
@@ -52,9 +51,7 @@ class Agreement:
 def _greedy(backend: Backend, ids: list[int], n: int, hidden: int, dtype: np.dtype,
             forced: Sequence[int] | None = None) -> list[int]:
     """n argmax tokens; with `forced`, the forced token is fed at each step instead of the argmax."""
-    cache = KVCache(backend, backend.manifest, CacheSettings(max_rows=1, budget_mb=None), len(ids) + n)
-    cache.admit(len(ids) + n)
-    logits = prefill(backend, cache, 0, [ids], np.zeros((1, 0, hidden), dtype), 0)
+    logits, cache = prefill_new(backend, [ids], extra=n)
     out: list[int] = []
     for i in range(n):
         out.append(int(np.argmax(logits[0])))

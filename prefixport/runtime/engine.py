@@ -20,8 +20,8 @@ from .. import manifest as mf
 from ..adapters.bundle import Bundle, make_bundle
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
-from .generation import RowRequest, generate_rows, prefill
-from .kv_cache import CacheSettings, KVCache, row_bytes
+from .generation import RowRequest, generate_rows, prefill_new
+from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
 from .sampling import SamplingParams
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -171,9 +171,7 @@ class Engine:
             raise AdapterError(f"only a soft prompt can be baked into a prefix; {bundle.name} is a {bundle.kind}")
         m = self.manifest
         embeds = self.backend.upload(bundle.tensors["prompt_embeds"][None].astype(m.dtype))
-        cache = KVCache(self.backend, m, CacheSettings(max_rows=1, budget_mb=None), self.context_limit)
-        cache.admit(bundle.n_virtual)
-        prefill(self.backend, cache, 0, [[]], embeds, bundle.n_virtual, m.pad_token_id or 0)
+        _, cache = prefill_new(self.backend, [[]], embeds, extra=0)
         names = mf.past_names(m.num_layers)
         meta = {k: v for k, v in bundle.metadata.items() if k not in ("kind", "n_virtual", "dtype")}
         meta["baked_from"] = "prompt"
@@ -189,13 +187,7 @@ class Engine:
     def room(self, prompt_tokens: int, n_virtual: int = 0) -> int:
         """New tokens a request may ask for after `n_virtual` virtual tokens and its prompt: what the
         context, the KV cache's `max_context` and its budget (for one row) leave; <= 0 if nothing."""
-        limit = self.context_limit
-        if self.cache_settings.max_context is not None:
-            limit = min(limit, self.cache_settings.max_context)
-        budget = self.cache_settings.budget_bytes
-        if budget is not None:
-            limit = min(limit, budget // row_bytes(self.manifest, 1))
-        return limit - n_virtual - prompt_tokens
+        return slot_limit(self.manifest, self.cache_settings, self.context_limit) - n_virtual - prompt_tokens
 
     @property
     def max_batch(self) -> int | None:

@@ -60,6 +60,14 @@ def row_bytes(manifest: mf.Manifest, slots: int) -> int:
     return slots * slot_bytes(manifest) * (1 if manifest.cache == "shared" else 2)
 
 
+def slot_limit(manifest: mf.Manifest, settings: CacheSettings, context: int) -> int:
+    """Slots one row may reach: the context, the settings' max_context, and what the budget holds
+    for a row alone."""
+    limit = min(context, settings.max_context or context)
+    budget = settings.budget_bytes
+    return limit if budget is None else min(limit, budget // row_bytes(manifest, 1))
+
+
 class KVCache:
     """Rows of slots on the backend's device; `lengths[row]` slots of each row are filled."""
 
@@ -70,6 +78,7 @@ class KVCache:
         self.slot_bytes = slot_bytes(manifest)
         self._slot_cost = row_bytes(manifest, 1)  # a slot with a "copy" graph's scratch
         self.max_context = min(settings.max_context or context, context)
+        self._row_limit = slot_limit(manifest, settings, context)
         self.max_rows = settings.max_rows
         self.budget = settings.budget_bytes
         self.rows = self.capacity = 0  # allocated
@@ -103,7 +112,7 @@ class KVCache:
 
     def fits_alone(self, need: int) -> bool:
         """Whether one row reaching `need` slots fits these bounds at all."""
-        return need <= self.max_context and (self.budget is None or need * self._slot_cost <= self.budget)
+        return need <= self._row_limit
 
     def admit(self, need: int) -> int | None:
         """Take the lowest free row for a request that may reach `need` slots, or None while
