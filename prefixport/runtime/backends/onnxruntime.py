@@ -115,7 +115,7 @@ class OnnxRuntimeBackend:
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
         """Bind the inputs, the cache rows as past and present (the same buffers where the graph
         writes in place) and a fresh logits array; run; return the logits [B, L, vocab]."""
-        batch, query = inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + self._virtual(inputs)
+        batch, query = inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + inputs["prompt_embeds"].shape[1]
         width = query if self.manifest.logits == "all" else 1
         logits = np.empty((batch, width, self.manifest.vocab_size), self.np_dtype)
         binding = self._cache_binding(past, present)
@@ -145,10 +145,6 @@ class OnnxRuntimeBackend:
                 bind(name, *self._where(value), self.np_dtype, value.shape, _pointer(value))
         self._bindings.held = (past, present, binding)
         return binding
-
-    @staticmethod
-    def _virtual(inputs: dict[str, Any]) -> int:
-        return int(inputs["prompt_embeds"].shape[1])
 
     def _where(self, value: Any) -> tuple[str, int]:
         return ("cpu", 0) if isinstance(value, np.ndarray) else ("cuda", self.device_id)
