@@ -47,8 +47,9 @@ def _decode_feeds(m: mf.Manifest, batch: int, past: int) -> dict[str, np.ndarray
         "prompt_embeds": np.zeros((batch, 0, m.hidden_size), dtype),
         "past_lengths": np.full(batch, past, np.int64),
         "input_lengths": np.ones(batch, np.int64),
+        "logits_index": np.zeros((batch, 1), np.int64),
     }
-    for name in mf.past_names(m.num_layers):  # a cache of past + 1 slots (graph contract 2)
+    for name in mf.past_names(m.num_layers):  # a cache of past + 1 slots (graph contract 3)
         feeds[name] = rng.standard_normal((batch, m.num_kv_heads, past + 1, m.head_dim)).astype(dtype)
     return feeds
 

@@ -85,17 +85,15 @@ def main() -> None:
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="Weight-only quantisation of the MatMul weights (MatMulNBits, block 32); the export "
                    "reports greedy agreement with the float graph.")
-@click.option("--logits", type=click.Choice(["last", "all"]), default="last", show_default=True,
-              help="Logits for the last position only, or for every position (scoring).")
 @_errors
 def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
-           optimize: bool, quantize: str | None, logits: str) -> None:
+           optimize: bool, quantize: str | None) -> None:
     """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
     from .exporter import export_model
 
     progress = Progress(_echo_err)
     report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset, verify_graph=not no_verify,
-                          overwrite=overwrite, optimize=optimize, quantize=quantize, logits=logits,
+                          overwrite=overwrite, optimize=optimize, quantize=quantize,
                           progress=progress)
     m = report.manifest
     click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from .errors import ExportFolderError
 
-FORMAT_VERSION = 2  # 2: the slot cache (per-row lengths, one buffer for past and present)
+FORMAT_VERSION = 3  # 2: the slot cache (per-row lengths, one buffer for past and present); 3: logits_index
 MANIFEST_NAME = "prefixport.json"
 MODEL_NAME = "model.onnx"
-LOGITS = ("last", "all")  # which positions the graph returns logits for
 # "shared": the runtime binds one buffer as past and present (GroupQueryAttention writes in place);
 # "copy": present is a separate buffer of the same shape (plain ONNX ops write a copy).
 CACHE_MODES = ("shared", "copy")
@@ -41,7 +40,7 @@ def past_names(num_layers: int) -> list[str]:
 
 
 def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "prompt_embeds", "past_lengths", "input_lengths", *past_names(num_layers)]
+    return ["input_ids", "prompt_embeds", "past_lengths", "input_lengths", "logits_index", *past_names(num_layers)]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -72,7 +71,6 @@ class Manifest:
     # row's slots hold its prefix, soft prompt and tokens contiguously from slot 0.
     sliding_window: int | None = None
     cache: str = "shared"  # CACHE_MODES
-    logits: str = "last"  # "last": logits for the last position only; "all": every position
     fused_ops: dict[str, int] = field(default_factory=dict)  # ONNX Runtime contrib ops in the graph
     quantization: dict | None = None  # weight-only quantisation and its agreement with float
     opset: int = 18
@@ -109,7 +107,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise ExportFolderError(
                 f"{path} has graph contract version {version!r}, this prefixport reads version "
-                f"{FORMAT_VERSION} (the slot KV cache); re-export the model with this version: "
+                f"{FORMAT_VERSION} (the slot KV cache, logits at the positions asked for); re-export the model with this version: "
                 f"prefixport export {Path(folder)} --overwrite"
             )
         known = set(cls.__dataclass_fields__)

@@ -40,7 +40,8 @@ def test_graph_contract(case):
     assert shapes["prompt_embeds"] == (F, ["batch", "n_virtual", m.hidden_size])
     assert shapes["past_lengths"] == (I, ["batch"])
     assert shapes["input_lengths"] == (I, ["batch"])
-    assert m.format_version == mf.FORMAT_VERSION == 2 and m.cache == "shared"
+    assert shapes["logits_index"] == (I, ["batch", "scored"])
+    assert m.format_version == mf.FORMAT_VERSION == 3 and m.cache == "shared"
     for i in range(m.num_layers):
         assert shapes[mf.past_key_name(i)] == (F, ["batch", m.num_kv_heads, "capacity", m.head_dim])
         assert shapes[mf.past_value_name(i)] == (F, ["batch", m.num_kv_heads, "capacity", m.head_dim])
@@ -76,14 +77,14 @@ def run_shape(engine: Engine, batch: int, virtual: int, seq: int, past: int) -> 
         "prompt_embeds": rng.standard_normal((batch, virtual, m.hidden_size)).astype(np.float32),
         "past_lengths": np.full(batch, past, np.int64),
         "input_lengths": np.full(batch, virtual + seq, np.int64),
+        "logits_index": np.tile(np.arange(virtual + seq), (batch, 1)),  # every position
     }
     pasts = [rng.standard_normal((batch, m.num_kv_heads, capacity, m.head_dim)).astype(np.float32)
              for _ in range(2 * m.num_layers)]
     presents = pasts if m.cache == "shared" else [np.zeros_like(p) for p in pasts]
     before = [p.copy() for p in pasts]
     logits = engine.backend.run(inputs, pasts, presents)
-    width = virtual + seq if m.logits == "all" else 1
-    assert logits.shape == (batch, width, m.vocab_size) and np.isfinite(logits).all()
+    assert logits.shape == (batch, virtual + seq, m.vocab_size) and np.isfinite(logits).all()
     for old, new in zip(before, presents):  # the past kept, this call's positions written after it
         np.testing.assert_array_equal(new[:, :, :past], old[:, :, :past])
         if virtual + seq:
@@ -137,11 +138,11 @@ def test_soft_prompt_matches_transformers_inputs_embeds(case):
 
 @pytest.fixture(scope="module")
 def plain_export(tiny_model, tmp_path_factory):
-    """`--no-optimize --logits all`: plain ONNX ops only, every position's logits."""
+    """`--no-optimize`: plain ONNX ops only."""
     from prefixport.exporter import export_model
 
     out = tmp_path_factory.mktemp("plain") / "llama"
-    export_model(out, model=str(tiny_model("llama")), optimize=False, logits="all")
+    export_model(out, model=str(tiny_model("llama")), optimize=False)
     return out
 
 
@@ -149,23 +150,23 @@ def test_unoptimized_export_is_plain_onnx_and_takes_every_shape(plain_export):
     graph = onnx.load(str(plain_export / mf.MODEL_NAME)).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, "no ONNX Runtime contrib ops"
     engine = Engine.load(plain_export)
-    assert engine.manifest.fused_ops == {} and engine.manifest.logits == "all" and engine.manifest.cache == "copy"
+    assert engine.manifest.fused_ops == {} and engine.manifest.cache == "copy"
     for shape in SHAPES:  # batch > 1 with past and several new positions included
         run_shape(engine, *shape)
 
 
-def test_all_position_logits_match_transformers(plain_export, tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama")).eval()
-    engine = Engine.load(plain_export)
-    m = engine.manifest
-    ids = engine.encode(PROMPTS[1])
-    last, cache = prefill_new(engine.backend, [ids])
-    feeds = {"input_ids": np.array([ids]), "prompt_embeds": np.zeros((1, 0, m.hidden_size), np.float32),
-             "past_lengths": np.zeros(1, np.int64), "input_lengths": np.array([len(ids)])}
-    feeds.update(zip(mf.past_names(m.num_layers), [np.zeros_like(b[:1]) for b in cache.buffers]))
-    logits = engine.backend.session.run(["logits"], feeds)[0]
-    np.testing.assert_array_equal(last[0], logits[0, -1])
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits.numpy()
-    assert logits.shape == ref.shape == (1, len(ids), m.vocab_size)
-    np.testing.assert_allclose(logits, ref, atol=1e-4)
+def test_every_position_logits_match_transformers(case, plain_export, tiny_model):
+    """`logits_index` over every position (scoring) gives transformers' logits at each, fused
+    graph and plain graph alike; the last one equals the generation path's."""
+    arch, model, engine = case
+    engines = [engine] + ([Engine.load(plain_export)] if arch == "llama" else [])
+    for candidate in engines:
+        m = candidate.manifest
+        ids = candidate.encode(PROMPTS[1])
+        last, _ = prefill_new(candidate.backend, [ids])
+        logits, _ = prefill_new(candidate.backend, [ids], every=True)
+        np.testing.assert_array_equal(last[0], logits[0, -1])
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits.numpy()
+        assert logits.shape == ref.shape == (1, len(ids), m.vocab_size)
+        np.testing.assert_allclose(logits, ref, atol=1e-4)

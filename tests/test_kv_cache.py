@@ -157,7 +157,7 @@ def test_an_old_export_is_refused_with_a_re_export_hint(tiny_export, tmp_path):
     folder = tmp_path / "old"
     shutil.copytree(tiny_export("llama"), folder)
     manifest = json.loads((folder / "prefixport.json").read_text())
-    manifest["format_version"] = 1
+    manifest["format_version"] = 2
     (folder / "prefixport.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportFolderError, match="re-export"):
         Engine.load(folder)

@@ -43,13 +43,13 @@ def cases(manifest: mf.Manifest, seed: int = 0) -> Iterator[tuple[str, dict[str,
     dt, hidden, vocab = np.dtype(manifest.dtype), manifest.hidden_size, manifest.vocab_size
     soft = lambda b, v: (rng.standard_normal((b, v, hidden)) * 0.05).astype(dt)  # noqa: E731
 
-    def call(lengths: list[int], past: list[int], virtual: int = 0) -> dict[str, np.ndarray]:
+    def call(lengths: list[int], past: list[int], virtual: int = 0, every: bool = False) -> dict[str, np.ndarray]:
         rows = [rng.integers(0, vocab, n).tolist() for n in lengths]
-        return graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past))
+        return graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past), every=every)
 
     yield "prefill", call([7], [0]), 1
     yield "prefill after a prefix", call([5], [7]), "previous"
-    yield "prefill + soft prompt (batch 2)", call([6, 6], [0, 0], virtual=4), 2
+    yield "prefill + soft prompt (batch 2), every position", call([6, 6], [0, 0], virtual=4, every=True), 2
     yield "decode step", call([1, 1], [10, 10]), "previous"
     yield "soft prompt alone", call([0], [0], virtual=5), 1
 

@@ -101,15 +101,13 @@ def export_model(
     overwrite: bool = False,
     optimize: bool = True,
     quantize: str | None = None,
-    logits: str = "last",
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
 
     `optimize` fuses attention, normalisation and rotary into ONNX Runtime's contrib ops
     (`optimize.py`); `quantize` ("int8" | "int4") then makes the weight MatMuls MatMulNBits and
-    measures greedy agreement with the float graph; `logits="all"` keeps every position's logits
-    (for scoring) instead of the last one.
+    measures greedy agreement with the float graph.
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -123,8 +121,6 @@ def export_model(
         raise ExportError(f"quantization {quantize!r} is not supported; choose one of {', '.join(opt.QUANTIZATIONS)}")
     if quantize and dtype != "float32":
         raise ExportError("weight-only quantization starts from float32 weights; drop --dtype or --quantize")
-    if logits not in mf.LOGITS:
-        raise ExportError(f"logits {logits!r}: choose one of {', '.join(mf.LOGITS)}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; the exporter writes opset {MIN_OPSET} or newer")
     progress = progress or Progress()
@@ -136,9 +132,8 @@ def export_model(
         if dtype == "float16":
             loaded.model.to(torch.float16)
     manifest = _manifest(loaded, dtype, opset, digest)
-    manifest.logits = logits
     manifest.cache = "shared" if optimize else "copy"
-    module = GraphModule(loaded.model, loaded.arch, fused=optimize, all_logits=logits == "all")
+    module = GraphModule(loaded.model, loaded.arch, fused=optimize)
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outdir.parent / f".{outdir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

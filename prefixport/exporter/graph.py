@@ -22,17 +22,17 @@ class GraphModule(torch.nn.Module):
 
     The soft prompt is prepended after the model's embedding module (so any scaling the module
     applies is not applied to it), exactly where PEFT puts it. Positions are the slots: row b's
-    query i sits at `past_lengths[b] + i`. Logits are taken at each row's last real position
-    (`input_lengths - 1`: rows are right-padded), or at every position with `all_logits`.
+    query i sits at `past_lengths[b] + i`. Logits are taken at the positions `logits_index` names
+    (the runtime passes each row's last real position, `input_lengths - 1`, to generate, and every
+    position to score a prompt), so the vocabulary projection runs only where it is needed.
     """
 
-    def __init__(self, model: Any, arch: ArchSpec, fused: bool = False, all_logits: bool = False) -> None:
+    def __init__(self, model: Any, arch: ArchSpec, fused: bool = False) -> None:
         super().__init__()
         self.model = model
         self.num_layers = arch.num_layers(model.config)
         self.softcap = arch.final_logit_softcap(model.config)
         self.fused = fused
-        self.all_logits = all_logits
         model.config._attn_implementation = attention.register(fused)
 
     def forward(
@@ -41,6 +41,7 @@ class GraphModule(torch.nn.Module):
         prompt_embeds: torch.Tensor,  # [B, V, H]
         past_lengths: torch.Tensor,  # [B] int64: filled slots of each row before this call
         input_lengths: torch.Tensor,  # [B] int64: this call's positions of each row, 1..V+S
+        logits_index: torch.Tensor,  # [B, K] int64: this call's positions whose logits are returned
         past: list[torch.Tensor],  # 2L x [B, kv_heads, capacity, head_dim]: key, value per layer
     ) -> tuple[torch.Tensor, ...]:
         token_embeds = self.model.get_input_embeddings()(input_ids)
@@ -56,9 +57,7 @@ class GraphModule(torch.nn.Module):
             slot_cache=cache,
         )
         hidden = out.last_hidden_state  # [B, Q, H]
-        if not self.all_logits:
-            last = (input_lengths - 1).reshape(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-            hidden = hidden.gather(1, last)  # [B, 1, H]
+        hidden = hidden.gather(1, logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
         logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -70,9 +69,10 @@ class GraphModule(torch.nn.Module):
 
 def sample_inputs(
     arch: ArchSpec, config: Any, dtype: torch.dtype, batch: int, virtual: int, seq: int, past: int,
-    capacity: int | None = None, generator: torch.Generator | None = None,
+    capacity: int | None = None, generator: torch.Generator | None = None, scored: int | None = None,
 ) -> dict[str, Any]:
-    """Random inputs of the given sizes: every row `past` filled slots, `virtual + seq` new ones."""
+    """Random inputs of the given sizes: every row `past` filled slots, `virtual + seq` new ones;
+    logits at the last `scored` positions (default: every position)."""
     kv, hd, hidden = arch.num_kv_heads(config), arch.head_dim(config), config.hidden_size
     capacity = capacity or past + virtual + seq
     g = generator
@@ -81,6 +81,7 @@ def sample_inputs(
         "prompt_embeds": torch.randn(batch, virtual, hidden, generator=g).to(dtype) * 0.02,
         "past_lengths": torch.full((batch,), past, dtype=torch.int64),
         "input_lengths": torch.full((batch,), virtual + seq, dtype=torch.int64),
+        "logits_index": torch.arange(virtual + seq - (scored or virtual + seq), virtual + seq).repeat(batch, 1),
         "past": [
             torch.randn(batch, kv, capacity, hd, generator=g).to(dtype)
             for _ in range(2 * arch.num_layers(config))
@@ -92,14 +93,15 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
     """torch.onnx.export (dynamo) with every axis of the contract symbolic."""
     dtype = next(module.parameters()).dtype
     # Sizes >= 2 and all different: dynamo turns a sample axis of size 0 or 1 into a constant.
-    inputs = sample_inputs(arch, config, dtype, batch=2, virtual=3, seq=5, past=7, capacity=19)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    inputs = sample_inputs(arch, config, dtype, batch=2, virtual=3, seq=5, past=7, capacity=19, scored=4)
+    batch, seq, scored = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("scored")
     virtual, capacity = torch.export.Dim("n_virtual"), torch.export.Dim("capacity")
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "prompt_embeds": {0: batch, 1: virtual},
         "past_lengths": {0: batch},
         "input_lengths": {0: batch},
+        "logits_index": {0: batch, 1: scored},
         "past": [{0: batch, 2: capacity}] * len(inputs["past"]),
     }
     n = arch.num_layers(config)

@@ -20,8 +20,9 @@ from .. import manifest as mf
 from ..adapters.bundle import Bundle, make_bundle
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
-from .generation import RowRequest, generate_rows, prefill_new
+from .generation import RowRequest, generate_rows, prefill_new, score_row
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
+from .logprobs import MAX_TOP, TokenLogprob
 from .sampling import SamplingParams
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -37,6 +38,26 @@ class GenerationResult:
     finish_reason: str  # "stop" (stop token or string) or "length" (max_new_tokens)
     adapter: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds; and decode tokens/s
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+
+
+@dataclass
+class Score:
+    """A text scored by the model (`Engine.score`): each token's logprob given those before it."""
+
+    token_ids: list[int]  # the prompt's tokens, then the continuation's
+    logprobs: list[TokenLogprob | None]  # one per token; None for the first (nothing predicts it)
+    continuation_start: int  # index of the continuation's first token (len(token_ids): none)
+
+    @property
+    def continuation_logprob(self) -> float:
+        """log P(continuation | prompt): the sum over the continuation's tokens."""
+        return float(sum(lp.logprob for lp in self.logprobs[self.continuation_start:]))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether greedy decoding from the prompt would have produced the continuation."""
+        return all(lp.top[0][0] == lp.token for lp in self.logprobs[self.continuation_start:])
 
 
 class RowText:
@@ -113,6 +134,7 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     return GenerationResult(
         token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
         finish_reason="stop" if stopped else "length", adapter=adapter,
+        logprobs=list(request.logprobs) if request.top_logprobs is not None else None,
         timings={"prefill_s": first - start, "decode_s": decode_s,
                  "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0},
     )
@@ -250,8 +272,10 @@ class Engine:
     def prepare(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
                  chat: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
-                 stop_token_ids: Sequence[int] | None = None) -> RowRequest:
+                 stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
+            raise InputError(f"logprobs must be between 0 and {MAX_TOP} (alternatives per token), got {logprobs}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         ids = self.encode(prompt, chat=chat)
@@ -283,7 +307,37 @@ class Engine:
             raise ContextLengthError(f"the prompt ({len(ids)} tokens) exceeds the TensorRT engine's max_seq "
                                      f"{limits.max_seq}; shorten it, or rebuild the engine with a larger --max-seq")
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        return RowRequest(ids, max_new_tokens, params, stop_ids, feed)
+        return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs)
+
+    def score(self, prompt: str | Sequence[int], continuation: str | Sequence[int] | None = None, *,
+              adapter: str | None = None, top_logprobs: int = 0) -> Score:
+        """Score `prompt` + `continuation` (text, encoded raw, or token ids): every token's logprob
+        given those before it, through `adapter`, with its `top_logprobs` likeliest alternatives
+        (at least one); `.continuation_logprob` and `.greedy` are what evaluation harnesses ask for. One prefill
+        with logits at every position (docs/design.md, "The graph contract"), in chunks."""
+        if not 0 <= top_logprobs <= MAX_TOP:
+            raise InputError(f"top_logprobs must be between 0 and {MAX_TOP}, got {top_logprobs}")
+        ids = self.encode(prompt, chat=False)
+        start = len(ids)
+        if continuation is not None:
+            ids += (self.tokenizer.encode(continuation, add_special_tokens=False) if isinstance(continuation, str)
+                    else self.encode(continuation))
+        request = self.prepare(ids, adapter=adapter, max_new_tokens=1)  # the checks (one slot to spare)
+        limits, m = self.backend.limits, self.manifest
+        cache = self._borrow_cache()
+        try:
+            row = cache.admit(request.need)
+            if row is None:
+                raise ContextLengthError(f"{len(ids)} tokens do not fit the KV cache's budget")
+            try:
+                # at least one alternative: `greedy` compares each token with the likeliest
+                scores = score_row(self.backend, cache, row, ids, request.feed, max(top_logprobs, 1),
+                                   m.pad_token_id or 0, min(256, limits.max_seq) if limits else 256)
+            finally:
+                cache.release(row)
+        finally:
+            self._return_cache(cache)
+        return Score(ids, scores, start)
 
     def run_rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
         """Generate for prepared requests together; yields (index in `requests`, token) as produced."""

@@ -17,35 +17,42 @@ import numpy as np
 from ..errors import PrefixportError
 from .backends import Backend
 from .kv_cache import CacheSettings, KVCache
+from .logprobs import TokenLogprob, token_logprobs
 from .sampling import SamplingParams, choose
 
 
 def graph_inputs(rows: Sequence[Sequence[int]], prompt_embeds: Any, virtual: int, past_lengths: np.ndarray,
-                 pad_id: int = 0) -> dict[str, Any]:
+                 pad_id: int = 0, every: bool = False) -> dict[str, Any]:
     """The graph's inputs for token rows (right-padded) after `past_lengths` filled slots, each row
-    with `virtual` soft-prompt positions first (`prompt_embeds` [B, V, H])."""
+    with `virtual` soft-prompt positions first (`prompt_embeds` [B, V, H]). Logits come back for
+    each row's last position, or with `every` for all V + S positions (a short row's padding
+    positions repeat its last one)."""
     input_ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, np.int64)
     for b, row in enumerate(rows):
         input_ids[b, : len(row)] = row
+    input_lengths = np.array([virtual + len(r) for r in rows], np.int64)
+    last = (input_lengths - 1)[:, None]
+    index = np.minimum(np.arange(virtual + input_ids.shape[1])[None, :], last) if every else last
     return {"input_ids": input_ids, "prompt_embeds": prompt_embeds, "past_lengths": np.asarray(past_lengths, np.int64),
-            "input_lengths": np.array([virtual + len(r) for r in rows], np.int64)}
+            "input_lengths": input_lengths, "logits_index": index}
 
 
 def prefill(backend: Backend, cache: KVCache, start: int, rows: Sequence[Sequence[int]], prompt_embeds: Any,
-            virtual: int, pad_id: int = 0) -> np.ndarray:
+            virtual: int, pad_id: int = 0, every: bool = False) -> np.ndarray:
     """Run prompts into cache rows [start, start + len(rows)) after what each row holds already
-    (a prefix adapter's keys and values; then one row alone: ONNX Runtime's attention takes a
-    past with several new positions only at batch 1). `prompt_embeds` is [B, V, H] (V = `virtual`,
-    maybe 0), an array or the backend's device copy. Returns each row's last-position logits [B, vocab]."""
+    (a prefix adapter's keys and values, or an earlier chunk; then one row alone: ONNX Runtime's
+    attention takes a past with several new positions only at batch 1). `prompt_embeds` is
+    [B, V, H] (V = `virtual`, maybe 0), an array or the backend's device copy. Returns each row's
+    last-position logits [B, vocab], or with `every` those of all V + S positions [B, V + S, vocab]."""
     stop = start + len(rows)
     past_lengths = cache.lengths[start:stop].copy()
-    inputs = graph_inputs(rows, prompt_embeds, virtual, past_lengths, pad_id)
+    inputs = graph_inputs(rows, prompt_embeds, virtual, past_lengths, pad_id, every)
     input_lengths = inputs["input_lengths"]
     cache.reserve(stop, int(past_lengths.max()) + virtual + inputs["input_ids"].shape[1])
     logits = backend.run(inputs, *cache.bind(start, stop))
     cache.lengths[start:stop] = past_lengths + input_lengths
     cache.commit(start, stop)
-    return _last(logits, input_lengths)
+    return logits if every else logits[:, 0]
 
 
 def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype) -> np.ndarray:
@@ -57,7 +64,8 @@ def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: in
     past_lengths = np.where(used, cache.lengths[:batch], 0)
     cache.reserve(batch, int(past_lengths.max()) + 1)
     inputs = {"input_ids": tokens.reshape(batch, 1).astype(np.int64), "prompt_embeds": np.zeros((batch, 0, hidden), dtype),
-              "past_lengths": past_lengths, "input_lengths": np.ones(batch, np.int64)}
+              "past_lengths": past_lengths, "input_lengths": np.ones(batch, np.int64),
+              "logits_index": np.zeros((batch, 1), np.int64)}
     logits = backend.run(inputs, *cache.bind(0, batch))
     cache.lengths[:batch] = np.where(used, past_lengths + 1, 0)
     cache.commit(0, batch)
@@ -65,10 +73,10 @@ def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: in
 
 
 def prefill_new(backend: Backend, rows: Sequence[Sequence[int]], prompt_embeds: Any = None,
-                prefix: list[Any] | None = None, extra: int = 64) -> tuple[np.ndarray, KVCache]:
+                prefix: list[Any] | None = None, extra: int = 64, every: bool = False) -> tuple[np.ndarray, KVCache]:
     """A fresh cache with one row per prompt, prefilled in one run (after a prefix adapter's keys
-    and values, for a single row); room for `extra` more tokens per row. Returns last-position
-    logits [B, vocab] and the cache, for `decode_step`. For checks, tests and benchmarks."""
+    and values, for a single row); room for `extra` more tokens per row. Returns the logits as
+    `prefill` does and the cache, for `decode_step`. For checks, tests and benchmarks."""
     m = backend.manifest
     dtype = np.dtype(m.dtype)
     embeds = np.zeros((len(rows), 0, m.hidden_size), dtype) if prompt_embeds is None else prompt_embeds
@@ -79,14 +87,28 @@ def prefill_new(backend: Backend, rows: Sequence[Sequence[int]], prompt_embeds: 
         cache.admit(need)
     if prefix is not None:
         cache.write(0, prefix)
-    return prefill(backend, cache, 0, rows, embeds, virtual, m.pad_token_id or 0), cache
+    return prefill(backend, cache, 0, rows, embeds, virtual, m.pad_token_id or 0, every), cache
 
 
-def _last(logits: np.ndarray, input_lengths: np.ndarray) -> np.ndarray:
-    """[B, L, vocab] -> each row's last position [B, vocab] (L is 1 unless the graph keeps all)."""
-    if logits.shape[1] == 1:
-        return logits[:, 0]
-    return logits[np.arange(len(input_lengths)), input_lengths - 1]
+def score_row(backend: Backend, cache: KVCache, row: int, ids: Sequence[int], feed: AdapterFeed | None,
+              top: int = 0, pad_id: int = 0, chunk: int = 256) -> list[TokenLogprob | None]:
+    """Each token of `ids` scored given those before it (and the adapter): its logprob and the
+    `top` likeliest tokens at its position; None for the first token. Runs into cache row `row`
+    (admitted, empty) in chunks of `chunk` tokens, so the logits held never exceed chunk x vocab."""
+    feed = feed or AdapterFeed()
+    m = backend.manifest
+    none = np.zeros((1, 0, m.hidden_size), np.dtype(m.dtype))
+    if feed.past is not None:
+        cache.write(row, feed.past)
+    scores: list[TokenLogprob | None] = [None]
+    for start in range(0, len(ids), chunk):
+        piece = list(ids[start : start + chunk])
+        first = start == 0 and feed.prompt_embeds is not None
+        embeds, virtual = (feed.prompt_embeds, feed.virtual) if first else (none, 0)
+        logits = prefill(backend, cache, row, [piece], embeds, virtual, pad_id, every=True)[0, virtual:]
+        targets = list(ids[start + 1 : start + len(piece) + 1])  # logits[i] predicts ids[start + i + 1]
+        scores += token_logprobs(logits[: len(targets)], targets, top)
+    return scores
 
 
 @dataclass
@@ -116,6 +138,8 @@ class RowRequest:
     tokens: list[int] = field(default_factory=list)
     done: bool = False  # set by the loop, or by the consumer between yields (a stop string, say)
     logits: list[np.ndarray] | None = None  # a list: the logits [vocab] each token was chosen from
+    top_logprobs: int | None = None  # record each token's logprob and this many alternatives
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when top_logprobs is set
 
     @property
     def need(self) -> int:
@@ -193,6 +217,8 @@ class DecodeBatch:
             token = choose(logits, seen, request.params, self._rngs[row])
             if request.logits is not None:
                 request.logits.append(logits)
+            if request.top_logprobs is not None:
+                request.logprobs += token_logprobs(logits, [token], request.top_logprobs)
             request.tokens.append(token)
             request.done = request.done or token in request.stop_ids or len(request.tokens) >= request.max_new_tokens
         self._logits = {}

@@ -49,8 +49,10 @@ class Profile:
         def at(pick: str) -> dict[str, Shape]:
             bb, ss, vv, cc = (getattr(r, pick) for r in (b, s, v, c))
             kv = (bb, manifest.num_kv_heads, cc, manifest.head_dim)
+            # logits at 1 position per row up to every one (scoring): never more than seq + virtual
+            scored = ss + vv if pick == "max" else 1
             shapes = {"input_ids": (bb, ss), "prompt_embeds": (bb, vv, manifest.hidden_size),
-                      "past_lengths": (bb,), "input_lengths": (bb,)}
+                      "past_lengths": (bb,), "input_lengths": (bb,), "logits_index": (bb, scored)}
             shapes.update({name: kv for name in mf.past_names(manifest.num_layers)})
             return shapes
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import BusyError, PrefixportError
 from .generation import DecodeBatch, RowRequest
+from .logprobs import TokenLogprob
 
 if TYPE_CHECKING:
     from .engine import Engine, GenerationResult, Prompt, RowText
@@ -31,10 +32,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Event:
     """What one step produced for one request: new text (maybe empty: text that could still become
-    a stop string is held back) and its token; the last event carries the result or the error."""
+    a stop string is held back), its token and, when asked for, the token's logprobs; the last
+    event carries the result or the error."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     result: GenerationResult | None = None
     error: Exception | None = None
 
@@ -115,12 +118,14 @@ class Ticket:
         delta = self._text.push(token)
         if self._text.stopped or self.cancelled:
             self.request.done = True
+        logprobs = self.request.logprobs[-1:] if self.request.top_logprobs is not None else []
         if self.request.done:
-            self._finish(delta, [token], now)
+            self._finish(delta, [token], now, logprobs)
         else:
-            self._put(Event(delta, [token]))
+            self._put(Event(delta, [token], logprobs))
 
-    def _finish(self, delta: str = "", tokens: Sequence[int] = (), now: float | None = None) -> None:
+    def _finish(self, delta: str = "", tokens: Sequence[int] = (), now: float | None = None,
+                logprobs: Sequence[TokenLogprob] = ()) -> None:
         from .engine import make_result
 
         end = now or time.perf_counter()
@@ -130,7 +135,7 @@ class Ticket:
         if self.cancelled:  # read once: a cancel() after this does not change what was sent
             result.finish_reason = "cancelled"
         self.finish_reason = result.finish_reason
-        self._put(Event(delta, list(tokens), result=result))
+        self._put(Event(delta, list(tokens), list(logprobs), result=result))
 
     def _fail(self, error: Exception) -> None:
         self._put(Event(error=error))

@@ -115,9 +115,7 @@ class OnnxRuntimeBackend:
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
         """Bind the inputs, the cache rows as past and present (the same buffers where the graph
         writes in place) and a fresh logits array; run; return the logits [B, L, vocab]."""
-        batch, query = inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + inputs["prompt_embeds"].shape[1]
-        width = query if self.manifest.logits == "all" else 1
-        logits = np.empty((batch, width, self.manifest.vocab_size), self.np_dtype)
+        logits = np.empty((*inputs["logits_index"].shape, self.manifest.vocab_size), self.np_dtype)
         binding = self._cache_binding(past, present)
         for name, value in inputs.items():
             if self.device == "cpu":
