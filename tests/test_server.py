@@ -177,8 +177,8 @@ def test_errors_are_openai_error_objects(served, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=2, top_p=0)
     assert e.value.body["param"] == "top_p"
-    with pytest.raises(openai.BadRequestError, match="logprobs are not supported"):
-        client.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"1": 5})
     with pytest.raises(openai.BadRequestError, match="tool calling is not supported"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        tools=[{"type": "function", "function": {"name": "f"}}])

@@ -313,8 +313,8 @@ class Engine:
               adapter: str | None = None, top_logprobs: int = 0) -> Score:
         """Score `prompt` + `continuation` (text, encoded raw, or token ids): every token's logprob
         given those before it, through `adapter`, with its `top_logprobs` likeliest alternatives
-        (at least one); `.continuation_logprob` and `.greedy` are what evaluation harnesses ask for. One prefill
-        with logits at every position (docs/design.md, "The graph contract"), in chunks."""
+        (at least one); `.continuation_logprob` and `.greedy` are what evaluation harnesses ask
+        for. A prefill with logits at every position (docs/design.md, "The graph contract")."""
         if not 0 <= top_logprobs <= MAX_TOP:
             raise InputError(f"top_logprobs must be between 0 and {MAX_TOP}, got {top_logprobs}")
         ids = self.encode(prompt, chat=False)
@@ -323,21 +323,25 @@ class Engine:
             ids += (self.tokenizer.encode(continuation, add_special_tokens=False) if isinstance(continuation, str)
                     else self.encode(continuation))
         request = self.prepare(ids, adapter=adapter, max_new_tokens=1)  # the checks (one slot to spare)
+        return Score(ids, self.run_score(request, top_logprobs), start)
+
+    def run_score(self, request: RowRequest, top_logprobs: int = 0) -> list[TokenLogprob | None]:
+        """Score a prepared request's prompt (`prepare(ids, max_new_tokens=1)` holds its adapter):
+        each token's logprob given those before it, None for the first; at least one alternative."""
         limits, m = self.backend.limits, self.manifest
         cache = self._borrow_cache()
         try:
             row = cache.admit(request.need)
             if row is None:
-                raise ContextLengthError(f"{len(ids)} tokens do not fit the KV cache's budget")
+                raise ContextLengthError(f"{len(request.prompt_ids)} tokens do not fit the KV cache's budget")
             try:
-                # at least one alternative: `greedy` compares each token with the likeliest
-                scores = score_row(self.backend, cache, row, ids, request.feed, max(top_logprobs, 1),
-                                   m.pad_token_id or 0, min(256, limits.max_seq) if limits else 256)
+                # at least one alternative: `Score.greedy` compares each token with the likeliest
+                return score_row(self.backend, cache, row, request.prompt_ids, request.feed, max(top_logprobs, 1),
+                                 m.pad_token_id or 0, min(256, limits.max_seq) if limits else 256)
             finally:
                 cache.release(row)
         finally:
             self._return_cache(cache)
-        return Score(ids, scores, start)
 
     def run_rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
         """Generate for prepared requests together; yields (index in `requests`, token) as produced."""

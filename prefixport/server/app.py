@@ -7,11 +7,13 @@ adapters share decode steps (continuous batching). Errors are OpenAI's error obj
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -21,10 +23,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import AdapterError, BusyError, ContextLengthError, InputError, PrefixportError
-from ..runtime import Engine, GenerationResult, Scheduler, Ticket
+from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
+from ..runtime.generation import RowRequest
 from .metrics import Metrics
 from .middleware import CountRequests, LimitBody
-from .protocol import AdapterLoad, ChatRequest, CompletionRequest, Envelope, GenerationRequest, error_body, usage
+from .protocol import (AdapterLoad, ChatRequest, CompletionRequest, Envelope, GenerationRequest, chat_logprobs,
+                       completion_logprobs, error_body, usage)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,31 @@ def check_supported(body: GenerationRequest) -> None:
         raise ApiError(400, reason, param=field, code="unsupported_parameter")
 
 
+@dataclass
+class Echo:
+    """A prompt echoed (`echo: true`): its text and tokens, each token's logprobs (None: the first)."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class Job:
+    """A request once accepted: its prompts (token ids), the prompts to echo (prepared, so they
+    hold their adapter until scored) and one ticket per prompt and choice (none for max_tokens 0)."""
+
+    body: GenerationRequest
+    envelope: Envelope
+    prompts: list[list[int]]
+    tickets: list[Ticket]
+    echo: list[RowRequest] = field(default_factory=list)
+
+    @property
+    def top(self) -> int | None:
+        return self.body.top_logprobs_asked()
+
+
 def default_model_name(engine: Engine) -> str:
     """The name clients use for the base model: the export's model spec (its last path part)."""
     name = Path(engine.manifest.source).name
@@ -101,6 +130,9 @@ class Server:
         self.metrics.watch(engine, self.scheduler)
         self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
         self.created = int(time.time())
+        # a token's text, as logprobs name it (special tokens included)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda token: engine.tokenizer.decode([token], skip_special_tokens=False))
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -123,11 +155,38 @@ class Server:
         if isinstance(body, ChatRequest):
             return [self.engine.encode([m.plain() for m in body.messages])], body.limit()
         assert isinstance(body, CompletionRequest)
-        return [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()], body.max_tokens or 16
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()], max_tokens
 
     def envelope(self, body: GenerationRequest) -> Envelope:
         kind = "chat.completion" if isinstance(body, ChatRequest) else "text_completion"
         return Envelope(kind, body.model, self.fingerprint)
+
+    def start(self, body: GenerationRequest, prompts: list[Any], adapter: str | None,
+              max_tokens: int | None) -> Job:
+        """Accept a request: prepare the prompts to echo and submit the tickets (all or none). No
+        await in here: the adapter is held from the moment it was checked."""
+        echo = [self.engine.prepare(ids, adapter=adapter, max_new_tokens=1)
+                for ids in prompts] if getattr(body, "echo", False) else []
+        tickets = self.submit(prompts, body, adapter, max_tokens) if max_tokens != 0 else []
+        return Job(body, self.envelope(body), prompts, tickets, echo)
+
+    def echoes(self, job: Job) -> list[Echo]:
+        """Score the prompts to echo (a prefill with every position's logits each). Runs the model:
+        call it off the event loop."""
+        assert isinstance(job.body, CompletionRequest)
+        texts = job.body.prompts()
+        return [Echo(text if isinstance(text, str) else self.engine.tokenizer.decode(request.prompt_ids),
+                     request.prompt_ids, self.engine.run_score(request, job.top or 0))
+                for text, request in zip(texts, job.echo)]
+
+    def choice_logprobs(self, job: Job, ids: list[int], entries: list, offset: int = 0) -> dict | None:
+        """A choice's `logprobs` object for these tokens (None: not asked for)."""
+        if job.top is None:
+            return None
+        if job.envelope.kind == "chat.completion":
+            return chat_logprobs(entries, job.top, self.token_text)
+        return completion_logprobs(ids, entries, job.top, self.token_text, offset)
 
     def submit(self, prompts: list[Any], body: GenerationRequest, adapter: str | None,
                max_tokens: int | None) -> list[Ticket]:
@@ -141,7 +200,8 @@ class Server:
                 limit = max_tokens or self._room(prompt, adapter)
                 for choice in range(body.n):
                     tickets.append(self.scheduler.submit(prompt, adapter=adapter, max_new_tokens=limit,
-                                                         stop=body.stops(), **body.sampling(choice)))
+                                                         stop=body.stops(), logprobs=body.top_logprobs_asked(),
+                                                         **body.sampling(choice)))
         except Exception:
             for t in tickets:
                 t.cancel()
@@ -170,65 +230,84 @@ class Server:
             for t in tickets:
                 t.cancel()
 
-    async def stream(self, envelope: Envelope, tickets: list[Ticket], include_usage: bool,
-                     model: str) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per text delta per choice, the usage, then [DONE]."""
+    async def stream(self, job: Job, include_usage: bool, model: str) -> AsyncIterator[str]:
+        """Server-sent events: the echoed prompts, a chunk per text delta (or token, with logprobs)
+        per choice, the usage, then [DONE]."""
+        envelope, n = job.envelope, job.body.n
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, ticket: Ticket) -> None:
             async for event in ticket.aevents():
                 await queue.put((index, ticket, event))
 
-        tasks = [asyncio.create_task(pump(i, t)) for i, t in enumerate(tickets)]
-        first, left, prompt_tokens, completion_tokens = [True] * len(tickets), len(tickets), 0, 0
+        tasks = [asyncio.create_task(pump(i, t)) for i, t in enumerate(job.tickets)]
+        choices = len(job.prompts) * n
+        first, offsets, completion_tokens = [True] * choices, [0] * choices, 0
+        prompt_tokens = sum(len(ids) for ids in job.prompts)  # n choices of a prompt count it once
         try:
+            echoes = await asyncio.to_thread(self.echoes, job) if job.echo else []
+            for i in range(choices) if echoes else ():
+                echo, finish = echoes[i // n], None if job.tickets else "length"
+                logprobs = self.choice_logprobs(job, echo.ids, echo.logprobs)
+                yield _sse(envelope.chunk([envelope.choice(i, echo.text, finish, stream=True, logprobs=logprobs)]))
+                first[i], offsets[i] = False, len(echo.text)
+            left = len(job.tickets)
             while left:
                 index, ticket, event = await queue.get()
                 if event.error is not None:
                     yield _sse(as_api_error(event.error).body)
                     return
                 result = event.result
-                if event.text or result is not None or first[index]:
+                if event.text or event.logprobs or result is not None or first[index]:
                     finish = result.finish_reason if result is not None else None
-                    choice = envelope.choice(index, event.text, finish, first=first[index], stream=True)
+                    logprobs = self.choice_logprobs(job, event.token_ids, event.logprobs, offsets[index])
+                    choice = envelope.choice(index, event.text, finish, first=first[index], stream=True,
+                                             logprobs=logprobs)
                     yield _sse(envelope.chunk([choice]))
                     first[index] = False
+                    offsets[index] += len("".join(map(self.token_text, event.token_ids)))
                 if result is not None:
                     left -= 1
-                    prompt_tokens += result.prompt_tokens
                     completion_tokens += len(result.token_ids)
                     self.metrics.finished(model, ticket, result)
             if include_usage:
                 yield _sse(envelope.chunk([], usage(prompt_tokens, completion_tokens)))
             yield "data: [DONE]\n\n"
         finally:  # the client may have gone: its rows leave the batch
-            for t in tickets:
+            for t in job.tickets:
                 t.cancel()
             for task in tasks:
                 task.cancel()
 
-    async def respond(self, request: Request, envelope: Envelope, tickets: list[Ticket], body: GenerationRequest,
-                      model: str) -> Response:
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.stream(envelope, tickets, include, model), media_type="text/event-stream")
-        collecting = asyncio.ensure_future(self.whole(envelope, tickets, body, model))
+    async def respond(self, request: Request, job: Job, model: str) -> Response:
+        if job.body.stream:
+            include = bool(job.body.stream_options and job.body.stream_options.include_usage)
+            return StreamingResponse(self.stream(job, include, model), media_type="text/event-stream")
+        collecting = asyncio.ensure_future(self.whole(job, model))
         while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S))[0]:
             if await request.is_disconnected():  # the client gave up: its rows leave the batch
                 collecting.cancel()
                 return Response(status_code=499)
         return JSONResponse(collecting.result())
 
-    async def whole(self, envelope: Envelope, tickets: list[Ticket], body: GenerationRequest,
-                    model: str) -> dict[str, Any]:
-        """The non-streaming response object: every ticket's result, and the usage."""
-        results = await self.collect(tickets)
-        for ticket, result in zip(tickets, results):
+    async def whole(self, job: Job, model: str) -> dict[str, Any]:
+        """The non-streaming response object: every choice (its echoed prompt, then its result), and the usage."""
+        echoes = await asyncio.to_thread(self.echoes, job) if job.echo else []
+        results: list[GenerationResult | None] = list(await self.collect(job.tickets)) if job.tickets else []
+        for ticket, result in zip(job.tickets, results):
             self.metrics.finished(model, ticket, result)
-        choices = [envelope.choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+        n, choices = job.body.n, []
+        for i in range(len(job.prompts) * n):
+            echo = echoes[i // n] if echoes else Echo("", [], [])
+            result = results[i] if results else None
+            ids = echo.ids + (result.token_ids if result else [])
+            entries = echo.logprobs + ((result.logprobs or []) if result else [])
+            text = echo.text + (result.text if result else "")
+            choices.append(job.envelope.choice(i, text, result.finish_reason if result else "length",
+                                               logprobs=self.choice_logprobs(job, ids, entries)))
         # n choices of one prompt share its prompt tokens: count them once per prompt
-        prompt_tokens = sum(r.prompt_tokens for r in results[:: body.n])
-        return envelope.whole(choices, usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
+        prompt_tokens = sum(len(ids) for ids in job.prompts)
+        return job.envelope.whole(choices, usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -333,12 +412,12 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
         adapter = server.check(body)
         request.state.model = body.model
 
-        def submit() -> list[Ticket]:
+        def start() -> Job:
             prompts, max_tokens = server.prompts(body)
-            return server.submit(prompts, body, adapter, max_tokens)
+            return server.start(body, prompts, adapter, max_tokens)
 
-        tickets = await asyncio.to_thread(submit)
-        return await server.respond(request, server.envelope(body), tickets, body, body.model)
+        job = await asyncio.to_thread(start)
+        return await server.respond(request, job, body.model)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:

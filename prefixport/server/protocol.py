@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies (the fields prefixport honours) and its response objects.
 
-Unknown fields are refused, as OpenAI does; known fields that prefixport cannot honour (logprobs,
-tools, penalties, ...) are refused with a message saying so rather than silently ignored.
+Unknown fields are refused, as OpenAI does; known fields that prefixport cannot honour (tools,
+penalties, ...) are refused with a message saying so rather than silently ignored (docs/api.md).
 `top_k`, `repetition_penalty` and `ignore_eos` are extensions (vLLM's names; the openai client sends them via
 `extra_body`).
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
+from ..runtime import TokenLogprob
 
 
 class StreamOptions(BaseModel):
@@ -44,9 +45,16 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False  # generate max_tokens whatever the model's end-of-sequence tokens
 
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per token when logprobs are asked for (None: not asked)."""
+        return None
+
     def unsupported(self) -> dict[str, Any]:
         """Fields set to something prefixport cannot do: {field: reason}."""
         out = {}
+        if self.top_logprobs_asked() is not None and self.stream and self.n > 1:
+            out["n"] = ("logprobs are streamed for n = 1 only: with n > 1 the chunks of several choices would "
+                        "interleave; set stream to false, or send n requests")
         if self.presence_penalty or self.frequency_penalty:
             out["presence_penalty" if self.presence_penalty else "frequency_penalty"] = \
                 "presence and frequency penalties are not supported; use repetition_penalty"
@@ -67,18 +75,19 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = None
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0 with echo: scoring
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # alternatives per token, as OpenAI allows
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> dict[str, Any]:
         out = super().unsupported()
-        if self.logprobs is not None:
-            out["logprobs"] = "logprobs are not supported"
-        if self.echo:
-            out["echo"] = "echo is not supported"
+        if self.max_tokens == 0 and not self.echo:
+            out["max_tokens"] = "max_tokens 0 generates nothing: it is allowed only with echo (to score the prompt)"
         if self.best_of not in (None, 1):
             out["best_of"] = "best_of is not supported; use n"
         if self.suffix:
@@ -118,16 +127,23 @@ class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False  # a /v1/completions field: refused here with a message saying so
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> dict[str, Any]:
         out = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            out["logprobs"] = "logprobs are not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            out["top_logprobs"] = "top_logprobs needs logprobs set to true"
+        if self.echo:
+            out["echo"] = ("echo is not part of the chat API; to score a text, send it as the prompt of "
+                           "/v1/completions with echo true and max_tokens 0")
         if self.tools or self.tool_choice not in (None, "none"):
             out["tools"] = "tool calling is not supported"
         if self.response_format and self.response_format.get("type") != "text":
@@ -159,6 +175,39 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def completion_logprobs(ids: Sequence[int], entries: Sequence[TokenLogprob | None], top: int,
+                        text_of: Callable[[int], str], offset: int = 0) -> dict[str, list]:
+    """/v1/completions' `logprobs` object for tokens `ids`: their text, logprob (None: the first
+    prompt token), the `top` likeliest alternatives plus the token itself (OpenAI: up to top + 1),
+    and each token's character offset in the choice's text (starting at `offset`)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, lp in zip(ids, entries):
+        text = text_of(token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if lp is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        alternatives = {text_of(t): v for t, v in lp.top[:top]}
+        alternatives.setdefault(text, lp.logprob)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(alternatives)
+    return out
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], top: int, text_of: Callable[[int], str]) -> dict[str, Any]:
+    """/v1/chat/completions' `logprobs` object: per token its text, logprob, UTF-8 bytes and the
+    `top` likeliest alternatives (the same three fields each)."""
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [item(lp.token, lp.logprob) | {"top_logprobs": [item(t, v) for t, v in lp.top[:top]]}
+                        for lp in entries], "refusal": None}
+
+
 class Envelope:
     """Builds the response objects of one completion or chat completion (same id and time)."""
 
@@ -172,14 +221,14 @@ class Envelope:
                 "system_fingerprint": self.fingerprint, "choices": choices, **(extra or {})}
 
     def choice(self, index: int, text: str, finish_reason: str | None, first: bool = False,
-               stream: bool = False) -> dict[str, Any]:
+               stream: bool = False, logprobs: dict | None = None) -> dict[str, Any]:
         if self.kind == "text_completion":
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         key = "delta" if stream else "message"
         message = {"content": text} if stream else {"role": "assistant", "content": text}
         if stream and first:
             message = {"role": "assistant", "content": text}
-        return {"index": index, key: message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, key: message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def whole(self, choices: list[dict], use: dict[str, int]) -> dict[str, Any]:
         return self._object(self.kind, choices, {"usage": use})

@@ -41,8 +41,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ..errors import AdapterError
 from ..runtime import BackendSettings, CacheSettings, Engine, Ticket
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
-from .app import ApiError, Server, as_api_error, check_api_key, check_supported, invalid_body
-from .protocol import ChatRequest, CompletionRequest, Envelope, GenerationRequest
+from .app import ApiError, Job, Server, as_api_error, check_api_key, check_supported, invalid_body
+from .protocol import ChatRequest, CompletionRequest, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class AdapterReplica:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def _submit(self, kind: Kind, request: dict[str, Any]) -> tuple[GenerationRequest, Envelope, list[Ticket]]:
+    async def _submit(self, kind: Kind, request: dict[str, Any]) -> Job:
         body = parse(kind, request)
         adapter = None if body.model == self.server.model_name else body.model
         if adapter is not None:
@@ -167,14 +167,13 @@ class AdapterReplica:
             await self.get_adapter(adapter)
         # No `await` from here until the tickets hold the adapter: the LRU cannot unregister it between.
         self.server.adapter_for(body.model)  # parse() already refused unsupported fields
-        tickets = self.server.submit(prompts, body, adapter, max_tokens)
-        return body, self.server.envelope(body), tickets
+        return self.server.start(body, prompts, adapter, max_tokens)
 
     async def complete(self, kind: Kind, request: dict[str, Any]) -> dict[str, Any]:
         """A completion or chat completion request (an OpenAI body) -> the response object."""
         try:
-            body, envelope, tickets = await self._submit(kind, request)
-            return await self.server.whole(envelope, tickets, body, body.model)
+            job = await self._submit(kind, request)
+            return await self.server.whole(job, job.body.model)
         except Exception as e:
             err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
@@ -183,12 +182,12 @@ class AdapterReplica:
         """The same, streamed: server-sent events (`data: {chunk}`, ..., `data: [DONE]`).
         A request that fails before generating raises before the first event."""
         try:
-            body, envelope, tickets = await self._submit(kind, request)
+            job = await self._submit(kind, request)
         except Exception as e:
             err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        async for event in self.server.stream(envelope, tickets, include_usage, body.model):
+        include_usage = bool(job.body.stream_options and job.body.stream_options.include_usage)
+        async for event in self.server.stream(job, include_usage, job.body.model):
             yield event
 
     def describe(self) -> dict[str, Any]:
