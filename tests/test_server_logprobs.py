@@ -168,3 +168,16 @@ def test_bad_logprob_requests_are_clear_errors_and_disturb_no_one(served, client
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"echo": True})
+
+
+def test_tokenizer_routes_as_vllm_serves_them(served):
+    engine, url = served
+    r = httpx.post(url + "/tokenize", json={"prompt": PROMPTS[0], "add_special_tokens": False}).json()
+    assert r["tokens"] == engine.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == engine.context_limit
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == PROMPTS[0]
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == engine.tokenizer.special_tokens["eos_token"] and "chat_template" in info
+    bad = httpx.post(url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
+    assert httpx.post(url + "/tokenize", json={}).status_code == 400

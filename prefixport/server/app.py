@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .middleware import CountRequests, LimitBody
 from .protocol import (AdapterLoad, ChatRequest, CompletionRequest, Envelope, GenerationRequest, chat_logprobs,
                        completion_logprobs, error_body, usage)
+from .tokenizing import tokenizer_router
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
             raise ApiError(404, f"no adapter named {name!r} is loaded", param="name", code="adapter_not_found")
         engine.remove_adapter(name)
         return {"id": name, "object": "adapter", "deleted": True}
+
+    app.include_router(tokenizer_router(engine, v1))
 
     @app.get("/health")
     async def health() -> JSONResponse:
