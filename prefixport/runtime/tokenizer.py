@@ -53,6 +53,10 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """tokenizer.json as `tokenizers` serialises it (for libraries that build their own view of the vocabulary)."""
+        return self._tok.to_str()
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages as transformers' apply_chat_template does (same Jinja settings)."""
         if self.chat_template is None:
