@@ -33,6 +33,11 @@ class ContextLengthError(InputError):
     """The prompt (with the adapter's virtual tokens) plus max_new_tokens exceed the model's context."""
 
 
+class SchemaError(InputError):
+    """A structured-output request cannot be used: a malformed response_format, an invalid JSON
+    schema, or a schema feature the grammar engine cannot enforce."""
+
+
 class AdapterError(PrefixportError):
     """An adapter (PEFT checkpoint or bundle) cannot be used: bad file, wrong shapes, wrong base."""
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from prefixport.errors import InputError, PrefixportError
+from prefixport.errors import PrefixportError, SchemaError
 from prefixport.runtime.grammar import Grammar, GrammarVocab
 from prefixport.runtime.tokenizer import Tokenizer
 
@@ -211,7 +211,7 @@ def test_whitespace_is_bounded(smollm2_tokenizer, vocab):
     (_format({"$ref": "https://example.com/schema.json"}), "example.com"),
 ])
 def test_bad_formats_and_unsupported_schemas_raise_input_error(vocab, response_format, message):
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace("$", r"\$")):
+    with pytest.raises(SchemaError, match=message.replace("(", r"\(").replace("$", r"\$")):
         Grammar.from_response_format(response_format, vocab)
 
 

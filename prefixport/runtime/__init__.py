@@ -1,5 +1,5 @@
-"""The runtime: generation from an export folder. Needs numpy, onnxruntime, tokenizers, jinja2;
-never torch or transformers."""
+"""The runtime: generation from an export folder. Needs numpy, onnxruntime, tokenizers, jinja2,
+llguidance; never torch or transformers."""
 
 from .engine import Engine, GenerationResult, Score, TextStream
 from .kv_cache import CacheSettings

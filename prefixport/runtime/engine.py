@@ -21,6 +21,7 @@ from ..adapters.bundle import Bundle, make_bundle
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
 from .generation import RowRequest, generate_rows, prefill_new, score_row
+from .grammar import Grammar, GrammarVocab
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
 from .logprobs import MAX_TOP, TokenLogprob
 from .sampling import SamplingParams
@@ -130,7 +131,7 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     seconds: submitted at `start`, first token at `first`, last at `end`)."""
     ids = request.tokens
     n_decode, decode_s = max(len(ids) - 1, 0), end - first
-    stopped = text.stopped or (bool(ids) and ids[-1] in request.stop_ids)
+    stopped = text.stopped or request.completed
     return GenerationResult(
         token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
         finish_reason="stop" if stopped else "length", adapter=adapter,
@@ -155,6 +156,7 @@ class Engine:
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
         self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
+        self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
@@ -269,15 +271,27 @@ class Engine:
             return ids
         raise InputError("a prompt is a string, a list of token ids, or a list of chat messages")
 
+    def grammar(self, response_format: dict | None) -> Grammar | None:
+        """The compiled grammar of an OpenAI `response_format` (None: free text), cached per schema;
+        SchemaError for one that cannot be used (docs/api.md, "Structured output")."""
+        if response_format is None:
+            return None
+        with self._cache_lock:
+            if self._grammar_vocab is None:
+                self._grammar_vocab = GrammarVocab.from_tokenizer(self.tokenizer, self.eos_token_ids)
+        return Grammar.from_response_format(response_format, self._grammar_vocab)
+
     def prepare(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
                  chat: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
-                 stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None) -> RowRequest:
+                 stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
+                 response_format: dict | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
             raise InputError(f"logprobs must be between 0 and {MAX_TOP} (alternatives per token), got {logprobs}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
+        grammar = self.grammar(response_format)
         ids = self.encode(prompt, chat=chat)
         if not ids:
             raise InputError("the prompt is empty: it encodes to no tokens")
@@ -307,7 +321,8 @@ class Engine:
             raise ContextLengthError(f"the prompt ({len(ids)} tokens) exceeds the TensorRT engine's max_seq "
                                      f"{limits.max_seq}; shorten it, or rebuild the engine with a larger --max-seq")
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs)
+        return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
+                          grammar=grammar.matcher() if grammar is not None else None)
 
     def score(self, prompt: str | Sequence[int], continuation: str | Sequence[int] | None = None, *,
               adapter: str | None = None, top_logprobs: int = 0) -> Score:
@@ -364,7 +379,8 @@ class Engine:
 
         Keywords: max_new_tokens (128), chat, temperature (0 = greedy), top_k, top_p, seed,
         repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
-        strings, cut from the text), adapter (a registered name).
+        strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
+        fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar).
         """
         stream = self.stream(prompt, **kwargs)
         for _ in stream:

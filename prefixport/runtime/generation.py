@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import PrefixportError
 from .backends import Backend
+from .grammar import Matcher
 from .kv_cache import CacheSettings, KVCache
 from .logprobs import TokenLogprob, token_logprobs
 from .sampling import SamplingParams, choose
@@ -140,6 +141,14 @@ class RowRequest:
     logits: list[np.ndarray] | None = None  # a list: the logits [vocab] each token was chosen from
     top_logprobs: int | None = None  # record each token's logprob and this many alternatives
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when top_logprobs is set
+    grammar: Matcher | None = None  # structured output: each token chosen among those it allows
+    error: Exception | None = None  # set (with done) when this row failed alone; the others go on
+
+    @property
+    def completed(self) -> bool:
+        """Whether the row ended on its own: a stop id, or a structured document complete."""
+        return bool(self.tokens) and self.tokens[-1] in self.stop_ids or (
+            self.grammar is not None and self.grammar.finished)
 
     @property
     def need(self) -> int:
@@ -209,18 +218,26 @@ class DecodeBatch:
             self._logits[row] = row_logits
 
     def sample(self) -> list[RowRequest]:
-        """Choose each row's next token (appended to its `tokens`; `done` set at a stop id or
-        max_new_tokens). Returns the rows; the caller may set `done` before `advance`."""
+        """Choose each row's next token (appended to its `tokens`; `done` set at a stop id, a
+        complete structured document or max_new_tokens; `error` and `done` where the row's grammar
+        failed). Returns the rows; the caller may set `done` before `advance`."""
         for row, logits in self._logits.items():
             request = self.rows[row]
             seen = request.prompt_ids + request.tokens if request.params.repetition_penalty != 1.0 else []
-            token = choose(logits, seen, request.params, self._rngs[row])
+            try:
+                allowed = request.grammar.mask(logits) if request.grammar is not None else logits
+                token = choose(allowed, seen, request.params, self._rngs[row])
+                if request.grammar is not None:
+                    request.grammar.advance(token)
+            except PrefixportError as e:  # this row's grammar failed: it leaves, the others go on
+                request.error, request.done = e, True
+                continue
             if request.logits is not None:
                 request.logits.append(logits)
             if request.top_logprobs is not None:
                 request.logprobs += token_logprobs(logits, [token], request.top_logprobs)
             request.tokens.append(token)
-            request.done = request.done or token in request.stop_ids or len(request.tokens) >= request.max_new_tokens
+            request.done = request.done or request.completed or len(request.tokens) >= request.max_new_tokens
         self._logits = {}
         return [self.rows[r] for r in sorted(self.rows)]
 
@@ -278,6 +295,8 @@ def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], 
                     raise PrefixportError(f"a request needing {waiting[0].need} slots does not fit the KV cache")
                 waiting = waiting[joined:]
             for r in batch.sample():
+                if r.error is not None:
+                    raise r.error
                 yield index[id(r)], r.tokens[-1]
             batch.advance()
     finally:

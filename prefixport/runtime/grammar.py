@@ -12,7 +12,7 @@ from typing import Any
 import llguidance as llg
 import numpy as np
 
-from ..errors import InputError, PrefixportError
+from ..errors import PrefixportError, SchemaError
 from .tokenizer import Tokenizer
 
 # The whitespace allowed wherever JSON allows some: one space, or one line break and up to 32 spaces or
@@ -78,7 +78,7 @@ class Grammar:
     @classmethod
     def from_response_format(cls, response_format: dict[str, Any] | None, vocab: GrammarVocab) -> Grammar | None:
         """None for no format or `{"type": "text"}`; else the compiled grammar (cached by schema).
-        Raises InputError naming the problem for a malformed format or a schema that cannot be used."""
+        Raises SchemaError naming the problem for a malformed format or a schema that cannot be used."""
         schema = _schema(response_format)
         if schema is None:
             return None
@@ -91,13 +91,13 @@ class Grammar:
         try:
             text = llg.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": WHITESPACE})
         except ValueError as e:
-            raise InputError(f"response_format: the JSON schema cannot be read: {e}") from e
+            raise SchemaError(f"response_format: the JSON schema cannot be read: {e}") from e
         template = llg.LLMatcher(vocab.ll_tokenizer, text, log_level=0, limits=_LIMITS)
         probe = template.deep_copy()  # the first mask builds the lexer (shared by later copies) and
         probe.compute_bitmask()  # reveals limits hit only then
         for m in (template, probe):
             if m.is_error():
-                raise InputError(_schema_message(m.get_error()))
+                raise SchemaError(_schema_message(m.get_error()))
         return cls(template, vocab)
 
     def matcher(self) -> Matcher:
@@ -156,27 +156,27 @@ class Matcher:
 
 
 def _schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The JSON schema a response format asks for, None for free text; InputError if malformed."""
+    """The JSON schema a response format asks for, None for free text; SchemaError if malformed."""
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
-        raise InputError("response_format must be an object such as {\"type\": \"json_object\"}")
+        raise SchemaError("response_format must be an object such as {\"type\": \"json_object\"}")
     kind = response_format.get("type")
     if kind not in _TYPES:
-        raise InputError(f"response_format.type must be one of {', '.join(map(repr, _TYPES))}; got {kind!r}")
+        raise SchemaError(f"response_format.type must be one of {', '.join(map(repr, _TYPES))}; got {kind!r}")
     if kind == "text":
         return None
     if kind == "json_object":
         return {"type": "object"}
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
-        raise InputError("response_format of type 'json_schema' needs a 'json_schema' object: "
+        raise SchemaError("response_format of type 'json_schema' needs a 'json_schema' object: "
                          "{\"name\": ..., \"schema\": {...}}")
     schema = spec.get("schema")
     if not isinstance(schema, dict):
-        raise InputError("response_format.json_schema.schema is required and must be a JSON Schema object")
+        raise SchemaError("response_format.json_schema.schema is required and must be a JSON Schema object")
     if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False), (bool, type(None))):
-        raise InputError("response_format.json_schema: 'name' must be a string and 'strict' a boolean")
+        raise SchemaError("response_format.json_schema: 'name' must be a string and 'strict' a boolean")
     # llguidance's own options ride in a top-level "x-guidance" key: not the client's to set
     return {k: v for k, v in schema.items() if k != "x-guidance"}
 

@@ -275,7 +275,10 @@ class Scheduler:
         rows = batch.sample()
         now = time.perf_counter()
         for row in rows:
-            tickets[id(row)]._token(row.tokens[-1], now)
+            if row.error is not None:  # this row alone failed (its grammar)
+                tickets[id(row)]._fail(row.error)
+            else:
+                tickets[id(row)]._token(row.tokens[-1], now)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(rows))

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, BusyError, ContextLengthError, InputError, PrefixportError
+from ..errors import AdapterError, BusyError, ContextLengthError, InputError, PrefixportError, SchemaError
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
@@ -52,6 +52,8 @@ def as_api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
+    if isinstance(e, SchemaError):
+        return ApiError(400, str(e), param="response_format")
     if isinstance(e, (InputError, AdapterError)):
         return ApiError(400, str(e))
     if isinstance(e, BusyError):

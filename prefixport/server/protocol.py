@@ -44,6 +44,7 @@ class GenerationRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False  # generate max_tokens whatever the model's end-of-sequence tokens
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (docs/api.md)
 
     def top_logprobs_asked(self) -> int | None:
         """Alternatives per token when logprobs are asked for (None: not asked)."""
@@ -70,7 +71,7 @@ class GenerationRequest(BaseModel):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     repetition_penalty=self.repetition_penalty,
                     seed=None if self.seed is None else self.seed + choice,
-                    stop_token_ids=[] if self.ignore_eos else None)
+                    stop_token_ids=[] if self.ignore_eos else None, response_format=self.response_format)
 
 
 class CompletionRequest(GenerationRequest):
@@ -132,7 +133,6 @@ class ChatRequest(GenerationRequest):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     def top_logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -146,8 +146,6 @@ class ChatRequest(GenerationRequest):
                            "/v1/completions with echo true and max_tokens 0")
         if self.tools or self.tool_choice not in (None, "none"):
             out["tools"] = "tool calling is not supported"
-        if self.response_format and self.response_format.get("type") != "text":
-            out["response_format"] = "only response_format {'type': 'text'} is supported"
         return out
 
     def limit(self) -> int | None:
