@@ -120,7 +120,8 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--chat/--raw", default=None,
-              help="Wrap PROMPT in the export's chat template (default: when it has one).")
+              help="Wrap PROMPT in the export's chat template, or not. Default: the adapter's prompt format "
+                   "(recorded at conversion: raw, chat or a template), else chat when the export has a template.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -144,8 +145,8 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
         engine = Engine.load(outdir, backend=backend, **options)
         if adapter:
             engine.add_adapter(adapter, resolve_adapter(outdir, adapter))
-    if chat is None:
-        chat = engine.tokenizer.chat_template is not None
+    if chat is None and (adapter is None or engine.store.prompt_format(adapter) is None):
+        chat = engine.tokenizer.chat_template is not None  # else None: the Engine applies the adapter's format
     stream = engine.stream(prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
                            top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
                            stop=stop, adapter=adapter)

@@ -97,3 +97,119 @@ def test_a_bad_template_is_refused_at_convert_and_at_load(llama, tmp_path):
                                                                          "prompt_format": "Q: {prompt"})
         with pytest.raises(AdapterError, match=f"{path}: prompt_format.*expected '}}'"):
             load_bundle(path)
+
+
+# --- applied by the Engine ------------------------------------------------------------------------
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def formatted(llama, tmp_path_factory):
+    """The tiny Llama engine with one prefix adapter (a real PEFT checkpoint) converted four times:
+    raw, chat, a template and without a format (`none`); the bundles' folder."""
+    from prefixport.runtime import Engine
+
+    export, peft = llama
+    folder = tmp_path_factory.mktemp("formatted")
+    engine = Engine.load(export)
+    for name, spec in (("raw", "raw"), ("chat", "chat"), ("tmpl", TEMPLATE), ("none", None)):
+        _, path = convert_checkpoint(peft / "prefix", export, out=folder / f"{name}.safetensors", prompt_format=spec)
+        engine.add_adapter(name, path)
+    yield engine, folder
+    engine.close()
+
+
+def test_engine_encodes_a_text_in_the_adapters_format_unless_told(formatted):
+    engine, _ = formatted
+    tok = engine.tokenizer
+    raw, chat = tok.encode(PROMPT), engine.encode(PROMPT, chat=True)
+    filled = tok.encode(f"Question: {PROMPT}\nAnswer:")
+    assert chat == tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
+    assert len({tuple(raw), tuple(chat), tuple(filled)}) == 3
+    assert engine.encode(PROMPT) == raw  # no adapter: raw, as before
+    expected = {"raw": raw, "chat": chat, "tmpl": filled, "none": raw}
+    for adapter, ids in expected.items():
+        assert engine.encode(PROMPT, adapter=adapter) == ids, adapter
+        assert engine.encode(PROMPT, chat=True, adapter=adapter) == chat, adapter  # the caller overrides
+        assert engine.encode(PROMPT, chat=False, adapter=adapter) == raw, adapter
+    # chat messages: the chat template, unless the adapter's format is raw or a template (contents joined)
+    templated = engine.encode(MESSAGES)
+    assert templated == tok.encode(tok.apply_chat_template(MESSAGES), add_special_tokens=False)
+    joined = f"Be brief.\n\n{PROMPT}"
+    expected = {"raw": tok.encode(joined), "chat": templated, "tmpl": tok.encode(f"Question: {joined}\nAnswer:"),
+                "none": templated}
+    for adapter, ids in expected.items():
+        assert engine.encode(MESSAGES, adapter=adapter) == ids, adapter
+        assert engine.encode(MESSAGES, chat=True, adapter=adapter) == templated, adapter
+        assert engine.encode(MESSAGES, chat=False, adapter=adapter) == tok.encode(joined), adapter
+    # token ids are never reformatted
+    assert engine.encode(raw, adapter="tmpl") == raw and engine.encode(raw, chat=True, adapter="chat") == raw
+
+
+def test_generate_stream_batch_and_prepare_apply_the_format(formatted):
+    engine, _ = formatted
+    filled = engine.tokenizer.encode(f"Question: {PROMPT}\nAnswer:")
+    kw = dict(max_new_tokens=6, stop_token_ids=[])
+    want = engine.generate(filled, adapter="tmpl", **kw)
+    got = engine.generate(PROMPT, adapter="tmpl", **kw)
+    assert (got.token_ids, got.prompt_tokens) == (want.token_ids, len(filled))
+    stream = engine.stream(PROMPT, adapter="tmpl", **kw)
+    assert "".join(stream) == want.text and stream.result.prompt_tokens == len(filled)
+    assert engine.prepare(PROMPT, adapter="tmpl", max_new_tokens=4).prompt_ids == filled
+    assert engine.prepare(PROMPT, adapter="tmpl", chat=False, max_new_tokens=4).prompt_ids == engine.encode(PROMPT)
+    adapters = ["raw", "chat", "tmpl", "none", None, "tmpl"]
+    prompts = [PROMPT] * 5 + [filled]
+    batch = engine.generate_batch(prompts, adapters=adapters, **kw)
+    for prompt, adapter, row in zip(prompts, adapters, batch):
+        ids = engine.encode(prompt, adapter=adapter)
+        assert row.prompt_tokens == len(ids) and row.token_ids == engine.generate(ids, adapter=adapter, **kw).token_ids
+    assert batch[2].token_ids == batch[5].token_ids == want.token_ids
+    with pytest.raises(AdapterError, match="no adapter named 'nope' is registered \\(registered: chat, none"):
+        engine.generate(PROMPT, adapter="nope")
+
+
+def test_engine_reads_the_format_of_an_old_bundle_and_refuses_a_bad_one(formatted, tmp_path):
+    engine, folder = formatted
+    bundle = load_bundle(folder / "raw.safetensors")
+    old = tmp_path / "old.safetensors"
+    meta = {k: v for k, v in bundle.metadata.items() if k != "prompt_format"} | {"format_version": "1"}
+    save_file(bundle.tensors, str(old), metadata=meta)
+    engine.add_adapter("old", old)
+    assert engine.encode(PROMPT, adapter="old") == engine.encode(PROMPT)  # unknown: as before
+    bad = tmp_path / "bad.safetensors"
+    save_file(bundle.tensors, str(bad), metadata=bundle.metadata | {"prompt_format": "Q: {question}"})
+    with pytest.raises(AdapterError, match="prompt_format.*exactly one \\{prompt\\}"):
+        engine.add_adapter("bad", bad)
+    assert "bad" not in engine.adapters
+    engine.remove_adapter("old")
+
+
+# --- applied by `prefixport generate` ---------------------------------------------------------------
+
+def _prompt_tokens(stderr: str) -> int:
+    import re
+
+    return int(re.search(r"\((\d+) prompt tokens\)", stderr).group(1))
+
+
+def test_cli_generate_applies_the_adapters_format_unless_a_flag_says(formatted, llama):
+    engine, folder = formatted
+    export, _ = llama
+    assert engine.tokenizer.chat_template is not None  # so the default without a format is chat
+    raw, chat = len(engine.encode(PROMPT)), len(engine.encode(PROMPT, chat=True))
+    filled = len(engine.encode(PROMPT, adapter="tmpl"))
+    cases = [("raw", [], raw), ("raw", ["--chat"], chat), ("chat", [], chat), ("chat", ["--raw"], raw),
+             ("tmpl", [], filled), ("tmpl", ["--raw"], raw), ("tmpl", ["--chat"], chat),
+             ("none", [], chat), ("none", ["--raw"], raw), (None, [], chat), (None, ["--raw"], raw)]
+    runner = CliRunner()
+    for adapter, flags, expected in cases:
+        where = ["--adapter", str(folder / f"{adapter}.safetensors")] if adapter else []
+        r = runner.invoke(main, ["generate", str(export), PROMPT, "--max-new-tokens", "3", *where, *flags])
+        assert r.exit_code == 0, r.output
+        assert _prompt_tokens(r.stderr) == expected, (adapter, flags, r.stderr)
+    ids = engine.encode(PROMPT, adapter="tmpl")
+    r = runner.invoke(main, ["generate", str(export), PROMPT, "--max-new-tokens", "6", "--adapter",
+                             str(folder / "tmpl.safetensors")])
+    assert r.stdout == engine.generate(ids, adapter="tmpl", max_new_tokens=6).text + "\n"
