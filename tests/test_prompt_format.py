@@ -213,3 +213,63 @@ def test_cli_generate_applies_the_adapters_format_unless_a_flag_says(formatted, 
     r = runner.invoke(main, ["generate", str(export), PROMPT, "--max-new-tokens", "6", "--adapter",
                              str(folder / "tmpl.safetensors")])
     assert r.stdout == engine.generate(ids, adapter="tmpl", max_new_tokens=6).text + "\n"
+
+
+# --- applied by the server --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(formatted, llama):
+    """`create_app` over the tiny Llama export serving the four bundles of `formatted`: (Server, client)."""
+    from openai import OpenAI
+
+    from prefixport.runtime import Engine
+    from prefixport.server import create_app
+
+    from .test_server import running
+
+    _, folder = formatted
+    engine = Engine.load(llama[0])
+    app = create_app(engine, model_name="tiny", adapters_dir=folder)
+    with running(app) as url:
+        yield app.state.server, OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    engine.close()
+
+
+def test_server_completions_give_a_text_the_adapters_format(served):
+    server, client = served
+    engine, tok = server.engine, server.engine.tokenizer
+    assert sorted(engine.adapters) == ["chat", "none", "raw", "tmpl"]
+    chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
+    expected = {"raw": tok.encode(PROMPT), "chat": chat, "tmpl": tok.encode(f"Question: {PROMPT}\nAnswer:"),
+                "none": tok.encode(PROMPT), "tiny": tok.encode(PROMPT)}
+    for model, ids in expected.items():
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
+        adapter = None if model == "tiny" else model
+        assert r.usage.prompt_tokens == len(ids), model
+        assert r.choices[0].text == engine.generate(ids, adapter=adapter, max_new_tokens=4).text, model
+    ids = expected["raw"]  # token ids are never reformatted
+    r = client.completions.create(model="tmpl", prompt=ids, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_server_chat_to_a_raw_or_template_adapter_joins_the_messages(served):
+    from prefixport.server.protocol import ChatRequest
+
+    server, client = served
+    engine, tok = server.engine, server.engine.tokenizer
+    joined = f"Be brief.\n\n{PROMPT}"
+    templated = tok.encode(tok.apply_chat_template(MESSAGES), add_special_tokens=False)
+    expected = {"raw": tok.encode(joined), "tmpl": tok.encode(f"Question: {joined}\nAnswer:"), "chat": templated,
+                "none": templated, "tiny": templated}
+    for model, ids in expected.items():
+        adapter = None if model == "tiny" else model
+        body = ChatRequest(model=model, messages=MESSAGES)
+        assert server.prompts(body, adapter)[0] == [ids], model  # the exact ids the engine is given
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(ids), model
+        assert r.choices[0].message.content == engine.generate(ids, adapter=adapter, max_new_tokens=4).text, model
+    # one user message reaches a raw adapter as its text alone, exactly as /v1/completions sends it
+    one = [{"role": "user", "content": PROMPT}]
+    r = client.chat.completions.create(model="raw", messages=one, max_tokens=4, temperature=0)
+    c = client.completions.create(model="raw", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert (r.usage.prompt_tokens, r.choices[0].message.content) == (c.usage.prompt_tokens, c.choices[0].text)
