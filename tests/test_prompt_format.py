@@ -3,14 +3,15 @@ back and checked, and applied by the CLI, the Engine and the server unless the c
 
 from __future__ import annotations
 
+import openai
 import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from prefixport.adapters import PromptFormat, convert_checkpoint, load_bundle
-from prefixport.adapters.prompt_format import messages_text
+from prefixport.adapters.prompt_format import render, user_text
 from prefixport.cli import main
-from prefixport.errors import AdapterError
+from prefixport.errors import AdapterError, InputError
 
 TEMPLATE = "Question: {prompt}\nAnswer:"
 BAD_TEMPLATES = [("Q: {question}", "has \\{question\\}"), ("no field at all", "has no field"),
@@ -39,11 +40,19 @@ def test_formats_parse_and_fill():
             PromptFormat.parse(spec)
 
 
-def test_messages_become_one_text_in_order():
+def test_chat_messages_give_a_raw_or_template_adapter_their_last_user_message():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": ""}, {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "Date: May 1, 2003\nISO:"}]
-    assert messages_text(messages) == "Be brief.\n\nHi\n\nHello.\n\nDate: May 1, 2003\nISO:"
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Date: May 1, 2003\nISO:"},
+                {"role": "assistant", "content": ""}]
+    assert user_text(messages) == "Date: May 1, 2003\nISO:"
+    raw, template = PromptFormat.parse("raw"), PromptFormat.parse(TEMPLATE)
+    assert render(messages, template, chat_template=None) == "Question: Date: May 1, 2003\nISO:\nAnswer:"
+    assert render("x", PromptFormat.parse("chat"), chat_template=lambda m: repr(m)) == repr([{"role": "user",
+                                                                                             "content": "x"}])
+    with pytest.raises(InputError, match="no user message"):
+        render(messages[:1], raw, chat_template=None)
+    with pytest.raises(InputError, match="must be text"):
+        user_text([{"role": "user", "content": [{"type": "text", "text": "x"}]}])
 
 
 # --- recorded in the bundle -----------------------------------------------------------------------
@@ -134,16 +143,14 @@ def test_engine_encodes_a_text_in_the_adapters_format_unless_told(formatted):
         assert engine.encode(PROMPT, adapter=adapter) == ids, adapter
         assert engine.encode(PROMPT, chat=True, adapter=adapter) == chat, adapter  # the caller overrides
         assert engine.encode(PROMPT, chat=False, adapter=adapter) == raw, adapter
-    # chat messages: the chat template, unless the adapter's format is raw or a template (contents joined)
+    # chat messages: the chat template, unless the adapter's format is raw or a template (the last user message)
     templated = engine.encode(MESSAGES)
     assert templated == tok.encode(tok.apply_chat_template(MESSAGES), add_special_tokens=False)
-    joined = f"Be brief.\n\n{PROMPT}"
-    expected = {"raw": tok.encode(joined), "chat": templated, "tmpl": tok.encode(f"Question: {joined}\nAnswer:"),
-                "none": templated}
+    expected = {"raw": raw, "chat": templated, "tmpl": filled, "none": templated}
     for adapter, ids in expected.items():
         assert engine.encode(MESSAGES, adapter=adapter) == ids, adapter
         assert engine.encode(MESSAGES, chat=True, adapter=adapter) == templated, adapter
-        assert engine.encode(MESSAGES, chat=False, adapter=adapter) == tok.encode(joined), adapter
+        assert engine.encode(MESSAGES, chat=False, adapter=adapter) == raw, adapter
     # token ids are never reformatted
     assert engine.encode(raw, adapter="tmpl") == raw and engine.encode(raw, chat=True, adapter="chat") == raw
 
@@ -252,14 +259,13 @@ def test_server_completions_give_a_text_the_adapters_format(served):
     assert r.usage.prompt_tokens == len(ids)
 
 
-def test_server_chat_to_a_raw_or_template_adapter_joins_the_messages(served):
+def test_server_chat_to_a_raw_or_template_adapter_sends_the_last_user_message(served):
     from prefixport.server.protocol import ChatRequest
 
     server, client = served
     engine, tok = server.engine, server.engine.tokenizer
-    joined = f"Be brief.\n\n{PROMPT}"
     templated = tok.encode(tok.apply_chat_template(MESSAGES), add_special_tokens=False)
-    expected = {"raw": tok.encode(joined), "tmpl": tok.encode(f"Question: {joined}\nAnswer:"), "chat": templated,
+    expected = {"raw": tok.encode(PROMPT), "tmpl": tok.encode(f"Question: {PROMPT}\nAnswer:"), "chat": templated,
                 "none": templated, "tiny": templated}
     for model, ids in expected.items():
         adapter = None if model == "tiny" else model
@@ -268,8 +274,10 @@ def test_server_chat_to_a_raw_or_template_adapter_joins_the_messages(served):
         r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0)
         assert r.usage.prompt_tokens == len(ids), model
         assert r.choices[0].message.content == engine.generate(ids, adapter=adapter, max_new_tokens=4).text, model
-    # one user message reaches a raw adapter as its text alone, exactly as /v1/completions sends it
-    one = [{"role": "user", "content": PROMPT}]
-    r = client.chat.completions.create(model="raw", messages=one, max_tokens=4, temperature=0)
-    c = client.completions.create(model="raw", prompt=PROMPT, max_tokens=4, temperature=0)
+    # the last user message reaches a raw adapter as its text alone, exactly as /v1/completions sends it
+    turns = [*MESSAGES, {"role": "assistant", "content": "jumps"}, {"role": "user", "content": "Numbers: 0 1 2"}]
+    r = client.chat.completions.create(model="raw", messages=turns, max_tokens=4, temperature=0)
+    c = client.completions.create(model="raw", prompt="Numbers: 0 1 2", max_tokens=4, temperature=0)
     assert (r.usage.prompt_tokens, r.choices[0].message.content) == (c.usage.prompt_tokens, c.choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="no user message"):
+        client.chat.completions.create(model="tmpl", messages=MESSAGES[:1], max_tokens=4)

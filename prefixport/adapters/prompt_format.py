@@ -9,9 +9,10 @@ prompt is rendered for it: the one place that decides (the CLI, the Engine and t
 Which format a prompt gets (`choose`): the caller's (`chat=True`: chat, `chat=False`: raw), else the
 adapter's recorded format, else the default (raw for a text, the chat template for chat messages).
 
-Chat messages rendered for a raw or template format become one text first (`messages_text`): every
-message's content in order (system, user and assistant alike), joined by a blank line, roles not
-written; the format then applies to that text. Token ids are never reformatted (the runtime's part).
+Chat messages rendered for a raw or template format become one text first (`user_text`): the last
+user message's content, alone (system messages, assistant turns and earlier user messages are not
+sent: such an adapter was trained on single prompts, and a system prompt put before the text breaks
+the demo date adapter); the format then applies to that text. Token ids are never reformatted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Callable, Sequence
 from ..errors import AdapterError, InputError
 
 RAW, CHAT, FIELD = "raw", "chat", "prompt"
-MESSAGE_SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,17 @@ def choose(chat: bool | None, recorded: PromptFormat | None, messages: bool) -> 
     return recorded or (CHAT_FORMAT if messages else RAW_FORMAT)
 
 
-def messages_text(messages: Sequence[dict]) -> str:
-    """Chat messages as one text for a raw or template adapter: their contents in order, joined by a
-    blank line (roles not written; empty contents skipped)."""
-    contents = [m.get("content") or "" for m in messages]
-    if not all(isinstance(c, str) for c in contents):
-        raise InputError("a chat message's content must be text to render it for a raw or template adapter")
-    return MESSAGE_SEPARATOR.join(c for c in contents if c)
+def user_text(messages: Sequence[dict]) -> str:
+    """Chat messages as one text for a raw or template adapter: the last user message's content."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise InputError("the chat messages hold no user message: rendered raw or into a template (the adapter's "
+                         "prompt format), their prompt is the last user message's text")
+    content = users[-1].get("content") or ""
+    if not isinstance(content, str):
+        raise InputError("the last user message's content must be text to render it raw or into a template (the "
+                         "adapter's prompt format)")
+    return content
 
 
 def render(prompt: str | Sequence[dict], fmt: PromptFormat, chat_template: Callable[[list[dict]], str]) -> str:
@@ -93,4 +97,4 @@ def render(prompt: str | Sequence[dict], fmt: PromptFormat, chat_template: Calla
     renders messages with the model's template (with the generation prompt)."""
     if fmt.chat:
         return chat_template([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
-    return fmt.fill(prompt if isinstance(prompt, str) else messages_text(prompt))
+    return fmt.fill(prompt if isinstance(prompt, str) else user_text(prompt))

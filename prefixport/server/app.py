@@ -119,9 +119,9 @@ class Server:
 
     def prompts(self, body: GenerationRequest, adapter: str | None = None) -> tuple[list[Any], int | None]:
         """The request's prompts encoded in `adapter`'s prompt format (`Engine.encode`: a text raw, as
-        a template fills it or as one user message; chat messages through the chat template, or joined
-        for a raw or template adapter; token ids as given) and its max_tokens (None: the rest of the
-        context). Tokenizes: call it off the event loop."""
+        a template fills it or as one user message; chat messages through the chat template, or their
+        last user message for a raw or template adapter; token ids as given) and its max_tokens (None:
+        the rest of the context). Tokenizes: call it off the event loop."""
         if isinstance(body, ChatRequest):
             return [self.engine.encode([m.plain() for m in body.messages], adapter=adapter)], body.limit()
         assert isinstance(body, CompletionRequest)
