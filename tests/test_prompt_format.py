@@ -77,6 +77,11 @@ def test_cli_convert_records_the_format_and_inspect_shows_it(llama, tmp_path):
     assert f"prompt format {TEMPLATE!r}" in r.output and load_bundle(out).prompt_format == PromptFormat(TEMPLATE)
     r = runner.invoke(main, ["adapter", "inspect", str(out)])
     assert r.exit_code == 0 and f"prompt format: {TEMPLATE!r}" in r.output, r.output
+    baked = tmp_path / "baked.safetensors"  # a soft prompt baked into a prefix keeps its format
+    r = runner.invoke(main, ["adapter", "convert", str(peft / "prompt"), "--export", str(export), "--out", str(baked),
+                             "--prompt-format", "chat", "--bake-prefix"])
+    assert r.exit_code == 0 and load_bundle(baked).prompt_format == PromptFormat("chat"), r.output
+    assert load_bundle(baked).kind == "prefix"
     runner.invoke(main, ["adapter", "convert", str(peft / "prompt"), "--export", str(export), "--out", str(out)])
     assert load_bundle(out).prompt_format is None and "prompt_format" not in load_bundle(out).metadata
     assert "prompt format: not recorded" in runner.invoke(main, ["adapter", "inspect", str(out)]).output
@@ -281,3 +286,52 @@ def test_server_chat_to_a_raw_or_template_adapter_sends_the_last_user_message(se
     assert (r.usage.prompt_tokens, r.choices[0].message.content) == (c.usage.prompt_tokens, c.choices[0].text)
     with pytest.raises(openai.BadRequestError, match="no user message"):
         client.chat.completions.create(model="tmpl", messages=MESSAGES[:1], max_tokens=4)
+
+
+# --- the demo date adapter through chat, on the real default model ---------------------------------
+
+@pytest.mark.slow
+def test_the_demo_date_adapter_answers_through_chat(default_export, tmp_path):
+    """demo/adapters/date-prefix was trained on raw prompts; converted with its format (`raw`), a chat
+    request (Engine and HTTP, a system message included) answers as the raw prompt does, right.
+    Converted without a format, chat wraps the date in the chat template and the answer differs
+    (it was empty: the bug this fixes)."""
+    import sys
+    from pathlib import Path
+
+    from openai import OpenAI
+
+    from prefixport.runtime import Engine
+    from prefixport.server import create_app
+
+    from .test_server import running
+
+    demo = Path(__file__).resolve().parents[1] / "demo"
+    sys.path.insert(0, str(demo))
+    import tasks
+
+    folder = tmp_path / "adapters"
+    convert_checkpoint(demo / "adapters" / "date-prefix", default_export, out=folder / "date-prefix.safetensors",
+                       prompt_format=tasks.PROMPT_FORMAT)
+    assert tasks.PROMPT_FORMAT == "raw"
+    _, unknown = convert_checkpoint(demo / "adapters" / "date-prefix", default_export,
+                                    out=tmp_path / "unknown.safetensors")
+    engine = Engine.load(default_export)
+    engine.add_adapter("unknown", unknown)
+    app = create_app(engine, adapters_dir=folder)  # registers date-prefix
+    _, test = tasks.split("date")
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    with running(app) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for ex in test[:3]:
+            user = {"role": "user", "content": ex["prompt"]}
+            raw = engine.generate(ex["prompt"], adapter="date-prefix", chat=False, max_new_tokens=12)
+            assert tasks.correct("date", raw.text, ex["target"]), (ex, raw.text)
+            for messages in ([user], [system, user]):
+                got = engine.generate(messages, adapter="date-prefix", max_new_tokens=12)
+                assert (got.text, got.prompt_tokens) == (raw.text, raw.prompt_tokens), (ex, messages)
+                r = client.chat.completions.create(model="date-prefix", messages=messages, max_tokens=12,
+                                                   temperature=0)
+                assert r.choices[0].message.content == raw.text and r.usage.prompt_tokens == raw.prompt_tokens
+            assert engine.generate([user], adapter="unknown", max_new_tokens=12).text != raw.text
+    engine.close()
