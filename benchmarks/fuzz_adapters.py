@@ -655,7 +655,7 @@ def mut_metadata(c: Ctx, raw: bytes) -> tuple[bytes, str]:
     meta = dict(meta or {})
     n = int(meta.get("n_virtual", "1"))
     kind = c.pick(["kind", "kind", "n_virtual", "n_virtual", "fingerprint", "format_version", "format", "missing",
-                   "none", "dtype", "name", "peft_type", "extra", "non_string"])
+                   "none", "dtype", "name", "peft_type", "extra", "non_string", "prompt_format"])
     if kind == "non_string":  # only reachable by writing the header by hand
         header, data = st_parse(raw)
         key = c.pick(sorted(header.get("__metadata__") or {"kind": ""}))
@@ -690,6 +690,10 @@ def mut_metadata(c: Ctx, raw: bytes) -> tuple[bytes, str]:
             value = c.pick(["", "x" * 10_000, "../../etc/passwd", "a/b", "nul\x00name", "émoji 🙂", " "])
         elif kind == "peft_type":
             value = c.pick(["LORA", "", "PREFIX_TUNING", "PROMPT_TUNING", "x" * 1000])
+        elif kind == "prompt_format":
+            value = c.pick(["raw", "chat", "Q: {prompt}\nA:", "", "RAW", "{prompt", "prompt}", "{x}", "{}", "{0}",
+                            "{prompt}{prompt}", "{{prompt}}", "{{{prompt}}}", "}{prompt}", "{prompt!r}",
+                            "{prompt:>9}", "{prompt.x}", "{prompt[0]}", "x" * 5000 + "{prompt}", "{prompt\x00}"])
         else:
             value = c.pick(["", "1", "x" * 1000])
         meta[key] = value
@@ -1129,8 +1133,10 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
                            "peft_type") if k not in meta]
     if missing:
         return [f"metadata lacks {missing}"]
-    if meta["format"] != "prefixport-adapter" or meta["format_version"] != "1":
+    if meta["format"] != "prefixport-adapter" or meta["format_version"] not in ("1", "2"):
         problems.append(f"format {meta['format']!r} version {meta['format_version']!r}")
+    if "prompt_format" in meta and not _prompt_format_ok(meta["prompt_format"]):
+        problems.append(f"prompt_format {meta['prompt_format'][:40]!r}")
     kind, dtype = meta["kind"], meta["dtype"]
     if kind not in ("prompt", "prefix"):
         problems.append(f"kind {kind!r}")
@@ -1190,6 +1196,14 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
             if set(ref.tensors) != set(tensors) or not all(np.array_equal(ref.tensors[k], tensors[k]) for k in tensors):
                 problems.append(f"conversion differs from the seed bundle {Path(case['reference']).name}")
     return problems
+
+
+def _prompt_format_ok(spec: str) -> bool:
+    """raw, chat, or a template with exactly one {prompt}, every other brace doubled (read left to right)."""
+    if spec in ("raw", "chat"):
+        return True
+    tokens = re.findall(r"\{\{|\}\}|\{prompt\}|[{}]", spec)
+    return tokens.count("{prompt}") == 1 and not any(t in ("{", "}") for t in tokens)
 
 
 def _has_memory_error(e: BaseException | None) -> bool:

@@ -25,6 +25,9 @@ DATE_FORMS = ["{month} {day}, {year}", "{day} {month} {year}", "the {day}th of {
               "{month} {day} {year}"]
 
 PROMPTS = {"json": "Text: {text}\nJSON:", "date": "Date: {text}\nISO:"}
+# How train_adapters.py formats a prompt: as it is (no chat template), so both adapters are converted
+# with `prefixport adapter convert ... --prompt-format raw` and a chat request sends them its text.
+PROMPT_FORMAT = "raw"
 HELD_OUT_NAMES = set(NAMES[-6:])  # the test split uses people the training split never saw
 
 

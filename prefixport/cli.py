@@ -118,7 +118,8 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--chat/--raw", default=None,
-              help="Wrap PROMPT in the export's chat template (default: when it has one).")
+              help="Wrap PROMPT in the export's chat template, or not. Default: the adapter's prompt format "
+                   "(recorded at conversion: raw, chat or a template), else chat when the export has a template.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -142,8 +143,8 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
         engine = Engine.load(outdir, backend=backend, **options)
         if adapter:
             engine.add_adapter(adapter, resolve_adapter(outdir, adapter))
-    if chat is None:
-        chat = engine.tokenizer.chat_template is not None
+    if chat is None and (adapter is None or engine.store.prompt_format(adapter) is None):
+        chat = engine.tokenizer.chat_template is not None  # else None: the Engine applies the adapter's format
     stream = engine.stream(prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
                            top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
                            stop=stop, adapter=adapter)
@@ -305,17 +306,22 @@ def adapter() -> None:
 @click.option("--name", default=None, help="Bundle name (default: the checkpoint folder's name).")
 @click.option("--task", type=int, default=None, help="Task id of a multitask prompt-tuning checkpoint.")
 @click.option("--bake-prefix", is_flag=True, help="Turn a soft prompt into a prefix (KV) bundle.")
+@click.option("--prompt-format", default=None, metavar="raw|chat|TEMPLATE",
+              help="How the adapter's prompts were formatted in training, recorded in the bundle: raw (the text "
+                   "as is), chat (the model's chat template, one user message) or a template with one {prompt}, "
+                   "e.g. $'Question: {prompt}\\nAnswer:' in bash. generate and serve then apply it. Default: not "
+                   "recorded.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (default: EXPORT/adapters/NAME.safetensors).")
 @_errors
 def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int | None, bake_prefix: bool,
-                    out: str | None) -> None:
+                    prompt_format: str | None, out: str | None) -> None:
     """Convert a PEFT prompt-tuning, p-tuning, multitask or prefix-tuning checkpoint to a bundle."""
     from pathlib import Path
 
     from .adapters import bundle_path, convert_for_export, save_bundle
 
-    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task)
+    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task, prompt_format=prompt_format)
     path = Path(out) if out else bundle_path(export_dir, bundle.name)
     if bake_prefix:  # the graph runs once over the virtual tokens: the runtime's work
         from .runtime import Engine
@@ -327,7 +333,8 @@ def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int 
             engine.close()
     path = save_bundle(bundle, path)
     click.echo(f"wrote {path}: {bundle.kind} adapter {bundle.name!r} ({bundle.metadata['peft_type']}), "
-               f"{bundle.n_virtual} virtual tokens, {bundle.nbytes:,} bytes")
+               f"{bundle.n_virtual} virtual tokens, {bundle.nbytes:,} bytes"
+               + (f", prompt format {prompt_format!r}" if prompt_format is not None else ""))
 
 
 @adapter.command("inspect")
@@ -344,6 +351,7 @@ def adapter_inspect(file: str) -> None:
             ("tensors", str(len(b.tensors))), ("base fingerprint", meta["fingerprint"]),
             ("format version", meta["format_version"])]
     rows += [(k, v) for k, v in meta.items() if k in ("task", "source", "baked_from") and v]
+    rows.append(("prompt format", repr(meta["prompt_format"]) if "prompt_format" in meta else "not recorded"))
     for key, value in rows:
         click.echo(f"{key:>17}: {value}")
 

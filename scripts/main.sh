@@ -14,17 +14,20 @@ prefixport generate "$OUT" "Write a haiku about the sea." --max-new-tokens 64
 prefixport generate "$OUT" "def fibonacci(n):" --raw --max-new-tokens 64
 # The demo adapters (PEFT checkpoints trained by demo/train_adapters.py, committed under demo/):
 # convert them, then base vs adapter side by side and accuracy on held-out examples.
-prefixport adapter convert demo/adapters/json-prompt --export "$OUT" --name json-prompt
-prefixport adapter convert demo/adapters/date-prefix --export "$OUT" --name date-prefix
+# Both were trained on raw prompts (no chat template): recorded, so generate and serve send them raw.
+prefixport adapter convert demo/adapters/json-prompt --export "$OUT" --name json-prompt --prompt-format raw
+prefixport adapter convert demo/adapters/date-prefix --export "$OUT" --name date-prefix --prompt-format raw
 prefixport adapter inspect "$OUT/adapters/date-prefix.safetensors"
 prefixport generate "$OUT" "Text: Maya is 27 and lives in Lima.
-JSON:" --raw --adapter json-prompt --max-new-tokens 40
+JSON:" --adapter json-prompt --max-new-tokens 40
 python demo/evaluate.py "$OUT"
 # Weight-only int8 (issue 6): the export prints its greedy agreement with the float graph; the
 # same adapter bundles fit it (same base-model fingerprint).
 Q="$OUT-int8"
 [ -f "$Q/prefixport.json" ] || prefixport export "$Q" --quantize int8
-for a in json-prompt date-prefix; do prefixport adapter convert "demo/adapters/$a" --export "$Q" --name "$a"; done
+for a in json-prompt date-prefix; do
+  prefixport adapter convert "demo/adapters/$a" --export "$Q" --name "$a" --prompt-format raw
+done
 prefixport generate "$Q" "Write a haiku about the sea." --max-new-tokens 64
 python demo/evaluate.py "$Q" --examples 0 --out "$Q/demo_results.json"
 # A short benchmark (about a minute): swap, memory, latency, throughput, floor; side by side with

@@ -8,23 +8,25 @@ from pathlib import Path
 from .. import manifest as mf
 from .bundle import Bundle, load_bundle, save_bundle
 from .peft import convert
+from .prompt_format import PromptFormat
 
-__all__ = ["ADAPTERS_DIR", "Bundle", "bundle_path", "convert", "convert_checkpoint", "convert_for_export",
-           "load_bundle", "resolve_adapter", "save_bundle"]
+__all__ = ["ADAPTERS_DIR", "Bundle", "PromptFormat", "bundle_path", "convert", "convert_checkpoint",
+           "convert_for_export", "load_bundle", "resolve_adapter", "save_bundle"]
 
 ADAPTERS_DIR = "adapters"
 
 
 def convert_for_export(peft_dir: str | Path, export_dir: str | Path, name: str | None = None,
-                       task: int | None = None) -> Bundle:
+                       task: int | None = None, prompt_format: str | None = None) -> Bundle:
     """A PEFT checkpoint converted for the export in `export_dir` (checked against its manifest),
     in memory. `name` defaults to the checkpoint folder's name (+ `-taskN`); characters other than
-    letters, digits, `.`, `_` and `-` become `_`."""
+    letters, digits, `.`, `_` and `-` become `_`. `prompt_format`: raw, chat or a template with one
+    {prompt}, how the adapter's prompts were formatted in training (None: not recorded)."""
     manifest = mf.Manifest.load(export_dir)
     if name is None:
         name = Path(peft_dir).resolve().name + (f"-task{task}" if task is not None else "")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    return convert(peft_dir, manifest, name=name, task=task)
+    return convert(peft_dir, manifest, name=name, task=task, prompt_format=prompt_format)
 
 
 def bundle_path(export_dir: str | Path, name: str) -> Path:
@@ -33,11 +35,12 @@ def bundle_path(export_dir: str | Path, name: str) -> Path:
 
 
 def convert_checkpoint(peft_dir: str | Path, export_dir: str | Path, name: str | None = None,
-                       task: int | None = None, out: str | Path | None = None) -> tuple[Bundle, Path]:
+                       task: int | None = None, out: str | Path | None = None,
+                       prompt_format: str | None = None) -> tuple[Bundle, Path]:
     """Convert a PEFT checkpoint for the export in `export_dir` (`convert_for_export`); write it to
     `out` or to `export_dir/adapters/NAME.safetensors`. (A soft prompt baked into a prefix needs
     the runtime: `Engine.bake_prefix` on `convert_for_export`'s bundle, then `save_bundle`.)"""
-    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task)
+    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task, prompt_format=prompt_format)
     path = Path(out) if out else bundle_path(export_dir, bundle.name)
     return bundle, save_bundle(bundle, path)
 

@@ -3,6 +3,8 @@
     kind "prompt": prompt_embeds [n_virtual, hidden]
     kind "prefix": past_key_values.{i}.key / .value [kv_heads, n_virtual, head_dim] per layer
 
+Format version 2 adds the optional `prompt_format` (raw, chat or a template: `prompt_format.py`);
+version 1 bundles, without it, are still read (their prompt format is unknown).
 Only safetensors is ever read: no pickle, no code.
 """
 
@@ -18,8 +20,10 @@ from safetensors.numpy import save_file
 
 from .. import manifest as mf
 from ..errors import AdapterError
+from .prompt_format import PromptFormat
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # written
+READ_VERSIONS = ("1", "2")  # read: 2 adds the optional prompt_format
 KINDS = ("prompt", "prefix")
 DTYPES = ("float32", "float16")
 REQUIRED_METADATA = ("format", "format_version", "kind", "name", "n_virtual", "dtype", "fingerprint", "peft_type")
@@ -50,6 +54,13 @@ class Bundle:
     @property
     def n_virtual(self) -> int:
         return int(self.metadata["n_virtual"])
+
+    @property
+    def prompt_format(self) -> PromptFormat | None:
+        """How its prompts were formatted in training; None: not recorded (a version 1 bundle, or
+        converted without --prompt-format)."""
+        spec = self.metadata.get("prompt_format")
+        return PromptFormat.parse(spec, f"{self.name}: prompt_format") if spec is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -152,9 +163,11 @@ def check_bundle(bundle: Bundle, where: str = "adapter") -> None:
     if missing or meta.get("format") != "prefixport-adapter":
         raise AdapterError(f"{where} is not a prefixport adapter bundle (metadata lacks {missing or ['format']}); "
                            "convert the PEFT checkpoint with `prefixport adapter convert`")
-    if meta["format_version"] != FORMAT_VERSION:
+    if meta["format_version"] not in READ_VERSIONS:
         raise AdapterError(f"{where} has bundle format version {meta['format_version']!r}, this prefixport "
-                           f"reads version {FORMAT_VERSION}; convert the PEFT checkpoint again")
+                           f"reads versions {', '.join(READ_VERSIONS)}; convert the PEFT checkpoint again")
+    if "prompt_format" in meta:
+        PromptFormat.parse(meta["prompt_format"], f"{where}: prompt_format")
     if meta["kind"] not in KINDS:
         raise AdapterError(f"{where} has kind {meta['kind']!r}; expected one of {', '.join(KINDS)}")
     if meta["dtype"] not in DTYPES:

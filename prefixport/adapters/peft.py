@@ -20,6 +20,7 @@ import numpy as np
 from .. import manifest as mf
 from ..errors import AdapterError
 from .bundle import Bundle, check_bundle, check_fits, make_bundle, read_safetensors
+from .prompt_format import PromptFormat
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 SUPPORTED = (*PROMPT_TYPES, "PREFIX_TUNING")
@@ -92,9 +93,13 @@ def _tensor(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...], w
 
 
 def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None,
-            task: int | None = None) -> Bundle:
-    """Convert a PEFT checkpoint folder to a bundle for the export described by `manifest`."""
+            task: int | None = None, prompt_format: str | None = None) -> Bundle:
+    """Convert a PEFT checkpoint folder to a bundle for the export described by `manifest`;
+    `prompt_format` (raw, chat or a template with one {prompt}) records how its prompts were
+    formatted in training (None: not recorded)."""
     peft_dir = Path(peft_dir)
+    if prompt_format is not None:
+        PromptFormat.parse(prompt_format, "--prompt-format")
     if not peft_dir.is_dir():
         raise AdapterError(f"{peft_dir}: no such PEFT checkpoint folder")
     config = read_config(peft_dir)
@@ -111,6 +116,8 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
     if peft_type != "MULTITASK_PROMPT_TUNING" and task is not None:
         raise AdapterError(f"--task applies to multitask prompt tuning only; this adapter is {peft_type}")
     extra = {"source": str(config.get("base_model_name_or_path") or "")}
+    if prompt_format is not None:
+        extra["prompt_format"] = prompt_format
     if peft_type in PROMPT_TYPES:
         token_dim = _int_field(config, "token_dim", peft_dir)
         if token_dim != manifest.hidden_size:

@@ -18,6 +18,8 @@ import numpy as np
 
 from .. import manifest as mf
 from ..adapters.bundle import Bundle, make_bundle
+from ..adapters.prompt_format import choose as choose_format
+from ..adapters.prompt_format import render as render_prompt
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
 from .generation import RowRequest, generate_rows, prefill_new, score_row
@@ -252,16 +254,13 @@ class Engine:
 
     # --- generation -------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
-        """Token ids for a prompt: text (raw, or wrapped in the chat template), chat messages, or ids."""
+    def encode(self, prompt: Prompt, chat: bool | None = None, adapter: str | None = None) -> list[int]:
+        """Token ids for a prompt: text or chat messages in a prompt format (`format_prompt`), or ids."""
         if isinstance(prompt, str):
-            if chat:
-                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-                return self.tokenizer.encode(text, add_special_tokens=False)
-            return self.tokenizer.encode(prompt)
+            return self.format_prompt(prompt, chat, adapter)
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(items), add_special_tokens=False)
+            return self.format_prompt(items, chat, adapter)
         if all(isinstance(t, (int, np.integer)) for t in items):
             ids = [int(t) for t in items]
             vocab = self.manifest.vocab_size
@@ -281,8 +280,18 @@ class Engine:
                 self._grammar_vocab = GrammarVocab.from_tokenizer(self.tokenizer, self.eos_token_ids)
         return Grammar.from_response_format(response_format, self._grammar_vocab)
 
+    def format_prompt(self, prompt: str | list[dict], chat: bool | None = None,
+                      adapter: str | None = None) -> list[int]:
+        """Token ids of a text or chat messages in the format `adapters.prompt_format.choose` picks:
+        `chat` True the chat template, False raw; None (the default everywhere) the `adapter`'s
+        recorded format, else raw for a text and the chat template for messages."""
+        recorded = self.store.prompt_format(adapter) if adapter is not None else None
+        fmt = choose_format(chat, recorded, messages=not isinstance(prompt, str))
+        text = render_prompt(prompt, fmt, self.tokenizer.apply_chat_template)
+        return self.tokenizer.encode(text, add_special_tokens=not fmt.chat)
+
     def prepare(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
-                 chat: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 chat: bool | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
                  response_format: dict | None = None) -> RowRequest:
@@ -292,7 +301,7 @@ class Engine:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         grammar = self.grammar(response_format)
-        ids = self.encode(prompt, chat=chat)
+        ids = self.encode(prompt, chat=chat, adapter=adapter)
         if not ids:
             raise InputError("the prompt is empty: it encodes to no tokens")
         if max_new_tokens < 1:
@@ -377,7 +386,7 @@ class Engine:
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """Generate from one prompt; greedy by default.
 
-        Keywords: max_new_tokens (128), chat, temperature (0 = greedy), top_k, top_p, seed,
+        Keywords: max_new_tokens (128), chat (`format_prompt`), temperature (0 = greedy), top_k, top_p, seed,
         repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
         strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
         fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar).

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..adapters.bundle import Bundle, check_bundle, check_fits, load_bundle
+from ..adapters.prompt_format import PromptFormat
 from ..errors import AdapterError
 from .backends import Backend
 from .generation import AdapterFeed
@@ -28,6 +29,7 @@ class _Entry:
     kind: str
     n_virtual: int
     nbytes: int
+    prompt_format: PromptFormat | None  # how its prompts were formatted in training; None: not recorded
     hits: int = 0
     misses: int = 0
     evictions: int = 0
@@ -56,7 +58,8 @@ class AdapterStore:
             raise AdapterError(f"{name} has {bundle.n_virtual} virtual tokens, more than the TensorRT engine's "
                                f"max_virtual {limits.max_virtual}; rebuild it with a larger --max-virtual")
         feed = self._feed(bundle)
-        entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, bundle.nbytes)
+        entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, bundle.nbytes,
+                       bundle.prompt_format)
         with self._lock:
             self._entries[name] = entry
             self._resident[name] = feed
@@ -75,9 +78,7 @@ class AdapterStore:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                known = ", ".join(sorted(self._entries)) or "none"
-                raise AdapterError(f"no adapter named {name!r} is registered (registered: {known}); "
-                                   "add it with Engine.add_adapter")
+                raise self._unknown(name)
             feed = self._resident.get(name)
             if feed is not None:
                 entry.hits += 1
@@ -105,6 +106,14 @@ class AdapterStore:
             raise AdapterError(f"no adapter named {name!r} is registered")
         return entry.n_virtual
 
+    def prompt_format(self, name: str) -> PromptFormat | None:
+        """How the adapter's prompts were formatted in training (its bundle's), or None if not recorded."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise self._unknown(name)
+        return entry.prompt_format
+
     def stats(self) -> dict:
         with self._lock:
             per = {n: {"kind": e.kind, "n_virtual": e.n_virtual, "bytes": e.nbytes, "resident": n in self._resident,
@@ -120,6 +129,12 @@ class AdapterStore:
             "evictions": sum(a["evictions"] for a in per.values()),
             "adapters": per,
         }
+
+    def _unknown(self, name: str) -> AdapterError:
+        """The error for an adapter that is not registered. Lock held."""
+        known = ", ".join(sorted(self._entries)) or "none"
+        return AdapterError(f"no adapter named {name!r} is registered (registered: {known}); "
+                            "add it with Engine.add_adapter")
 
     def _feed(self, bundle: Bundle) -> AdapterFeed:
         dtype = np.dtype(self.manifest.dtype)

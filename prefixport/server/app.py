@@ -152,14 +152,18 @@ class Server:
         check_supported(body)
         return self.adapter_for(body.model)
 
-    def prompts(self, body: GenerationRequest) -> tuple[list[Any], int | None]:
-        """The request's prompts (text encoded here; chat messages through the template) and its
-        max_tokens (None: the rest of the context). Tokenizes: call it off the event loop."""
+    def prompts(self, body: GenerationRequest, adapter: str | None = None) -> tuple[list[Any], int | None]:
+        """The request's prompts encoded in `adapter`'s prompt format (`Engine.encode`: a text raw, as
+        a template fills it or as one user message; chat messages through the chat template, or their
+        last user message for a raw or template adapter; token ids as given) and its max_tokens (None:
+        the rest of the context). Tokenizes: call it off the event loop."""
         if isinstance(body, ChatRequest):
-            return [self.engine.encode([m.plain() for m in body.messages])], body.limit()
+            return [self.engine.encode([m.plain() for m in body.messages], adapter=adapter)], body.limit()
         assert isinstance(body, CompletionRequest)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        return [self.engine.encode(p) if isinstance(p, str) else p for p in body.prompts()], max_tokens
+        chat = False if body.echo else None  # echo scores the text exactly as sent (harnesses slice it)
+        return ([self.engine.encode(p, chat=chat, adapter=adapter) if isinstance(p, str) else p
+                 for p in body.prompts()], max_tokens)
 
     def envelope(self, body: GenerationRequest) -> Envelope:
         kind = "chat.completion" if isinstance(body, ChatRequest) else "text_completion"
@@ -416,7 +420,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
         request.state.model = body.model
 
         def start() -> Job:
-            prompts, max_tokens = server.prompts(body)
+            prompts, max_tokens = server.prompts(body, adapter)
             return server.start(body, prompts, adapter, max_tokens)
 
         job = await asyncio.to_thread(start)

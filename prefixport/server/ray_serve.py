@@ -162,12 +162,25 @@ class AdapterReplica:
         adapter = None if body.model == self.server.model_name else body.model
         if adapter is not None:
             self.bundle_path(adapter)  # an unknown id fails here, before the LRU evicts anything for it
-        prompts, max_tokens = await asyncio.to_thread(self.server.prompts, body)
+        prompts, max_tokens = await self._prompts(body, adapter)
         if adapter is not None:
-            await self.get_adapter(adapter)
+            await self.get_adapter(adapter)  # still registered, or again if the LRU let it go meanwhile
         # No `await` from here until the tickets hold the adapter: the LRU cannot unregister it between.
         self.server.adapter_for(body.model)  # parse() already refused unsupported fields
         return self.server.start(body, prompts, adapter, max_tokens)
+
+    async def _prompts(self, body: GenerationRequest, adapter: str | None) -> tuple[list[Any], int | None]:
+        """`Server.prompts` off the event loop, in the adapter's prompt format: so the adapter is
+        registered first, and again should the LRU let it go before its format was read (a few tries)."""
+        for attempt in range(3):
+            if adapter is not None:
+                await self.get_adapter(adapter)
+            try:
+                return await asyncio.to_thread(self.server.prompts, body, adapter)
+            except AdapterError:
+                if adapter is None or adapter in self.engine.adapters or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def complete(self, kind: Kind, request: dict[str, Any]) -> dict[str, Any]:
         """A completion or chat completion request (an OpenAI body) -> the response object."""
