@@ -181,3 +181,27 @@ def test_tokenizer_routes_as_vllm_serves_them(served):
     bad = httpx.post(url + "/detokenize", json={"tokens": [10**9]})
     assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
     assert httpx.post(url + "/tokenize", json={}).status_code == 400
+
+
+def test_echo_scores_the_text_as_sent_even_for_a_template_adapter(served, tiny_export, tiny_adapters, tmp_path):
+    """An adapter's prompt format shapes generation, but echo scores exactly the text sent: a harness
+    slices the prompt's logprobs by its own token count."""
+    from prefixport.adapters import convert_checkpoint
+
+    engine, url = served
+    out = tmp_path / "templated.safetensors"
+    convert_checkpoint(tiny_adapters("llama") / "peft" / "prefix", tiny_export("llama"), out=out,
+                       prompt_format="Q: {prompt}\nA:")
+    engine.add_adapter("templated", out)
+    try:
+        body = {"model": "templated", "prompt": PROMPTS[0], "max_tokens": 0, "echo": True, "logprobs": 0}
+        choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        score = engine.score(PROMPTS[0], adapter="templated")
+        assert choice["text"] == PROMPTS[0] and "".join(choice["logprobs"]["tokens"]) == PROMPTS[0]
+        assert choice["logprobs"]["token_logprobs"][1:] == [lp.logprob for lp in score.logprobs[1:]]
+        generated = httpx.post(url + "/v1/completions", json={"model": "templated", "prompt": PROMPTS[0],
+                                                              "max_tokens": 1}, timeout=60).json()
+        assert generated["usage"]["prompt_tokens"] == len(engine.encode(PROMPTS[0], adapter="templated")) > \
+            len(engine.encode(PROMPTS[0], chat=False))
+    finally:
+        engine.remove_adapter("templated")
