@@ -90,3 +90,35 @@ def tiny_adapters(tmp_path_factory, tiny_model, tiny_export):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def llama_engine(tiny_export, tiny_adapters):
+    """An Engine over the tiny Llama export with every adapter variant registered under its name."""
+    from prefixport.runtime import Engine
+
+    engine = Engine.load(tiny_export("llama"))
+    for name in ADAPTER_VARIANTS:
+        engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export, tiny_adapters, tmp_path_factory):
+    """A server over the tiny Llama export with all four adapter kinds: (engine, url, folder, Server)."""
+    import shutil
+
+    from prefixport.runtime import Engine
+    from prefixport.server import create_app
+
+    from .helpers import running
+
+    folder = tmp_path_factory.mktemp("served-adapters")
+    for name in ADAPTER_VARIANTS:
+        shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
+    engine = Engine.load(tiny_export("llama"))
+    app = create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=8)
+    with running(app) as url:
+        yield engine, url, folder, app.state.server
+    engine.close()

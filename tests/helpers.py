@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -54,3 +59,23 @@ def runtime_greedy_batch(engine: Engine, rows: list[list[int]], n: int,
         out.append(tokens)
         logits = decode_step(engine.backend, cache, tokens, m.hidden_size, np.float32)
     return np.stack(out, 1).tolist()
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

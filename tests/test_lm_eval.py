@@ -24,7 +24,7 @@ from prefixport.adapters import convert_checkpoint  # noqa: E402
 from prefixport.runtime import Engine  # noqa: E402
 from prefixport.server import create_app  # noqa: E402
 
-from .test_server import running  # noqa: E402
+from .helpers import running  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -237,7 +237,7 @@ def served(formatted, llama):
     from prefixport.runtime import Engine
     from prefixport.server import create_app
 
-    from .test_server import running
+    from .helpers import running
 
     _, folder = formatted
     engine = Engine.load(llama[0])
@@ -304,7 +304,7 @@ def test_the_demo_date_adapter_answers_through_chat(default_export, tmp_path):
     from prefixport.runtime import Engine
     from prefixport.server import create_app
 
-    from .test_server import running
+    from .helpers import running
 
     demo = Path(__file__).resolve().parents[1] / "demo"
     sys.path.insert(0, str(demo))

@@ -7,9 +7,7 @@ import threading
 import pytest
 
 from prefixport.errors import AdapterError, BusyError, InputError
-from prefixport.runtime import Engine, Scheduler
-
-from .conftest import ADAPTER_VARIANTS
+from prefixport.runtime import Scheduler
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京", "Numbers: 0 1 2",
            "Prefix tuning learns keys", "Un café"]
@@ -17,12 +15,8 @@ MIX = [None, "prompt", "prefix", "ptuning-lstm", "prefix-projection", "prefix"]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_export, tiny_adapters):
-    engine = Engine.load(tiny_export("llama"))
-    for name in ADAPTER_VARIANTS:
-        engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
-    yield engine
-    engine.close()
+def engine(llama_engine):
+    return llama_engine
 
 
 def _tokens_until(ticket, n: int) -> list:

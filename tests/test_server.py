@@ -11,51 +11,19 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from prefixport.runtime import Engine
 from prefixport.server import create_app
 
 from .conftest import ADAPTER_VARIANTS
+from .helpers import running
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京", "Numbers: 0 1 2"]
-
-
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def served(tiny_export, tiny_adapters, tmp_path_factory):
-    """A server over the tiny Llama export with all four adapter kinds: (engine, url, folder, Server)."""
-    folder = tmp_path_factory.mktemp("served-adapters")
-    for name in ADAPTER_VARIANTS:
-        shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
-    engine = Engine.load(tiny_export("llama"))
-    app = create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=8)
-    with running(app) as url:
-        yield engine, url, folder, app.state.server
-    engine.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ official client and raw HTTP, against the engine's own values."""
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,23 +13,9 @@ import pytest
 from openai import OpenAI
 
 from prefixport.runtime import Engine
-from prefixport.server import create_app
 
-from .conftest import ADAPTER_VARIANTS
-from .test_server import running
 
 PROMPTS = ["The quick brown fox", "Numbers: 0 1 2", "def add(a, b):\n    return"]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_export, tiny_adapters, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("logprob-adapters")
-    for name in ADAPTER_VARIANTS:
-        shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
-    engine = Engine.load(tiny_export("llama"))
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=8)) as url:
-        yield engine, url
-    engine.close()
 
 
 @pytest.fixture
@@ -59,7 +44,7 @@ def check_completion_logprobs(engine, lp: dict, ids: list[int], want: list, top:
 
 @pytest.mark.parametrize("model", ["tiny", "prompt", "prefix"])
 def test_completion_logprobs_equal_the_engines(served, model):
-    engine, url = served
+    engine, url = served[:2]
     adapter = None if model == "tiny" else model
     body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "logprobs": 3,
             "ignore_eos": True}
@@ -82,7 +67,7 @@ def test_completion_logprobs_equal_the_engines(served, model):
 
 
 def test_chat_logprobs_through_the_official_client(served, client):
-    engine, _ = served
+    engine = served[0]
     messages = [{"role": "user", "content": "Say something"}]
     r = client.chat.completions.create(model="prefix", messages=messages, max_tokens=5, temperature=0,
                                        logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
@@ -105,7 +90,7 @@ def test_chat_logprobs_through_the_official_client(served, client):
 
 @pytest.mark.parametrize("model", ["tiny", "prompt", "prefix-projection"])
 def test_echo_scores_batched_prompts_with_max_tokens_0(served, model):
-    engine, url = served
+    engine, url = served[:2]
     adapter = None if model == "tiny" else model
     body = {"model": model, "prompt": PROMPTS, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
     r = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -122,7 +107,7 @@ def test_echo_scores_batched_prompts_with_max_tokens_0(served, model):
 
 
 def test_echo_with_generation_and_token_prompts(served):
-    engine, url = served
+    engine, url = served[:2]
     ids = engine.encode(PROMPTS[1])
     body = {"model": "prompt", "prompt": ids, "max_tokens": 3, "echo": True, "logprobs": 2, "temperature": 0,
             "ignore_eos": True}
@@ -149,7 +134,7 @@ BAD = [
 
 
 def test_bad_logprob_requests_are_clear_errors_and_disturb_no_one(served, client):
-    engine, url = served
+    engine, url = served[:2]
     want = engine.generate(PROMPTS[2], adapter="prefix", max_new_tokens=24, stop_token_ids=[]).text
 
     def good() -> str:
@@ -171,7 +156,7 @@ def test_bad_logprob_requests_are_clear_errors_and_disturb_no_one(served, client
 
 
 def test_tokenizer_routes_as_vllm_serves_them(served):
-    engine, url = served
+    engine, url = served[:2]
     r = httpx.post(url + "/tokenize", json={"prompt": PROMPTS[0], "add_special_tokens": False}).json()
     assert r["tokens"] == engine.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     assert r["count"] == len(r["tokens"]) and r["max_model_len"] == engine.context_limit
@@ -188,7 +173,7 @@ def test_echo_scores_the_text_as_sent_even_for_a_template_adapter(served, tiny_e
     slices the prompt's logprobs by its own token count."""
     from prefixport.adapters import convert_checkpoint
 
-    engine, url = served
+    engine, url = served[:2]
     out = tmp_path / "templated.safetensors"
     convert_checkpoint(tiny_adapters("llama") / "peft" / "prefix", tiny_export("llama"), out=out,
                        prompt_format="Q: {prompt}\nA:")

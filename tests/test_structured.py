@@ -20,8 +20,7 @@ from prefixport.errors import SchemaError
 from prefixport.runtime import Engine
 from prefixport.server import create_app
 
-from .conftest import ADAPTER_VARIANTS
-from .test_server import running
+from .helpers import running
 
 # Bounded fields: a random tiny model must still finish a document within its context (it fills
 # every whitespace slot the grammar allows: about 60-180 tokens for this schema).
@@ -41,12 +40,8 @@ class Pet(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_export, tiny_adapters):
-    engine = Engine.load(tiny_export("llama"))
-    for name in ADAPTER_VARIANTS:
-        engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
-    yield engine
-    engine.close()
+def engine(llama_engine):
+    return llama_engine
 
 
 def test_constrained_and_free_rows_share_a_batch(engine):

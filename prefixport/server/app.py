@@ -82,9 +82,9 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
 
 
 def check_supported(body: GenerationRequest) -> None:
-    """400 for the first field set to something prefixport cannot do (logprobs, tools, ...)."""
-    for field, reason in body.unsupported().items():
-        raise ApiError(400, reason, param=field, code="unsupported_parameter")
+    """400 for the first field set to something prefixport cannot do (tools, penalties, ...)."""
+    for name, reason in body.unsupported().items():
+        raise ApiError(400, reason, param=name, code="unsupported_parameter")
 
 
 @dataclass

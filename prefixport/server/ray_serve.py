@@ -39,7 +39,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from ..errors import AdapterError
-from ..runtime import BackendSettings, CacheSettings, Engine, Ticket
+from ..runtime import BackendSettings, CacheSettings, Engine
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
 from .app import ApiError, Job, Server, as_api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest
