@@ -257,7 +257,7 @@ class Server:
                 echo, finish = echoes[i // n], None if job.tickets else "length"
                 logprobs = self.choice_logprobs(job, echo.ids, echo.logprobs)
                 yield _sse(envelope.chunk([envelope.choice(i, echo.text, finish, stream=True, logprobs=logprobs)]))
-                first[i], offsets[i] = False, len(echo.text)
+                first[i], offsets[i] = False, sum(len(self.token_text(t)) for t in echo.ids)
             left = len(job.tickets)
             while left:
                 index, ticket, event = await queue.get()
@@ -299,8 +299,13 @@ class Server:
 
     async def whole(self, job: Job, model: str) -> dict[str, Any]:
         """The non-streaming response object: every choice (its echoed prompt, then its result), and the usage."""
-        echoes = await asyncio.to_thread(self.echoes, job) if job.echo else []
-        results: list[GenerationResult | None] = list(await self.collect(job.tickets)) if job.tickets else []
+        try:
+            echoes = await asyncio.to_thread(self.echoes, job) if job.echo else []
+        except BaseException:  # scoring failed (or the client left): the choices' rows leave the batch
+            for t in job.tickets:
+                t.cancel()
+            raise
+        results: list[GenerationResult] = list(await self.collect(job.tickets)) if job.tickets else []
         for ticket, result in zip(job.tickets, results):
             self.metrics.finished(model, ticket, result)
         n, choices = job.body.n, []
