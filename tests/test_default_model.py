@@ -40,7 +40,7 @@ def test_export_folder_and_manifest(default_export):
     assert m["source"] == "smollm2-135m-instruct" and m["max_positions"] == 8192
     # rotary inside the attention and q/k/v packed into one MatMul per layer (exporter.optimize)
     assert m["fused_ops"] == {"GroupQueryAttention": 30, "SkipSimplifiedLayerNormalization": 60}
-    assert m["logits"] == "last" and m["quantization"] is None
+    assert "logits" not in m and m["quantization"] is None  # logits_index (contract 3) replaced it
     assert m["format_version"] == 3 and m["cache"] == "shared"
     import onnx
 

@@ -100,6 +100,11 @@ def test_echo_scores_batched_prompts_with_max_tokens_0(served, model):
     assert all(c["finish_reason"] == "length" for c in out["choices"])
     assert out["usage"]["completion_tokens"] == 0
     assert out["usage"]["prompt_tokens"] == sum(len(engine.encode(p)) for p in PROMPTS)
+    with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in sorted(chunks, key=lambda c: c["index"])] == \
+           [(i, c["text"], "length") for i, c in enumerate(out["choices"])]
+    assert [c["logprobs"] for c in sorted(chunks, key=lambda c: c["index"])] == [c["logprobs"] for c in out["choices"]]
     for prompt, choice in zip(PROMPTS, out["choices"]):
         score = engine.score(prompt, adapter=adapter, top_logprobs=1)
         check_completion_logprobs(engine, choice["logprobs"], score.token_ids, score.logprobs, 1)

@@ -350,8 +350,9 @@ def test_engine_verification_compares_backends_case_by_case(tmp_path, plain_expo
     m = mf.Manifest.load(plain_export)
     reference = OnnxRuntimeBackend(plain_export, m)
     same = compare(OnnxRuntimeBackend(plain_export, m), reference, m)
-    assert [r.name for r in same] == ["prefill", "prefill after a prefix", "prefill + soft prompt (batch 2)",
-                                      "decode step", "soft prompt alone"]
+    assert [r.name for r in same] == ["prefill", "prefill after a prefix",
+                                      "prefill + soft prompt (batch 2), every position", "decode step",
+                                      "soft prompt alone"]
     assert all(r.logits_max_abs_diff == 0 and r.present_max_rel_diff == 0 for r in same)
 
     half = tmp_path / "half"
