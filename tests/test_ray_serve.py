@@ -116,13 +116,15 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(client):
     client.completions.create(model="prefix", prompt="warm", max_tokens=2, temperature=0)
     time.sleep(1.5)  # replicas push the ids they hold every 0.1 s; the routers learn them from the controller
     before = _replicas_state()
+    # Usually one replica holds it; two may, when an earlier request reached a replica before the
+    # routers learned where it was (Ray's multiplexed routing is best effort while they learn).
     holders = [r for r, info in before.items() if "prefix" in info["registered"]]
-    assert len(holders) == 1
+    assert holders
     for i in range(8):
         client.completions.create(model="prefix", prompt=PROMPTS[i % 3], max_tokens=2, temperature=0)
     after = _replicas_state()
-    assert _loads(after) == _loads(before)  # not registered anywhere again: every request went to the holder
-    assert "prefix" in after[holders[0]]["registered"]
+    assert _loads(after) == _loads(before)  # not registered anywhere again: every request went to a holder
+    assert all("prefix" in after[h]["registered"] for h in holders)
 
 
 def test_concurrent_requests_across_adapters_equal_each_alone(ray_served, client):
