@@ -111,3 +111,14 @@ def test_bad_logprob_counts_are_refused(setup):
             engine.score(PROMPT, top_logprobs=bad)
     with pytest.raises(AdapterError, match="no-such-adapter"):
         engine.score(PROMPT, " x", adapter="no-such-adapter")
+
+
+def test_token_bytes_join_to_the_text_even_inside_characters(setup):
+    """A token may hold part of a multi-byte character (its text alone is U+FFFD); its bytes are
+    its own, so the bytes of a text's tokens join to the text's UTF-8 (chat logprobs' `bytes`)."""
+    tokenizer = setup[0].tokenizer
+    for text in ["Grüße aus München! 東京", "emoji 😀 ok", "plain ascii"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(tokenizer.token_bytes(t) for t in ids) == text.encode("utf-8")
+    partial = [t for t in tokenizer.encode("東京", add_special_tokens=False) if "\ufffd" in tokenizer.decode([t])]
+    assert partial, "the tiny tokenizer splits CJK characters into byte tokens"

@@ -76,7 +76,7 @@ def test_chat_logprobs_through_the_official_client(served, client):
     assert [c.token for c in content] == [token_text(engine, t) for t in want.token_ids]
     for c, lp in zip(content, want.logprobs):
         np.testing.assert_allclose(c.logprob, lp.logprob, atol=1e-5)
-        assert c.bytes == list(c.token.encode())
+        assert c.bytes == list(engine.tokenizer.token_bytes(lp.token))
         assert [t.token for t in c.top_logprobs] == [token_text(engine, t) for t, _ in lp.top]
         assert len(c.top_logprobs) == 4
     stream = client.chat.completions.create(model="prefix", messages=messages, max_tokens=5, temperature=0,

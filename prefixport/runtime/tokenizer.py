@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,18 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 def _raise(message: str) -> None:
     raise InputError(f"chat template: {message}")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's character for each byte (GPT-2's `bytes_to_unicode`), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class Tokenizer:
@@ -39,6 +52,7 @@ class Tokenizer:
         template = template_path.read_text() if template_path.is_file() else config.get("chat_template")
         self.chat_template: str | None = template if isinstance(template, str) else None
         self._template: jinja2.Template | None = None
+        self._byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +63,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, exactly: a token holding part of a multi-byte character
+        decodes alone to U+FFFD, but its bytes are its own (byte-level BPE, byte fallback)."""
+        piece = self._tok.id_to_token(token)
+        if piece is not None and self._byte_level and all(c in _BYTE_DECODER for c in piece):
+            return bytes(_BYTE_DECODER[c] for c in piece)
+        if piece is not None and (match := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(match.group(1), 16)])
+        return self._tok.decode([token], skip_special_tokens=False).encode("utf-8")
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

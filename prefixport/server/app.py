@@ -133,9 +133,10 @@ class Server:
         self.metrics.watch(engine, self.scheduler)
         self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
         self.created = int(time.time())
-        # a token's text, as logprobs name it (special tokens included)
+        # a token's text and bytes, as logprobs name them (special tokens included)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda token: engine.tokenizer.decode([token], skip_special_tokens=False))
+        self.token_bytes = functools.lru_cache(maxsize=1 << 16)(engine.tokenizer.token_bytes)
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -192,7 +193,7 @@ class Server:
         if job.top is None:
             return None
         if job.envelope.kind == "chat.completion":
-            return chat_logprobs(entries, job.top, self.token_text)
+            return chat_logprobs(entries, job.top, self.token_text, self.token_bytes)
         return completion_logprobs(ids, entries, job.top, self.token_text, offset)
 
     def submit(self, prompts: list[Any], body: GenerationRequest, adapter: str | None,

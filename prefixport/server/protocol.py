@@ -195,12 +195,13 @@ def completion_logprobs(ids: Sequence[int], entries: Sequence[TokenLogprob | Non
     return out
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], top: int, text_of: Callable[[int], str]) -> dict[str, Any]:
-    """/v1/chat/completions' `logprobs` object: per token its text, logprob, UTF-8 bytes and the
-    `top` likeliest alternatives (the same three fields each)."""
+def chat_logprobs(entries: Sequence[TokenLogprob], top: int, text_of: Callable[[int], str],
+                  bytes_of: Callable[[int], bytes]) -> dict[str, Any]:
+    """/v1/chat/completions' `logprobs` object: per token its text, logprob, bytes (the token's
+    own: part of a multi-byte character too) and the `top` likeliest alternatives (the same three
+    fields each)."""
     def item(token: int, logprob: float) -> dict[str, Any]:
-        text = text_of(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text_of(token), "logprob": logprob, "bytes": list(bytes_of(token))}
 
     return {"content": [item(lp.token, lp.logprob) | {"top_logprobs": [item(t, v) for t, v in lp.top[:top]]}
                         for lp in entries], "refusal": None}
