@@ -183,3 +183,20 @@ def test_app_builder_refuses_settings_that_cannot_work(tmp_path):
         app_builder(AppArgs(outdir=str(tmp_path), backend="tensorrt", device="cpu"))
     with pytest.raises(PrefixportError, match="--precision is for the tensorrt backend"):
         app_builder(AppArgs(outdir=str(tmp_path), precision="fp16"))
+
+
+def test_logprobs_echo_and_structured_output_through_ray(ray_served, client):
+    """The API for real clients runs on Ray replicas as on `prefixport serve` (the same Server)."""
+    import json
+
+    engine = ray_served[0]
+    r = client.completions.create(model="prompt", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1,
+                                  temperature=0)
+    score = engine.score(PROMPTS[0], adapter="prompt", top_logprobs=1)
+    assert r.choices[0].text == PROMPTS[0]
+    assert r.choices[0].logprobs.token_logprobs == [None] + [lp.logprob for lp in score.logprobs[1:]]
+    chat = client.chat.completions.create(model="prefix", messages=[{"role": "user", "content": "pet"}],
+                                          max_tokens=200, temperature=0, logprobs=True, top_logprobs=2,
+                                          response_format={"type": "json_object"})
+    assert isinstance(json.loads(chat.choices[0].message.content), dict)
+    assert len(chat.choices[0].logprobs.content) >= 2
