@@ -102,8 +102,8 @@ class AdapterStore:
     def n_virtual(self, name: str) -> int:
         with self._lock:
             entry = self._entries.get(name)
-        if entry is None:
-            raise AdapterError(f"no adapter named {name!r} is registered")
+            if entry is None:
+                raise self._unknown(name)
         return entry.n_virtual
 
     def prompt_format(self, name: str) -> PromptFormat | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import InputError
 from ..runtime import Engine
@@ -28,7 +28,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    tokens: list[int] = Field(min_length=0)
+    tokens: list[int]
 
 
 def tokenizer_router(engine: Engine, dependencies: list[Any]) -> APIRouter:
