@@ -25,7 +25,7 @@ from .backends import Backend, load_backend
 from .generation import RowRequest, generate_rows, prefill_new, score_row
 from .grammar import Grammar, GrammarVocab
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
-from .logprobs import MAX_TOP, TokenLogprob
+from .logprobs import TokenLogprob, check_top
 from .sampling import SamplingParams
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -158,7 +158,8 @@ class Engine:
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
         self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
-        self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request
+        self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
+        self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
@@ -275,7 +276,7 @@ class Engine:
         SchemaError for one that cannot be used (docs/api.md, "Structured output")."""
         if response_format is None:
             return None
-        with self._cache_lock:
+        with self._grammar_lock:
             if self._grammar_vocab is None:
                 self._grammar_vocab = GrammarVocab.from_tokenizer(self.tokenizer, self.eos_token_ids)
         return Grammar.from_response_format(response_format, self._grammar_vocab)
@@ -296,8 +297,7 @@ class Engine:
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
                  response_format: dict | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
-            raise InputError(f"logprobs must be between 0 and {MAX_TOP} (alternatives per token), got {logprobs}")
+        check_top(logprobs, "logprobs")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         grammar = self.grammar(response_format)
@@ -339,8 +339,7 @@ class Engine:
         given those before it, through `adapter`, with its `top_logprobs` likeliest alternatives
         (at least one); `.continuation_logprob` and `.greedy` are what evaluation harnesses ask
         for. A prefill with logits at every position (docs/design.md, "The graph contract")."""
-        if not 0 <= top_logprobs <= MAX_TOP:
-            raise InputError(f"top_logprobs must be between 0 and {MAX_TOP}, got {top_logprobs}")
+        check_top(top_logprobs, "top_logprobs")
         ids = self.encode(prompt, chat=False)
         start = len(ids)
         if continuation is not None:

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InputError
+
 MAX_TOP = 20  # the most alternatives one position reports (OpenAI's limit)
+
+
+def check_top(top: int | None, name: str) -> None:
+    """InputError unless `top` (alternatives per token; None: not asked) is within 0..MAX_TOP."""
+    if top is not None and not 0 <= top <= MAX_TOP:
+        raise InputError(f"{name} must be between 0 and {MAX_TOP} (alternatives per token), got {top}")
 
 
 @dataclass
