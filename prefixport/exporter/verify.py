@@ -16,9 +16,12 @@ from .graph import GraphModule
 
 # Allowed difference between ONNX Runtime and PyTorch: max abs difference of the logits, and of
 # each present KV tensor relative to its largest magnitude (keys reach the hundreds). The fused
-# kernels sum in another order than PyTorch: on the default model, float32 logits differ by up to
-# 4.5e-4 over 30 seeds (one run reached 1.03e-3); a wrong mask or position moves them by > 0.1.
-TOLERANCE = {"float32": 2e-3, "float16": 5e-2}
+# kernels sum in another order than PyTorch: on the default model, over 30 seeds, float32 logits
+# differ by up to 1.3e-4 at the last position, and by up to 7.6e-3 (p50 1e-4) in the cases that
+# compare every position (random tokens: logits up to 35 at early positions); a wrong mask or
+# position moves them by > 0.1. Cases are drawn from SEED: an export verifies the same way each time.
+TOLERANCE = {"float32": 1.5e-2, "float16": 5e-2}
+SEED = 0
 
 
 @dataclass
@@ -59,7 +62,7 @@ def _cases(manifest: mf.Manifest, embed_std: float, rng: np.random.Generator):
     yield "decode, rows of different lengths", call([1, 1], [8, 3]), None
 
 
-def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int | None = None) -> list[CaseResult]:
+def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int | None = SEED) -> list[CaseResult]:
     """Run each case through ONNX Runtime and PyTorch; raise VerificationError past TOLERANCE."""
     rng = np.random.default_rng(seed)
     backend = OnnxRuntimeBackend(folder, manifest)
