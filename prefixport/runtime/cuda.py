@@ -170,21 +170,27 @@ class DeviceArray:
             pass
 
 
-def copy_slots(dst: DeviceArray, src: DeviceArray | np.ndarray, row: int, slots: int | None, stream: Stream) -> None:
-    """src [r, heads, n, head_dim] (device or host) into dst[row:row+r, :, :n] (the first `slots`
-    of the n when given): one 2-D copy, one line per row and head."""
+def copy_slots(dst: DeviceArray, src: DeviceArray | np.ndarray, row: int, slots: int | None, stream: Stream,
+               at: int = 0, src_at: int = 0) -> None:
+    """src [r, heads, n, head_dim] (device or host) into dst[row:row+r]: `slots` slots of src from
+    `src_at` (default: all from there) to dst's slots from `at`. One 2-D copy, one line per row
+    and head."""
     rt = stream.rt
     rows, heads, n, head_dim = src.shape
+    count = n - src_at if slots is None else slots
+    if src_at + count > n or at + count > dst.shape[2] or row + rows > dst.shape[0]:
+        raise DeviceError(f"copying slots [{src_at}, {src_at + count}) of {tuple(src.shape)} to slots from {at} of "
+                          f"rows from {row} of {dst.shape}: out of bounds")
     item = dst.dtype.itemsize
-    width = (n if slots is None else slots) * head_dim * item
     host = isinstance(src, np.ndarray)
     if host:
         src = np.ascontiguousarray(src, dst.dtype)
-    src_ptr = src.ctypes.data if host else src.ptr
-    dst_ptr = dst.ptr + row * heads * dst.shape[2] * head_dim * item
-    if width and rows:
-        check(rt.cudaMemcpy2DAsync(dst_ptr, dst.shape[2] * head_dim * item, src_ptr, n * head_dim * item, width,
-                                   rows * heads, rt.cudaMemcpyKind.cudaMemcpyDefault, stream.handle), "cache copy")
+    src_ptr = (src.ctypes.data if host else src.ptr) + src_at * head_dim * item
+    dst_ptr = dst.ptr + (row * heads * dst.shape[2] + at) * head_dim * item
+    if count and rows:
+        check(rt.cudaMemcpy2DAsync(dst_ptr, dst.shape[2] * head_dim * item, src_ptr, n * head_dim * item,
+                                   count * head_dim * item, rows * heads, rt.cudaMemcpyKind.cudaMemcpyDefault,
+                                   stream.handle), "cache copy")
     if host:
         stream.synchronize()  # the host array may be freed once this returns
 
@@ -203,6 +209,7 @@ class DeviceBuffers:
     def from_numpy(self, array: np.ndarray) -> DeviceArray:
         return DeviceArray.from_numpy(array, self.stream)
 
-    def copy_into(self, dst: DeviceArray, src: Any, row: int, slots: int | None) -> None:
-        copy_slots(dst, src, row, slots, self.stream)
+    def copy_into(self, dst: DeviceArray, src: Any, row: int, slots: int | None, at: int = 0,
+                  src_at: int = 0) -> None:
+        copy_slots(dst, src, row, slots, self.stream, at, src_at)
         self.stream.synchronize()  # ONNX Runtime runs on its own stream

@@ -172,13 +172,23 @@ class KVCache:
         self._views = {}
         self.grows += 1
 
-    def write(self, row: int, arrays: list[Any]) -> None:
-        """A prefix adapter's keys and values ([1, kv_heads, P, head_dim] each, as the backend
-        holds them) into the row's first P slots."""
-        self.reserve(row + 1, arrays[0].shape[2])
+    def write(self, row: int, arrays: list[Any], at: int = 0, slots: int | None = None) -> None:
+        """Keys and values ([1, kv_heads, n, head_dim] each, as the backend holds them: a prefix
+        adapter's, or a prompt cache block's), their first `slots` (default: all n), into the
+        row's slots from `at`; the row then holds at + slots slots."""
+        n = arrays[0].shape[2] if slots is None else slots
+        self.reserve(row + 1, at + n)
         for buffer, array in zip(self.buffers, arrays):
-            self.backend.copy_into(buffer, array, row=row)
-        self.lengths[row] = arrays[0].shape[2]
+            self.backend.copy_into(buffer, array, row=row, slots=n, at=at)
+        self.lengths[row] = at + n
+
+    def copy_out(self, row: int, start: int, n: int) -> Any:
+        """The row's slots [start, start + n) as one new buffer [2 x layers, kv_heads, n, head_dim]
+        on the backend's device (tensor t is `buffer[t:t+1]`, in `write`'s order)."""
+        out = self.backend.allocate((self.tensors, self.heads, n, self.head_dim))
+        for t, buffer in enumerate(self.buffers):
+            self.backend.copy_into(out, buffer[row : row + 1], row=t, slots=n, src_at=start)
+        return out
 
     def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any]]:
         """(past, present) views of rows [start, stop) to run the graph on: the same lists while the

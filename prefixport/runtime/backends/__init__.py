@@ -42,9 +42,10 @@ class Backend(Protocol):
         """A zeroed buffer of the export's dtype (a "copy" graph reads every slot: no garbage)."""
         ...
 
-    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
-        """src [r, kv_heads, n, head_dim] (a buffer or a host array) into dst[row:row+r, :, :n];
-        only its first `slots` of the n when given."""
+    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None, at: int = 0,
+                  src_at: int = 0) -> None:
+        """src [r, kv_heads, n, head_dim] (a buffer or a host array) into dst[row:row+r]: `slots`
+        of src's slots from `src_at` (default: all the rest) go to dst's slots from `at`."""
         ...
 
     def to_numpy(self, buffer: Any) -> np.ndarray:

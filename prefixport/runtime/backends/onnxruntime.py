@@ -160,12 +160,13 @@ class OnnxRuntimeBackend:
         buffer.fill(0)  # written now, not page by page as slots fill: the memory is held from the start
         return buffer
 
-    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
+    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None, at: int = 0,
+                  src_at: int = 0) -> None:
         if self.device == "cpu":
-            n = src.shape[2] if slots is None else slots
-            dst[row : row + src.shape[0], :, :n] = src[:, :, :n]
+            n = src.shape[2] - src_at if slots is None else slots
+            dst[row : row + src.shape[0], :, at : at + n] = src[:, :, src_at : src_at + n]
         else:
-            self._gpu().copy_into(dst, src, row, slots)
+            self._gpu().copy_into(dst, src, row, slots, at, src_at)
 
     def to_numpy(self, buffer: Any) -> np.ndarray:
         return np.array(buffer) if self.device == "cpu" else buffer.to_numpy()

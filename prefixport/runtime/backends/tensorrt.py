@@ -124,8 +124,9 @@ class TensorRTBackend:
     def allocate(self, shape: tuple[int, ...]) -> Any:
         return DeviceArray(shape, self.np_dtype, self.stream).zero()
 
-    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None) -> None:
-        cuda.copy_slots(dst, src, row, slots, self.stream)
+    def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None, at: int = 0,
+                  src_at: int = 0) -> None:
+        cuda.copy_slots(dst, src, row, slots, self.stream, at, src_at)
 
     def to_numpy(self, buffer: Any) -> np.ndarray:
         return buffer.to_numpy()
