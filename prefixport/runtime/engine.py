@@ -26,6 +26,8 @@ from .generation import RowRequest, generate_rows, prefill_new, score_row
 from .grammar import Grammar, GrammarVocab
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
 from .logprobs import TokenLogprob, check_top
+from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -42,6 +44,7 @@ class GenerationResult:
     adapter: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds; and decode tokens/s
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    cached_tokens: int = 0  # prompt tokens served from the prompt cache (no prefill)
 
 
 @dataclass
@@ -138,6 +141,7 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
         token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
         finish_reason="stop" if stopped else "length", adapter=adapter,
         logprobs=list(request.logprobs) if request.top_logprobs is not None else None,
+        cached_tokens=request.cached_tokens,
         timings={"prefill_s": first - start, "decode_s": decode_s,
                  "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0},
     )
@@ -148,7 +152,7 @@ class Engine:
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
                  generation_config: dict, adapter_budget_bytes: int | None = None,
-                 cache: CacheSettings | None = None) -> None:
+                 cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
         self.cache_settings = cache or CacheSettings()
         self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # every cache alive, for stats()
@@ -158,15 +162,19 @@ class Engine:
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
         self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
+        # prompt prefixes' keys and values, shared by every call and scheduler (None: off)
+        self.prompt_cache = PromptCache(backend, manifest, prompt_cache_bytes) if prompt_cache_bytes else None
         self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
         self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
-             cache: CacheSettings | None = None, **options) -> "Engine":
+             cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+             **options) -> "Engine":
         """Open an export folder with `backend` "onnxruntime" or "tensorrt". `adapter_budget_bytes`
         caps the adapters kept resident (LRU); `cache` bounds each KV cache (rows, slots per row,
-        MB; default: a 2 GB budget); `options` go to the backend: ONNX Runtime takes
+        MB; default: a 2 GB budget); `prompt_cache_bytes` caps the prompt cache (default 512 MB;
+        0 turns it off); `options` go to the backend: ONNX Runtime takes
         `provider="cpu"|"cuda"|"tensorrt"` and `threads=N`; TensorRT takes `precision="fp32"|"fp16"`."""
         folder = Path(folder)
         manifest = mf.Manifest.load(folder)
@@ -174,18 +182,24 @@ class Engine:
         gen_path = folder / "generation_config.json"
         generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         return cls(folder, manifest, tokenizer, load_backend(backend, folder, manifest, **options),
-                   generation_config, adapter_budget_bytes, cache)
+                   generation_config, adapter_budget_bytes, cache, prompt_cache_bytes)
 
     # --- adapters ---------------------------------------------------------------------------
 
     def add_adapter(self, name: str, path: str | Path | None = None, bundle: Bundle | None = None) -> Bundle:
         """Register a bundle (a file, or one in memory, which stays pinned) under `name`, checked
-        against this export: fingerprint, shapes, dtype, NaN/Inf. The base model is not touched."""
-        return self.store.register(name, path, bundle)
+        against this export: fingerprint, shapes, dtype, NaN/Inf. The base model is not touched.
+        A replaced adapter's prompt cache entries are dropped."""
+        bundle = self.store.register(name, path, bundle)
+        if self.prompt_cache is not None:
+            self.prompt_cache.drop(name)
+        return bundle
 
     def remove_adapter(self, name: str) -> None:
-        """Unregister; requests already using the adapter finish with it."""
+        """Unregister, dropping its prompt cache entries; requests already using the adapter finish with it."""
         self.store.unregister(name)
+        if self.prompt_cache is not None:
+            self.prompt_cache.drop(name)
 
     @property
     def adapters(self) -> list[str]:
@@ -223,13 +237,15 @@ class Engine:
 
     def stats(self) -> dict:
         """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions), the KV
-        caches (bytes in all, and each cache's rows and capacity) and memory."""
+        caches (bytes in all, and each cache's rows and capacity), the prompt cache (None: off)
+        and memory."""
         with self._cache_lock:
             caches = [c.stats() for c in list(self._caches)]
         kv = {"bytes": sum(c["bytes"] for c in caches), "budget_bytes_each": self.cache_settings.budget_bytes,
               "caches": caches}
-        return {"adapters": self.store.stats(), "kv_cache": kv, "memory": self.backend.memory_stats(),
-                "backend": self.backend.name}
+        return {"adapters": self.store.stats(), "kv_cache": kv,
+                "prompt_cache": self.prompt_cache.stats() if self.prompt_cache is not None else None,
+                "memory": self.backend.memory_stats(), "backend": self.backend.name}
 
     # --- KV caches ------------------------------------------------------------------------------
 
@@ -372,7 +388,7 @@ class Engine:
         cache = self._borrow_cache()
         try:
             yield from generate_rows(self.backend, cache, requests, m.hidden_size, np.dtype(m.dtype),
-                                     m.pad_token_id or 0)
+                                     m.pad_token_id or 0, self.prompt_cache)
         finally:
             self._return_cache(cache)
 

@@ -16,9 +16,11 @@ import numpy as np
 
 from ..errors import PrefixportError
 from .backends import Backend
+from .feed import AdapterFeed
 from .grammar import Matcher
 from .kv_cache import CacheSettings, KVCache
 from .logprobs import TokenLogprob, token_logprobs
+from .prompt_cache import Hit, PromptCache
 from .sampling import SamplingParams, choose
 
 
@@ -113,21 +115,6 @@ def score_row(backend: Backend, cache: KVCache, row: int, ids: Sequence[int], fe
 
 
 @dataclass
-class AdapterFeed:
-    """What an adapter adds to a row's prefill: a soft prompt, or a prefix's keys and values, both
-    as the backend holds them (on its device)."""
-
-    prompt_embeds: Any = None  # [1, V, H] (`Backend.upload`)
-    virtual: int = 0  # V
-    past: list[Any] | None = None  # 2 per layer: [1, kv_heads, P, head_dim]
-    past_len: int = 0
-
-    @property
-    def n_virtual(self) -> int:
-        return self.past_len if self.past is not None else self.virtual
-
-
-@dataclass
 class RowRequest:
     """One row of a batch: its prompt, adapter, settings, and the tokens generated so far."""
 
@@ -143,6 +130,7 @@ class RowRequest:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when top_logprobs is set
     grammar: Matcher | None = None  # structured output: each token chosen among those it allows
     error: Exception | None = None  # set (with done) when this row failed alone; the others go on
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache
 
     @property
     def completed(self) -> bool:
@@ -164,8 +152,10 @@ class DecodeBatch:
     decode logits), then `advance` (free the rows now done, run one decode step for the rest).
     """
 
-    def __init__(self, backend: Backend, cache: KVCache, hidden: int, dtype: np.dtype, pad_id: int = 0) -> None:
+    def __init__(self, backend: Backend, cache: KVCache, hidden: int, dtype: np.dtype, pad_id: int = 0,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.backend, self.cache, self.hidden, self.dtype, self.pad_id = backend, cache, hidden, dtype, pad_id
+        self.prompt_cache = prompt_cache
         self.rows: dict[int, RowRequest] = {}  # cache row -> request
         self._rngs: dict[int, np.random.Generator] = {}
         self._logits: dict[int, np.ndarray] = {}  # cache row -> [vocab], not yet sampled
@@ -181,41 +171,59 @@ class DecodeBatch:
 
     def join(self, requests: Sequence[RowRequest]) -> int:
         """Prefill requests in order while the cache has room; returns how many joined (the rest
-        wait for rows to leave). Consecutive fresh rows (no prefix) with equal soft-prompt lengths
-        in consecutive cache rows share one prefill run."""
+        wait for rows to leave). With a prompt cache, each starts from its longest cached prefix
+        (prefilled alone) and leaves its prompt's blocks cached. Consecutive fresh rows (no
+        prefix, nothing cached) with equal soft-prompt lengths in consecutive cache rows share one
+        prefill run."""
         placed: list[tuple[int, RowRequest]] = []
         for request in requests:
             row = self.cache.admit(request.need)
             if row is None:
                 break
             placed.append((row, request))
+        hits: dict[int, Hit] = {}
         try:
-            for group in _groups(placed):
-                self._prefill(group)
+            if self.prompt_cache is not None:
+                for row, request in placed:
+                    hits[row] = self.prompt_cache.lookup(request.prompt_ids, request.feed)
+            for group in _groups(placed, {row for row, hit in hits.items() if hit.slots}):
+                self._prefill(group, hits)
         except BaseException:
             for row, _ in placed:
                 if row not in self.rows:
                     self.cache.release(row)
             raise
+        finally:
+            for hit in hits.values():
+                self.prompt_cache.release(hit)
         return len(placed)
 
-    def _prefill(self, group: list[tuple[int, RowRequest]]) -> None:
+    def _prefill(self, group: list[tuple[int, RowRequest]], hits: dict[int, Hit]) -> None:
         start = group[0][0]
         feed = group[0][1].feed or AdapterFeed()
+        prefix = feed.past_len if feed.past is not None else 0
         if feed.past is not None:  # a prefix: its keys and values into the row's first slots
             self.cache.write(start, feed.past)
-        if feed.prompt_embeds is not None and len(group) == 1:
+        hit = hits.get(start)
+        if hit is not None and hit.slots:  # then the group is this row alone
+            hit.copy_to(self.cache, start, prefix)
+        skip = hit.tokens if hit is not None else 0
+        soft = feed.prompt_embeds is not None and (hit is None or hit.root is None)
+        if soft and len(group) == 1:
             embeds, virtual = feed.prompt_embeds, feed.virtual
-        elif feed.prompt_embeds is not None:  # several soft prompts of one length (host arrays)
+        elif soft:  # several soft prompts of one length (host arrays)
             embeds, virtual = np.concatenate([r.feed.prompt_embeds for _, r in group]), feed.virtual
         else:
             embeds, virtual = np.zeros((len(group), 0, self.hidden), self.dtype), 0
-        logits = prefill(self.backend, self.cache, start, [r.prompt_ids for _, r in group], embeds, virtual,
+        logits = prefill(self.backend, self.cache, start, [r.prompt_ids[skip:] for _, r in group], embeds, virtual,
                          self.pad_id)
         for (row, request), row_logits in zip(group, logits):
             self.rows[row] = request
             self._rngs[row] = np.random.default_rng(request.params.seed)
             self._logits[row] = row_logits
+            request.cached_tokens = skip
+            if self.prompt_cache is not None:
+                self.prompt_cache.store(hits[row], self.cache, row, prefix)
 
     def sample(self) -> list[RowRequest]:
         """Choose each row's next token (appended to its `tokens`; `done` set at a stop id, a
@@ -255,12 +263,16 @@ class DecodeBatch:
         self._logits = {row: logits[row] for row in sorted(self.rows)}
 
 
-def _groups(placed: list[tuple[int, RowRequest]]) -> Iterator[list[tuple[int, RowRequest]]]:
-    """Runs of requests that may share one prefill: consecutive cache rows, no prefix, the same
-    number of virtual tokens, soft prompts as host arrays."""
+def _groups(placed: list[tuple[int, RowRequest]], alone: set[int]) -> Iterator[list[tuple[int, RowRequest]]]:
+    """Runs of requests that may share one prefill: consecutive cache rows, no prefix, nothing
+    from the prompt cache (rows in `alone`), the same number of virtual tokens, soft prompts as
+    host arrays, and each row's last position computed as alone: a row shorter than the run
+    (padded) must have an even length, since the last row of a run of kP + 1 rows takes the
+    attention's one-row path (docs/design.md, "The prompt cache")."""
     group: list[tuple[int, RowRequest]] = []
     for row, request in placed:
-        if group and _joins(group[-1], (row, request)):
+        if (group and row not in alone and group[-1][0] not in alone and _joins(group[-1], (row, request))
+                and _ends_alike([r for _, r in group] + [request])):
             group.append((row, request))
             continue
         if group:
@@ -277,14 +289,20 @@ def _joins(last: tuple[int, RowRequest], new: tuple[int, RowRequest]) -> bool:
     return a.prompt_embeds is None or (isinstance(a.prompt_embeds, np.ndarray) and isinstance(b.prompt_embeds, np.ndarray))
 
 
+def _ends_alike(requests: list[RowRequest]) -> bool:
+    """Whether each row's last position is computed in a run of these rows as in its own run."""
+    lengths = [(r.feed.virtual if r.feed else 0) + len(r.prompt_ids) for r in requests]
+    return all(n % 2 == 0 or n == max(lengths) for n in lengths)
+
+
 def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], hidden: int, dtype: np.dtype,
-                  pad_id: int = 0) -> Iterator[tuple[int, int]]:
+                  pad_id: int = 0, prompt_cache: PromptCache | None = None) -> Iterator[tuple[int, int]]:
     """Yield (row index, token) as each row produces tokens; every row gives what it gives alone.
 
     Rows join as the cache has room (all at once unless its bounds say otherwise) and leave once
     done (a stop id, max_new_tokens, or `done` set by the consumer between yields).
     """
-    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id)
+    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id, prompt_cache)
     index = {id(r): i for i, r in enumerate(requests)}
     waiting = list(requests)
     try:

@@ -146,8 +146,9 @@ class Scheduler:
 
     At most `max_waiting` requests wait for a place (more raise `BusyError` at submit).
     Between two decode steps, waiting requests are prefilled in arrival order up to
-    `prefill_budget` prompt tokens (at least one request), so a burst of arrivals delays the
-    running rows by a bounded amount per step instead of stalling them until all are prefilled.
+    `prefill_budget` prompt tokens to compute (the prompt cache's are free; at least one request),
+    so a burst of arrivals delays the running rows by a bounded amount per step instead of
+    stalling them until all are prefilled.
     `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
     stops the thread and fails what is still queued or running.
     """
@@ -220,7 +221,8 @@ class Scheduler:
 
     def _new_batch(self) -> DecodeBatch:
         m = self.engine.manifest
-        return DecodeBatch(self.engine.backend, self.cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+        return DecodeBatch(self.engine.backend, self.cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0,
+                           self.engine.prompt_cache)
 
     def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
         """Wait for work; prefill newcomers into the batch. False once closed."""
@@ -233,7 +235,7 @@ class Scheduler:
                 if self._waiting[0].cancelled:  # cancelled while queued: costs nothing
                     gone.append(self._waiting.popleft())
                     continue
-                cost = len(self._waiting[0].request.prompt_ids)
+                cost = self._cost(self._waiting[0].request)
                 if new and cost > budget:
                     break
                 new.append(self._waiting.popleft())
@@ -250,6 +252,12 @@ class Scheduler:
             with self._cond:
                 self._waiting.extendleft(reversed(new[joined:]))
         return True
+
+    def _cost(self, request: RowRequest) -> int:
+        """Tokens the request's prefill runs: its prompt, less what the prompt cache holds."""
+        cached = self.engine.prompt_cache
+        ids = request.prompt_ids
+        return len(ids) - (cached.peek(ids, request.feed) if cached is not None else 0)
 
     def _join(self, batch: DecodeBatch, new: list[Ticket]) -> int:
         """Prefill `new` (fresh prompts several per run); returns how many were taken, in order.

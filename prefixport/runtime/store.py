@@ -7,6 +7,7 @@ never disturbs a request already in flight.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from ..adapters.bundle import Bundle, check_bundle, check_fits, load_bundle
 from ..adapters.prompt_format import PromptFormat
 from ..errors import AdapterError
 from .backends import Backend
-from .generation import AdapterFeed
+from .feed import AdapterFeed
 
 
 @dataclass
@@ -57,7 +58,7 @@ class AdapterStore:
         if limits and bundle.n_virtual > limits.max_virtual:
             raise AdapterError(f"{name} has {bundle.n_virtual} virtual tokens, more than the TensorRT engine's "
                                f"max_virtual {limits.max_virtual}; rebuild it with a larger --max-virtual")
-        feed = self._feed(bundle)
+        feed = self._feed(name, bundle)
         entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, bundle.nbytes,
                        bundle.prompt_format)
         with self._lock:
@@ -87,7 +88,7 @@ class AdapterStore:
             entry.misses += 1
             path = entry.path
         # Read outside the lock: other requests go on meanwhile.
-        feed = self._feed(load_bundle(path, self.manifest))
+        feed = self._feed(name, load_bundle(path, self.manifest))
         with self._lock:
             if self._entries.get(name) is entry:  # still registered, and not replaced meanwhile
                 self._resident[name] = feed
@@ -136,13 +137,14 @@ class AdapterStore:
         return AdapterError(f"no adapter named {name!r} is registered (registered: {known}); "
                             "add it with Engine.add_adapter")
 
-    def _feed(self, bundle: Bundle) -> AdapterFeed:
+    def _feed(self, name: str, bundle: Bundle) -> AdapterFeed:
         dtype = np.dtype(self.manifest.dtype)
+        identity = {"name": name, "digest": tensors_digest(bundle)}
         if bundle.kind == "prompt":
             embeds = np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype)
-            return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual)
+            return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual, **identity)
         past = [self.backend.upload(np.ascontiguousarray(t[None], dtype)) for t in bundle.prefix(self.manifest.num_layers)]
-        return AdapterFeed(past=past, past_len=bundle.n_virtual)
+        return AdapterFeed(past=past, past_len=bundle.n_virtual, **identity)
 
     def _evict(self, keep: str) -> None:
         """Evict least recently used adapters (not `keep`, not pinned) until under budget. Lock held."""
@@ -158,3 +160,13 @@ class AdapterStore:
             del self._resident[name]
             entry.evictions += 1
             used -= entry.nbytes
+
+
+def tensors_digest(bundle: Bundle) -> str:
+    """sha256 over a bundle's kind and tensors (names, dtypes, shapes, bytes): what its outputs depend on."""
+    h = hashlib.sha256(bundle.kind.encode())
+    for name in sorted(bundle.tensors):
+        t = np.ascontiguousarray(bundle.tensors[name])
+        h.update(f"|{name}|{t.dtype.str}|{t.shape}|".encode())
+        h.update(t.data)
+    return h.hexdigest()

@@ -1,0 +1,23 @@
+"""`AdapterFeed`: what an adapter adds to a row's prefill, as the backend holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class AdapterFeed:
+    """What an adapter adds to a row's prefill: a soft prompt, or a prefix's keys and values, both
+    as the backend holds them (on its device)."""
+
+    prompt_embeds: Any = None  # [1, V, H] (`Backend.upload`)
+    virtual: int = 0  # V
+    past: list[Any] | None = None  # 2 per layer: [1, kv_heads, P, head_dim]
+    past_len: int = 0
+    name: str | None = None  # the adapter's registered name (None: no adapter)
+    digest: str = ""  # of its tensors: the prompt cache keys its chains by name and digest
+
+    @property
+    def n_virtual(self) -> int:
+        return self.past_len if self.past is not None else self.virtual
