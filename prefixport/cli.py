@@ -207,6 +207,9 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
                    "size); a request that cannot fit yet waits, one that never can is refused (400).")
 @click.option("--max-context", type=int, default=None,
               help="Most positions per request (virtual tokens + prompt + new tokens); default: the model's.")
+@click.option("--prompt-cache-mb", type=click.FloatRange(min=0), default=512, show_default=True,
+              help="Most MB of prompt prefixes' keys and values kept for reuse by adapter (LRU); 0 turns "
+                   "the prompt cache off.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
@@ -217,8 +220,8 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
-          adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, use_ray: bool,
-          replicas: int, max_adapters: int, settings: BackendSettings) -> None:
+          adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
+          use_ray: bool, replicas: int, max_adapters: int, settings: BackendSettings) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
@@ -227,12 +230,14 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     cache = CacheSettings(max_rows=max_batch, max_context=max_context, budget_mb=kv_cache_mb)
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
     budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
+    prompt_cache_bytes = int(prompt_cache_mb * 2**20)
     if use_ray:
         from .server.ray_serve import run_ray
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
-                max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache)
+                max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache,
+                prompt_cache_bytes=prompt_cache_bytes)
         return
     import uvicorn
 
@@ -240,7 +245,8 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     from .server import create_app
 
     backend, options = settings.load_kwargs()
-    engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache, **options)
+    engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache,
+                         prompt_cache_bytes=prompt_cache_bytes, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
                      api_key=api_key)

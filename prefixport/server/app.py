@@ -28,7 +28,7 @@ from ..runtime.generation import RowRequest
 from .metrics import Metrics
 from .middleware import CountRequests, LimitBody
 from .protocol import (AdapterLoad, ChatRequest, CompletionRequest, Envelope, GenerationRequest, chat_logprobs,
-                       completion_logprobs, error_body, usage)
+                       cached_tokens, completion_logprobs, error_body, usage)
 from .tokenizing import tokenizer_router
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,7 @@ class Server:
         choices = len(job.prompts) * n
         first, offsets, completion_tokens = [True] * choices, [0] * choices, 0
         prompt_tokens = sum(len(ids) for ids in job.prompts)  # n choices of a prompt count it once
+        results: list[GenerationResult | None] = [None] * len(job.tickets)
         try:
             echoes = await asyncio.to_thread(self.echoes, job) if job.echo else []
             for i in range(choices) if echoes else ():
@@ -276,10 +277,12 @@ class Server:
                     offsets[index] += len("".join(map(self.token_text, event.token_ids)))
                 if result is not None:
                     left -= 1
+                    results[index] = result
                     completion_tokens += len(result.token_ids)
                     self.metrics.finished(model, ticket, result)
             if include_usage:
-                yield _sse(envelope.chunk([], usage(prompt_tokens, completion_tokens)))
+                cached = cached_tokens(results, n)
+                yield _sse(envelope.chunk([], usage(prompt_tokens, completion_tokens, cached)))
             yield "data: [DONE]\n\n"
         finally:  # the client may have gone: its rows leave the batch
             for t in job.tickets:
@@ -320,7 +323,8 @@ class Server:
                                                logprobs=self.choice_logprobs(job, ids, entries)))
         # n choices of one prompt share its prompt tokens: count them once per prompt
         prompt_tokens = sum(len(ids) for ids in job.prompts)
-        return job.envelope.whole(choices, usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        return job.envelope.whole(choices, usage(prompt_tokens, completion_tokens, cached_tokens(results, n)))
 
     # --- adapters -----------------------------------------------------------------------------
 

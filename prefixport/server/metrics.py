@@ -45,6 +45,7 @@ class _EngineCollector(Collector):
         if kv["budget_bytes_each"] is not None:
             yield GaugeMetricFamily("prefixport_kv_cache_budget_bytes", "the KV cache budget (per cache)",
                                     kv["budget_bytes_each"])
+        yield from _prompt_cache(stats["prompt_cache"])
         cache = self.scheduler.cache.stats()
         yield GaugeMetricFamily("prefixport_kv_cache_rows", "rows of the serving KV cache", cache["rows"])
         yield GaugeMetricFamily("prefixport_kv_cache_capacity", "slots per row of the serving KV cache",
@@ -55,6 +56,22 @@ class _EngineCollector(Collector):
                                 self.scheduler.waiting)
         yield CounterMetricFamily("prefixport_requests_cancelled", "requests that left early: client gone",
                                   self.scheduler.cancelled)
+
+
+def _prompt_cache(stats: dict | None) -> Iterator:
+    """The prompt cache's counters and size (nothing when it is off)."""
+    if stats is None:
+        return
+    for name, help_ in (("requests", "requests looked up in the prompt cache"),
+                        ("hits", "requests that found prompt tokens cached"),
+                        ("prompt_tokens", "prompt tokens looked up"),
+                        ("cached_tokens", "prompt tokens served from the cache (not prefilled)"),
+                        ("evicted_blocks", "blocks evicted by the byte budget")):
+        yield CounterMetricFamily(f"prefixport_prompt_cache_{name}", help_, stats[name])
+    for name, help_ in (("hit_rate", "share of requests that found prompt tokens cached"),
+                        ("cached_token_rate", "share of prompt tokens served from the cache"),
+                        ("blocks", "blocks held"), ("bytes", "bytes held"), ("budget_bytes", "the byte budget")):
+        yield GaugeMetricFamily(f"prefixport_prompt_cache_{name}", help_, stats[name])
 
 
 class Metrics:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
-from ..runtime import TokenLogprob
+from ..runtime import GenerationResult, TokenLogprob
 
 
 class StreamOptions(BaseModel):
@@ -163,9 +163,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prompt cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_tokens(results: Sequence[GenerationResult | None], n: int) -> int:
+    """The cached prompt tokens of a request's choices (`n` per prompt, in order): a prompt's tokens
+    count once, so its cached ones are those every one of its choices found cached."""
+    per_prompt = [results[i : i + n] for i in range(0, len(results), n)]
+    return sum(min((r.cached_tokens if r is not None else 0) for r in choices) for choices in per_prompt)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

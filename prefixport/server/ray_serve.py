@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ..errors import AdapterError
 from ..runtime import BackendSettings, CacheSettings, Engine
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
+from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .app import ApiError, Job, Server, as_api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest
 
@@ -116,10 +117,10 @@ class AdapterReplica:
     def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
                  max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8,
                  adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings(),
-                 cache: CacheSettings = CacheSettings()) -> None:
+                 cache: CacheSettings = CacheSettings(), prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> None:
         backend, options = settings.load_kwargs()
         self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, cache=cache,
-                                  **options)
+                                  prompt_cache_bytes=prompt_cache_bytes, **options)
         self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget)
         self.max_adapters = max_adapters
         self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
@@ -347,7 +348,8 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
               max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None, replicas: int = 1,
               max_adapters: int = 8, adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
               replica_gpus: float = 0, settings: BackendSettings = BackendSettings(),
-              cache: CacheSettings = CacheSettings()) -> serve.Application:
+              cache: CacheSettings = CacheSettings(),
+              prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> serve.Application:
     """The Serve application: `replicas` x `AdapterReplica` behind one `OpenAIIngress`.
 
     Paths must exist on every node that runs a replica (shared storage, or the same path on each).
@@ -355,7 +357,8 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
     `settings.threads`, or 1) and `replica_gpus` GPUs (at least 1 where the backend runs on a GPU);
     `max_adapters` is the multiplex LRU size per replica; `max_batch` and `prefill_budget` go to
     each replica's `Scheduler`; `settings` chooses the backend (checked when it was made, so a bad
-    combination is refused here, not in each replica); `cache` bounds each replica's KV cache.
+    combination is refused here, not in each replica); `cache` bounds each replica's KV cache and
+    `prompt_cache_bytes` its prompt cache.
     """
     if settings.uses_gpu:
         replica_gpus = replica_gpus or 1
@@ -368,7 +371,8 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
         num_replicas=replicas, ray_actor_options=actor,
         max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
-           max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache)
+           max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
+           prompt_cache_bytes=prompt_cache_bytes)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
         replica, api_key=api_key)
 
@@ -396,6 +400,7 @@ class AppArgs(BaseModel):
     precision: Literal["fp32", "fp16"] | None = None
     kv_cache_mb: float | None = DEFAULT_BUDGET_MB
     max_context: int | None = None
+    prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_BYTES / 2**20
 
 
 def app_builder(args: AppArgs) -> serve.Application:
@@ -406,14 +411,16 @@ def app_builder(args: AppArgs) -> serve.Application:
                                device=options.pop("device"), precision=options.pop("precision"),
                                threads=options.pop("threads"))
     cache = CacheSettings(budget_mb=options.pop("kv_cache_mb"), max_context=options.pop("max_context"))
-    return build_app(**options, settings=settings, cache=cache)
+    prompt_cache_bytes = int(options.pop("prompt_cache_mb") * 2**20)
+    return build_app(**options, settings=settings, cache=cache, prompt_cache_bytes=prompt_cache_bytes)
 
 
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
             model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
             adapter_budget_bytes: int | None = None, block: bool = True,
-            settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings()) -> DeploymentHandle:
+            settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings(),
+            prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> DeploymentHandle:
     """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
     HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
 
@@ -426,7 +433,8 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
     serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
                     api_key=api_key, replicas=replicas, max_adapters=max_adapters,
-                    adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache)
+                    adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
+                    prompt_cache_bytes=prompt_cache_bytes)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     if not block:
         return handle
