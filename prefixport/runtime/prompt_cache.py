@@ -82,6 +82,7 @@ class Hit:
 
     def copy_to(self, cache: KVCache, row: int, at: int) -> None:
         """Write the hit's slots into cache row `row` from slot `at` (after a prefix adapter's)."""
+        cache.reserve(row + 1, at + self.slots)  # one growth, not one per block
         left = self.tokens
         for block in ([self.root] if self.root is not None else []) + self.blocks:
             n = block.tokens if block is self.root else min(block.tokens, left)
