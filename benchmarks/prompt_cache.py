@@ -72,7 +72,7 @@ def main() -> None:
     requests = [(system + cached.encode(f"\n\nUser: {QUESTIONS[i % len(QUESTIONS)]}\nAssistant:"), ADAPTERS[i % 3])
                 for i in range(args.requests)]
     one(cached, system[::-1], None, 2)  # warm-up at full length: session, arenas, the KV cache's capacity
-    prompt_cache = cached.prompt_cache = PromptCache(cached.backend, cached.manifest)  # counters from zero
+    prompt_cache = cached.prompt_cache = PromptCache(cached.manifest)  # counters from zero
 
     runs = []
     for i, (ids, adapter) in enumerate(requests):  # interleaved; who goes first alternates
@@ -95,7 +95,7 @@ def main() -> None:
 
     sweep = []
     for block in map(int, args.blocks.split(",")):
-        cached.prompt_cache = PromptCache(cached.backend, cached.manifest, block_tokens=block)
+        cached.prompt_cache = PromptCache(cached.manifest, block_tokens=block)
         got = [one(cached, ids, adapter, 1) for ids, adapter in requests]
         hit_ttft = [g["ttft_s"] for g in got if g["cached_tokens"]]
         sweep.append({"block_tokens": block, "hit_ttft": quantiles(hit_ttft),

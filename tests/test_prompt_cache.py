@@ -14,7 +14,7 @@ import pytest
 from prefixport.adapters import convert_checkpoint, load_bundle, save_bundle
 from prefixport.adapters.bundle import make_bundle
 from prefixport.runtime import Engine
-from prefixport.runtime.prompt_cache import BLOCK_TOKENS, MIN_REST, PromptCache
+from prefixport.runtime.prompt_cache import BLOCK_TOKENS, MIN_REST
 
 from .conftest import ADAPTER_VARIANTS
 from .helpers import hf_greedy

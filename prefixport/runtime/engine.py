@@ -163,7 +163,7 @@ class Engine:
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
         self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
         # prompt prefixes' keys and values, shared by every call and scheduler (None: off)
-        self.prompt_cache = PromptCache(backend, manifest, prompt_cache_bytes) if prompt_cache_bytes else None
+        self.prompt_cache = PromptCache(manifest, prompt_cache_bytes) if prompt_cache_bytes else None
         self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
         self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
 

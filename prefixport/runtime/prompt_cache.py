@@ -4,8 +4,9 @@ rows of later requests that start the same way (docs/design.md, "The prompt cach
 A prompt's tokens are cut into blocks of `block_tokens`. Each block is keyed by a hash chain:
 its tokens hashed onto the key of the block before it, starting from a root key over the base
 model (fingerprint and dtype) and the adapter (name and a digest of its tensors). A block is
-therefore found only by a request with the same adapter, re-registered or not, and the same tokens
-before it. A soft prompt's virtual tokens are its chain's first block; a prefix adapter's keys and
+therefore found only by a request with the same adapter tensors and the same tokens before it (an
+adapter re-registered with other tensors starts a new chain). Blocks live where the KV cache does
+(`KVCache.copy_out`). A soft prompt's virtual tokens are its chain's first block; a prefix adapter's keys and
 values are already that (the adapter store holds them).
 
 Exactness (float32, bitwise; docs/design.md, "The prompt cache", has the measurements): a row's
@@ -43,7 +44,6 @@ from .kv_cache import KVCache, slot_bytes
 
 if TYPE_CHECKING:
     from .. import manifest as mf
-    from .backends import Backend
 
 BLOCK_TOKENS = 32  # chosen by benchmarks/prompt_cache.py (docs/benchmarks.md, "Prompt cache")
 DEFAULT_BYTES = 512 * 2**20
@@ -107,12 +107,12 @@ def usable(found: int, prompt: int, virtual: int) -> int:
 class PromptCache:
     """Blocks of prompt keys and values, by chain key, within `budget_bytes`. Thread-safe."""
 
-    def __init__(self, backend: Backend, manifest: mf.Manifest, budget_bytes: int = DEFAULT_BYTES,
+    def __init__(self, manifest: mf.Manifest, budget_bytes: int = DEFAULT_BYTES,
                  block_tokens: int = BLOCK_TOKENS) -> None:
         if budget_bytes < 0 or block_tokens < 1:
             raise PrefixportError(f"a prompt cache needs budget_bytes >= 0 and block_tokens >= 1, got "
                              f"{budget_bytes} and {block_tokens}")
-        self.backend, self.budget_bytes, self.block_tokens = backend, budget_bytes, block_tokens
+        self.budget_bytes, self.block_tokens = budget_bytes, block_tokens
         self.slot_bytes = slot_bytes(manifest)
         self._base = f"{manifest.fingerprint}:{manifest.dtype}".encode()
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # LRU order: oldest first
