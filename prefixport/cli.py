@@ -128,11 +128,14 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--stop", "stop", multiple=True, help="A stop string (repeatable); cut from the output.")
 @click.option("--adapter", "adapter", default=None, metavar="NAME_OR_PATH",
               help="An adapter bundle: a file, or a NAME under OUTDIR/adapters/.")
+@click.option("--speculative", type=click.Choice(["prompt-lookup"]), default=None,
+              help="Speculative decoding (greedy): propose tokens by n-gram lookup in the prompt and the output, "
+                   "verify several per pass over the weights; the same tokens.")
 @_errors
 @_backend_flags
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
              top_p: float, top_k: int, seed: int | None, repetition_penalty: float, stop: tuple[str, ...],
-             adapter: str | None, settings: BackendSettings) -> None:
+             adapter: str | None, speculative: str | None, settings: BackendSettings) -> None:
     """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
     from .adapters import resolve_adapter
     from .runtime import Engine
@@ -147,14 +150,16 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
         chat = engine.tokenizer.chat_template is not None  # else None: the Engine applies the adapter's format
     stream = engine.stream(prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
                            top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
-                           stop=stop, adapter=adapter)
+                           stop=stop, adapter=adapter, speculative=speculative)
     for delta in stream:
         click.echo(delta, nl=False)
         sys.stdout.flush()
     click.echo()
     r = stream.result
+    spec = engine.stats()["speculative"]
+    accepted = f", {spec['mean_accepted']:.2f} proposed tokens accepted per pass" if speculative else ""
     _echo_err(f"[{len(r.token_ids)} tokens, {r.finish_reason}; prefill {r.timings['prefill_s'] * 1000:.0f} ms "
-              f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s]")
+              f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s{accepted}]")
 
 
 @main.command()

@@ -29,10 +29,12 @@ from .logprobs import TokenLogprob, check_top
 from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
+from .speculative import PromptLookup
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict]
+SPECULATIVE = (None, "prompt-lookup")  # speculative decoding methods (docs/runtime.md)
 
 
 @dataclass
@@ -164,6 +166,7 @@ class Engine:
         self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
         # prompt prefixes' keys and values, shared by every call and scheduler (None: off)
         self.prompt_cache = PromptCache(manifest, prompt_cache_bytes) if prompt_cache_bytes else None
+        self.prompt_lookup = PromptLookup()  # speculative decoding's proposer (`speculative="prompt-lookup"`)
         self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
         self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
 
@@ -245,6 +248,7 @@ class Engine:
               "caches": caches}
         return {"adapters": self.store.stats(), "kv_cache": kv,
                 "prompt_cache": self.prompt_cache.stats() if self.prompt_cache is not None else None,
+                "speculative": self.prompt_lookup.stats(),
                 "memory": self.backend.memory_stats(), "backend": self.backend.name}
 
     # --- KV caches ------------------------------------------------------------------------------
@@ -311,9 +315,11 @@ class Engine:
                  chat: bool | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
-                 response_format: dict | None = None) -> RowRequest:
+                 response_format: dict | None = None, speculative: str | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         check_top(logprobs, "logprobs")
+        if speculative not in SPECULATIVE:
+            raise InputError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {speculative!r}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         grammar = self.grammar(response_format)
@@ -347,7 +353,8 @@ class Engine:
                                      f"{limits.max_seq}; shorten it, or rebuild the engine with a larger --max-seq")
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
-                          grammar=grammar.matcher() if grammar is not None else None)
+                          grammar=grammar.matcher() if grammar is not None else None,
+                          proposer=self.prompt_lookup if speculative == "prompt-lookup" else None)
 
     def score(self, prompt: str | Sequence[int], continuation: str | Sequence[int] | None = None, *,
               adapter: str | None = None, top_logprobs: int = 0) -> Score:
@@ -404,7 +411,9 @@ class Engine:
         Keywords: max_new_tokens (128), chat (`format_prompt`), temperature (0 = greedy), top_k, top_p, seed,
         repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
         strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
-        fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar).
+        fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar),
+        speculative ("prompt-lookup": a greedy row decoding alone verifies proposed tokens several
+        per pass; the same tokens).
         """
         stream = self.stream(prompt, **kwargs)
         for _ in stream:

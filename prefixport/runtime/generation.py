@@ -10,7 +10,7 @@ row computes exactly what it computes alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -114,6 +114,16 @@ def score_row(backend: Backend, cache: KVCache, row: int, ids: Sequence[int], fe
     return scores
 
 
+class Proposer(Protocol):
+    """Speculative decoding: proposes tokens for a row decoding alone (`speculative.PromptLookup`)."""
+
+    def propose(self, request: RowRequest, limit: int) -> list[int]: ...
+
+    def count(self, proposed: int, accepted: int) -> None: ...
+
+    def finished(self, request: RowRequest) -> None: ...
+
+
 @dataclass
 class RowRequest:
     """One row of a batch: its prompt, adapter, settings, and the tokens generated so far."""
@@ -131,6 +141,14 @@ class RowRequest:
     grammar: Matcher | None = None  # structured output: each token chosen among those it allows
     error: Exception | None = None  # set (with done) when this row failed alone; the others go on
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache
+    proposer: Proposer | None = None  # speculative decoding while the row decodes alone (greedy rows)
+    yielded: int = 0  # tokens handed to the consumer so far (generate_rows)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` tokens (a consumer stopped the row after them; later ones go)."""
+        del self.tokens[n:], self.logprobs[n:]
+        if self.logits is not None:
+            del self.logits[n:]
 
     @property
     def completed(self) -> bool:
@@ -159,6 +177,8 @@ class DecodeBatch:
         self.rows: dict[int, RowRequest] = {}  # cache row -> request
         self._rngs: dict[int, np.random.Generator] = {}
         self._logits: dict[int, np.ndarray] = {}  # cache row -> [vocab], not yet sampled
+        # a row decoding alone with proposals: its logits [1 + k, vocab], the k proposals, its length before
+        self._verify: dict[int, tuple[np.ndarray, list[int], int]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -167,7 +187,7 @@ class DecodeBatch:
         """Free every row (the batch is abandoned, say after a failed step)."""
         for row in list(self.rows):
             self.cache.release(row)
-        self.rows, self._rngs, self._logits = {}, {}, {}
+        self.rows, self._rngs, self._logits, self._verify = {}, {}, {}, {}
 
     def join(self, requests: Sequence[RowRequest]) -> int:
         """Prefill requests in order while the cache has room; returns how many joined (the rest
@@ -228,39 +248,77 @@ class DecodeBatch:
     def sample(self) -> list[RowRequest]:
         """Choose each row's next token (appended to its `tokens`; `done` set at a stop id, a
         complete structured document or max_new_tokens; `error` and `done` where the row's grammar
-        failed). Returns the rows; the caller may set `done` before `advance`."""
+        failed). A row that verified proposals takes its choice at each position while it equals
+        the proposal there, so it may gain several tokens. Returns the rows; the caller may set
+        `done` before `advance`."""
         for row, logits in self._logits.items():
-            request = self.rows[row]
-            seen = request.prompt_ids + request.tokens if request.params.repetition_penalty != 1.0 else []
-            try:
-                allowed = request.grammar.mask(logits) if request.grammar is not None else logits
-                token = choose(allowed, seen, request.params, self._rngs[row])
-                if request.grammar is not None:
-                    request.grammar.advance(token)
-            except PrefixportError as e:  # this row's grammar failed: it leaves, the others go on
-                request.error, request.done = e, True
-                continue
-            if request.logits is not None:
-                request.logits.append(logits)
-            if request.top_logprobs is not None:
-                request.logprobs += token_logprobs(logits, [token], request.top_logprobs)
-            request.tokens.append(token)
-            request.done = request.done or request.completed or len(request.tokens) >= request.max_new_tokens
-        self._logits = {}
+            self._choose(self.rows[row], row, logits)
+        for row, (logits, proposals, start) in self._verify.items():
+            request, matched = self.rows[row], 0
+            for i, position in enumerate(logits):
+                if not self._choose(request, row, position) or request.done:
+                    break
+                if i == len(proposals) or request.tokens[-1] != proposals[i]:
+                    break
+                matched += 1
+            self.cache.lengths[row] = start + 1 + matched  # the rejected proposals' slots are dropped
+            request.proposer.count(len(proposals), matched)
+        self._logits, self._verify = {}, {}
         return [self.rows[r] for r in sorted(self.rows)]
 
+    def _choose(self, request: RowRequest, row: int, logits: np.ndarray) -> bool:
+        """Append the row's token chosen from `logits`; False if its grammar failed (then it is done)."""
+        seen = request.prompt_ids + request.tokens if request.params.repetition_penalty != 1.0 else []
+        try:
+            allowed = request.grammar.mask(logits) if request.grammar is not None else logits
+            token = choose(allowed, seen, request.params, self._rngs[row])
+            if request.grammar is not None:
+                request.grammar.advance(token)
+        except PrefixportError as e:  # this row's grammar failed: it leaves, the others go on
+            request.error, request.done = e, True
+            return False
+        if request.logits is not None:
+            request.logits.append(logits)
+        if request.top_logprobs is not None:
+            request.logprobs += token_logprobs(logits, [token], request.top_logprobs)
+        request.tokens.append(token)
+        request.done = request.done or request.completed or len(request.tokens) >= request.max_new_tokens
+        return True
+
     def advance(self) -> None:
-        """Free the rows that are done; one decode step for the others, fed their last token."""
+        """Free the rows that are done; one decode step for the others, fed their last token (a
+        greedy row alone with a proposer: its last token and the proposals, verified in one run)."""
         for row in [r for r, request in self.rows.items() if request.done]:
-            del self.rows[row], self._rngs[row]
+            request = self.rows.pop(row)
+            del self._rngs[row]
             self.cache.release(row)
+            if request.proposer is not None and request.error is None:
+                request.proposer.finished(request)
         if not self.rows:
+            return
+        if len(self.rows) == 1 and self._speculate():
             return
         tokens = np.full(self.cache.active, self.pad_id, np.int64)
         for row, request in self.rows.items():
             tokens[row] = request.tokens[-1]
         logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype)
         self._logits = {row: logits[row] for row in sorted(self.rows)}
+
+    def _speculate(self) -> bool:
+        """Run the one row's last token and its proposals, if it has a proposer, decodes greedily
+        and gets any; False otherwise."""
+        row, request = next(iter(self.rows.items()))
+        if request.proposer is None or not request.params.greedy:
+            return False
+        proposals = request.proposer.propose(request, request.max_new_tokens - len(request.tokens) - 1)
+        if not proposals:
+            return False
+        start = int(self.cache.lengths[row])
+        none = np.zeros((1, 0, self.hidden), self.dtype)
+        logits = prefill(self.backend, self.cache, row, [[request.tokens[-1], *proposals]], none, 0, self.pad_id,
+                         every=True)
+        self._verify = {row: (logits[0], proposals, start)}
+        return True
 
 
 def _groups(placed: list[tuple[int, RowRequest]], alone: set[int]) -> Iterator[list[tuple[int, RowRequest]]]:
@@ -315,7 +373,24 @@ def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], 
             for r in batch.sample():
                 if r.error is not None:
                     raise r.error
-                yield index[id(r)], r.tokens[-1]
+                yield from _new_tokens(r, index[id(r)])
             batch.advance()
     finally:
         batch.close()
+
+
+def _new_tokens(request: RowRequest, index: int) -> Iterator[tuple[int, int]]:
+    """(index, token) for each token the row gained this step (several after a verified
+    speculation); where the consumer sets `done` after one of them, the later ones are dropped.
+    The consumer sees `done` as the loop set it with the last of them."""
+    finished, stop = request.done, len(request.tokens)
+    request.done = False
+    for i in range(request.yielded, stop):
+        if i == stop - 1:
+            request.done = request.done or finished
+        request.yielded = i + 1
+        yield index, request.tokens[i]
+        if request.done and i < stop - 1:  # stopped by the consumer (a stop string)
+            request.truncate(i + 1)
+            return
+    request.done = request.done or finished

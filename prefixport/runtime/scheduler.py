@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import BusyError, PrefixportError
+from ..errors import BusyError, InputError, PrefixportError
 from .generation import DecodeBatch, RowRequest
 from .logprobs import TokenLogprob
 
@@ -189,6 +189,8 @@ class Scheduler:
         """Queue a request (keywords as `Engine.generate`); raises at once if it is invalid."""
         from .engine import RowText
 
+        if kwargs.get("speculative"):
+            raise InputError("speculative decoding runs in direct Engine calls; the scheduler does not speculate")
         request = self.engine.prepare(prompt, adapter=adapter, **kwargs)
         ticket = Ticket(request, RowText(self.engine.tokenizer, stop), adapter)
         with self._cond:
