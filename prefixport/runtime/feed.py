@@ -19,5 +19,10 @@ class AdapterFeed:
     digest: str = ""  # of its tensors: the prompt cache keys its chains by name and digest
 
     @property
+    def identity(self) -> str:
+        """Name and tensor digest: what keys the adapter's prompt cache chains and lookup history."""
+        return f"{self.name}:{self.digest}"
+
+    @property
     def n_virtual(self) -> int:
         return self.past_len if self.past is not None else self.virtual

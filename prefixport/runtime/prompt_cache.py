@@ -80,15 +80,19 @@ class Hit:
         """Slots the hit fills after a prefix adapter's (virtual tokens included)."""
         return (self.root.tokens if self.root is not None else 0) + self.tokens
 
+    @property
+    def held(self) -> list[Block]:
+        """The blocks the hit pins: the root (if used), then the token blocks."""
+        return ([self.root] if self.root is not None else []) + self.blocks
+
     def copy_to(self, cache: KVCache, row: int, at: int) -> None:
         """Write the hit's slots into cache row `row` from slot `at` (after a prefix adapter's)."""
         cache.reserve(row + 1, at + self.slots)  # one growth, not one per block
-        left = self.tokens
-        for block in ([self.root] if self.root is not None else []) + self.blocks:
-            n = block.tokens if block is self.root else min(block.tokens, left)
+        left = self.slots
+        for block in self.held:  # the root whole, the token blocks up to `tokens` (the last maybe in part)
+            n = min(block.tokens, left)
             cache.write(row, [block.kv[t : t + 1] for t in range(block.kv.shape[0])], at=at, slots=n)
-            at += n
-            left -= 0 if block is self.root else n
+            at, left = at + n, left - n
 
 
 def usable(found: int, prompt: int, virtual: int) -> int:
@@ -129,7 +133,7 @@ class PromptCache:
         keys = self._keys(ids, feed)
         with self._lock:
             hit = self._find(ids, feed, keys)
-            for block in reversed(([hit.root] if hit.root else []) + hit.blocks):
+            for block in reversed(hit.held):
                 self._blocks.move_to_end(block.key)  # the head most recently used: tails are evicted first
                 block.pins += 1
             self.counters["requests"] += 1
@@ -147,7 +151,7 @@ class PromptCache:
     def release(self, hit: Hit) -> None:
         """The request has copied its blocks: they may be evicted again."""
         with self._lock:
-            for block in ([hit.root] if hit.root is not None else []) + hit.blocks:
+            for block in hit.held:
                 block.pins -= 1
 
     def store(self, hit: Hit, cache: KVCache, row: int, prefix: int) -> None:
@@ -196,18 +200,11 @@ class PromptCache:
 
     # --- upkeep --------------------------------------------------------------------------------
 
-    def drop(self, adapter: str) -> int:
-        """Forget every block of the adapter's chains (it was unregistered or replaced); returns how many."""
+    def drop(self, adapter: str) -> None:
+        """Forget every block of the adapter's chains (it was unregistered or replaced)."""
         with self._lock:
-            keys = [k for k, b in self._blocks.items() if b.adapter == adapter]
-            for key in keys:
+            for key in [k for k, b in self._blocks.items() if b.adapter == adapter]:
                 self.nbytes -= self._blocks.pop(key).nbytes
-        return len(keys)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._blocks.clear()
-            self.nbytes = 0
 
     def stats(self) -> dict[str, Any]:
         """Counters since the start (requests, hits, prompt and cached tokens, blocks stored and
@@ -227,7 +224,7 @@ class PromptCache:
 
     def _keys(self, ids: Sequence[int], feed: AdapterFeed | None) -> list[bytes]:
         """The root key, then the chain key of each full block of `ids` but its last token."""
-        identity = f"{feed.name}:{feed.digest}".encode() if feed is not None else b"-"
+        identity = feed.identity.encode() if feed is not None else b"-"
         key = hashlib.blake2b(self._base + b"|" + identity, digest_size=16).digest()
         keys = [key]
         tokens = np.asarray(ids, np.int64)

@@ -67,7 +67,7 @@ class PromptLookup:
 
 def _identity(request: RowRequest) -> str:
     feed = request.feed
-    return f"{feed.name}:{feed.digest}" if feed is not None and feed.name is not None else ""
+    return feed.identity if feed is not None and feed.name is not None else ""
 
 
 def _follows(source: list[int], tail: list[int], limit: int, own: bool) -> list[int]:
