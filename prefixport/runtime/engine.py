@@ -22,19 +22,20 @@ from ..adapters.prompt_format import choose as choose_format
 from ..adapters.prompt_format import render as render_prompt
 from ..errors import AdapterError, ContextLengthError, InputError
 from .backends import Backend, load_backend
-from .generation import RowRequest, generate_rows, prefill_new, score_row
+from .generation import Proposer, RowRequest, generate_rows, prefill_new, score_row
 from .grammar import Grammar, GrammarVocab
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
 from .logprobs import TokenLogprob, check_top
 from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
-from .speculative import PromptLookup
+from .speculative import DraftModel, PromptLookup, check_draft
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict]
-SPECULATIVE = (None, "prompt-lookup")  # speculative decoding methods (docs/runtime.md)
+SPECULATIVE = (None, "prompt-lookup", "draft")  # speculative decoding methods (docs/runtime.md)
+SPECULATE_ROWS = 2  # speculate while at most this many rows decode (measured: docs/benchmarks.md, "Speculative decoding")
 
 
 @dataclass
@@ -154,7 +155,8 @@ class Engine:
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
                  generation_config: dict, adapter_budget_bytes: int | None = None,
-                 cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> None:
+                 cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 draft: DraftModel | None = None) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
         self.cache_settings = cache or CacheSettings()
         self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # every cache alive, for stats()
@@ -166,26 +168,37 @@ class Engine:
         self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
         # prompt prefixes' keys and values, shared by every call and scheduler (None: off)
         self.prompt_cache = PromptCache(manifest, prompt_cache_bytes) if prompt_cache_bytes else None
-        self.prompt_lookup = PromptLookup()  # speculative decoding's proposer (`speculative="prompt-lookup"`)
+        # speculative decoding's proposers: `speculative="prompt-lookup"`, and "draft" if a draft export was loaded
+        self.prompt_lookup, self.draft = PromptLookup(), draft
+        self.speculate_rows = SPECULATE_ROWS  # direct calls speculate while at most this many rows decode
         self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
         self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
              cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-             **options) -> "Engine":
+             draft: str | Path | None = None, **options) -> "Engine":
         """Open an export folder with `backend` "onnxruntime" or "tensorrt". `adapter_budget_bytes`
         caps the adapters kept resident (LRU); `cache` bounds each KV cache (rows, slots per row,
         MB; default: a 2 GB budget); `prompt_cache_bytes` caps the prompt cache (default 512 MB;
-        0 turns it off); `options` go to the backend: ONNX Runtime takes
+        0 turns it off); `draft`, another export of the same base model (int8, int4), opened
+        alike for `speculative="draft"`; `options` go to the backend: ONNX Runtime takes
         `provider="cpu"|"cuda"|"tensorrt"` and `threads=N`; TensorRT takes `precision="fp32"|"fp16"`."""
         folder = Path(folder)
         manifest = mf.Manifest.load(folder)
         tokenizer = Tokenizer(folder)
         gen_path = folder / "generation_config.json"
         generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        proposer = None
+        if draft is not None:
+            draft = Path(draft)
+            draft_manifest = mf.Manifest.load(draft)
+            check_draft(folder, manifest, draft, draft_manifest)
+            if backend == "onnxruntime":  # two sessions taking turns: no spinning threads (docs/runtime.md)
+                options = {**options, "spinning": False}
+            proposer = DraftModel(load_backend(backend, draft, draft_manifest, **options))
         return cls(folder, manifest, tokenizer, load_backend(backend, folder, manifest, **options),
-                   generation_config, adapter_budget_bytes, cache, prompt_cache_bytes)
+                   generation_config, adapter_budget_bytes, cache, prompt_cache_bytes, proposer)
 
     # --- adapters ---------------------------------------------------------------------------
 
@@ -248,7 +261,8 @@ class Engine:
               "caches": caches}
         return {"adapters": self.store.stats(), "kv_cache": kv,
                 "prompt_cache": self.prompt_cache.stats() if self.prompt_cache is not None else None,
-                "speculative": self.prompt_lookup.stats(),
+                "speculative": {"prompt-lookup": self.prompt_lookup.stats(),
+                                "draft": self.draft.stats() if self.draft is not None else None},
                 "memory": self.backend.memory_stats(), "backend": self.backend.name}
 
     # --- KV caches ------------------------------------------------------------------------------
@@ -318,8 +332,7 @@ class Engine:
                  response_format: dict | None = None, speculative: str | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         check_top(logprobs, "logprobs")
-        if speculative not in SPECULATIVE:
-            raise InputError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {speculative!r}")
+        proposer = self.proposer(speculative)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         grammar = self.grammar(response_format)
@@ -354,7 +367,16 @@ class Engine:
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
                           grammar=grammar.matcher() if grammar is not None else None,
-                          proposer=self.prompt_lookup if speculative == "prompt-lookup" else None)
+                          proposer=proposer)
+
+    def proposer(self, speculative: str | None) -> Proposer | None:
+        """The proposer of a speculative decoding method (`SPECULATIVE`); None for None."""
+        if speculative not in SPECULATIVE:
+            raise InputError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {speculative!r}")
+        if speculative == "draft" and self.draft is None:
+            raise InputError('speculative="draft" needs a draft export: Engine.load(..., draft=EXPORT_DIR) '
+                             "(prefixport generate --speculative draft:EXPORT_DIR)")
+        return self.prompt_lookup if speculative == "prompt-lookup" else self.draft
 
     def score(self, prompt: str | Sequence[int], continuation: str | Sequence[int] | None = None, *,
               adapter: str | None = None, top_logprobs: int = 0) -> Score:
@@ -395,7 +417,7 @@ class Engine:
         cache = self._borrow_cache()
         try:
             yield from generate_rows(self.backend, cache, requests, m.hidden_size, np.dtype(m.dtype),
-                                     m.pad_token_id or 0, self.prompt_cache)
+                                     m.pad_token_id or 0, self.prompt_cache, self.speculate_rows)
         finally:
             self._return_cache(cache)
 
@@ -412,8 +434,9 @@ class Engine:
         repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
         strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
         fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar),
-        speculative ("prompt-lookup": a greedy row decoding alone verifies proposed tokens several
-        per pass; the same tokens).
+        speculative ("prompt-lookup", or "draft" with a draft export loaded: a row decoding alone
+        verifies proposed tokens several per pass; greedy rows give the same tokens, sampled rows
+        tokens of the same distribution).
         """
         stream = self.stream(prompt, **kwargs)
         for _ in stream:
@@ -452,3 +475,5 @@ class Engine:
 
     def close(self) -> None:
         self.backend.close()
+        if self.draft is not None:
+            self.draft.close()

@@ -115,13 +115,19 @@ def score_row(backend: Backend, cache: KVCache, row: int, ids: Sequence[int], fe
 
 
 class Proposer(Protocol):
-    """Speculative decoding: proposes tokens for a row decoding alone (`speculative.PromptLookup`)."""
+    """Speculative decoding: proposes tokens for a row (`speculative.PromptLookup`, `speculative.DraftModel`)."""
 
-    def propose(self, request: RowRequest, limit: int) -> list[int]: ...
+    def propose(self, request: RowRequest, limit: int) -> list[int]:
+        """At most `limit` tokens likely to follow the row's prompt and tokens so far (maybe none)."""
+        ...
 
-    def count(self, proposed: int, accepted: int) -> None: ...
+    def count(self, proposed: int, accepted: int) -> None:
+        """One verification: `proposed` tokens checked, `accepted` of them kept."""
+        ...
 
-    def finished(self, request: RowRequest) -> None: ...
+    def finished(self, request: RowRequest) -> None:
+        """The row left the batch (done, failed or abandoned): forget or remember it."""
+        ...
 
 
 @dataclass
@@ -141,7 +147,7 @@ class RowRequest:
     grammar: Matcher | None = None  # structured output: each token chosen among those it allows
     error: Exception | None = None  # set (with done) when this row failed alone; the others go on
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache
-    proposer: Proposer | None = None  # speculative decoding while the row decodes alone (greedy rows)
+    proposer: Proposer | None = None  # speculative decoding, while the batch is small enough
     yielded: int = 0  # tokens handed to the consumer so far (generate_rows)
 
     def truncate(self, n: int) -> None:
@@ -168,16 +174,18 @@ class DecodeBatch:
 
     One step: `join` the newcomers, `sample` a token for every row (from its prefill or last
     decode logits), then `advance` (free the rows now done, run one decode step for the rest).
+    While at most `speculate_rows` rows decode and one of them has proposals (a row's `proposer`),
+    each row runs alone instead, verifying its proposals (docs/design.md, "Speculative decoding").
     """
 
     def __init__(self, backend: Backend, cache: KVCache, hidden: int, dtype: np.dtype, pad_id: int = 0,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, speculate_rows: int = 1) -> None:
         self.backend, self.cache, self.hidden, self.dtype, self.pad_id = backend, cache, hidden, dtype, pad_id
-        self.prompt_cache = prompt_cache
+        self.prompt_cache, self.speculate_rows = prompt_cache, speculate_rows
         self.rows: dict[int, RowRequest] = {}  # cache row -> request
         self._rngs: dict[int, np.random.Generator] = {}
         self._logits: dict[int, np.ndarray] = {}  # cache row -> [vocab], not yet sampled
-        # a row decoding alone with proposals: its logits [1 + k, vocab], the k proposals, its length before
+        # a row verifying proposals: its logits [1 + k, vocab], the k proposals, its length before
         self._verify: dict[int, tuple[np.ndarray, list[int], int]] = {}
 
     def __len__(self) -> int:
@@ -185,8 +193,10 @@ class DecodeBatch:
 
     def close(self) -> None:
         """Free every row (the batch is abandoned, say after a failed step)."""
-        for row in list(self.rows):
+        for row, request in self.rows.items():
             self.cache.release(row)
+            if request.proposer is not None:
+                request.proposer.finished(request)
         self.rows, self._rngs, self._logits, self._verify = {}, {}, {}, {}
 
     def join(self, requests: Sequence[RowRequest]) -> int:
@@ -248,9 +258,10 @@ class DecodeBatch:
     def sample(self) -> list[RowRequest]:
         """Choose each row's next token (appended to its `tokens`; `done` set at a stop id, a
         complete structured document or max_new_tokens; `error` and `done` where the row's grammar
-        failed). A row that verified proposals takes its choice at each position while it equals
-        the proposal there, so it may gain several tokens. Returns the rows; the caller may set
-        `done` before `advance`."""
+        failed). A row that verified proposals chooses at each position as it would have without
+        them, until its choice differs from the proposal there, so it may gain several tokens (a
+        sampled row draws as many numbers from its generator as without speculation: the same
+        tokens for a seed). Returns the rows; the caller may set `done` before `advance`."""
         for row, logits in self._logits.items():
             self._choose(self.rows[row], row, logits)
         for row, (logits, proposals, start) in self._verify.items():
@@ -286,17 +297,17 @@ class DecodeBatch:
         return True
 
     def advance(self) -> None:
-        """Free the rows that are done; one decode step for the others, fed their last token (a
-        greedy row alone with a proposer: its last token and the proposals, verified in one run)."""
+        """Free the rows that are done; one decode step for the others, fed their last token (or,
+        speculating, each row alone: its last token and its proposals, verified in one run)."""
         for row in [r for r, request in self.rows.items() if request.done]:
             request = self.rows.pop(row)
             del self._rngs[row]
             self.cache.release(row)
-            if request.proposer is not None and request.error is None:
+            if request.proposer is not None:
                 request.proposer.finished(request)
         if not self.rows:
             return
-        if len(self.rows) == 1 and self._speculate():
+        if len(self.rows) <= self.speculate_rows and self._speculate():
             return
         tokens = np.full(self.cache.active, self.pad_id, np.int64)
         for row, request in self.rows.items():
@@ -305,19 +316,22 @@ class DecodeBatch:
         self._logits = {row: logits[row] for row in sorted(self.rows)}
 
     def _speculate(self) -> bool:
-        """Run the one row's last token and its proposals, if it has a proposer, decodes greedily
-        and gets any; False otherwise."""
-        row, request = next(iter(self.rows.items()))
-        if request.proposer is None or not request.params.greedy:
+        """Run each row alone: its last token and its proposer's proposals (logits at each), or
+        its last token only where it has none (a multi-token run takes a past at batch 1 only).
+        False, with nothing run, where no row has proposals."""
+        proposals = {row: r.proposer.propose(r, r.max_new_tokens - len(r.tokens) - 1) if r.proposer else []
+                     for row, r in self.rows.items()}
+        if not any(proposals.values()):
             return False
-        proposals = request.proposer.propose(request, request.max_new_tokens - len(request.tokens) - 1)
-        if not proposals:
-            return False
-        start = int(self.cache.lengths[row])
         none = np.zeros((1, 0, self.hidden), self.dtype)
-        logits = prefill(self.backend, self.cache, row, [[request.tokens[-1], *proposals]], none, 0, self.pad_id,
-                         every=True)
-        self._verify = {row: (logits[0], proposals, start)}
+        for row, request in self.rows.items():
+            start, guess = int(self.cache.lengths[row]), proposals[row]
+            logits = prefill(self.backend, self.cache, row, [[request.tokens[-1], *guess]], none, 0, self.pad_id,
+                             every=bool(guess))
+            if guess:
+                self._verify[row] = (logits[0], guess, start)
+            else:
+                self._logits[row] = logits[0]
         return True
 
 
@@ -354,13 +368,15 @@ def _ends_alike(requests: list[RowRequest]) -> bool:
 
 
 def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], hidden: int, dtype: np.dtype,
-                  pad_id: int = 0, prompt_cache: PromptCache | None = None) -> Iterator[tuple[int, int]]:
+                  pad_id: int = 0, prompt_cache: PromptCache | None = None,
+                  speculate_rows: int = 1) -> Iterator[tuple[int, int]]:
     """Yield (row index, token) as each row produces tokens; every row gives what it gives alone.
 
     Rows join as the cache has room (all at once unless its bounds say otherwise) and leave once
-    done (a stop id, max_new_tokens, or `done` set by the consumer between yields).
+    done (a stop id, max_new_tokens, or `done` set by the consumer between yields). Rows with a
+    proposer speculate while at most `speculate_rows` rows decode.
     """
-    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id, prompt_cache)
+    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id, prompt_cache, speculate_rows)
     index = {id(r): i for i, r in enumerate(requests)}
     waiting = list(requests)
     try:

@@ -1,33 +1,68 @@
-"""Speculative decoding by prompt lookup (docs/design.md, "Speculative decoding").
+"""Speculative decoding's proposers (docs/design.md, "Speculative decoding").
 
-For a row decoding alone, `PromptLookup` proposes the tokens that followed the latest earlier
-occurrence of the row's last n tokens (n from `max_ngram` down to 1), searched in the row's own
-prompt and output, then in the recent outputs of the same adapter: extraction adapters repeat
-their output's structure from one request to the next. `DecodeBatch.advance` feeds the row's last
-token and the proposals in one run of the graph (logits at every position) and `sample` keeps
-the row's own choice at each position while it equals the proposal there, so a greedy row gives
-the tokens it gives without speculation, in fewer passes over the weights.
+`DecodeBatch.advance` feeds a row's last token and the tokens its proposer proposes in one run of
+the graph (logits at every position), and `sample` chooses at each position, given the proposal
+there, until its choice differs: a greedy row gives the tokens it gives without speculation, a
+sampled row tokens distributed as without it, in fewer passes over the weights.
+
+- `PromptLookup` proposes the tokens that followed the latest earlier occurrence of the row's
+  last n tokens (n from `max_ngram` down to 1), searched in the row's own prompt and output, then
+  in the recent outputs of the same adapter: extraction adapters repeat their output's structure
+  from one request to the next.
+- `DraftModel` proposes the greedy continuation of another export of the same base model (int8
+  or int4 weights: `check_draft`), run with the row's own adapter inputs in a KV cache of its own.
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from .. import manifest as mf
+from ..errors import InputError
+from .generation import prefill
+from .kv_cache import CacheSettings, KVCache
+
 if TYPE_CHECKING:
+    from .backends import Backend
     from .generation import RowRequest
 
 
-class PromptLookup:
+class Counters:
+    """Verification counters shared by the proposers; `stats()` as `Engine.stats()["speculative"]`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters = {"passes": 0, "proposed": 0, "accepted": 0}
+
+    def count(self, proposed: int, accepted: int) -> None:
+        """One verification pass: `proposed` tokens checked, `accepted` of them kept."""
+        with self._lock:
+            self.counters["passes"] += 1
+            self.counters["proposed"] += proposed
+            self.counters["accepted"] += accepted
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            c = dict(self.counters)
+        return {**c, "acceptance_rate": c["accepted"] / c["proposed"] if c["proposed"] else 0.0,
+                "mean_accepted": c["accepted"] / c["passes"] if c["passes"] else 0.0}
+
+
+class PromptLookup(Counters):
     """Proposes up to `tokens` tokens per pass from n-gram matches (n <= `max_ngram`) in the
     row's prompt and output and in the last `history` outputs of its adapter. Thread-safe."""
 
     def __init__(self, tokens: int = 5, max_ngram: int = 3, history: int = 16) -> None:
+        super().__init__()
         self.tokens, self.max_ngram, self.history = tokens, max_ngram, history
         self._outputs: dict[str, deque[list[int]]] = {}  # adapter identity -> its recent outputs
-        self._lock = threading.Lock()
-        self.counters = {"passes": 0, "proposed": 0, "accepted": 0}
 
     def propose(self, request: RowRequest, limit: int) -> list[int]:
         """At most `limit` tokens likely to follow the row's tokens so far (maybe none)."""
@@ -45,24 +80,136 @@ class PromptLookup:
                     return found
         return []
 
-    def count(self, proposed: int, accepted: int) -> None:
-        """One verification pass: `proposed` tokens checked, `accepted` of them kept."""
-        with self._lock:
-            self.counters["passes"] += 1
-            self.counters["proposed"] += proposed
-            self.counters["accepted"] += accepted
-
     def finished(self, request: RowRequest) -> None:
-        """Remember a finished row's output under its adapter."""
-        if request.tokens:
+        """Remember a row's output under its adapter (not a failed row's)."""
+        if request.tokens and request.error is None:
             with self._lock:
                 self._outputs.setdefault(_identity(request), deque(maxlen=self.history)).append(list(request.tokens))
 
+
+@dataclass
+class _Row:
+    """A request's row in the draft's cache and the tokens (after its virtual ones) it holds."""
+
+    row: int
+    fed: list[int] = field(default_factory=list)
+
+
+class DraftModel(Counters):
+    """Proposes up to `tokens` tokens: the greedy continuation of a draft export of the target's
+    base model (`check_draft`), run with each row's adapter inputs as the target's backend holds
+    them. Each speculating request keeps a row of the draft's own KV cache (bounded by `cache`:
+    8 rows and 2 GB by default; the least recently used row is dropped for a new one and rebuilt
+    if it comes back; a request that does not fit gets no proposals), holding its prompt and
+    tokens; a pass feeds what the row gained since (the accepted proposals and the target's token)
+    and decodes `tokens` - 1 more. Thread-safe (one pass at a time)."""
+
+    def __init__(self, backend: Backend, tokens: int = 4, cache: CacheSettings | None = None) -> None:
+        super().__init__()
+        self.backend, self.manifest, self.tokens = backend, backend.manifest, tokens
+        m = self.manifest
+        self.cache = KVCache(backend, m, cache or CacheSettings(max_rows=8), m.max_positions)
+        self._rows: OrderedDict[int, _Row] = OrderedDict()  # id(request) -> its row, least recent first
+        self._none = np.zeros((1, 0, m.hidden_size), np.dtype(m.dtype))
+        self._pad = m.pad_token_id or 0
+
+    def propose(self, request: RowRequest, limit: int) -> list[int]:
+        """The draft's greedy continuation of the row's tokens so far: at most `limit` tokens."""
+        limit = min(limit, self.tokens)
+        if limit < 1:
+            return []
+        seq = request.prompt_ids + request.tokens
+        with self._lock:
+            state = self._row(request)
+            if state is None:
+                return []
+            feed, cache = request.feed, self.cache
+            keep = _common(state.fed, seq)
+            if keep == 0 and feed is not None and feed.past is not None:  # a fresh row: the prefix first
+                cache.write(state.row, feed.past)
+            soft = keep == 0 and feed is not None and feed.prompt_embeds is not None
+            base = feed.n_virtual if feed is not None else 0
+            cache.lengths[state.row] = (0 if soft else base) + keep
+            embeds, virtual = (feed.prompt_embeds, feed.virtual) if soft else (self._none, 0)
+            logits = prefill(self.backend, cache, state.row, [seq[keep:]], embeds, virtual, self._pad)
+            state.fed = list(seq)
+            proposals = [int(logits[0].argmax())]
+            while len(proposals) < limit:
+                state.fed.append(proposals[-1])
+                logits = prefill(self.backend, cache, state.row, [proposals[-1:]], self._none, 0, self._pad)
+                proposals.append(int(logits[0].argmax()))
+            return proposals
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            c = dict(self.counters)
-        return {**c, "acceptance_rate": c["accepted"] / c["proposed"] if c["proposed"] else 0.0,
-                "mean_accepted": c["accepted"] / c["passes"] if c["passes"] else 0.0}
+            nbytes = self.cache.nbytes
+        return {**super().stats(), "kv_cache_bytes": nbytes}
+
+    def finished(self, request: RowRequest) -> None:
+        """Free the request's row."""
+        with self._lock:
+            state = self._rows.pop(id(request), None)
+            if state is not None:
+                self.cache.release(state.row)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _row(self, request: RowRequest) -> _Row | None:
+        """The request's row: its own, a free one, or the least recently used one's. Lock held."""
+        state = self._rows.get(id(request))
+        if state is not None:
+            self._rows.move_to_end(id(request))
+            return state
+        if not self.cache.fits_alone(request.need):
+            return None
+        row = self.cache.admit(request.need)
+        if row is None and self._rows:
+            self.cache.release(self._rows.popitem(last=False)[1].row)
+            row = self.cache.admit(request.need)
+        if row is None:
+            return None
+        state = self._rows[id(request)] = _Row(row)
+        return state
+
+
+def check_draft(target: Path, target_manifest: mf.Manifest, draft: Path, draft_manifest: mf.Manifest) -> None:
+    """Refuse a draft export that cannot propose for the target with the target's adapters: another
+    base model (fingerprint), another dtype, or another tokenizer."""
+    if draft_manifest.fingerprint != target_manifest.fingerprint:
+        raise InputError(f"the draft export {draft} is of another base model (fingerprint "
+                         f"{draft_manifest.fingerprint[:19]}, the target's {target_manifest.fingerprint[:19]}): "
+                         "a draft must be an export of the same model (e.g. --quantize int8), so that the "
+                         "target's adapters fit it")
+    if draft_manifest.dtype != target_manifest.dtype:
+        raise InputError(f"the draft export {draft} computes in {draft_manifest.dtype}, the target in "
+                         f"{target_manifest.dtype}; export the draft with --dtype {target_manifest.dtype}")
+    if _tokenizer(draft) != _tokenizer(target):
+        raise InputError(f"the draft export {draft} has another tokenizer than {target}: its token ids would not "
+                         "be the target's")
+
+
+def parse_method(value: str | None) -> tuple[str | None, Path | None]:
+    """A command line's `--speculative` (prompt-lookup, or draft:EXPORT_DIR) as the Engine's method
+    and draft folder."""
+    if value is None or value == "prompt-lookup":
+        return value, None
+    if value.startswith("draft:") and len(value) > len("draft:"):
+        return "draft", Path(value[len("draft:"):])
+    raise InputError(f"--speculative takes prompt-lookup or draft:EXPORT_DIR, got {value!r}")
+
+
+def _tokenizer(folder: Path) -> Any:
+    """An export's tokenizer.json, parsed (so that formatting does not count)."""
+    path = folder / "tokenizer.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
 
 
 def _identity(request: RowRequest) -> str:

@@ -64,12 +64,15 @@ def _pointer(value: Any) -> int:
 
 class OnnxRuntimeBackend:
     """Runs `model.onnx` of an export folder with one ONNX Runtime provider: `cpu`, or on an NVIDIA
-    GPU `cuda` or `tensorrt` (onnxruntime-gpu; `device="cuda"` is the same as `provider="cuda"`)."""
+    GPU `cuda` or `tensorrt` (onnxruntime-gpu; `device="cuda"` is the same as `provider="cuda"`).
+    `spinning=False` makes idle pool threads sleep at once: for sessions that take turns in one
+    process (a draft export's and its target's), which otherwise steal each other's cores."""
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, manifest: mf.Manifest, provider: str | None = None,
-                 device: str | None = None, threads: int | None = None, device_id: int = 0) -> None:
+                 device: str | None = None, threads: int | None = None, device_id: int = 0,
+                 spinning: bool = True) -> None:
         provider = provider or device or "cpu"
         if provider not in PROVIDERS:
             raise PrefixportError(f"provider {provider!r} is not supported by this backend; "
@@ -92,6 +95,8 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if provider != "cpu":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
