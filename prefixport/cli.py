@@ -128,9 +128,10 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--stop", "stop", multiple=True, help="A stop string (repeatable); cut from the output.")
 @click.option("--adapter", "adapter", default=None, metavar="NAME_OR_PATH",
               help="An adapter bundle: a file, or a NAME under OUTDIR/adapters/.")
-@click.option("--speculative", type=click.Choice(["prompt-lookup"]), default=None,
-              help="Speculative decoding (greedy): propose tokens by n-gram lookup in the prompt and the output, "
-                   "verify several per pass over the weights; the same tokens.")
+@click.option("--speculative", default=None, metavar="prompt-lookup|draft:EXPORT_DIR",
+              help="Speculative decoding: propose tokens by n-gram lookup in the prompt and the output, or with a "
+                   "draft export of the same model (e.g. --quantize int8), and verify several per pass over the "
+                   "weights; greedy output is the same, sampled output has the same distribution.")
 @_errors
 @_backend_flags
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,
@@ -139,11 +140,13 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
     """Generate text from PROMPT with the export in OUTDIR, streamed as it is produced."""
     from .adapters import resolve_adapter
     from .runtime import Engine
+    from .runtime.speculative import parse_method
 
     progress = Progress(_echo_err)
     backend, options = settings.load_kwargs()
+    speculative, draft = parse_method(speculative)
     with progress.stage(f"loading {outdir} ({backend})"):
-        engine = Engine.load(outdir, backend=backend, **options)
+        engine = Engine.load(outdir, backend=backend, draft=draft, **options)
         if adapter:
             engine.add_adapter(adapter, resolve_adapter(outdir, adapter))
     if chat is None and (adapter is None or engine.store.prompt_format(adapter) is None):
@@ -156,8 +159,8 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
         sys.stdout.flush()
     click.echo()
     r = stream.result
-    spec = engine.stats()["speculative"]
-    accepted = f", {spec['mean_accepted']:.2f} proposed tokens accepted per pass" if speculative else ""
+    spec = engine.stats()["speculative"].get(speculative or "")
+    accepted = f", {spec['mean_accepted']:.2f} proposed tokens accepted per pass" if spec else ""
     _echo_err(f"[{len(r.token_ids)} tokens, {r.finish_reason}; prefill {r.timings['prefill_s'] * 1000:.0f} ms "
               f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s{accepted}]")
 
@@ -216,6 +219,12 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
               help="Most MB of prompt prefixes' keys and values kept for reuse by adapter (LRU); 0 turns "
                    "the prompt cache off.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--speculative", default=None, metavar="prompt-lookup|draft:EXPORT_DIR",
+              help="Speculative decoding for every request while the batch is small (see --speculate-max-batch): "
+                   "n-gram lookup, or a draft export of the same model (e.g. --quantize int8).")
+@click.option("--speculate-max-batch", type=click.IntRange(min=1), default=None,
+              help="Speculate while at most this many requests decode (default: the measured break-even, "
+                   "docs/serving.md).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run as a Ray Serve deployment (serve.multiplexed adapters) instead of one process.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
@@ -226,11 +235,15 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
           adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
-          use_ray: bool, replicas: int, max_adapters: int, settings: BackendSettings) -> None:
+          speculative: str | None, speculate_max_batch: int | None, use_ray: bool, replicas: int, max_adapters: int,
+          settings: BackendSettings) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
     from .runtime.kv_cache import CacheSettings
+    from .runtime.speculative import parse_method
+
+    method, draft = parse_method(speculative)
 
     cache = CacheSettings(max_rows=max_batch, max_context=max_context, budget_mb=kv_cache_mb)
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
@@ -239,10 +252,14 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     if use_ray:
         from .server.ray_serve import run_ray
 
+        if speculate_max_batch is not None:
+            raise click.UsageError("--speculate-max-batch is not passed to Ray replicas yet; they speculate at the "
+                                   "default batch size")
+
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
                 max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache,
-                prompt_cache_bytes=prompt_cache_bytes)
+                prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
         return
     import uvicorn
 
@@ -251,10 +268,10 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
 
     backend, options = settings.load_kwargs()
     engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache,
-                         prompt_cache_bytes=prompt_cache_bytes, **options)
+                         prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
-                     api_key=api_key)
+                     api_key=api_key, speculative=method, speculate_rows=speculate_max_batch)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
               f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch}, "

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Event:
     """What one step produced for one request: new text (maybe empty: text that could still become
-    a stop string is held back), its token and, when asked for, the token's logprobs; the last
-    event carries the result or the error."""
+    a stop string is held back), its tokens (one; several where the server speculates) and, when
+    asked for, their logprobs; the last event carries the result or the error."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -113,16 +113,24 @@ class Ticket:
             except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
                 pass
 
-    def _token(self, token: int, now: float) -> None:
-        self.token_times.append(now)
-        delta = self._text.push(token)
-        if self._text.stopped or self.cancelled:
-            self.request.done = True
-        logprobs = self.request.logprobs[-1:] if self.request.top_logprobs is not None else []
-        if self.request.done:
-            self._finish(delta, [token], now, logprobs)
+    def _tokens(self, now: float) -> None:
+        """Send what the row gained this step: a token, or several after a verified speculation (a
+        stop string or a cancel among them drops the later ones)."""
+        request, delta, tokens = self.request, "", []
+        for i in range(request.yielded, len(request.tokens)):
+            tokens.append(request.tokens[i])
+            self.token_times.append(now)
+            delta += self._text.push(tokens[-1])
+            request.yielded = i + 1
+            if self._text.stopped or self.cancelled:
+                request.truncate(i + 1)
+                request.done = True
+                break
+        logprobs = request.logprobs[len(request.logprobs) - len(tokens):] if request.top_logprobs is not None else []
+        if request.done:
+            self._finish(delta, tokens, now, logprobs)
         else:
-            self._put(Event(delta, [token], logprobs))
+            self._put(Event(delta, tokens, logprobs))
 
     def _finish(self, delta: str = "", tokens: Sequence[int] = (), now: float | None = None,
                 logprobs: Sequence[TokenLogprob] = ()) -> None:
@@ -149,12 +157,15 @@ class Scheduler:
     `prefill_budget` prompt tokens to compute (the prompt cache's are free; at least one request),
     so a burst of arrivals delays the running rows by a bounded amount per step instead of
     stalling them until all are prefilled.
+    With `speculative` (a method of `Engine.prepare`), every request speculates while at most
+    `speculate_rows` rows decode; above that the batch decodes normally.
     `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
     stops the thread and fails what is still queued or running.
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, prefill_budget: int = 512, max_waiting: int | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None, speculative: str | None = None,
+                 speculate_rows: int | None = None) -> None:
         if max_batch < 1:
             raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
         if engine.max_batch is not None and max_batch > engine.max_batch:
@@ -165,6 +176,9 @@ class Scheduler:
         if prefill_budget < 1:
             raise PrefixportError(f"prefill_budget must be >= 1 token, got {prefill_budget}")
         self.engine, self.max_batch, self.prefill_budget, self.on_step = engine, max_batch, prefill_budget, on_step
+        engine.proposer(speculative)  # refuses an unknown method, or "draft" without a draft export
+        self.speculative = speculative
+        self.speculate_rows = engine.speculate_rows if speculate_rows is None else speculate_rows
         self.max_waiting = max_waiting  # None: unbounded
         self._waiting: deque[Ticket] = deque()
         self._cond = threading.Condition()
@@ -189,9 +203,10 @@ class Scheduler:
         """Queue a request (keywords as `Engine.generate`); raises at once if it is invalid."""
         from .engine import RowText
 
-        if kwargs.get("speculative"):
-            raise InputError("speculative decoding runs in direct Engine calls; the scheduler does not speculate")
-        request = self.engine.prepare(prompt, adapter=adapter, **kwargs)
+        if kwargs.pop("speculative", None) is not None:
+            raise InputError("speculative decoding is set per scheduler (Scheduler(speculative=...), prefixport serve "
+                             "--speculative), not per request")
+        request = self.engine.prepare(prompt, adapter=adapter, speculative=self.speculative, **kwargs)
         ticket = Ticket(request, RowText(self.engine.tokenizer, stop), adapter)
         with self._cond:
             if self._closed:
@@ -224,7 +239,7 @@ class Scheduler:
     def _new_batch(self) -> DecodeBatch:
         m = self.engine.manifest
         return DecodeBatch(self.engine.backend, self.cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0,
-                           self.engine.prompt_cache)
+                           self.engine.prompt_cache, self.speculate_rows)
 
     def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
         """Wait for work; prefill newcomers into the batch. False once closed."""
@@ -288,7 +303,7 @@ class Scheduler:
             if row.error is not None:  # this row alone failed (its grammar)
                 tickets[id(row)]._fail(row.error)
             else:
-                tickets[id(row)]._token(row.tokens[-1], now)
+                tickets[id(row)]._tokens(now)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(rows))

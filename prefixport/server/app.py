@@ -123,13 +123,15 @@ class Server:
 
     def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
                  max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
-                 max_waiting: int | None = 256, max_choices: int = 64) -> None:
+                 max_waiting: int | None = 256, max_choices: int = 64, speculative: str | None = None,
+                 speculate_rows: int | None = None) -> None:
         self.engine, self.api_key, self.max_choices = engine, api_key, max_choices
         self.model_name = model_name or default_model_name(engine)
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting,
-                                   on_step=self.metrics.batch_size.observe)
+                                   on_step=self.metrics.batch_size.observe, speculative=speculative,
+                                   speculate_rows=speculate_rows)
         self.metrics.watch(engine, self.scheduler)
         self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
         self.created = int(time.time())
@@ -380,12 +382,15 @@ def _sse(obj: dict[str, Any]) -> str:
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
                max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
                max_waiting: int | None = 256, max_choices: int = 64, max_body_bytes: int = 4 << 20,
-               register_adapters: bool = True) -> FastAPI:
+               register_adapters: bool = True, speculative: str | None = None,
+               speculate_rows: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
     registered now, named after its file; `api_key` makes /v1/* require `Authorization: Bearer KEY`;
-    `max_batch`, `prefill_budget` and `max_waiting` (more: 503) go to the `Scheduler`; a request asks
-    for at most `max_choices` completions (prompts x n) and its body is at most `max_body_bytes` (413)."""
-    server = Server(engine, model_name, adapters_dir, max_batch, api_key, prefill_budget, max_waiting, max_choices)
+    `max_batch`, `prefill_budget`, `max_waiting` (more: 503), `speculative` and `speculate_rows` go
+    to the `Scheduler`; a request asks for at most `max_choices` completions (prompts x n) and its
+    body is at most `max_body_bytes` (413)."""
+    server = Server(engine, model_name, adapters_dir, max_batch, api_key, prefill_budget, max_waiting, max_choices,
+                    speculative, speculate_rows)
     if register_adapters:
         server.register_folder()
 

@@ -46,6 +46,8 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily("prefixport_kv_cache_budget_bytes", "the KV cache budget (per cache)",
                                     kv["budget_bytes_each"])
         yield from _prompt_cache(stats["prompt_cache"])
+        if self.scheduler.speculative is not None:
+            yield from _speculative(stats["speculative"][self.scheduler.speculative])
         cache = self.scheduler.cache.stats()
         yield GaugeMetricFamily("prefixport_kv_cache_rows", "rows of the serving KV cache", cache["rows"])
         yield GaugeMetricFamily("prefixport_kv_cache_capacity", "slots per row of the serving KV cache",
@@ -72,6 +74,15 @@ def _prompt_cache(stats: dict | None) -> Iterator:
                         ("cached_token_rate", "share of prompt tokens served from the cache"),
                         ("blocks", "blocks held"), ("bytes", "bytes held"), ("budget_bytes", "the byte budget")):
         yield GaugeMetricFamily(f"prefixport_prompt_cache_{name}", help_, stats[name])
+
+
+def _speculative(stats: dict) -> Iterator:
+    """The server's proposer: verification passes, tokens proposed and accepted."""
+    for name, help_ in (("passes", "speculative verification passes"), ("proposed", "tokens proposed"),
+                        ("accepted", "proposed tokens accepted")):
+        yield CounterMetricFamily(f"prefixport_speculative_{name}", help_, stats[name])
+    yield GaugeMetricFamily("prefixport_speculative_acceptance_rate", "share of proposed tokens accepted",
+                            stats["acceptance_rate"])
 
 
 class Metrics:

@@ -42,6 +42,7 @@ from ..errors import AdapterError
 from ..runtime import BackendSettings, CacheSettings, Engine
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
 from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from ..runtime.speculative import parse_method
 from .app import ApiError, Job, Server, as_api_error, check_api_key, check_supported, invalid_body
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest
 
@@ -117,11 +118,14 @@ class AdapterReplica:
     def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
                  max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8,
                  adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings(),
-                 cache: CacheSettings = CacheSettings(), prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> None:
+                 cache: CacheSettings = CacheSettings(), prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 speculative: str | None = None) -> None:
         backend, options = settings.load_kwargs()
+        method, draft = parse_method(speculative)
         self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, cache=cache,
-                                  prompt_cache_bytes=prompt_cache_bytes, **options)
-        self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget)
+                                  prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
+        self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget,
+                             speculative=method)
         self.max_adapters = max_adapters
         self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
 
@@ -349,7 +353,7 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
               max_adapters: int = 8, adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
               replica_gpus: float = 0, settings: BackendSettings = BackendSettings(),
               cache: CacheSettings = CacheSettings(),
-              prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> serve.Application:
+              prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, speculative: str | None = None) -> serve.Application:
     """The Serve application: `replicas` x `AdapterReplica` behind one `OpenAIIngress`.
 
     Paths must exist on every node that runs a replica (shared storage, or the same path on each).
@@ -358,8 +362,10 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
     `max_adapters` is the multiplex LRU size per replica; `max_batch` and `prefill_budget` go to
     each replica's `Scheduler`; `settings` chooses the backend (checked when it was made, so a bad
     combination is refused here, not in each replica); `cache` bounds each replica's KV cache and
-    `prompt_cache_bytes` its prompt cache.
+    `prompt_cache_bytes` its prompt cache; `speculative` (prompt-lookup, draft:EXPORT_DIR) makes
+    each replica's scheduler speculate.
     """
+    parse_method(speculative)  # refused here, not in each replica
     if settings.uses_gpu:
         replica_gpus = replica_gpus or 1
     outdir = Path(outdir).resolve()
@@ -372,7 +378,7 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
         max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
            max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
-           prompt_cache_bytes=prompt_cache_bytes)
+           prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
         replica, api_key=api_key)
 
@@ -401,6 +407,7 @@ class AppArgs(BaseModel):
     kv_cache_mb: float | None = DEFAULT_BUDGET_MB
     max_context: int | None = None
     prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_BYTES / 2**20
+    speculative: str | None = None
 
 
 def app_builder(args: AppArgs) -> serve.Application:
@@ -420,7 +427,7 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
             model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
             adapter_budget_bytes: int | None = None, block: bool = True,
             settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings(),
-            prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> DeploymentHandle:
+            prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, speculative: str | None = None) -> DeploymentHandle:
     """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
     HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
 
@@ -434,7 +441,7 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
                     api_key=api_key, replicas=replicas, max_adapters=max_adapters,
                     adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
-                    prompt_cache_bytes=prompt_cache_bytes)
+                    prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     if not block:
         return handle
