@@ -23,6 +23,27 @@ def default_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_quantized(default_export, tmp_path_factory):
+    """kind ("int8", "int4") -> (folder, MatMuls quantised): the default export with quantised
+    weights (built once per kind; a draft for speculative decoding, and tests/test_quantize.py)."""
+    import shutil
+
+    from prefixport import manifest as mf
+    from prefixport.exporter import optimize
+
+    built: dict[str, tuple[Path, int]] = {}
+
+    def get(kind: str) -> tuple[Path, int]:
+        if kind not in built:
+            folder = tmp_path_factory.mktemp(kind) / "export"
+            shutil.copytree(default_export, folder)
+            built[kind] = folder, optimize.quantize(folder / mf.MODEL_NAME, kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def default_hf():
     """The default model and tokenizer as transformers loads them (the reference)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,12 +17,12 @@ LOGITS_ATOL = 5e-4  # as for the base model (tests/test_default_model.py)
 
 
 @pytest.fixture(scope="module")
-def setup(default_export, default_hf, tmp_path_factory):
+def setup(default_export, default_hf, default_quantized, tmp_path_factory):
     model, tok = default_hf
     work = tmp_path_factory.mktemp("peft-default")
     for variant in ph.VARIANTS:
         ph.train(model, variant, tok, work / variant, steps=3, lr=0.01)
-    engine = Engine.load(default_export)
+    engine = Engine.load(default_export, draft=default_quantized("int8")[0])  # int8 weights: a draft
     yield model, engine, work
     engine.close()
 
@@ -45,6 +45,9 @@ def test_default_model_equals_peft(setup, variant, bake):
                                    ph.peft_logits(reference, ids, task), atol=LOGITS_ATOL, rtol=0)
         ours = engine.generate(ids, adapter=name, max_new_tokens=32, stop_token_ids=[]).token_ids
         assert ours == ph.peft_greedy(reference, ids, 32, task)
+        for method in ("prompt-lookup", "draft") if prompt == PROMPTS[0] else ():  # speculative: the same tokens
+            assert engine.generate(ids, adapter=name, max_new_tokens=32, stop_token_ids=[],
+                                   speculative=method).token_ids == ours, method
 
 
 def test_default_model_mixed_batch_rows_equal_rows_alone(setup):

@@ -4,7 +4,6 @@ and adapters still running on them; the export option's wiring on a tiny model."
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from click.testing import CliRunner
 from prefixport import manifest as mf
 from prefixport.adapters import convert_checkpoint
 from prefixport.cli import main
-from prefixport.exporter import optimize
 from prefixport.runtime import Engine
 from prefixport.runtime.agreement import PROMPTS, agreement
 
@@ -32,12 +30,8 @@ MAX_SIZE = {"int8": 0.55, "int4": 0.45}  # model.onnx size relative to float32
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
-def quantized(request, default_export, tmp_path_factory):
-    kind = request.param
-    folder = tmp_path_factory.mktemp(kind) / "export"
-    shutil.copytree(default_export, folder)
-    matmuls = optimize.quantize(folder / mf.MODEL_NAME, kind)
-    return kind, folder, matmuls
+def quantized(request, default_quantized):
+    return request.param, *default_quantized(request.param)
 
 
 @pytest.mark.slow

@@ -1,14 +1,19 @@
-"""Speculative decoding by prompt lookup: the same greedy tokens as plain decoding, in fewer passes."""
+"""Speculative decoding by prompt lookup and by a draft export: the same greedy tokens as plain
+decoding (sampled tokens of the same distribution), in fewer passes."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from prefixport import manifest as mf
 from prefixport.errors import InputError
+from prefixport.exporter import optimize
 from prefixport.runtime import Engine, Scheduler
-from prefixport.runtime.speculative import PromptLookup
+from prefixport.runtime.speculative import PromptLookup, parse_method
 
 from .conftest import ADAPTER_VARIANTS
 
@@ -18,25 +23,39 @@ PROMPTS = ["one two three four one two three four one two three", "The quick bro
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_export, tiny_adapters):
-    engine = Engine.load(tiny_export("llama"), prompt_cache_bytes=0)
+def int8_draft(tiny_export, tmp_path_factory) -> Path:
+    """The tiny llama export with int8 weights: a draft of the same base model."""
+    folder = tmp_path_factory.mktemp("draft") / "int8"
+    shutil.copytree(tiny_export("llama"), folder)
+    optimize.quantize(folder / mf.MODEL_NAME, "int8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export, tiny_adapters, int8_draft):
+    engine = Engine.load(tiny_export("llama"), prompt_cache_bytes=0, draft=int8_draft)
     for name in ADAPTER_VARIANTS:
         engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
     yield engine
     engine.close()
 
 
+def passes(engine, method):
+    return engine.stats()["speculative"][method]["passes"]
+
+
+@pytest.mark.parametrize("method", ["prompt-lookup", "draft"])
 @pytest.mark.parametrize("adapter", [None, *ADAPTER_VARIANTS])
-def test_greedy_tokens_equal_plain_decoding(engine, adapter):
-    before = engine.stats()["speculative"]["passes"]
+def test_greedy_tokens_equal_plain_decoding(engine, adapter, method):
+    before = passes(engine, method)
     for prompt in PROMPTS:
         plain = engine.generate(prompt, adapter=adapter, max_new_tokens=40, stop_token_ids=[], logprobs=2)
         spec = engine.generate(prompt, adapter=adapter, max_new_tokens=40, stop_token_ids=[], logprobs=2,
-                               speculative="prompt-lookup")
+                               speculative=method)
         assert spec.token_ids == plain.token_ids
         assert [lp.token for lp in spec.logprobs] == spec.token_ids
         assert spec.finish_reason == plain.finish_reason == "length"
-    assert engine.stats()["speculative"]["passes"] > before  # it did verify proposals
+    assert passes(engine, method) > before  # it did verify proposals
 
 
 def test_stops_and_limits_cut_an_accepted_run(engine):
@@ -68,14 +87,107 @@ def test_structured_and_batched_requests(engine):
                                            for p in PROMPTS]
 
 
-def test_sampled_rows_decode_normally_and_bad_values_are_refused(engine):
-    a = engine.generate(PROMPTS[0], max_new_tokens=20, temperature=0.8, seed=3, speculative="prompt-lookup")
-    b = engine.generate(PROMPTS[0], max_new_tokens=20, temperature=0.8, seed=3)
-    assert a.token_ids == b.token_ids
-    with pytest.raises(InputError, match="speculative"):
-        engine.generate(PROMPTS[0], speculative="draft")
-    with Scheduler(engine) as scheduler, pytest.raises(InputError, match="scheduler"):
+@pytest.mark.parametrize("method", ["prompt-lookup", "draft"])
+def test_sampled_rows_give_their_seeds_tokens(engine, method):
+    """A sampled row chooses each token as without speculation (one draw per token from its
+    generator) and keeps proposals while they equal its choice: accepted with probability p(x),
+    else a draw from p without x, the rejection-sampling rule for a one-token draft. So a seed
+    gives the tokens it gives without speculation."""
+    before = passes(engine, method)
+    for seed in range(3):
+        kwargs = {"max_new_tokens": 20, "temperature": 0.8, "top_k": 40, "seed": seed, "stop_token_ids": []}
+        assert (engine.generate(PROMPTS[0], speculative=method, **kwargs).token_ids
+                == engine.generate(PROMPTS[0], **kwargs).token_ids)
+    assert passes(engine, method) > before
+
+
+def test_bad_methods_and_drafts_are_refused(engine, tiny_export, tmp_path):
+    with pytest.raises(InputError, match="speculative must be one of"):
+        engine.generate(PROMPTS[0], speculative="medusa")
+    plain = Engine.load(tiny_export("llama"))
+    with pytest.raises(InputError, match="needs a draft export"):
+        plain.generate(PROMPTS[0], speculative="draft")
+    plain.close()
+    with pytest.raises(InputError, match="another base model"):  # a smaller model is not a draft for our adapters
+        Engine.load(tiny_export("llama"), draft=tiny_export("qwen2"))
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(engine.folder, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens' ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InputError, match="another tokenizer"):
+        Engine.load(tiny_export("llama"), draft=other)
+    with pytest.raises(InputError, match="draft:EXPORT_DIR"):
+        parse_method("draft")
+    with Scheduler(engine) as scheduler, pytest.raises(InputError, match="per scheduler"):
         scheduler.submit(PROMPTS[0], speculative="prompt-lookup")
+
+
+@pytest.mark.parametrize("method", ["prompt-lookup", "draft"])
+def test_the_scheduler_speculates_while_the_batch_is_small(engine, method):
+    """Every request of a speculating scheduler gives its plain tokens: alone (speculating), in a
+    batch of two (each row alone, speculating), above `speculate_rows` (decoding normally); a stop
+    string inside an accepted run ends it there, streamed events carry several tokens."""
+    want = [engine.generate(p, max_new_tokens=24, stop_token_ids=[]) for p in PROMPTS]
+    with Scheduler(engine, speculative=method, speculate_rows=2) as scheduler:
+        before = passes(engine, method)
+        ticket = scheduler.submit(PROMPTS[0], max_new_tokens=24, stop_token_ids=[])
+        events = list(ticket.events())
+        assert [t for e in events for t in e.token_ids] == want[0].token_ids
+        assert passes(engine, method) > before
+        for group in (PROMPTS[:2], PROMPTS):
+            tickets = [scheduler.submit(p, max_new_tokens=24, stop_token_ids=[]) for p in group]
+            assert [t.result().token_ids for t in tickets] == [w.token_ids for w in want[: len(group)]]
+        ids = want[2].token_ids
+        stop = engine.tokenizer.decode(ids[5:8])
+        cut = engine.generate(PROMPTS[2], max_new_tokens=24, stop_token_ids=[], stop=[stop])
+        got = scheduler.submit(PROMPTS[2], max_new_tokens=24, stop_token_ids=[], stop=[stop]).result()
+        assert (got.token_ids, got.text, got.finish_reason) == (cut.token_ids, cut.text, cut.finish_reason)
+
+
+def test_a_speculating_server_streams_the_plain_tokens(engine, tiny_export, int8_draft, tmp_path):
+    """`create_app(speculative="draft")` over real HTTP: streamed chunks (several tokens each
+    where proposals were kept) join to the plain text, with a stop string; /metrics counts passes."""
+    import httpx
+
+    from prefixport.server import create_app
+
+    from .helpers import running
+
+    served = Engine.load(tiny_export("llama"), draft=int8_draft)
+    app = create_app(served, model_name="tiny", adapters_dir=tmp_path, speculative="draft")
+    want = engine.generate(PROMPTS[1], max_new_tokens=24, chat=False)
+    stop = engine.tokenizer.decode(want.token_ids[9:12])
+    cut = engine.generate(PROMPTS[1], max_new_tokens=24, chat=False, stop=[stop])
+    with running(app) as url:
+        body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "stream": True}
+        for extra, expected in (({}, want.text), ({"stop": [stop]}, cut.text)):
+            with httpx.stream("POST", url + "/v1/completions", json={**body, **extra}) as r:
+                lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+            text = "".join(json.loads(ln)["choices"][0]["text"] for ln in lines if json.loads(ln)["choices"])
+            assert text == expected
+        metrics = httpx.get(url + "/metrics").text
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("prefixport_speculative_passes_total"))
+    assert float(line.split()[-1]) > 0
+    served.close()
+
+
+def test_cli_generate_speculates(engine, tiny_export, int8_draft):
+    from click.testing import CliRunner
+
+    from prefixport.cli import main
+
+    want = engine.generate(PROMPTS[2], max_new_tokens=16, chat=False).text
+    for method in ("prompt-lookup", f"draft:{int8_draft}"):
+        r = CliRunner().invoke(main, ["generate", str(tiny_export("llama")), PROMPTS[2], "--raw",
+                                      "--max-new-tokens", "16", "--speculative", method])
+        assert r.exit_code == 0, r.output
+        assert r.stdout.rstrip("\n") == want
+        assert "accepted per pass" in r.stderr
+    r = CliRunner().invoke(main, ["generate", str(tiny_export("llama")), "hi", "--speculative", "medusa"])
+    assert r.exit_code != 0 and "prompt-lookup or draft:EXPORT_DIR" in r.output
 
 
 def test_lookup_proposes_from_the_prompt_the_output_and_the_adapters_history():
@@ -96,7 +208,8 @@ def test_lookup_proposes_from_the_prompt_the_output_and_the_adapters_history():
 @pytest.mark.slow
 def test_the_default_model_gives_the_same_tokens(default_export, tmp_path):
     """The real default model with the demo's PEFT soft prompt and prefix, and none: extraction
-    prompts (where lookup pays) and free text, 48 greedy tokens each."""
+    prompts (where lookup pays), 48 greedy tokens each. (Every PEFT adapter type, with both
+    methods: tests/test_adapters_default.py.)"""
     from prefixport.adapters import convert_checkpoint
 
     demo = Path(__file__).parent.parent / "demo" / "adapters"
@@ -104,13 +217,12 @@ def test_the_default_model_gives_the_same_tokens(default_export, tmp_path):
     for name in ("json-prompt", "date-prefix"):
         convert_checkpoint(demo / name, default_export, name=name, out=tmp_path / f"{name}.safetensors")
         engine.add_adapter(name, tmp_path / f"{name}.safetensors")
-    prompts = ["Text: Maya is 27 and lives in Lima.\nJSON:", "Date: 4 August 2008\nISO:", "def fibonacci(n):",
-               "Text: Omar Haddad, 45, moved to Oslo.\nJSON:"]
+    prompts = ["Text: Maya is 27 and lives in Lima.\nJSON:", "Date: 4 August 2008\nISO:"]
     for adapter in (None, "json-prompt", "date-prefix"):
         for prompt in prompts:
             plain = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[])
             spec = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[],
                                    speculative="prompt-lookup")
             assert spec.token_ids == plain.token_ids, (adapter, prompt)
-    assert engine.stats()["speculative"]["accepted"] > 0
+    assert engine.stats()["speculative"]["prompt-lookup"]["accepted"] > 0
     engine.close()
