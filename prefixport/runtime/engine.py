@@ -376,7 +376,7 @@ class Engine:
         if speculative == "draft" and self.draft is None:
             raise InputError('speculative="draft" needs a draft export: Engine.load(..., draft=EXPORT_DIR) '
                              "(prefixport generate --speculative draft:EXPORT_DIR)")
-        return self.prompt_lookup if speculative == "prompt-lookup" else self.draft
+        return {None: None, "prompt-lookup": self.prompt_lookup, "draft": self.draft}[speculative]
 
     def score(self, prompt: str | Sequence[int], continuation: str | Sequence[int] | None = None, *,
               adapter: str | None = None, top_logprobs: int = 0) -> Score:
