@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefixport import manifest as mf
-from prefixport.errors import InputError
+from prefixport.errors import InputError, PrefixportError
 from prefixport.exporter import optimize
 from prefixport.runtime import Engine, Scheduler
 from prefixport.runtime.speculative import PromptLookup, parse_method
@@ -124,6 +124,8 @@ def test_bad_methods_and_drafts_are_refused(engine, tiny_export, tmp_path):
         Engine.load(tiny_export("llama"), draft=other)
     with pytest.raises(InputError, match="draft:EXPORT_DIR"):
         parse_method("draft")
+    with pytest.raises(PrefixportError, match="spinning must be one of"):
+        Engine.load(tiny_export("llama"), spinning="sometimes")
     with Scheduler(engine) as scheduler, pytest.raises(InputError, match="per scheduler"):
         scheduler.submit(PROMPTS[0], speculative="prompt-lookup")
 

@@ -194,8 +194,8 @@ class Engine:
             draft = Path(draft)
             draft_manifest = mf.Manifest.load(draft)
             check_draft(folder, manifest, draft, draft_manifest)
-            if backend == "onnxruntime":  # two sessions taking turns: no spinning threads (docs/runtime.md)
-                options = {**options, "spinning": False}
+            if backend == "onnxruntime":  # two sessions taking turns: threads spin during runs only (design.md)
+                options = {**options, "spinning": "run"}
             proposer = DraftModel(load_backend(backend, draft, draft_manifest, **options))
         return cls(folder, manifest, tokenizer, load_backend(backend, folder, manifest, **options),
                    generation_config, adapter_budget_bytes, cache, prompt_cache_bytes, proposer)

@@ -58,6 +58,9 @@ def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, limits: Any,
     }
 
 
+SPINNING = ("on", "run", "off")  # pool threads: spin always, during a run only, never
+
+
 def _pointer(value: Any) -> int:
     return value.ctypes.data if isinstance(value, np.ndarray) else value.ptr
 
@@ -65,14 +68,15 @@ def _pointer(value: Any) -> int:
 class OnnxRuntimeBackend:
     """Runs `model.onnx` of an export folder with one ONNX Runtime provider: `cpu`, or on an NVIDIA
     GPU `cuda` or `tensorrt` (onnxruntime-gpu; `device="cuda"` is the same as `provider="cuda"`).
-    `spinning=False` makes idle pool threads sleep at once: for sessions that take turns in one
-    process (a draft export's and its target's), which otherwise steal each other's cores."""
+    `spinning` is ONNX Runtime's: "on" (its default: pool threads spin between and after runs),
+    "run" (they spin during a run and sleep once it returns: for sessions that take turns in one
+    process, a draft export's and its target's, which otherwise steal each other's cores) or "off"."""
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, manifest: mf.Manifest, provider: str | None = None,
                  device: str | None = None, threads: int | None = None, device_id: int = 0,
-                 spinning: bool = True) -> None:
+                 spinning: str = "on") -> None:
         provider = provider or device or "cpu"
         if provider not in PROVIDERS:
             raise PrefixportError(f"provider {provider!r} is not supported by this backend; "
@@ -95,8 +99,12 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        if not spinning:
+        if spinning not in SPINNING:
+            raise PrefixportError(f"spinning must be one of {', '.join(SPINNING)}, got {spinning!r}")
+        if spinning == "off":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif spinning == "run":
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         providers: list[Any] = ["CPUExecutionProvider"]
         if provider != "cpu":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
