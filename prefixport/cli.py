@@ -131,7 +131,7 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @click.option("--speculative", default=None, metavar="prompt-lookup|draft:EXPORT_DIR",
               help="Speculative decoding: propose tokens by n-gram lookup in the prompt and the output, or with a "
                    "draft export of the same model (e.g. --quantize int8), and verify several per pass over the "
-                   "weights; greedy output is the same, sampled output has the same distribution.")
+                   "weights; the output does not change (greedy, or sampled with the same seed).")
 @_errors
 @_backend_flags
 def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, temperature: float,

@@ -124,7 +124,7 @@ class DraftModel(Counters):
             if state is None:
                 return []
             feed, cache = request.feed, self.cache
-            keep = _common(state.fed, seq)
+            keep = min(_common(state.fed, seq), len(seq) - 1)  # at least the last token runs: its logits
             if keep == 0 and feed is not None and feed.past is not None:  # a fresh row: the prefix first
                 cache.write(state.row, feed.past)
             soft = keep == 0 and feed is not None and feed.prompt_embeds is not None
