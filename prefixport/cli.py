@@ -82,9 +82,11 @@ def main() -> None:
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse attention (GroupQueryAttention), RMSNorm and rotary into ONNX Runtime's ops. "
                    "--no-optimize keeps plain ONNX ops only (for runtimes without ONNX Runtime's contrib ops).")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
-              help="Weight-only quantisation of the MatMul weights (MatMulNBits, block 32); the export "
-                   "reports greedy agreement with the float graph.")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "int4-rtn"]), default=None,
+              help="Weight-only quantisation of the MatMul weights (MatMulNBits, block 32): int8 rounds to "
+                   "nearest; int4 keeps the weights' own 4-bit blocks (exact for the default model's GGUF); "
+                   "int4-rtn rounds to nearest (faster, less faithful). The export reports greedy agreement "
+                   "with the float graph.")
 @_errors
 def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
            optimize: bool, quantize: str | None) -> None:

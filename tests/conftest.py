@@ -24,8 +24,9 @@ def default_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_quantized(default_export, tmp_path_factory):
-    """kind ("int8", "int4") -> (folder, MatMuls quantised): the default export with quantised
-    weights (built once per kind; a draft for speculative decoding, and tests/test_quantize.py)."""
+    """recipe ("int8", "int4", as `--quantize`) -> (folder, MatMuls quantised): the default export
+    with quantised weights (built once per recipe; a draft for speculative decoding, and
+    tests/test_quantize.py)."""
     import shutil
 
     from prefixport import manifest as mf
@@ -37,7 +38,8 @@ def default_quantized(default_export, tmp_path_factory):
         if kind not in built:
             folder = tmp_path_factory.mktemp(kind) / "export"
             shutil.copytree(default_export, folder)
-            built[kind] = folder, optimize.quantize(folder / mf.MODEL_NAME, kind)
+            bits, algorithm = optimize.RECIPES[kind]
+            built[kind] = folder, optimize.quantize(folder / mf.MODEL_NAME, bits, algorithm=algorithm)
         return built[kind]
 
     return get

@@ -106,8 +106,8 @@ def export_model(
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
 
     `optimize` fuses attention, normalisation and rotary into ONNX Runtime's contrib ops
-    (`optimize.py`); `quantize` ("int8" | "int4") then makes the weight MatMuls MatMulNBits and
-    measures greedy agreement with the float graph.
+    (`optimize.py`); `quantize` (a name of `optimize.RECIPES`: "int8", "int4", "int4-rtn") then
+    makes the weight MatMuls MatMulNBits and measures greedy agreement with the float graph.
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -117,8 +117,8 @@ def export_model(
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    if quantize is not None and quantize not in opt.QUANTIZATIONS:
-        raise ExportError(f"quantization {quantize!r} is not supported; choose one of {', '.join(opt.QUANTIZATIONS)}")
+    if quantize is not None and quantize not in opt.RECIPES:
+        raise ExportError(f"quantization {quantize!r} is not supported; choose one of {', '.join(opt.RECIPES)}")
     if quantize and dtype != "float32":
         raise ExportError("weight-only quantization starts from float32 weights; drop --dtype or --quantize")
     if opset < MIN_OPSET:
@@ -179,7 +179,7 @@ def _no_space(e: BaseException | None) -> bool:
     return False
 
 
-def _quantize(folder: Path, manifest: mf.Manifest, kind: str):
+def _quantize(folder: Path, manifest: mf.Manifest, recipe: str):
     """Quantise folder's graph in place; record the method and its greedy agreement with the
     float graph (held in memory meanwhile) in the manifest."""
     import numpy as np
@@ -189,13 +189,15 @@ def _quantize(folder: Path, manifest: mf.Manifest, kind: str):
     from ..runtime.backends import load_backend
 
     reference = Engine.load(folder)
-    matmuls = opt.quantize(folder / mf.MODEL_NAME, kind)
+    kind, algorithm = opt.RECIPES[recipe]
+    matmuls = opt.quantize(folder / mf.MODEL_NAME, kind, algorithm=algorithm)
     candidate = load_backend("onnxruntime", folder, manifest)
     prompts = [reference.encode(p, chat=True) for p in PROMPTS]
     result = agreement(reference.backend, candidate, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
                        np.dtype(manifest.dtype))
-    manifest.quantization = {"method": "MatMulNBits", "bits": opt.QUANTIZATIONS[kind],
-                             "block_size": opt.QUANT_BLOCK_SIZE, "symmetric": True, "matmuls": matmuls,
+    manifest.quantization = {"method": "MatMulNBits", "recipe": recipe, "algorithm": algorithm,
+                             "bits": opt.QUANTIZATIONS[kind], "block_size": opt.QUANT_BLOCK_SIZE,
+                             "symmetric": algorithm == "rtn", "matmuls": matmuls,
                              "agreement_with_float": result.to_dict()}
     manifest.save(folder)
     return result

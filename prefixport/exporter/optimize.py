@@ -21,7 +21,11 @@ from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normaliza
 from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
+from . import blocks
+
 QUANTIZATIONS = {"int8": 8, "int4": 4}
+# --quantize NAME -> (kind, algorithm): measured in benchmarks/quant_variants.py (docs/export.md)
+RECIPES = {"int8": ("int8", "rtn"), "int4": ("int4", "blocks"), "int4-rtn": ("int4", "rtn")}
 QUANT_BLOCK_SIZE = 32
 
 
@@ -185,17 +189,23 @@ def _fused_counts(model: ir.Model) -> dict[str, int]:
 def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accuracy_level: int = 4,
              lm_head: bool = True, algorithm: str = "rtn") -> int:
     """Weight-only quantisation of the constant-weight MatMuls into MatMulNBits, activations kept
-    in float; returns how many MatMuls were quantised. The exporter's choice (measured in
-    benchmarks/quant_variants.py): round-to-nearest ("rtn"), symmetric, per-block scales, int8
-    dot products (accuracy_level 4), the tied lm_head included. "asym" and "hqq" (ONNX Runtime's
-    HQQ) are the alternatives measured there. MatMuls sharing an input are packed first (see
-    `pack_matmuls`)."""
+    in float; returns how many MatMuls were quantised. Algorithms (measured in
+    benchmarks/quant_variants.py): "rtn", round-to-nearest, symmetric, per-block scales (int8's
+    choice); "blocks", the weights' own Q4_1/Q8_0 blocks, exact for the default model
+    (`blocks.py`; int4's choice; each weight keeps the bits of its blocks, whatever `kind`);
+    "asym" and "hqq" (ONNX Runtime's HQQ). Int8 dot products (accuracy_level 4),
+    the tied lm_head included. MatMuls sharing an input are packed first (see `pack_matmuls`)."""
     import onnx
 
     graph_ir = ir.load(path)
     pack_matmuls(graph_ir.graph)
     if lm_head:
         _untie_transposed_weights(graph_ir.graph)
+    if algorithm == "blocks":
+        four, eight = blocks.quantize(graph_ir.graph, accuracy_level)
+        graph_ir.opset_imports.setdefault("com.microsoft", 1)
+        ir.save(graph_ir, path)
+        return four + eight
     model = ir.to_proto(graph_ir)  # the quantiser takes a ModelProto: converted in memory, not re-read
     quantizer_class = _quantizer_class()
     if algorithm == "hqq":
