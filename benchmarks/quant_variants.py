@@ -1,9 +1,10 @@
 """Why `--quantize` is what it is: weight-only variants of one float export, each judged by greedy
 agreement with the float graph and by batch-1 decode speed, side by side in one run.
 
-Variants: round-to-nearest symmetric int8/int4 with int8 dot products (accuracy_level 4, the
-exporter's choice), the same with float dot products (accuracy_level 1), without quantising the
-tied lm_head, asymmetric int4, and HQQ int4 (ONNX Runtime's quantiser offers all of them).
+Variants: round-to-nearest symmetric int8/int4 with int8 dot products (accuracy_level 4; int8's
+recipe), the same with float dot products (accuracy_level 1), without quantising the tied lm_head,
+asymmetric int4, HQQ int4 (ONNX Runtime's quantiser offers all of them), and the weights' own
+GGUF blocks (`exporter/blocks.py`, int4's recipe) at accuracy levels 4 and 1.
 
     python benchmarks/quant_variants.py EXPORT_DIR [--out benchmarks/results/quant_variants.json]
 """
@@ -28,10 +29,12 @@ from prefixport.runtime.agreement import PROMPTS, agreement
 
 # name -> (kind, accuracy_level, quantise lm_head, algorithm)
 VARIANTS = {
-    "int8 sym, level 4, lm_head (exporter)": ("int8", 4, True, "rtn"),
+    "int8 sym, level 4, lm_head (--quantize int8)": ("int8", 4, True, "rtn"),
     "int8 sym, level 4, float lm_head": ("int8", 4, False, "rtn"),
     "int8 sym, level 1": ("int8", 1, False, "rtn"),
-    "int4 sym, level 4, lm_head (exporter)": ("int4", 4, True, "rtn"),
+    "int4 GGUF blocks (Q4_1, lm_head Q8_0), level 4 (--quantize int4)": ("int4", 4, True, "blocks"),
+    "int4 GGUF blocks, level 1": ("int4", 1, True, "blocks"),
+    "int4 sym, level 4, lm_head (--quantize int4-rtn)": ("int4", 4, True, "rtn"),
     "int4 sym, level 4, float lm_head": ("int4", 4, False, "rtn"),
     "int4 asym, level 4": ("int4", 4, False, "asym"),
     "int4 HQQ": ("int4", 4, False, "hqq"),
