@@ -434,9 +434,9 @@ class Engine:
         repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
         strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
         fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar),
-        speculative ("prompt-lookup", or "draft" with a draft export loaded: a row decoding alone
-        verifies proposed tokens several per pass; greedy rows give the same tokens, sampled rows
-        tokens of the same distribution).
+        speculative ("prompt-lookup", or "draft" with a draft export loaded: while at most
+        `speculate_rows` rows decode, each verifies proposed tokens several per pass; greedy rows
+        give the same tokens, sampled rows the tokens their seed gives).
         """
         stream = self.stream(prompt, **kwargs)
         for _ in stream:
