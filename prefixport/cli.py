@@ -87,16 +87,19 @@ def main() -> None:
                    "nearest; int4 keeps the weights' own 4-bit blocks (exact for the default model's GGUF); "
                    "int4-rtn rounds to nearest (faster, less faithful). The export reports greedy agreement "
                    "with the float graph.")
+@click.option("--check-adapter", "check_adapters", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="With --quantize: also report (and record in the manifest) greedy agreement with the float "
+                   "graph through this adapter bundle, converted for the same base model. Repeatable.")
 @_errors
 def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
-           optimize: bool, quantize: str | None) -> None:
+           optimize: bool, quantize: str | None, check_adapters: tuple[str, ...]) -> None:
     """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
     from .exporter import export_model
 
     progress = Progress(_echo_err)
     report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset, verify_graph=not no_verify,
                           overwrite=overwrite, optimize=optimize, quantize=quantize,
-                          progress=progress)
+                          check_adapters=check_adapters, progress=progress)
     m = report.manifest
     click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
     click.echo(f"  time: {progress.elapsed():.1f}s ("
@@ -113,6 +116,8 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
         click.echo("  fused: " + ", ".join(f"{n} x{k}" for n, k in m.fused_ops.items()))
     if report.agreement is not None:
         click.echo(f"  {quantize} weights vs float: {report.agreement.summary()}")
+    for name, agreement in report.adapter_agreement.items():
+        click.echo(f"    through adapter {name}: {agreement.summary()}")
 
 
 @main.command()

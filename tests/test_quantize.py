@@ -64,9 +64,11 @@ def test_adapters_run_on_quantized_graph(quantized, tmp_path):
 
 
 def test_blocks_compute_q4_1_and_q8_0_weights_exactly():
-    """A weight made of Q4_1 blocks (w = d q + m) and one of Q8_0 blocks (w = d q) become
-    MatMulNBits (4-bit plus the minimums' term, and 8-bit) computing the same products: ONNX
-    Runtime with float activations (accuracy_level 1) against numpy."""
+    """A weight made of Q4_1 blocks (w = d q + m, d and m float16 as in a GGUF) and a tied
+    embedding of Q8_0 blocks (w = d q, read by a Gather and a MatMul) become MatMulNBits (4-bit
+    plus the minimums' term, and 8-bit) and a GatherBlockQuantized computing the same values, with
+    d and m stored as float16 and the table once: ONNX Runtime with float activations
+    (accuracy_level 1) against numpy. A weight whose d does not fit float16 keeps float32."""
     import onnx_ir as ir
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -74,44 +76,77 @@ def test_blocks_compute_q4_1_and_q8_0_weights_exactly():
     from prefixport.exporter import blocks
 
     rng = np.random.default_rng(0)
-    k, n = 96, 40
+    k, n, vocab = 96, 40, 48
+
+    def half(*shape: int, low: float, high: float) -> np.ndarray:  # values a float16 holds
+        return rng.uniform(low, high, shape).astype(np.float16).astype(np.float32)
+
     q4 = rng.integers(0, 16, (k // 32, 32, n))
     q4[:, 0], q4[:, 1] = 0, 15  # each block reaches both ends, as Q4_1 quantisation makes it
-    w4 = (q4 * rng.uniform(0.01, 0.1, (k // 32, 1, n)) + rng.uniform(-1, 0, (k // 32, 1, n))).reshape(k, n)
-    q8 = rng.integers(-127, 128, (k // 32, 32, n))
+    w4 = (q4 * half(k // 32, 1, n, low=0.01, high=0.1) + half(k // 32, 1, n, low=-1, high=0)).reshape(k, n)
+    w4_wide = (q4 * rng.uniform(0.01, 0.1, (k // 32, 1, n)) + rng.uniform(-1, 0, (k // 32, 1, n))).reshape(k, n)
+    q8 = rng.integers(-127, 128, (k // 32, 32, vocab))
     q8[:, 0] = 127
-    w8 = (q8 * rng.uniform(0.001, 0.01, (k // 32, 1, n))).reshape(k, n)
-    w4, w8 = w4.astype(np.float32), w8.astype(np.float32)
+    w8 = (q8 * half(k // 32, 1, vocab, low=0.001, high=0.01)).reshape(k, vocab)
+    w4, w4_wide, w8 = w4.astype(np.float32), w4_wide.astype(np.float32), w8.astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w4"], ["y4"], name="a"), helper.make_node("MatMul", ["x", "w8"], ["y8"], name="b")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 3, n]) for y in ("y4", "y8")],
-        [numpy_helper.from_array(w4, "w4"), numpy_helper.from_array(w8, "w8")])
+        [helper.make_node("MatMul", ["x", "w4"], ["y4"], name="a"),
+         helper.make_node("MatMul", ["x", "w4_wide"], ["y4_wide"], name="b"),
+         helper.make_node("Gather", ["table", "ids"], ["e"], name="embedding"),
+         helper.make_node("MatMul", ["x", "w8"], ["y8"], name="lm_head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y4", "y4_wide", "e", "y8")],
+        [numpy_helper.from_array(a, name) for a, name in
+         ((w4, "w4"), (w4_wide, "w4_wide"), (w8, "w8"), (np.ascontiguousarray(w8.T), "table"))])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    assert blocks.quantize(model.graph, accuracy_level=1) == (1, 1)
+    assert blocks.quantize(model.graph, accuracy_level=1) == (2, 1)
+    stored = {name: v.const_value.dtype for name, v in model.graph.initializers.items()}
+    assert "table" not in stored and not any(v.op_type == "Gather" for v in model.graph)
+    assert stored["a.scales"] == stored["a.minimums"] == stored["lm_head.scales"] == ir.DataType.FLOAT16
+    assert stored["b.scales"] == ir.DataType.FLOAT  # float16 would round its d
     model.opset_imports["com.microsoft"] = 1
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
-    y4, y8 = session.run(None, {"x": x})
+    ids = rng.integers(0, vocab, (2, 3))
+    y4, y4_wide, e, y8 = session.run(None, {"x": x, "ids": ids})
     np.testing.assert_allclose(y4, x @ w4, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(y4_wide, x @ w4_wide, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(e, w8.T[ids])
     np.testing.assert_allclose(y8, x @ w8, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("recipe,bits,algorithm", [("int8", 8, "rtn"), ("int4", 4, "blocks")])
-def test_export_quantize_option_records_agreement(tiny_model, tmp_path, recipe, bits, algorithm):
-    """(The tiny model's random weights are not Q4_1 blocks: "blocks" rounds them min-max.)"""
+def test_export_quantize_option_records_agreement(tiny_model, tiny_adapters, tmp_path, recipe, bits, algorithm):
+    """Plain and through adapters (a prompt and a prefix bundle converted for the float export).
+    (The tiny model's random weights are not Q4_1 blocks: "blocks" rounds them min-max.)"""
     out = tmp_path / "q"
-    result = CliRunner().invoke(main, ["export", str(out), "--model", str(tiny_model("llama")), "--quantize", recipe])
+    bundles = [tiny_adapters("llama") / f"{name}.safetensors" for name in ("prompt", "prefix")]
+    result = CliRunner().invoke(main, ["export", str(out), "--model", str(tiny_model("llama")), "--quantize", recipe,
+                                       *[a for b in bundles for a in ("--check-adapter", str(b))]])
     assert result.exit_code == 0, result.output
     assert f"{recipe} weights vs float: top-1 agreement" in result.output
+    for name in ("prompt", "prefix"):
+        assert f"through adapter {name}: top-1 agreement" in result.output
     m = json.loads((out / mf.MANIFEST_NAME).read_text())
     q = m["quantization"]
     assert (q["method"], q["recipe"], q["algorithm"], q["bits"], q["block_size"], q["symmetric"]) == (
         "MatMulNBits", recipe, algorithm, bits, 32, algorithm == "rtn")
-    a = q["agreement_with_float"]
-    assert a["prompts"] == len(PROMPTS) and a["tokens"] == 32 and 0.0 <= a["top1"] <= 1.0
+    for a in (q["agreement_with_float"], *q["adapter_agreement_with_float"].values()):
+        assert a["prompts"] == len(PROMPTS) and a["tokens"] == 32 and 0.0 <= a["top1"] <= 1.0
+    assert sorted(q["adapter_agreement_with_float"]) == ["prefix", "prompt"]
     assert m["fused_ops"]["GroupQueryAttention"] == 2
-    Engine.load(out).generate("hello", max_new_tokens=4)
+    engine = Engine.load(out)
+    engine.add_adapter("prefix", bundles[1])  # bundles converted for the float export fit the quantised one
+    engine.generate("hello", max_new_tokens=4, adapter="prefix")
+
+
+def test_adapter_agreement_is_complete_for_the_same_graph(llama_engine):
+    """An engine against itself through an adapter: every token agrees, every text is identical."""
+    from prefixport.runtime.agreement import adapter_agreement
+
+    result = adapter_agreement(llama_engine, llama_engine, "prefix", PROMPTS[:2], 8)
+    assert (result.top1, result.identical, result.prompts) == (1.0, 2, 2)
 
 
 def test_quantize_refuses_float16_and_unknown_kinds(tiny_model, tmp_path):
@@ -120,3 +155,8 @@ def test_quantize_refuses_float16_and_unknown_kinds(tiny_model, tmp_path):
         result = CliRunner().invoke(main, ["export", str(tmp_path / "x"), "--model", str(tiny_model("llama")), *args])
         assert result.exit_code != 0 and message in result.output
         assert not (tmp_path / "x").exists()
+    bundle = tmp_path / "a.safetensors"
+    bundle.write_bytes(b"")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "x"), "--model", str(tiny_model("llama")),
+                                       "--check-adapter", str(bundle)])
+    assert result.exit_code != 0 and "add --quantize" in result.output

@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .. import manifest as mf
 from ..errors import ExportError
@@ -33,6 +33,7 @@ class ExportReport:
     verification: list[CaseResult] = field(default_factory=list)
     tolerance: float = 0.0
     agreement: Any = None  # runtime.agreement.Agreement of a quantised graph with the float one
+    adapter_agreement: dict[str, Any] = field(default_factory=dict)  # adapter name -> its Agreement
 
 
 def fingerprint(model: Any) -> str:
@@ -101,13 +102,15 @@ def export_model(
     overwrite: bool = False,
     optimize: bool = True,
     quantize: str | None = None,
+    check_adapters: Sequence[str | Path] = (),
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
 
     `optimize` fuses attention, normalisation and rotary into ONNX Runtime's contrib ops
     (`optimize.py`); `quantize` (a name of `optimize.RECIPES`: "int8", "int4", "int4-rtn") then
-    makes the weight MatMuls MatMulNBits and measures greedy agreement with the float graph.
+    makes the weight MatMuls MatMulNBits and measures greedy agreement with the float graph,
+    plain and through each bundle of `check_adapters` (converted for this base model).
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -121,6 +124,11 @@ def export_model(
         raise ExportError(f"quantization {quantize!r} is not supported; choose one of {', '.join(opt.RECIPES)}")
     if quantize and dtype != "float32":
         raise ExportError("weight-only quantization starts from float32 weights; drop --dtype or --quantize")
+    if check_adapters and not quantize:
+        raise ExportError("adapters are checked against a quantised graph: add --quantize")
+    missing = [str(p) for p in check_adapters if not Path(p).is_file()]
+    if missing:
+        raise ExportError(f"no adapter bundle at {', '.join(missing)}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; the exporter writes opset {MIN_OPSET} or newer")
     progress = progress or Progress()
@@ -151,10 +159,10 @@ def export_model(
         if verify_graph:
             with progress.stage("verifying against PyTorch"):
                 results = verify(tmp, module, manifest)
-        agreement = None
+        agreement, adapters = None, {}
         if quantize:
             with progress.stage(f"quantizing weights to {quantize}"):
-                agreement = _quantize(tmp, manifest, quantize)
+                agreement, adapters = _quantize(tmp, manifest, quantize, [Path(p) for p in check_adapters])
         if outdir.exists():
             shutil.rmtree(outdir) if any(outdir.iterdir()) else outdir.rmdir()
         tmp.rename(outdir)
@@ -167,7 +175,8 @@ def export_model(
                               "left behind; free some space or choose another folder") from e
         raise
     sizes = {p.name: p.stat().st_size for p in sorted(outdir.iterdir()) if p.is_file()}
-    return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype], agreement)
+    return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype], agreement,
+                        adapters)
 
 
 def _no_space(e: BaseException | None) -> bool:
@@ -179,25 +188,36 @@ def _no_space(e: BaseException | None) -> bool:
     return False
 
 
-def _quantize(folder: Path, manifest: mf.Manifest, recipe: str):
+def _quantize(folder: Path, manifest: mf.Manifest, recipe: str, adapters: list[Path]):
     """Quantise folder's graph in place; record the method and its greedy agreement with the
-    float graph (held in memory meanwhile) in the manifest."""
+    float graph (held in memory meanwhile) in the manifest, plain and through each adapter
+    (checked against the float export first, so a bundle of another model fails early).
+    Returns the plain Agreement and {adapter name: Agreement}."""
     import numpy as np
 
     from ..runtime import Engine
-    from ..runtime.agreement import PROMPTS, agreement
-    from ..runtime.backends import load_backend
+    from ..runtime.agreement import PROMPTS, adapter_agreement, agreement
 
     reference = Engine.load(folder)
+    names = [path.stem for path in adapters]
+    if len(set(names)) < len(names):
+        raise ExportError(f"adapter bundles need different file names: {', '.join(names)}")
+    for name, path in zip(names, adapters):
+        reference.add_adapter(name, path)
     kind, algorithm = opt.RECIPES[recipe]
     matmuls = opt.quantize(folder / mf.MODEL_NAME, kind, algorithm=algorithm)
-    candidate = load_backend("onnxruntime", folder, manifest)
+    candidate = Engine.load(folder)
     prompts = [reference.encode(p, chat=True) for p in PROMPTS]
-    result = agreement(reference.backend, candidate, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
+    result = agreement(reference.backend, candidate.backend, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
                        np.dtype(manifest.dtype))
+    by_adapter = {}
+    for name, path in zip(names, adapters):
+        candidate.add_adapter(name, path)
+        by_adapter[name] = adapter_agreement(reference, candidate, name, PROMPTS, AGREEMENT_TOKENS)
     manifest.quantization = {"method": "MatMulNBits", "recipe": recipe, "algorithm": algorithm,
                              "bits": opt.QUANTIZATIONS[kind], "block_size": opt.QUANT_BLOCK_SIZE,
                              "symmetric": algorithm == "rtn", "matmuls": matmuls,
-                             "agreement_with_float": result.to_dict()}
+                             "agreement_with_float": result.to_dict(),
+                             "adapter_agreement_with_float": {n: a.to_dict() for n, a in by_adapter.items()}}
     manifest.save(folder)
-    return result
+    return result, by_adapter

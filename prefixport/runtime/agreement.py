@@ -1,7 +1,7 @@
 """How far one graph strays from another on real prompts: greedy-token agreement.
 
 Used to judge a quantised export against the float one it came from (`prefixport export
---quantize`), and by the tests. Two measures over the same prompts:
+--quantize`, with and without adapters), and by the tests. Two measures over the same prompts:
 
 - teacher-forced top-1 agreement: the reference's greedy continuation is fed to the candidate,
   and at each position the candidate's argmax is compared with the reference token (every
@@ -12,7 +12,7 @@ Used to judge a quantised export against the float one it came from (`prefixport
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -72,3 +72,22 @@ def agreement(reference: Backend, candidate: Backend, prompts: Sequence[list[int
         free = _greedy(candidate, ids, tokens, hidden, dtype)
         firsts.append(next((i for i, (a, b) in enumerate(zip(ref, free)) if a != b), None))
     return Agreement(len(prompts), tokens, matches / (len(prompts) * tokens), firsts)
+
+
+def adapter_agreement(reference: Any, candidate: Any, adapter: str, prompts: Sequence[str],
+                      tokens: int) -> Agreement:
+    """`agreement` through an adapter registered under `adapter` on both Engines: the prompts in
+    the adapter's prompt format; the candidate is teacher-forced by scoring the reference's
+    greedy continuation (which may end early, at a stop token) in one pass."""
+    matches = total = 0
+    firsts: list[int | None] = []
+    for prompt in prompts:
+        ids = reference.encode(prompt, adapter=adapter)
+        ref = reference.generate(ids, adapter=adapter, max_new_tokens=tokens).token_ids
+        scored = candidate.score(ids, ref, adapter=adapter).logprobs[len(ids):]
+        matches += sum(lp.top[0][0] == lp.token for lp in scored)
+        total += len(ref)
+        free = candidate.generate(ids, adapter=adapter, max_new_tokens=tokens).token_ids
+        firsts.append(next((i for i, (a, b) in enumerate(zip(ref, free)) if a != b),
+                           None if len(ref) == len(free) else min(len(ref), len(free))))
+    return Agreement(len(prompts), tokens, matches / max(total, 1), firsts)
