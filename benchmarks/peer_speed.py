@@ -176,6 +176,11 @@ def genai_side(folder: Path, threads: int) -> Side:
     return run
 
 
+def folder_mb(folder: Path) -> float:
+    """MB on disk of a folder's graph and weights (model.onnx and any external data)."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")) / 1e6
+
+
 def genai_graph(folder: Path) -> dict[str, Any]:
     """Op-type counts of a genai model.onnx and the session options in its genai_config.json."""
     import onnx
@@ -286,6 +291,7 @@ def main() -> None:
     eos = set(first.eos_token_ids)
     sides: dict[str, Side] = {f"prefixport {p}": prefixport_side(e) for p, e in engines.items()}
     precision_of = {f"prefixport {p}": p for p in engines}
+    model_mb = {f"prefixport {p}": folder_mb(Path(folder)) for p, folder in exports.items()}
 
     genai: dict[str, Any] = {}
     for precision in args.genai_precision:
@@ -293,6 +299,7 @@ def main() -> None:
         genai[precision] = {"folder": _rel(folder), "builder": f"python -m onnxruntime_genai.models.builder {flags}",
                             **genai_graph(folder), "intra_op_num_threads_overlay": args.threads or None}
         sides[f"onnxruntime-genai {precision}"] = genai_side(folder, args.threads)
+        model_mb[f"onnxruntime-genai {precision}"] = folder_mb(folder)
         precision_of[f"onnxruntime-genai {precision}"] = precision
 
     if not args.no_torch:
@@ -367,7 +374,7 @@ def main() -> None:
         "prompt_tokens": {case: [len(r) for r in rows] for case, rows in inputs.items()}, "prompts": PROMPTS,
         "slowdown_short_to_long_context": slowdown,
         "decode_tokens_per_s": "batch * (new_tokens - 1) / (last token time - first token time)",
-        "results": results, "genai": genai, "threads": threads, "machine": versions,
+        "results": results, "model_mb": model_mb, "genai": genai, "threads": threads, "machine": versions,
         "seconds": time.perf_counter() - began,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -396,6 +403,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {batch} | {t['p50']:.1f} | {t['min']:.1f}-{t['max']:.1f} | "
                          f"{1000 * r['ttft_s']['p50']:.0f} | {r['ratio_vs']} | {r['ratio']:.2f}x | "
                          f"{r['same_tokens_as_ratio_ref'] or '-'} |")
+    sizes = result.get("model_mb") or {}
+    if sizes:
+        lines += ["", "Model on disk (graph and weights, tokenizer apart): "
+                  + ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items())]
     slow = result.get("slowdown_short_to_long_context")
     if slow:
         lines += ["", f"Decode slowdown from {slow['from']} to {slow['to']}: "

@@ -6,7 +6,11 @@ recipe), the same with float dot products (accuracy_level 1), without quantising
 asymmetric int4, HQQ int4 (ONNX Runtime's quantiser offers all of them), and the weights' own
 GGUF blocks (`exporter/blocks.py`, int4's recipe) at accuracy levels 4 and 1.
 
-    python benchmarks/quant_variants.py EXPORT_DIR [--out benchmarks/results/quant_variants.json]
+With --adapter NAME=BUNDLE (repeatable), each variant is also judged through that adapter
+(converted for the float export: bundles fit every variant), teacher-forced on the same prompts.
+
+    python benchmarks/quant_variants.py EXPORT_DIR [--adapter json=demo.safetensors ...]
+        [--out benchmarks/results/quant_variants.json]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from prefixport import manifest as mf
 from prefixport.bench.machine import describe
 from prefixport.exporter import optimize
 from prefixport.runtime import Engine
-from prefixport.runtime.agreement import PROMPTS, agreement
+from prefixport.runtime.agreement import PROMPTS, adapter_agreement, agreement
 
 # name -> (kind, accuracy_level, quantise lm_head, algorithm)
 VARIANTS = {
@@ -56,9 +60,14 @@ def main() -> None:
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=BUNDLE",
+                        help="also measure agreement through this adapter bundle (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_variants.json")
     args = parser.parse_args()
     reference = Engine.load(args.export_dir)
+    adapters = dict(item.split("=", 1) for item in args.adapter)
+    for name, path in adapters.items():
+        reference.add_adapter(name, path)
     m = reference.manifest
     prompts = [reference.encode(p, chat=True) for p in PROMPTS]
     results: dict[str, dict] = {}
@@ -70,8 +79,13 @@ def main() -> None:
             engines[name] = Engine.load(folder)
             a = agreement(reference.backend, engines[name].backend, prompts, args.tokens, m.hidden_size,
                           np.dtype(m.dtype))
-            results[name] = {"model_mb": (folder / mf.MODEL_NAME).stat().st_size / 1e6, **a.to_dict()}
+            results[name] = {"model_mb": (folder / mf.MODEL_NAME).stat().st_size / 1e6, **a.to_dict(), "adapters": {}}
             print(f"{name}: {a.summary()}", flush=True)
+            for adapter, path in adapters.items():
+                engines[name].add_adapter(adapter, path)
+                via = adapter_agreement(reference, engines[name], adapter, PROMPTS, args.tokens)
+                results[name]["adapters"][adapter] = via.to_dict()
+                print(f"  through {adapter}: {via.summary()}", flush=True)
         results["float32"] = {"model_mb": (args.export_dir / mf.MODEL_NAME).stat().st_size / 1e6}
         speeds: dict[str, list[float]] = {name: [] for name in engines}
         ids = prompts[0]
@@ -79,14 +93,16 @@ def main() -> None:
             for name, engine in engines.items():
                 r = engine.generate(ids, max_new_tokens=64, stop_token_ids=[])
                 speeds[name].append(r.timings["decode_tokens_per_s"])
-    print("\n| variant | model MB | top-1 agreement | identical texts | decode tok/s (batch 1) |")
-    print("|---|---|---|---|---|")
+    through = "".join(f" top-1 through {a} |" for a in adapters)
+    print(f"\n| variant | model MB | top-1 agreement | identical texts |{through} decode tok/s (batch 1) |")
+    print("|---|---|---|---|" + "---|" * len(adapters) + "---|")
     for name in engines:
         r = results[name]
         r["decode_tokens_per_s"] = statistics.median(speeds[name])
         agree = f"{r['top1']:.1%}" if "top1" in r else "–"
         same = f"{r['identical']}/{r['prompts']}" if "top1" in r else "–"
-        print(f"| {name} | {r['model_mb']:.0f} | {agree} | {same} | {r['decode_tokens_per_s']:.1f} |")
+        by = "".join(f" {r['adapters'][a]['top1']:.1%} |" if "top1" in r else " – |" for a in adapters)
+        print(f"| {name} | {r['model_mb']:.0f} | {agree} | {same} |{by} {r['decode_tokens_per_s']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"export": str(args.export_dir), "machine": describe(), "results": results},
                                    indent=2) + "\n")

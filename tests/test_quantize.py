@@ -26,7 +26,7 @@ import tasks  # noqa: E402
 # Measured 93-94.5% (int8) and 94.5% (int4: the GGUF's own blocks; round-to-nearest int4 gave
 # 65.6%); docs/export.md, "Quantisation".
 MIN_TOP1 = {"int8": 0.90, "int4": 0.90}
-MAX_SIZE = {"int8": 0.55, "int4": 0.45}  # model.onnx size relative to float32
+MAX_SIZE = {"int8": 0.55, "int4": 0.20}  # model.onnx size relative to float32 (int4: 99 of 541 MB)
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
