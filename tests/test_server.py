@@ -246,6 +246,18 @@ def test_a_client_that_times_out_frees_its_row(default_export):
     engine.close()
 
 
+def test_a_request_timeout_ends_it_with_finish_reason_timeout(served, client):
+    """`timeout` (an extension, seconds): the row ends at its first token after it; others run on."""
+    slow = client.completions.create(model="prefix", prompt="Once", max_tokens=200, temperature=0,
+                                     extra_body={"ignore_eos": True, "timeout": 0.02})
+    assert slow.choices[0].finish_reason == "timeout" and slow.usage.completion_tokens < 200
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          extra_body={"ignore_eos": True, "timeout": 60})
+    assert chat.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="timeout"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"timeout": 0})
+
+
 def test_metrics_report_requests_tokens_latency_batches_adapters_memory(served, client):
     client.completions.create(model="prompt", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     text = httpx.get(served[1] + "/metrics").text

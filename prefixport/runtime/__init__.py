@@ -1,12 +1,13 @@
 """The runtime: generation from an export folder. Needs numpy, onnxruntime, tokenizers, jinja2,
 llguidance; never torch or transformers."""
 
-from .engine import Engine, GenerationResult, Score, TextStream
+from .aio import AsyncEngine, AsyncTextStream
+from .engine import Engine, FinishReason, GenerationResult, Score, TextStream
 from .kv_cache import CacheSettings
 from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 from .scheduler import Event, Scheduler, Ticket
 from .settings import BackendSettings
 
-__all__ = ["BackendSettings", "CacheSettings", "Engine", "Event", "GenerationResult", "SamplingParams", "Scheduler",
-           "Score", "TextStream", "Ticket", "TokenLogprob"]
+__all__ = ["AsyncEngine", "AsyncTextStream", "BackendSettings", "CacheSettings", "Engine", "Event", "FinishReason",
+           "GenerationResult", "SamplingParams", "Scheduler", "Score", "TextStream", "Ticket", "TokenLogprob"]

@@ -6,13 +6,15 @@ register or unregister adapters meanwhile; each request keeps the adapter it sta
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from .. import manifest as mf
 from ..adapters.bundle import Bundle, make_bundle
 from ..adapters.prompt_format import choose as choose_format
 from ..adapters.prompt_format import render as render_prompt
-from ..errors import AdapterError, ContextLengthError, InputError
+from ..errors import AdapterError, ContextLengthError, InputError, PrefixportError
 from .backends import Backend, load_backend
 from .generation import Proposer, RowRequest, generate_rows, prefill_new, score_row
 from .grammar import Grammar, GrammarVocab
@@ -34,6 +36,9 @@ from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict]
+# "stop": a stop token, stop string or finished structured document; "length": max_new_tokens;
+# "cancelled": the consumer cancelled or closed it; "timeout": its `timeout` passed
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 SPECULATIVE = (None, "prompt-lookup", "draft")  # speculative decoding methods (docs/runtime.md)
 SPECULATE_ROWS = 2  # speculate while at most this many rows decode (measured: docs/benchmarks.md, "Speculative decoding")
 
@@ -43,7 +48,7 @@ class GenerationResult:
     token_ids: list[int]  # new tokens only (a final stop token included)
     text: str  # decoded new tokens, special tokens skipped, cut before a stop string
     prompt_tokens: int
-    finish_reason: str  # "stop" (stop token or string) or "length" (max_new_tokens)
+    finish_reason: FinishReason  # see FinishReason
     adapter: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds; and decode tokens/s
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
@@ -119,18 +124,38 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
         first = None
+        request = self._request
         for _, token in self._events:
-            first = first or time.perf_counter()
+            now = time.perf_counter()
+            first = first or now
             delta = self._text.push(token)
             if self._text.stopped:
-                self._request.done = True
+                request.done = True
+            elif request.expired(now) and not request.done:
+                request.done, request.ended = True, "timeout"
             if delta:
                 yield delta
         end = time.perf_counter()
         tail = self._text.finish()
         if tail:
             yield tail
-        self.result = make_result(self._request, self._text, self._adapter, start, first or end, end)
+        self.result = make_result(request, self._text, self._adapter, start, first or end, end)
+
+    def close(self) -> None:
+        """Stop generating (finish reason "cancelled"): the row leaves at once, its KV cache row
+        freed. `.result` then holds what was generated; iterating again yields nothing."""
+        if self.result is None:
+            self._request.done, self._request.ended = True, self._request.ended or "cancelled"
+            self._events.close()  # type: ignore[attr-defined]  # a generator: returns the cache now
+            end = time.perf_counter()
+            self._text.finish()
+            self.result = make_result(self._request, self._text, self._adapter, end, end, end)
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def make_result(request: RowRequest, text: RowText, adapter: str | None, start: float, first: float,
@@ -142,7 +167,7 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     stopped = text.stopped or request.completed
     return GenerationResult(
         token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
-        finish_reason="stop" if stopped else "length", adapter=adapter,
+        finish_reason=request.ended or ("stop" if stopped else "length"), adapter=adapter,  # type: ignore[arg-type]
         logprobs=list(request.logprobs) if request.top_logprobs is not None else None,
         cached_tokens=request.cached_tokens,
         timings={"prefill_s": first - start, "decode_s": decode_s,
@@ -150,8 +175,21 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     )
 
 
+def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` if every key is a generation setting (`SETTINGS`); else an InputError naming the
+    closest one (`max_tokens` -> max_new_tokens)."""
+    unknown = [k for k in settings if k not in SETTINGS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, SETTINGS, n=1, cutoff=0.5) for k in unknown}
+        raise InputError("unknown setting " + ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            + f"; the settings are: {', '.join(SETTINGS)}")
+    return settings
+
+
 class Engine:
-    """Generation from one export folder. Load with `Engine.load(folder)`."""
+    """Generation from one export folder. Load with `Engine.load(folder)`; close with `close()` or
+    a `with` block."""
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
                  generation_config: dict, adapter_budget_bytes: int | None = None,
@@ -173,6 +211,7 @@ class Engine:
         self.speculate_rows = SPECULATE_ROWS  # direct calls speculate while at most this many rows decode
         self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
         self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
+        self.closed = False
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
@@ -206,6 +245,11 @@ class Engine:
         """Register a bundle (a file, or one in memory, which stays pinned) under `name`, checked
         against this export: fingerprint, shapes, dtype, NaN/Inf. The base model is not touched.
         A replaced adapter's prompt cache entries are dropped."""
+        self._check_open()
+        if path is not None and (Path(path) / "adapter_config.json").is_file():
+            raise AdapterError(f"{path} is a PEFT checkpoint folder, not a bundle: convert it first with "
+                               f"`prefixport adapter convert {path} --export {self.folder} --name {name}` "
+                               "(or prefixport.adapters.convert_checkpoint), then add the .safetensors it writes")
         bundle = self.store.register(name, path, bundle)
         if self.prompt_cache is not None:
             self.prompt_cache.drop(name)
@@ -329,9 +373,13 @@ class Engine:
                  chat: bool | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
-                 response_format: dict | None = None, speculative: str | None = None) -> RowRequest:
+                 response_format: dict | None = None, speculative: str | None = None,
+                 timeout: float | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
+        self._check_open()
         check_top(logprobs, "logprobs")
+        if timeout is not None and not timeout > 0:
+            raise InputError(f"timeout must be > 0 seconds (or None), got {timeout!r}")
         proposer = self.proposer(speculative)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
@@ -366,8 +414,8 @@ class Engine:
                                      f"{limits.max_seq}; shorten it, or rebuild the engine with a larger --max-seq")
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
-                          grammar=grammar.matcher() if grammar is not None else None,
-                          proposer=proposer)
+                          grammar=grammar.matcher() if grammar is not None else None, proposer=proposer,
+                          deadline=None if timeout is None else time.perf_counter() + timeout)
 
     def proposer(self, speculative: str | None) -> Proposer | None:
         """The proposer of a speculative decoding method (`SPECULATIVE`); None for None."""
@@ -422,58 +470,88 @@ class Engine:
             self._return_cache(cache)
 
     def stream(self, prompt: Prompt, *, stop: Sequence[str] = (), adapter: str | None = None,
-               **kwargs) -> TextStream:
-        """Like `generate`, but iterate it for text deltas; the result is on `.result` after."""
-        request = self.prepare(prompt, adapter=adapter, **kwargs)
+               **settings: Any) -> TextStream:
+        """Like `generate`, but iterate it for text deltas; the result is on `.result` after.
+        `close()` (or leaving a `with` block) stops it early."""
+        request = self.prepare(prompt, adapter=adapter, **check_settings(settings))
         return TextStream(self.run_rows([request]), request, RowText(self.tokenizer, stop), adapter)
 
-    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+    def generate(self, prompt: Prompt, **settings: Any) -> GenerationResult:
         """Generate from one prompt; greedy by default.
 
-        Keywords: max_new_tokens (128), chat (`format_prompt`), temperature (0 = greedy), top_k, top_p, seed,
+        Settings (`SETTINGS`; another keyword is an `InputError` naming the closest): max_new_tokens
+        (128), chat (`format_prompt`: None picks the adapter's recorded format, else raw for a text
+        and the chat template for messages), temperature (0 = greedy), top_k, top_p, seed,
         repetition_penalty, stop_token_ids (default: the generation config's EOS ids), stop (stop
         strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
         fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar),
         speculative ("prompt-lookup", or "draft" with a draft export loaded: while at most
         `speculate_rows` rows decode, each verifies proposed tokens several per pass; greedy rows
-        give the same tokens, sampled rows the tokens their seed gives).
+        give the same tokens, sampled rows the tokens their seed gives), timeout (seconds: the
+        row ends at the first token after it, finish reason "timeout").
         """
-        stream = self.stream(prompt, **kwargs)
+        stream = self.stream(prompt, **settings)
         for _ in stream:
             pass
         return stream.result  # type: ignore[return-value]
 
     def generate_batch(self, prompts: Sequence[Prompt], adapters: Sequence[str | None] | None = None,
-                       **kwargs) -> list[GenerationResult]:
+                       per_row: Sequence[dict[str, Any]] | None = None, **settings: Any) -> list[GenerationResult]:
         """Generate for many prompts in one batch, each row with its own adapter (or None).
 
         Every row gives what it gives alone (greedy tokens; logits within ~1e-4 when padded).
-        Keywords as `generate`, shared by all rows.
+        `settings` as `generate`, for every row; `per_row`, one dict of settings per prompt,
+        overrides them row by row (`per_row=[{"max_new_tokens": 2}, {"max_new_tokens": 30}]`).
         """
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        rows = list(per_row) if per_row is not None else [{}] * len(prompts)
+        if len(adapters) != len(prompts) or len(rows) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(adapters)} adapters and {len(rows)} per-row settings")
         if self.max_batch is not None and len(prompts) > self.max_batch:
             raise InputError(f"{len(prompts)} prompts in one batch, but the TensorRT engine takes at most "
                              f"{self.max_batch} rows; split the batch or rebuild with a larger --max-batch")
-        stop = kwargs.pop("stop", ())
-        requests = [self.prepare(p, adapter=a, **kwargs) for p, a in zip(prompts, adapters)]
-        texts = [RowText(self.tokenizer, stop) for _ in requests]
+        merged = [check_settings({**settings, **row}) for row in rows]
+        stops = [m.pop("stop", ()) for m in merged]
+        requests = [self.prepare(p, **{"adapter": a, **m}) for p, a, m in zip(prompts, adapters, merged)]
+        texts = [RowText(self.tokenizer, stop) for stop in stops]
+        adapters = [r.get("adapter", a) for r, a in zip(merged, adapters)]
         start = time.perf_counter()
         first: list[float | None] = [None] * len(requests)
         last = [start] * len(requests)
         for i, token in self.run_rows(requests):
-            first[i] = first[i] or time.perf_counter()
+            now = time.perf_counter()
+            first[i] = first[i] or now
             texts[i].push(token)
             if texts[i].stopped:
                 requests[i].done = True
+            elif requests[i].expired(now) and not requests[i].done:
+                requests[i].done, requests[i].ended = True, "timeout"
             if requests[i].done:
-                last[i] = time.perf_counter()
+                last[i] = now
         for t in texts:
             t.finish()
         return [make_result(r, t, a, start, f or l, l) for r, t, a, f, l in zip(requests, texts, adapters, first, last)]
 
     def close(self) -> None:
+        """Free the sessions; the engine then refuses every request. Idempotent; `with
+        Engine.load(...) as engine:` closes it on leaving the block."""
+        if self.closed:
+            return
+        self.closed = True
         self.backend.close()
         if self.draft is not None:
             self.draft.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PrefixportError("this engine is closed; load the export again (Engine.load)")
+
+
+# generate's keywords: prepare's, and the stop strings the text handling applies
+SETTINGS = tuple(n for n in inspect.signature(Engine.prepare).parameters if n not in ("self", "prompt")) + ("stop",)

@@ -149,6 +149,13 @@ class RowRequest:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache
     proposer: Proposer | None = None  # speculative decoding, while the batch is small enough
     yielded: int = 0  # tokens handed to the consumer so far (generate_rows)
+    deadline: float | None = None  # time.perf_counter() after which the row ends ("timeout")
+    ended: str | None = None  # why a consumer ended the row early: "cancelled" or "timeout"
+
+    def expired(self, now: float) -> bool:
+        """Whether the row's deadline has passed while it still had tokens to make."""
+        return (self.deadline is not None and now >= self.deadline and not self.completed
+                and len(self.tokens) < self.max_new_tokens)
 
     def truncate(self, n: int) -> None:
         """Keep the first `n` tokens (a consumer stopped the row after them; later ones go)."""

@@ -63,6 +63,7 @@ class Ticket:
         self._ready: asyncio.Event | None = None
 
     def cancel(self) -> None:
+        """Make the request leave the batch at the next step (finish reason "cancelled")."""
         self.cancelled = True
 
     def events(self) -> Iterator[Event]:
@@ -75,24 +76,34 @@ class Ticket:
                 return
 
     async def aevents(self) -> AsyncIterator[Event]:
+        """`events` for asyncio. A consumer that stops early (its task cancelled, say under
+        `asyncio.wait_for`, or the iterator closed) cancels the request."""
         self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()  # from here on, `_put` wakes this loop
-        while True:
-            self._ready.clear()
-            with self._cond:
-                pending = list(self._queue)
-                self._queue.clear()
-            for event in pending:
-                yield event
-                if event.final:
-                    return
-            if not pending:
-                await self._ready.wait()
+        finished = False
+        try:
+            while True:
+                self._ready.clear()
+                with self._cond:
+                    pending = list(self._queue)
+                    self._queue.clear()
+                for event in pending:
+                    yield event
+                    if event.final:
+                        finished = True
+                        return
+                if not pending:
+                    await self._ready.wait()
+        finally:
+            if not finished:
+                self.cancel()
 
-    def result(self) -> GenerationResult:
-        """Block until done; the result, or the request's error raised. (Independent of `events`.)"""
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Block until done (at most `timeout` seconds: then `TimeoutError`, and the request goes
+        on; `cancel()` stops it); the result, or the request's error raised. (Independent of `events`.)"""
         with self._cond:
-            self._cond.wait_for(lambda: self._final is not None)
+            if not self._cond.wait_for(lambda: self._final is not None, timeout):
+                raise TimeoutError(f"no result within {timeout} s; the request goes on (Ticket.cancel() stops it)")
         final = self._final
         if final.error is not None:
             raise final.error
@@ -122,7 +133,10 @@ class Ticket:
             self.token_times.append(now)
             delta += self._text.push(tokens[-1])
             request.yielded = i + 1
-            if self._text.stopped or self.cancelled:
+            expired = request.expired(now)  # before truncating: the row may have ended on its own
+            if self._text.stopped or self.cancelled or expired:
+                if not self._text.stopped and (self.cancelled or expired):
+                    request.ended = "cancelled" if self.cancelled else "timeout"
                 request.truncate(i + 1)
                 request.done = True
                 break
@@ -140,8 +154,6 @@ class Ticket:
         delta += self._text.finish()
         first = self.token_times[0] if self.token_times else end
         result = make_result(self.request, self._text, self.adapter, self.submitted, first, end)
-        if self.cancelled:  # read once: a cancel() after this does not change what was sent
-            result.finish_reason = "cancelled"
         self.finish_reason = result.finish_reason
         self._put(Event(delta, list(tokens), list(logprobs), result=result))
 
@@ -201,12 +213,12 @@ class Scheduler:
     def submit(self, prompt: Prompt, *, adapter: str | None = None, stop: Sequence[str] = (),
                **kwargs) -> Ticket:
         """Queue a request (keywords as `Engine.generate`); raises at once if it is invalid."""
-        from .engine import RowText
+        from .engine import RowText, check_settings
 
         if kwargs.pop("speculative", None) is not None:
             raise InputError("speculative decoding is set per scheduler (Scheduler(speculative=...), prefixport serve "
                              "--speculative), not per request")
-        request = self.engine.prepare(prompt, adapter=adapter, speculative=self.speculative, **kwargs)
+        request = self.engine.prepare(prompt, adapter=adapter, speculative=self.speculative, **check_settings(kwargs))
         ticket = Ticket(request, RowText(self.engine.tokenizer, stop), adapter)
         with self._cond:
             if self._closed:
@@ -248,10 +260,12 @@ class Scheduler:
             if self._closed:
                 return False
             new, gone, budget = [], [], self.prefill_budget
+            now = time.perf_counter()
+            for ticket in [t for t in self._waiting if t.cancelled or t.request.expired(now)]:
+                self._waiting.remove(ticket)  # cancelled or out of time while queued: costs nothing
+                ticket.request.ended = "cancelled" if ticket.cancelled else "timeout"
+                gone.append(ticket)
             while self._waiting and len(batch) + len(new) < self.max_batch:
-                if self._waiting[0].cancelled:  # cancelled while queued: costs nothing
-                    gone.append(self._waiting.popleft())
-                    continue
                 cost = self._cost(self._waiting[0].request)
                 if new and cost > budget:
                     break
@@ -260,7 +274,7 @@ class Scheduler:
         for ticket in gone:
             ticket.request.done = True
             ticket._finish()
-            self.cancelled += 1
+            self.cancelled += ticket.cancelled
         joined = self._join(batch, new)
         for ticket in new[:joined]:
             if not ticket.request.done:

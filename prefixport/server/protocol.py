@@ -3,7 +3,8 @@
 Unknown fields are refused, as OpenAI does; known fields that prefixport cannot honour (tools,
 penalties, ...) are refused with a message saying so rather than silently ignored (docs/api.md).
 `top_k`, `repetition_penalty` and `ignore_eos` are extensions (vLLM's names; the openai client sends them via
-`extra_body`).
+`extra_body`), and so is `timeout` (seconds: the request ends at its first token after that,
+finish_reason "timeout").
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False  # generate max_tokens whatever the model's end-of-sequence tokens
     response_format: dict[str, Any] | None = None  # text, json_object, json_schema (docs/api.md)
+    timeout: float | None = Field(default=None, gt=0)  # seconds from arrival; finish_reason "timeout"
 
     def top_logprobs_asked(self) -> int | None:
         """Alternatives per token when logprobs are asked for (None: not asked)."""
@@ -71,7 +73,8 @@ class GenerationRequest(BaseModel):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     repetition_penalty=self.repetition_penalty,
                     seed=None if self.seed is None else self.seed + choice,
-                    stop_token_ids=[] if self.ignore_eos else None, response_format=self.response_format)
+                    stop_token_ids=[] if self.ignore_eos else None, response_format=self.response_format,
+                    timeout=self.timeout)
 
 
 class CompletionRequest(GenerationRequest):
