@@ -123,7 +123,7 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
 @main.command()
 @click.argument("outdir", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chat/--raw", default=None,
               help="Wrap PROMPT in the export's chat template, or not. Default: the adapter's prompt format "
                    "(recorded at conversion: raw, chat or a template), else chat when the export has a template.")
@@ -273,6 +273,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     from .runtime import Engine
     from .server import create_app
 
+    sock = _bind(host, port)  # before loading anything: a busy port is one clear error, nothing claimed
     backend, options = settings.load_kwargs()
     engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache,
                          prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
@@ -283,7 +284,29 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
               f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch}, "
               f"{engine.backend.name} on {engine.backend.device})")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
+        pass
+
+
+def _bind(host: str, port: int):
+    """A listening socket on host:port, or a ClickException saying why not (the port in use, say)."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closed server's port is free
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        raise click.ClickException(f"{host}:{port} {why}; choose another with --port (and --host)") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 @main.command("build-engine")

@@ -198,3 +198,47 @@ def test_a_fastapi_app_of_its_own(aengine):
         body = httpx.get(f"{url}/generate", params={"prompt": "hello", "n": 5}, timeout=30).json()
         assert body["tokens"] == 5 and body["finish_reason"] == "length"
         assert until(lambda: aengine.scheduler.cancelled == cancelled + 1 and aengine.scheduler.running == 0)
+
+
+# --- first-hour frictions (issue 20's, landed with the lifecycle work) ------------------------
+
+def test_cli_checks_options_and_the_port_before_loading(tiny_export, tiny_adapters):
+    import socket
+
+    from click.testing import CliRunner
+
+    from prefixport.cli import main
+
+    result = CliRunner().invoke(main, ["generate", str(tiny_export("llama")), "hi", "--max-new-tokens", "-1"])
+    assert result.exit_code == 2 and "--max-new-tokens" in result.output and "loading" not in result.output
+    peft = tiny_adapters("llama") / "peft" / "prompt"
+    result = CliRunner().invoke(main, ["generate", str(tiny_export("llama")), "hi", "--adapter", str(peft)])
+    assert result.exit_code == 1 and f"{peft} is a PEFT checkpoint folder" in result.output
+    assert "prefixport adapter convert" in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(tiny_export("llama")), "--port", str(port)])
+    assert result.exit_code == 1 and f"127.0.0.1:{port} is already in use" in result.output
+    assert "serving" not in result.output
+
+
+def test_context_error_names_virtual_tokens_only_with_an_adapter(llama_engine):
+    from prefixport.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError) as plain:
+        llama_engine.generate("hello", max_new_tokens=10_000)
+    with pytest.raises(ContextLengthError) as prefixed:
+        llama_engine.generate("hello", max_new_tokens=10_000, adapter="prefix")
+    assert "virtual" not in str(plain.value) and str(plain.value).startswith("the prompt (")
+    assert "the adapter's virtual tokens (" in str(prefixed.value)
+
+
+def test_malformed_json_gets_an_openai_error_naming_it(served):
+    _, url, _, _ = served
+    response = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                          headers={"content-type": "application/json"})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "invalid_json" and error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON: ") and "at character" in error["message"]

@@ -391,11 +391,12 @@ class Engine:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         feed = self.store.acquire(adapter) if adapter is not None else None
         n_virtual = feed.n_virtual if feed else 0
+        virtual = f"the adapter's virtual tokens ({n_virtual}) plus " if n_virtual else ""
         limit, limits = self.context_limit, self.backend.limits
         need, budget = n_virtual + len(ids) + max_new_tokens, self.cache_settings.budget_bytes
         if budget is not None and row_bytes(self.manifest, need) > budget:
             raise ContextLengthError(
-                f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus max_new_tokens "
+                f"{virtual}the prompt ({len(ids)} tokens) plus max_new_tokens "
                 f"({max_new_tokens}) need {row_bytes(self.manifest, need) / 2**20:.1f} MB of KV cache, over the "
                 f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
             )
@@ -405,7 +406,7 @@ class Engine:
             owner = ("model's" if limit == self.manifest.max_positions else "KV cache's" if
                      limit == self.cache_settings.max_context else "TensorRT engine's")
             raise ContextLengthError(
-                f"the adapter's virtual tokens ({n_virtual}) plus the prompt ({len(ids)} tokens) plus "
+                f"{virtual}the prompt ({len(ids)} tokens) plus "
                 f"max_new_tokens ({max_new_tokens}) exceed the {owner} context of {limit} positions; "
                 "shorten the prompt or lower max_new_tokens"
             )

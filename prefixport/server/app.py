@@ -67,6 +67,10 @@ def as_api_error(e: Exception) -> ApiError:
 def invalid_body(errors: list[dict]) -> ApiError:
     """pydantic's validation errors as one 400 error naming the first bad field."""
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is [body, character offset], not a field
+        at = first.get("loc", ("body", "?"))[-1]
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return ApiError(400, f"the request body is not valid JSON: {reason} at character {at}", code="invalid_json")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
 
