@@ -220,4 +220,6 @@ def _quantize(folder: Path, manifest: mf.Manifest, recipe: str, adapters: list[P
                              "agreement_with_float": result.to_dict(),
                              "adapter_agreement_with_float": {n: a.to_dict() for n, a in by_adapter.items()}}
     manifest.save(folder)
+    reference.close()
+    candidate.close()
     return result, by_adapter
