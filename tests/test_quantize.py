@@ -106,7 +106,12 @@ def test_blocks_compute_q4_1_and_q8_0_weights_exactly():
     assert stored["a.scales"] == stored["a.minimums"] == stored["lm_head.scales"] == ir.DataType.FLOAT16
     assert stored["b.scales"] == ir.DataType.FLOAT  # float16 would round its d
     model.opset_imports["com.microsoft"] = 1
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    proto = ir.to_proto(model)
+    made = set()  # ONNX wants nodes in topological order (the embedding comes first, its scales later)
+    for node in proto.graph.node:
+        assert all(not i or i in made or i in stored or i in ("x", "ids") for i in node.input), node.name
+        made.update(node.output)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     ids = rng.integers(0, vocab, (2, 3))
     y4, y4_wide, e, y8 = session.run(None, {"x": x, "ids": ids})

@@ -95,6 +95,7 @@ def quantize(graph: ir.Graph, accuracy_level: int = 4) -> tuple[int, int]:
             tables.append((w, *table))
         counts[eight] += 1
     _share_embeddings(graph, tables)
+    graph.sort()  # the embedding now reads scales cast beside the lm_head, at the graph's end
     for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
         del graph.initializers[name]
     return counts[0], counts[1]
