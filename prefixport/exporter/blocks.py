@@ -79,16 +79,15 @@ def quantize(graph: ir.Graph, accuracy_level: int = 4) -> tuple[int, int]:
         if w.shape[0] % BLOCK:
             continue
         q, d, m = asymmetric(w)
-        signed = q
-        eight = _error(w, q, d, m) > EXACT
-        if eight:
+        signed, error, eight = q, _error(w, q, d, m), False
+        if error > EXACT:
             q8, d8 = symmetric8(w)
-            eight = _error(w, q8, d8, None) <= EXACT
-            if eight:
-                signed, q, d, m = q8, (q8.astype(np.int16) + 128).astype(np.uint8), d8, None
+            error8 = _error(w, q8, d8, None)
+            if error8 <= EXACT:
+                signed, q, d, m, error, eight = q8, (q8.astype(np.int16) + 128).astype(np.uint8), d8, None, error8, True
         store = np.float32
         d16, m16 = _half(d), None if m is None else _half(m)
-        if _error(w, signed, d16, m16) <= max(_error(w, signed, d, m), EXACT):  # float16 loses nothing
+        if _error(w, signed, d16, m16) <= max(error, EXACT):  # float16 loses nothing
             d, m, store = d16, m16, np.float16
         table = _replace(graph, node, q, d, m, 8 if eight else 4, accuracy_level, store)
         if eight:
