@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .. import manifest as mf
-from .bundle import Bundle, load_bundle, save_bundle
+from .bundle import Bundle, load_bundle, refuse_peft_folder, save_bundle
 from .peft import convert
 from .prompt_format import PromptFormat
 
@@ -55,8 +55,6 @@ def resolve_adapter(export_dir: str | Path, name_or_path: str) -> Path:
         return candidate
     from ..errors import AdapterError
 
-    if (path / "adapter_config.json").is_file():
-        raise AdapterError(f"{path} is a PEFT checkpoint folder, not a bundle: convert it first with "
-                           f"`prefixport adapter convert {path} --export {export_dir} --name NAME`, then pass NAME")
+    refuse_peft_folder(path)
     raise AdapterError(f"adapter {name_or_path!r} is neither a file nor a bundle under {candidate.parent}; "
                        "convert one with `prefixport adapter convert`")

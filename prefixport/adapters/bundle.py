@@ -142,10 +142,19 @@ def _looks_like_pickle(path: Path) -> bool:
     return (len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0) or head == b"PK\x03\x04"
 
 
+def refuse_peft_folder(path: Path) -> None:
+    """An AdapterError saying to convert it first, where `path` is a PEFT checkpoint folder."""
+    if (path / "adapter_config.json").is_file():
+        raise AdapterError(f"{path} is a PEFT checkpoint folder, not a bundle: convert it first with "
+                           f"`prefixport adapter convert {path} --export EXPORT_DIR --name NAME` (or "
+                           "prefixport.adapters.convert_checkpoint), then use the .safetensors it writes")
+
+
 def load_bundle(path: str | Path, manifest: mf.Manifest | None = None) -> Bundle:
     """Read a bundle and check it; against `manifest` too when given (shapes, base model)."""
     path = Path(path)
     if not path.is_file():
+        refuse_peft_folder(path)
         raise AdapterError(f"{path}: no such adapter file")
     tensors, metadata = read_safetensors(
         path, " or not a bundle: convert the PEFT checkpoint again with `prefixport adapter convert`")

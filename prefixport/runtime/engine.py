@@ -126,13 +126,10 @@ class TextStream:
         first = None
         request = self._request
         for _, token in self._events:
-            now = time.perf_counter()
-            first = first or now
+            first = first or time.perf_counter()
             delta = self._text.push(token)
             if self._text.stopped:
                 request.done = True
-            elif request.expired(now) and not request.done:
-                request.done, request.ended = True, "timeout"
             if delta:
                 yield delta
         end = time.perf_counter()
@@ -164,10 +161,11 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     seconds: submitted at `start`, first token at `first`, last at `end`)."""
     ids = request.tokens
     n_decode, decode_s = max(len(ids) - 1, 0), end - first
-    stopped = text.stopped or request.completed
+    # a stop string beats a consumer's end (the text ended on its own); a cancel beats a stop id
+    reason = "stop" if text.stopped else request.ended or ("stop" if request.completed else "length")
     return GenerationResult(
         token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
-        finish_reason=request.ended or ("stop" if stopped else "length"), adapter=adapter,  # type: ignore[arg-type]
+        finish_reason=reason, adapter=adapter,  # type: ignore[arg-type]
         logprobs=list(request.logprobs) if request.top_logprobs is not None else None,
         cached_tokens=request.cached_tokens,
         timings={"prefill_s": first - start, "decode_s": decode_s,
@@ -246,10 +244,6 @@ class Engine:
         against this export: fingerprint, shapes, dtype, NaN/Inf. The base model is not touched.
         A replaced adapter's prompt cache entries are dropped."""
         self._check_open()
-        if path is not None and (Path(path) / "adapter_config.json").is_file():
-            raise AdapterError(f"{path} is a PEFT checkpoint folder, not a bundle: convert it first with "
-                               f"`prefixport adapter convert {path} --export {self.folder} --name {name}` "
-                               "(or prefixport.adapters.convert_checkpoint), then add the .safetensors it writes")
         bundle = self.store.register(name, path, bundle)
         if self.prompt_cache is not None:
             self.prompt_cache.drop(name)
@@ -512,10 +506,10 @@ class Engine:
             raise InputError(f"{len(prompts)} prompts in one batch, but the TensorRT engine takes at most "
                              f"{self.max_batch} rows; split the batch or rebuild with a larger --max-batch")
         merged = [check_settings({**settings, **row}) for row in rows]
+        adapters = [m.pop("adapter", a) for m, a in zip(merged, adapters)]
         stops = [m.pop("stop", ()) for m in merged]
-        requests = [self.prepare(p, **{"adapter": a, **m}) for p, a, m in zip(prompts, adapters, merged)]
+        requests = [self.prepare(p, adapter=a, **m) for p, a, m in zip(prompts, adapters, merged)]
         texts = [RowText(self.tokenizer, stop) for stop in stops]
-        adapters = [r.get("adapter", a) for r, a in zip(merged, adapters)]
         start = time.perf_counter()
         first: list[float | None] = [None] * len(requests)
         last = [start] * len(requests)
@@ -525,8 +519,6 @@ class Engine:
             texts[i].push(token)
             if texts[i].stopped:
                 requests[i].done = True
-            elif requests[i].expired(now) and not requests[i].done:
-                requests[i].done, requests[i].ended = True, "timeout"
             if requests[i].done:
                 last[i] = now
         for t in texts:

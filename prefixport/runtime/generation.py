@@ -9,6 +9,7 @@ row computes exactly what it computes alone.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -301,6 +302,8 @@ class DecodeBatch:
             request.logprobs += token_logprobs(logits, [token], request.top_logprobs)
         request.tokens.append(token)
         request.done = request.done or request.completed or len(request.tokens) >= request.max_new_tokens
+        if not request.done and request.expired(time.perf_counter()):  # every consumer's deadline, here once
+            request.done, request.ended = True, "timeout"
         return True
 
     def advance(self) -> None:

@@ -133,10 +133,9 @@ class Ticket:
             self.token_times.append(now)
             delta += self._text.push(tokens[-1])
             request.yielded = i + 1
-            expired = request.expired(now)  # before truncating: the row may have ended on its own
-            if self._text.stopped or self.cancelled or expired:
-                if not self._text.stopped and (self.cancelled or expired):
-                    request.ended = "cancelled" if self.cancelled else "timeout"
+            if self._text.stopped or self.cancelled:
+                if self.cancelled and not self._text.stopped:
+                    request.ended = "cancelled"
                 request.truncate(i + 1)
                 request.done = True
                 break
