@@ -69,8 +69,7 @@ def agreement(reference: Backend, candidate: Backend, prompts: Sequence[list[int
         ref = _greedy(reference, ids, tokens, hidden, dtype)
         forced = _greedy(candidate, ids, tokens, hidden, dtype, forced=ref)
         matches += sum(a == b for a, b in zip(ref, forced))
-        free = _greedy(candidate, ids, tokens, hidden, dtype)
-        firsts.append(next((i for i, (a, b) in enumerate(zip(ref, free)) if a != b), None))
+        firsts.append(_first_difference(ref, _greedy(candidate, ids, tokens, hidden, dtype)))
     return Agreement(len(prompts), tokens, matches / (len(prompts) * tokens), firsts)
 
 
@@ -88,6 +87,11 @@ def adapter_agreement(reference: Any, candidate: Any, adapter: str, prompts: Seq
         matches += sum(lp.top[0][0] == lp.token for lp in scored)
         total += len(ref)
         free = candidate.generate(ids, adapter=adapter, max_new_tokens=tokens).token_ids
-        firsts.append(next((i for i, (a, b) in enumerate(zip(ref, free)) if a != b),
-                           None if len(ref) == len(free) else min(len(ref), len(free))))
+        firsts.append(_first_difference(ref, free))
     return Agreement(len(prompts), tokens, matches / max(total, 1), firsts)
+
+
+def _first_difference(ref: Sequence[int], free: Sequence[int]) -> int | None:
+    """Index of the first token where two greedy texts part (one ending early counts); None if equal."""
+    return next((i for i, (a, b) in enumerate(zip(ref, free)) if a != b),
+                None if len(ref) == len(free) else min(len(ref), len(free)))
