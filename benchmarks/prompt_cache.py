@@ -85,7 +85,7 @@ def main() -> None:
                      "identical": pair["cache"]["tokens"] == pair["plain"]["tokens"]})
         print(f"{i:2d} {str(adapter):12s} cached {pair['cache']['cached_tokens']:5d}  TTFT "
               f"{pair['cache']['ttft_s'] * 1000:7.1f} ms vs {pair['plain']['ttft_s'] * 1000:7.1f} ms", flush=True)
-    stats = cached.stats()
+    stats = cached.stats().to_dict()
     hits = [r for r in runs if r["cache"]["cached_tokens"]]
     ttft = {"hits_cache": quantiles([r["cache"]["ttft_s"] for r in hits]),
             "hits_plain": quantiles([r["plain"]["ttft_s"] for r in hits]),
@@ -99,7 +99,7 @@ def main() -> None:
         got = [one(cached, ids, adapter, 1) for ids, adapter in requests]
         hit_ttft = [g["ttft_s"] for g in got if g["cached_tokens"]]
         sweep.append({"block_tokens": block, "hit_ttft": quantiles(hit_ttft),
-                      "cached_token_rate": cached.prompt_cache.stats()["cached_token_rate"]})
+                      "cached_token_rate": cached.prompt_cache.stats().cached_token_rate})
         print(f"block {block:4d}: hit TTFT p50 {sweep[-1]['hit_ttft']['p50'] * 1000:.1f} ms", flush=True)
 
     pc = stats["prompt_cache"]

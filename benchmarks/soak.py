@@ -970,7 +970,7 @@ def engine_phase(export: Path, budget: int | None, cycles: int, deadline: float,
         while window:
             engine.remove_adapter(window.popleft())
             counts["unregister"] += 1
-        stats = engine.stats()
+        stats = engine.stats().to_dict()
         if samples[-1]["cycle"] != done:
             samples.append({"cycle": done, "rss_mib": rss_now() / 2**20, "fds": fd_count(), "maps": maps_count(),
                             "t_s": round(wall, 2)})

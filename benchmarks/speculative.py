@@ -46,7 +46,7 @@ def side_by_side(engine: Engine, requests: list[tuple[object, str | None]], new_
     on `plain_engine` if given (an engine without a draft: its threads spin as by default; 50 ms
     between the two engines let the other's threads go idle); the proposer's counters over these
     requests."""
-    before = engine.stats()["speculative"][method]
+    before = engine.stats().speculative.method(method).to_dict()
     rows = []
     for i, (prompt, adapter) in enumerate(requests):
         got = {}
@@ -58,7 +58,7 @@ def side_by_side(engine: Engine, requests: list[tuple[object, str | None]], new_
         rows.append({"identical": got["plain"].token_ids == got[method].token_ids,
                      "tokens": len(got["plain"].token_ids),
                      "plain_s": got["plain"].timings["decode_s"], "speculative_s": got[method].timings["decode_s"]})
-    after = engine.stats()["speculative"][method]
+    after = engine.stats().speculative.method(method).to_dict()
     passes, proposed, accepted = (after[k] - before[k] for k in ("passes", "proposed", "accepted"))
     decoded = sum(r["tokens"] - 1 for r in rows)
     plain, spec = sum(r["plain_s"] for r in rows), sum(r["speculative_s"] for r in rows)

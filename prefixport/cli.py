@@ -166,8 +166,8 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
         sys.stdout.flush()
     click.echo()
     r = stream.result
-    spec = engine.stats()["speculative"].get(speculative or "")
-    accepted = f", {spec['mean_accepted']:.2f} proposed tokens accepted per pass" if spec else ""
+    spec = engine.stats().speculative.method(speculative)
+    accepted = f", {spec.mean_accepted:.2f} proposed tokens accepted per pass" if spec else ""
     _echo_err(f"[{len(r.token_ids)} tokens, {r.finish_reason}; prefill {r.timings['prefill_s'] * 1000:.0f} ms "
               f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s{accepted}]")
 

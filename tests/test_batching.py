@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -111,18 +112,22 @@ def test_eviction_under_a_small_budget_gives_the_same_results(served, tiny_expor
     engine, work = served
     expected = engine.generate_batch(PROMPTS, adapters=MIX, max_new_tokens=10, stop_token_ids=[])
     names = [a for a in MIX if a]
-    smallest = min(engine.stats()["adapters"]["adapters"][n]["bytes"] for n in names)
+    smallest = min(engine.stats().adapters.adapters[n].bytes for n in names)
     small = Engine.load(engine.folder, adapter_budget_bytes=smallest)  # room for one adapter at most
     for name in set(names):
         small.add_adapter(name, work / f"{name}.safetensors")
     for _ in range(2):
         got = small.generate_batch(PROMPTS, adapters=MIX, max_new_tokens=10, stop_token_ids=[])
         assert [r.token_ids for r in got] == [r.token_ids for r in expected]
-    stats = small.stats()["adapters"]
-    assert stats["evictions"] > 0 and stats["misses"] > 0 and stats["hits"] >= 0
-    assert stats["resident"] <= 1 + sum(a["pinned"] for a in stats["adapters"].values())
-    assert stats["resident_bytes"] <= max(smallest, max(a["bytes"] for a in stats["adapters"].values()))
-    assert {"rss_bytes", "peak_rss_bytes"} <= set(small.stats()["memory"])
+    stats = small.stats()
+    store = stats.adapters
+    assert store.evictions > 0 and store.misses > 0 and store.hits >= 0
+    assert store.resident <= 1 + sum(a.pinned for a in store.adapters.values())
+    assert store.resident_bytes <= max(smallest, max(a.bytes for a in store.adapters.values()))
+    assert {"rss_bytes", "peak_rss_bytes"} <= set(stats.memory)
+    as_json = json.loads(json.dumps(stats.to_dict()))  # the typed counters serialise as plain JSON
+    assert as_json["adapters"]["adapters"][names[0]]["bytes"] == store.adapters[names[0]].bytes
+    assert as_json["speculative"]["draft"] is None and as_json["kv_cache"]["caches"]
 
 
 def test_seeded_sampling_in_a_batch_is_reproducible(served):

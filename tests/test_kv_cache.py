@@ -108,7 +108,7 @@ def test_cache_bytes_are_the_formula(mistral):
     batch.join([mistral.prepare(p, max_new_tokens=4) for p in PROMPTS[:3]])
     held = sum(b.nbytes for b in cache.buffers)  # the numpy buffers themselves: nothing hidden
     assert held == cache.nbytes == cache.rows * cache.capacity * slot_bytes(m)
-    assert mistral.stats()["kv_cache"]["bytes"] >= 0
+    assert mistral.stats().kv_cache.bytes >= 0
 
 
 def test_capacity_grows_geometrically(mistral):
@@ -137,14 +137,14 @@ def test_generate_batch_beyond_max_rows(tiny_export):
     engine = Engine.load(tiny_export("llama"), cache=CacheSettings(max_rows=2))
     batch = engine.generate_batch(PROMPTS, max_new_tokens=6)
     assert [r.token_ids for r in batch] == [engine.generate(p, max_new_tokens=6).token_ids for p in PROMPTS]
-    assert all(c["rows"] <= 2 for c in engine.stats()["kv_cache"]["caches"])
+    assert all(c.rows <= 2 for c in engine.stats().kv_cache.caches)
 
 
 def test_a_request_over_the_budget_is_refused_before_any_work(tiny_export):
     engine = Engine.load(tiny_export("llama"), cache=CacheSettings(budget_mb=0.01))  # 10 KB: ~20 slots here
     with pytest.raises(ContextLengthError, match="KV cache"):
         engine.generate(PROMPTS[0], max_new_tokens=100)
-    assert engine.stats()["kv_cache"]["bytes"] == 0
+    assert engine.stats().kv_cache.bytes == 0
     engine = Engine.load(tiny_export("llama"), cache=CacheSettings(max_context=16))
     with pytest.raises(ContextLengthError, match="KV cache's context of 16"):
         engine.generate(PROMPTS[0], max_new_tokens=100)

@@ -55,7 +55,7 @@ def pair(tiny_export, tiny_adapters):
 @pytest.mark.parametrize("adapter", [None, *ADAPTER_VARIANTS])
 def test_hits_and_misses_equal_no_cache_bitwise(pair, adapter):
     cached, plain = pair
-    before = cached.stats()["prompt_cache"]["cached_tokens"]
+    before = cached.stats().prompt_cache.cached_tokens
     found = []
     for question in QUESTIONS:
         got = run(cached, SYSTEM + question, adapter)
@@ -65,8 +65,8 @@ def test_hits_and_misses_equal_no_cache_bitwise(pair, adapter):
     assert found[0] == 0 or adapter is None  # the first use of this adapter misses (None: an earlier test ran)
     assert all(n >= system_blocks for n in found[1:]), found
     assert found[3] > found[1] or found[3] == len(cached.encode(SYSTEM + QUESTIONS[3])) - MIN_REST
-    assert cached.stats()["prompt_cache"]["cached_tokens"] - before == sum(found)
-    assert plain.stats()["prompt_cache"] is None
+    assert cached.stats().prompt_cache.cached_tokens - before == sum(found)
+    assert plain.stats().prompt_cache is None
 
 
 def test_every_prompt_length_is_exact(pair):
@@ -111,9 +111,9 @@ def test_a_re_registered_adapter_never_hits_its_old_entries(pair, tiny_adapters,
                         peft_type=old.metadata["peft_type"],
                         tensors={k: v * 0.5 for k, v in old.tensors.items()})
     path = save_bundle(other, tmp_path / "prefix-2.safetensors")
-    assert cached.stats()["prompt_cache"]["by_adapter"]["prefix"] > 0
+    assert cached.stats().prompt_cache.by_adapter["prefix"] > 0
     cached.add_adapter("prefix", path)
-    assert "prefix" not in cached.stats()["prompt_cache"]["by_adapter"]  # the old chain was dropped
+    assert "prefix" not in cached.stats().prompt_cache.by_adapter  # the old chain was dropped
     plain.add_adapter("prefix-2", path)
     got = run(cached, prompt, "prefix")
     assert got.cached_tokens == 0
@@ -121,7 +121,7 @@ def test_a_re_registered_adapter_never_hits_its_old_entries(pair, tiny_adapters,
     assert got.tokens != first.tokens or any(not np.array_equal(a, b) for a, b in zip(got.logits, first.logits))
     assert run(cached, prompt, "prefix").cached_tokens > 0
     cached.remove_adapter("prefix")
-    assert "prefix" not in cached.stats()["prompt_cache"]["by_adapter"]
+    assert "prefix" not in cached.stats().prompt_cache.by_adapter
     cached.add_adapter("prefix", file)
     plain.remove_adapter("prefix-2")
 
@@ -132,9 +132,9 @@ def test_eviction_keeps_the_budget_and_the_outputs(tiny_export, pair):
     prompts = [f"{i}. {SYSTEM}" for i in range(4)]  # different from the first token: nothing shared
     for prompt in prompts * 2:
         assert_same(run(engine, prompt, None), run(plain, prompt, None))
-        stats = engine.stats()["prompt_cache"]
-        assert 0 < stats["bytes"] <= stats["budget_bytes"]
-    assert stats["evicted_blocks"] > 0 and stats["blocks"] == 3
+        stats = engine.stats().prompt_cache
+        assert 0 < stats.bytes <= stats.budget_bytes
+    assert stats.evicted_blocks > 0 and stats.blocks == 3
     engine.close()
 
 
@@ -150,7 +150,7 @@ def test_blocks_a_request_holds_are_not_evicted(tiny_export, pair):
     cache.release(hit)
     run(engine, b, None)
     assert cache.peek(b, None) == 2 * BLOCK_TOKENS and cache.peek(a, None) == 0
-    assert cache.stats()["bytes"] <= cache.budget_bytes
+    assert cache.stats().bytes <= cache.budget_bytes
     engine.close()
 
 
@@ -174,7 +174,7 @@ def test_the_sliding_window_model_is_exact(tiny_export, tiny_adapters, adapter):
     cached, plain = engines
     for question in QUESTIONS:
         assert_same(run(cached, SYSTEM + question, adapter, 12), run(plain, SYSTEM + question, adapter, 12))
-    assert cached.stats()["prompt_cache"]["cached_tokens"] > 0
+    assert cached.stats().prompt_cache.cached_tokens > 0
     for engine in engines:
         engine.close()
 
@@ -189,7 +189,7 @@ def test_a_copy_mode_export_is_exact(tiny_model, tmp_path):
     assert cached.manifest.cache == "copy"
     for question in QUESTIONS:
         assert_same(run(cached, SYSTEM + question, None), run(plain, SYSTEM + question, None))
-    assert cached.stats()["prompt_cache"]["hits"] == 3
+    assert cached.stats().prompt_cache.hits == 3
 
 
 def test_the_server_reports_cached_tokens(served, pair):

@@ -41,7 +41,7 @@ def engine(tiny_export, tiny_adapters, int8_draft):
 
 
 def passes(engine, method):
-    return engine.stats()["speculative"][method]["passes"]
+    return engine.stats().speculative.method(method).passes
 
 
 @pytest.mark.parametrize("method", ["prompt-lookup", "draft"])
@@ -229,5 +229,5 @@ def test_the_default_model_gives_the_same_tokens(default_export, tmp_path):
             spec = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[],
                                    speculative="prompt-lookup")
             assert spec.token_ids == plain.token_ids, (adapter, prompt)
-    assert engine.stats()["speculative"]["prompt-lookup"]["accepted"] > 0
+    assert engine.stats().speculative.prompt_lookup.accepted > 0
     engine.close()

@@ -481,7 +481,7 @@ def test_tensorrt_engine_matches_onnxruntime_cpu(tmp_path, plain_export, tiny_ad
     engine = Engine.load(folder, backend="tensorrt", precision=record.precision)
     assert engine.context_limit == 128 and engine.max_batch == 4
     _parity(engine, Engine.load(folder), tiny_adapters("llama"), atol)
-    used = engine.stats()["memory"]
+    used = engine.stats().memory
     assert used["device_used_bytes"] > 0
     with pytest.raises(PrefixportError, match="at most 4 rows"):
         engine.generate_batch(PROMPTS * 2, max_new_tokens=2)

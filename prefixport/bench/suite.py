@@ -69,8 +69,8 @@ class Suite:
             name = Path(path).stem
             self.engine.add_adapter(name, path)
             self.names.append(name)
-        registered = self.engine.store.stats()["adapters"]
-        self.kinds = {n: registered[n]["kind"] for n in self.names}
+        registered = self.engine.store.stats().adapters
+        self.kinds = {n: registered[n].kind for n in self.names}
         self.ids = self.engine.encode(TEXT * 40)
         peft = self._peft()
         results: dict[str, Any] = {
@@ -213,7 +213,7 @@ class Suite:
                 engine.add_adapter(f"copy{registered}", path)
                 registered += 1
             points.append({"adapters": count, "rss_bytes": self._used() - base_rss,  # VRAM on a GPU
-                           "store_resident_bytes": engine.stats()["adapters"]["resident_bytes"]})
+                           "store_resident_bytes": engine.stats().adapters.resident_bytes})
         engine.close()
         first, last = points[0], points[-1]
         slope = (last["rss_bytes"] - first["rss_bytes"]) / max(1, last["adapters"] - first["adapters"])

@@ -8,6 +8,7 @@ from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 from .scheduler import Event, Scheduler, Ticket
 from .settings import BackendSettings
+from .stats import EngineStats
 
-__all__ = ["AsyncEngine", "AsyncTextStream", "BackendSettings", "CacheSettings", "Engine", "Event", "FinishReason",
+__all__ = ["AsyncEngine", "AsyncTextStream", "BackendSettings", "CacheSettings", "Engine", "EngineStats", "Event", "FinishReason",
            "GenerationResult", "SamplingParams", "Scheduler", "Score", "TextStream", "Ticket", "TokenLogprob"]

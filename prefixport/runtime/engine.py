@@ -32,6 +32,7 @@ from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .speculative import DraftModel, PromptLookup, check_draft
+from .stats import EngineStats, KVStats, SpeculationStats
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -289,19 +290,19 @@ class Engine:
         """Most rows one call may hold (a TensorRT engine's limit), or None for any."""
         return self.backend.limits.max_batch if self.backend.limits else None
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions), the KV
-        caches (bytes in all, and each cache's rows and capacity), the prompt cache (None: off)
-        and memory."""
+        caches (bytes in all, and each cache's rows and capacity), the prompt cache (None: off),
+        the speculative proposers and memory; `.to_dict()` for JSON (`runtime/stats.py`)."""
         with self._cache_lock:
             caches = [c.stats() for c in list(self._caches)]
-        kv = {"bytes": sum(c["bytes"] for c in caches), "budget_bytes_each": self.cache_settings.budget_bytes,
-              "caches": caches}
-        return {"adapters": self.store.stats(), "kv_cache": kv,
-                "prompt_cache": self.prompt_cache.stats() if self.prompt_cache is not None else None,
-                "speculative": {"prompt-lookup": self.prompt_lookup.stats(),
-                                "draft": self.draft.stats() if self.draft is not None else None},
-                "memory": self.backend.memory_stats(), "backend": self.backend.name}
+        kv = KVStats(bytes=sum(c.bytes for c in caches), budget_bytes_each=self.cache_settings.budget_bytes,
+                     caches=caches)
+        speculative = SpeculationStats(prompt_lookup=self.prompt_lookup.stats(),
+                                       draft=self.draft.stats() if self.draft is not None else None)
+        return EngineStats(adapters=self.store.stats(), kv_cache=kv,
+                           prompt_cache=self.prompt_cache.stats() if self.prompt_cache is not None else None,
+                           speculative=speculative, memory=self.backend.memory_stats(), backend=self.backend.name)
 
     # --- KV caches ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import PrefixportError
+from .stats import KVCacheStats
 
 if TYPE_CHECKING:
     from .. import manifest as mf
@@ -212,6 +213,6 @@ class KVCache:
         n = int(self.lengths[row])
         return [self.backend.to_numpy(b[row : row + 1])[0, :, :n] for b in self.buffers]
 
-    def stats(self) -> dict[str, Any]:
-        return {"bytes": self.nbytes, "rows": self.rows, "capacity": self.capacity, "rows_in_use": len(self._needs),
-                "slot_bytes": self.slot_bytes, "budget_bytes": self.budget, "reallocations": self.grows}
+    def stats(self) -> KVCacheStats:
+        return KVCacheStats(bytes=self.nbytes, rows=self.rows, capacity=self.capacity, rows_in_use=len(self._needs),
+                            slot_bytes=self.slot_bytes, budget_bytes=self.budget, reallocations=self.grows)

@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import PrefixportError
 from .feed import AdapterFeed
 from .kv_cache import KVCache, slot_bytes
+from .stats import PromptCacheStats
 
 if TYPE_CHECKING:
     from .. import manifest as mf
@@ -206,7 +207,7 @@ class PromptCache:
             for key in [k for k, b in self._blocks.items() if b.adapter == adapter]:
                 self.nbytes -= self._blocks.pop(key).nbytes
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PromptCacheStats:
         """Counters since the start (requests, hits, prompt and cached tokens, blocks stored and
         evicted), what is held now (blocks, bytes, per adapter) and the rates."""
         with self._lock:
@@ -216,11 +217,10 @@ class PromptCache:
             for block in self._blocks.values():
                 name = block.adapter or ""
                 by_adapter[name] = by_adapter.get(name, 0) + block.nbytes
-        return {**c, "blocks": blocks, "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
-                "by_adapter": by_adapter,  # bytes held per adapter ("": no adapter)
-                "block_tokens": self.block_tokens,
-                "hit_rate": c["hits"] / c["requests"] if c["requests"] else 0.0,
-                "cached_token_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0}
+        return PromptCacheStats(**c, blocks=blocks, bytes=self.nbytes, budget_bytes=self.budget_bytes,
+                                by_adapter=by_adapter, block_tokens=self.block_tokens,
+                                hit_rate=c["hits"] / c["requests"] if c["requests"] else 0.0,
+                                cached_token_rate=c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0)
 
     def _keys(self, ids: Sequence[int], feed: AdapterFeed | None) -> list[bytes]:
         """The root key, then the chain key of each full block of `ids` but its last token."""

@@ -16,6 +16,7 @@ sampled row tokens distributed as without it, in fewer passes over the weights.
 from __future__ import annotations
 
 import json
+import dataclasses
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .. import manifest as mf
 from ..errors import InputError
 from .generation import prefill
 from .kv_cache import CacheSettings, KVCache
+from .stats import ProposerStats
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 
 class Counters:
-    """Verification counters shared by the proposers; `stats()` as `Engine.stats()["speculative"]`."""
+    """Verification counters shared by the proposers; `stats()` as in `Engine.stats().speculative`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -48,11 +50,11 @@ class Counters:
             self.counters["proposed"] += proposed
             self.counters["accepted"] += accepted
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ProposerStats:
         with self._lock:
             c = dict(self.counters)
-        return {**c, "acceptance_rate": c["accepted"] / c["proposed"] if c["proposed"] else 0.0,
-                "mean_accepted": c["accepted"] / c["passes"] if c["passes"] else 0.0}
+        return ProposerStats(**c, acceptance_rate=c["accepted"] / c["proposed"] if c["proposed"] else 0.0,
+                             mean_accepted=c["accepted"] / c["passes"] if c["passes"] else 0.0)
 
 
 class PromptLookup(Counters):
@@ -140,10 +142,10 @@ class DraftModel(Counters):
                 proposals.append(int(logits[0].argmax()))
             return proposals
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ProposerStats:
         with self._lock:
             nbytes = self.cache.nbytes
-        return {**super().stats(), "kv_cache_bytes": nbytes}
+        return dataclasses.replace(super().stats(), kv_cache_bytes=nbytes)
 
     def finished(self, request: RowRequest) -> None:
         """Free the request's row."""

@@ -21,6 +21,7 @@ from ..adapters.prompt_format import PromptFormat
 from ..errors import AdapterError
 from .backends import Backend
 from .feed import AdapterFeed
+from .stats import AdapterStats, StoreStats
 
 
 @dataclass
@@ -115,21 +116,16 @@ class AdapterStore:
                 raise self._unknown(name)
         return entry.prompt_format
 
-    def stats(self) -> dict:
+    def stats(self) -> StoreStats:
         with self._lock:
-            per = {n: {"kind": e.kind, "n_virtual": e.n_virtual, "bytes": e.nbytes, "resident": n in self._resident,
-                       "pinned": e.path is None, "hits": e.hits, "misses": e.misses, "evictions": e.evictions}
+            per = {n: AdapterStats(kind=e.kind, n_virtual=e.n_virtual, bytes=e.nbytes, resident=n in self._resident,
+                                   pinned=e.path is None, hits=e.hits, misses=e.misses, evictions=e.evictions)
                    for n, e in self._entries.items()}
-        return {
-            "registered": len(per),
-            "resident": sum(a["resident"] for a in per.values()),
-            "resident_bytes": sum(a["bytes"] for a in per.values() if a["resident"]),
-            "budget_bytes": self.budget_bytes,
-            "hits": sum(a["hits"] for a in per.values()),
-            "misses": sum(a["misses"] for a in per.values()),
-            "evictions": sum(a["evictions"] for a in per.values()),
-            "adapters": per,
-        }
+        return StoreStats(registered=len(per), resident=sum(a.resident for a in per.values()),
+                          resident_bytes=sum(a.bytes for a in per.values() if a.resident),
+                          budget_bytes=self.budget_bytes, hits=sum(a.hits for a in per.values()),
+                          misses=sum(a.misses for a in per.values()),
+                          evictions=sum(a.evictions for a in per.values()), adapters=per)
 
     def _unknown(self, name: str) -> AdapterError:
         """The error for an adapter that is not registered. Lock held."""

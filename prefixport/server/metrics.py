@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket
+from ..runtime.stats import PromptCacheStats, ProposerStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -22,36 +23,37 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         stats = self.engine.stats()
-        store = stats["adapters"]
+        store = stats.adapters
         for name, help_ in (("hits", "adapter lookups served from memory"),
                             ("misses", "adapter lookups that re-read the bundle file"),
                             ("evictions", "adapters evicted from memory by the byte budget")):
             family = CounterMetricFamily(f"prefixport_adapter_{name}", help_, labels=["adapter"])
-            for adapter, per in store["adapters"].items():
-                family.add_metric([adapter], per[name])
+            for adapter, per in store.adapters.items():
+                family.add_metric([adapter], getattr(per, name))
             yield family
-        yield GaugeMetricFamily("prefixport_adapters_registered", "adapters registered", store["registered"])
-        yield GaugeMetricFamily("prefixport_adapters_resident", "adapters resident in memory", store["resident"])
+        yield GaugeMetricFamily("prefixport_adapters_registered", "adapters registered", store.registered)
+        yield GaugeMetricFamily("prefixport_adapters_resident", "adapters resident in memory", store.resident)
         yield GaugeMetricFamily("prefixport_adapters_resident_bytes", "bytes of resident adapters",
-                                store["resident_bytes"])
+                                store.resident_bytes)
         memory = GaugeMetricFamily("prefixport_memory_bytes", "memory held, by kind (process RSS, device)",
                                    labels=["kind"])
-        for kind, value in stats["memory"].items():
+        for kind, value in stats.memory.items():
             memory.add_metric([kind.removesuffix("_bytes")], value)
         yield memory
-        kv = stats["kv_cache"]
+        kv = stats.kv_cache
         yield GaugeMetricFamily("prefixport_kv_cache_bytes", "bytes held by the KV caches (rows x capacity x "
-                                "2 x layers x kv_heads x head_dim x dtype size)", kv["bytes"])
-        if kv["budget_bytes_each"] is not None:
+                                "2 x layers x kv_heads x head_dim x dtype size)", kv.bytes)
+        if kv.budget_bytes_each is not None:
             yield GaugeMetricFamily("prefixport_kv_cache_budget_bytes", "the KV cache budget (per cache)",
-                                    kv["budget_bytes_each"])
-        yield from _prompt_cache(stats["prompt_cache"])
-        if self.scheduler.speculative is not None:
-            yield from _speculative(stats["speculative"][self.scheduler.speculative])
+                                    kv.budget_bytes_each)
+        yield from _prompt_cache(stats.prompt_cache)
+        proposer = stats.speculative.method(self.scheduler.speculative)
+        if proposer is not None:
+            yield from _speculative(proposer)
         cache = self.scheduler.cache.stats()
-        yield GaugeMetricFamily("prefixport_kv_cache_rows", "rows of the serving KV cache", cache["rows"])
+        yield GaugeMetricFamily("prefixport_kv_cache_rows", "rows of the serving KV cache", cache.rows)
         yield GaugeMetricFamily("prefixport_kv_cache_capacity", "slots per row of the serving KV cache",
-                                cache["capacity"])
+                                cache.capacity)
         yield GaugeMetricFamily("prefixport_requests_running", "requests in the decode batch",
                                 self.scheduler.running)
         yield GaugeMetricFamily("prefixport_requests_waiting", "requests queued for the batch",
@@ -60,7 +62,7 @@ class _EngineCollector(Collector):
                                   self.scheduler.cancelled)
 
 
-def _prompt_cache(stats: dict | None) -> Iterator:
+def _prompt_cache(stats: PromptCacheStats | None) -> Iterator:
     """The prompt cache's counters and size (nothing when it is off)."""
     if stats is None:
         return
@@ -69,20 +71,20 @@ def _prompt_cache(stats: dict | None) -> Iterator:
                         ("prompt_tokens", "prompt tokens looked up"),
                         ("cached_tokens", "prompt tokens served from the cache (not prefilled)"),
                         ("evicted_blocks", "blocks evicted by the byte budget")):
-        yield CounterMetricFamily(f"prefixport_prompt_cache_{name}", help_, stats[name])
+        yield CounterMetricFamily(f"prefixport_prompt_cache_{name}", help_, getattr(stats, name))
     for name, help_ in (("hit_rate", "share of requests that found prompt tokens cached"),
                         ("cached_token_rate", "share of prompt tokens served from the cache"),
                         ("blocks", "blocks held"), ("bytes", "bytes held"), ("budget_bytes", "the byte budget")):
-        yield GaugeMetricFamily(f"prefixport_prompt_cache_{name}", help_, stats[name])
+        yield GaugeMetricFamily(f"prefixport_prompt_cache_{name}", help_, getattr(stats, name))
 
 
-def _speculative(stats: dict) -> Iterator:
+def _speculative(stats: ProposerStats) -> Iterator:
     """The server's proposer: verification passes, tokens proposed and accepted."""
     for name, help_ in (("passes", "speculative verification passes"), ("proposed", "tokens proposed"),
                         ("accepted", "proposed tokens accepted")):
-        yield CounterMetricFamily(f"prefixport_speculative_{name}", help_, stats[name])
+        yield CounterMetricFamily(f"prefixport_speculative_{name}", help_, getattr(stats, name))
     yield GaugeMetricFamily("prefixport_speculative_acceptance_rate", "share of proposed tokens accepted",
-                            stats["acceptance_rate"])
+                            stats.acceptance_rate)
 
 
 class Metrics:
