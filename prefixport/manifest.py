@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ExportFolderError
 
@@ -72,7 +73,7 @@ class Manifest:
     sliding_window: int | None = None
     cache: str = "shared"  # CACHE_MODES
     fused_ops: dict[str, int] = field(default_factory=dict)  # ONNX Runtime contrib ops in the graph
-    quantization: dict | None = None  # weight-only quantisation and its agreement with float
+    quantization: dict[str, Any] | None = None  # weight-only quantisation and its agreement with float
     opset: int = 18
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)

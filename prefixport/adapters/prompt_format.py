@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import AdapterError, InputError
 
@@ -79,7 +79,7 @@ def choose(chat: bool | None, recorded: PromptFormat | None, messages: bool) -> 
     return recorded or (CHAT_FORMAT if messages else RAW_FORMAT)
 
 
-def user_text(messages: Sequence[dict]) -> str:
+def user_text(messages: Sequence[dict[str, Any]]) -> str:
     """Chat messages as one text for a raw or template adapter: the last user message's content."""
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
@@ -92,7 +92,8 @@ def user_text(messages: Sequence[dict]) -> str:
     return content
 
 
-def render(prompt: str | Sequence[dict], fmt: PromptFormat, chat_template: Callable[[list[dict]], str]) -> str:
+def render(prompt: str | Sequence[dict[str, Any]], fmt: PromptFormat,
+           chat_template: Callable[[list[dict[str, Any]]], str]) -> str:
     """The text to tokenize for a text or chat-messages prompt in format `fmt`; `chat_template`
     renders messages with the model's template (with the generation prompt)."""
     if fmt.chat:

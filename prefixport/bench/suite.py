@@ -82,7 +82,7 @@ class Suite:
             "backend": self._backend_label(),
             "memory_counter": "VRAM in use on the GPU (the driver's counter)" if self.device == "cuda" else
                               "process RSS: no GPU, so host memory is reported instead of VRAM",
-            "adapters": {n: {k: registered[n][k] for k in ("kind", "bytes", "n_virtual")} for n in self.names},
+            "adapters": {n: {k: getattr(registered[n], k) for k in ("kind", "bytes", "n_virtual")} for n in self.names},
             "plan": plan.__dict__,
             "machine": describe(),
             "peft": {"available": peft is not None, "reason": self._peft_reason},

@@ -38,7 +38,7 @@ class Agreement:
     def identical(self) -> int:
         return sum(d is None for d in self.first_divergence)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "identical": self.identical}
 
     def summary(self) -> str:

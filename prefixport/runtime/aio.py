@@ -10,10 +10,11 @@ a stream closed or abandoned) leaves the batch at the next step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Unpack
 
 from .engine import Engine, GenerationResult, Prompt
 from .scheduler import Scheduler, Ticket
+from .settings import GenerationSettings
 
 
 class AsyncTextStream:
@@ -80,11 +81,11 @@ class AsyncEngine:
 
     _owns_engine = False
 
-    def submit(self, prompt: Prompt, **settings: Any) -> Ticket:
+    def submit(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> Ticket:
         """Queue a request; bad input raises here, before any work."""
         return self.scheduler.submit(prompt, **settings)
 
-    async def generate(self, prompt: Prompt, **settings: Any) -> GenerationResult:
+    async def generate(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> GenerationResult:
         """The result of one request; cancelling the awaiting task cancels the request."""
         stream = self.stream(prompt, **settings)
         async for _ in stream:
@@ -92,7 +93,7 @@ class AsyncEngine:
         assert stream.result is not None
         return stream.result
 
-    def stream(self, prompt: Prompt, **settings: Any) -> AsyncTextStream:
+    def stream(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> AsyncTextStream:
         """`async for delta in engine.stream(...)`; the request is queued at once."""
         return AsyncTextStream(self.submit(prompt, **settings))
 

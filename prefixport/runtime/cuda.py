@@ -183,9 +183,11 @@ def copy_slots(dst: DeviceArray, src: DeviceArray | np.ndarray, row: int, slots:
                           f"rows from {row} of {dst.shape}: out of bounds")
     item = dst.dtype.itemsize
     host = isinstance(src, np.ndarray)
-    if host:
-        src = np.ascontiguousarray(src, dst.dtype)
-    src_ptr = (src.ctypes.data if host else src.ptr) + src_at * head_dim * item
+    if isinstance(src, np.ndarray):
+        src = np.ascontiguousarray(src, dst.dtype)  # the host array may be freed once this returns: see below
+        src_ptr = src.ctypes.data + src_at * head_dim * item
+    else:
+        src_ptr = src.ptr + src_at * head_dim * item
     dst_ptr = dst.ptr + (row * heads * dst.shape[2] + at) * head_dim * item
     if count and rows:
         check(rt.cudaMemcpy2DAsync(dst_ptr, dst.shape[2] * head_dim * item, src_ptr, n * head_dim * item,

@@ -7,14 +7,13 @@ register or unregister adapters meanwhile; each request keeps the adapter it sta
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence, Unpack, cast
 
 import numpy as np
 
@@ -31,12 +30,14 @@ from .logprobs import TokenLogprob, check_top
 from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
+from .settings import GenerationSettings, Speculative
 from .speculative import DraftModel, PromptLookup, check_draft
 from .stats import EngineStats, KVStats, SpeculationStats
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-Prompt = str | Sequence[int] | Sequence[dict]
+Message = dict[str, Any]  # a chat message: {"role": ..., "content": ...}
+Prompt = str | Sequence[int] | Sequence[Message]
 # "stop": a stop token, stop string or finished structured document; "length": max_new_tokens;
 # "cancelled": the consumer cancelled or closed it; "timeout": its `timeout` passed
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
@@ -67,12 +68,12 @@ class Score:
     @property
     def continuation_logprob(self) -> float:
         """log P(continuation | prompt): the sum over the continuation's tokens."""
-        return float(sum(lp.logprob for lp in self.logprobs[self.continuation_start:]))
+        return float(sum(lp.logprob for lp in self.logprobs[self.continuation_start:] if lp is not None))
 
     @property
     def greedy(self) -> bool:
         """Whether greedy decoding from the prompt would have produced the continuation."""
-        return all(lp.top[0][0] == lp.token for lp in self.logprobs[self.continuation_start:])
+        return all(lp is not None and lp.top[0][0] == lp.token for lp in self.logprobs[self.continuation_start:])
 
 
 class RowText:
@@ -117,9 +118,8 @@ class RowText:
 class TextStream:
     """Iterates text deltas as tokens are produced; `.result` is set once it is exhausted."""
 
-    def __init__(self, events: Iterator[tuple[int, int]], request: RowRequest, text: RowText,
-                 adapter: str | None) -> None:
-        self._events, self._request, self._text, self._adapter = events, request, text, adapter
+    def __init__(self, events: Iterator[tuple[int, int]], request: RowRequest, text: RowText) -> None:
+        self._events, self._request, self._text = events, request, text
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -137,7 +137,7 @@ class TextStream:
         tail = self._text.finish()
         if tail:
             yield tail
-        self.result = make_result(request, self._text, self._adapter, start, first or end, end)
+        self.result = make_result(request, self._text, start, first or end, end)
 
     def close(self) -> None:
         """Stop generating (finish reason "cancelled"): the row leaves at once, its KV cache row
@@ -147,7 +147,7 @@ class TextStream:
             self._events.close()  # type: ignore[attr-defined]  # a generator: returns the cache now
             end = time.perf_counter()
             self._text.finish()
-            self.result = make_result(self._request, self._text, self._adapter, end, end, end)
+            self.result = make_result(self._request, self._text, end, end, end)
 
     def __enter__(self) -> "TextStream":
         return self
@@ -156,8 +156,7 @@ class TextStream:
         self.close()
 
 
-def make_result(request: RowRequest, text: RowText, adapter: str | None, start: float, first: float,
-                end: float) -> GenerationResult:
+def make_result(request: RowRequest, text: RowText, start: float, first: float, end: float) -> GenerationResult:
     """The result of a finished row: its tokens and text, why it stopped, and its timings (perf_counter
     seconds: submitted at `start`, first token at `first`, last at `end`)."""
     ids = request.tokens
@@ -166,7 +165,7 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     reason = "stop" if text.stopped else request.ended or ("stop" if request.completed else "length")
     return GenerationResult(
         token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
-        finish_reason=reason, adapter=adapter,  # type: ignore[arg-type]
+        finish_reason=reason, adapter=request.adapter,
         logprobs=list(request.logprobs) if request.top_logprobs is not None else None,
         cached_tokens=request.cached_tokens,
         timings={"prefill_s": first - start, "decode_s": decode_s,
@@ -174,7 +173,7 @@ def make_result(request: RowRequest, text: RowText, adapter: str | None, start: 
     )
 
 
-def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def check_settings(settings: GenerationSettings) -> GenerationSettings:
     """`settings` if every key is a generation setting (`SETTINGS`); else an InputError naming the
     closest one (`max_tokens` -> max_new_tokens)."""
     unknown = [k for k in settings if k not in SETTINGS]
@@ -191,7 +190,7 @@ class Engine:
     a `with` block."""
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
-                 generation_config: dict, adapter_budget_bytes: int | None = None,
+                 generation_config: dict[str, Any], adapter_budget_bytes: int | None = None,
                  cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  draft: DraftModel | None = None) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
@@ -215,7 +214,7 @@ class Engine:
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
              cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-             draft: str | Path | None = None, **options) -> "Engine":
+             draft: str | Path | None = None, **options: Any) -> "Engine":
         """Open an export folder with `backend` "onnxruntime" or "tensorrt". `adapter_budget_bytes`
         caps the adapters kept resident (LRU); `cache` bounds each KV cache (rows, slots per row,
         MB; default: a 2 GB budget); `prompt_cache_bytes` caps the prompt cache (default 512 MB;
@@ -334,9 +333,9 @@ class Engine:
             return self.format_prompt(prompt, chat, adapter)
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
-            return self.format_prompt(items, chat, adapter)
+            return self.format_prompt(cast(list[Message], items), chat, adapter)
         if all(isinstance(t, (int, np.integer)) for t in items):
-            ids = [int(t) for t in items]
+            ids = [int(t) for t in cast(list[int], items)]
             vocab = self.manifest.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -344,7 +343,7 @@ class Engine:
             return ids
         raise InputError("a prompt is a string, a list of token ids, or a list of chat messages")
 
-    def grammar(self, response_format: dict | None) -> Grammar | None:
+    def grammar(self, response_format: dict[str, Any] | None) -> Grammar | None:
         """The compiled grammar of an OpenAI `response_format` (None: free text), cached per schema;
         SchemaError for one that cannot be used (docs/api.md, "Structured output")."""
         if response_format is None:
@@ -354,7 +353,7 @@ class Engine:
                 self._grammar_vocab = GrammarVocab.from_tokenizer(self.tokenizer, self.eos_token_ids)
         return Grammar.from_response_format(response_format, self._grammar_vocab)
 
-    def format_prompt(self, prompt: str | list[dict], chat: bool | None = None,
+    def format_prompt(self, prompt: str | Sequence[Message], chat: bool | None = None,
                       adapter: str | None = None) -> list[int]:
         """Token ids of a text or chat messages in the format `adapters.prompt_format.choose` picks:
         `chat` True the chat template, False raw; None (the default everywhere) the `adapter`'s
@@ -368,8 +367,8 @@ class Engine:
                  chat: bool | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, repetition_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
-                 response_format: dict | None = None, speculative: str | None = None,
-                 timeout: float | None = None) -> RowRequest:
+                 response_format: dict[str, Any] | None = None, speculative: Speculative | None = None,
+                 timeout: float | None = None, stop: str | Sequence[str] = ()) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         self._check_open()
         check_top(logprobs, "logprobs")
@@ -411,9 +410,10 @@ class Engine:
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
                           grammar=grammar.matcher() if grammar is not None else None, proposer=proposer,
-                          deadline=None if timeout is None else time.perf_counter() + timeout)
+                          deadline=None if timeout is None else time.perf_counter() + timeout,
+                          adapter=adapter, stop=(stop,) if isinstance(stop, str) else tuple(stop))
 
-    def proposer(self, speculative: str | None) -> Proposer | None:
+    def proposer(self, speculative: Speculative | None) -> Proposer | None:
         """The proposer of a speculative decoding method (`SPECULATIVE`); None for None."""
         if speculative not in SPECULATIVE:
             raise InputError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {speculative!r}")
@@ -465,14 +465,13 @@ class Engine:
         finally:
             self._return_cache(cache)
 
-    def stream(self, prompt: Prompt, *, stop: Sequence[str] = (), adapter: str | None = None,
-               **settings: Any) -> TextStream:
+    def stream(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> TextStream:
         """Like `generate`, but iterate it for text deltas; the result is on `.result` after.
         `close()` (or leaving a `with` block) stops it early."""
-        request = self.prepare(prompt, adapter=adapter, **check_settings(settings))
-        return TextStream(self.run_rows([request]), request, RowText(self.tokenizer, stop), adapter)
+        request = self.prepare(prompt, **check_settings(settings))
+        return TextStream(self.run_rows([request]), request, RowText(self.tokenizer, request.stop))
 
-    def generate(self, prompt: Prompt, **settings: Any) -> GenerationResult:
+    def generate(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> GenerationResult:
         """Generate from one prompt; greedy by default.
 
         Settings (`SETTINGS`; another keyword is an `InputError` naming the closest): max_new_tokens
@@ -492,7 +491,8 @@ class Engine:
         return stream.result  # type: ignore[return-value]
 
     def generate_batch(self, prompts: Sequence[Prompt], adapters: Sequence[str | None] | None = None,
-                       per_row: Sequence[dict[str, Any]] | None = None, **settings: Any) -> list[GenerationResult]:
+                       per_row: Sequence[GenerationSettings] | None = None,
+                       **settings: Unpack[GenerationSettings]) -> list[GenerationResult]:
         """Generate for many prompts in one batch, each row with its own adapter (or None).
 
         Every row gives what it gives alone (greedy tokens; logits within ~1e-4 when padded).
@@ -500,17 +500,15 @@ class Engine:
         overrides them row by row (`per_row=[{"max_new_tokens": 2}, {"max_new_tokens": 30}]`).
         """
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
-        rows = list(per_row) if per_row is not None else [{}] * len(prompts)
+        rows: list[GenerationSettings] = list(per_row) if per_row is not None else [{}] * len(prompts)
         if len(adapters) != len(prompts) or len(rows) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(adapters)} adapters and {len(rows)} per-row settings")
         if self.max_batch is not None and len(prompts) > self.max_batch:
             raise InputError(f"{len(prompts)} prompts in one batch, but the TensorRT engine takes at most "
                              f"{self.max_batch} rows; split the batch or rebuild with a larger --max-batch")
-        merged = [check_settings({**settings, **row}) for row in rows]
-        adapters = [m.pop("adapter", a) for m, a in zip(merged, adapters)]
-        stops = [m.pop("stop", ()) for m in merged]
-        requests = [self.prepare(p, adapter=a, **m) for p, a, m in zip(prompts, adapters, merged)]
-        texts = [RowText(self.tokenizer, stop) for stop in stops]
+        merged = [check_settings(GenerationSettings(adapter=a, **settings) | row) for a, row in zip(adapters, rows)]
+        requests = [self.prepare(p, **m) for p, m in zip(prompts, merged)]
+        texts = [RowText(self.tokenizer, r.stop) for r in requests]
         start = time.perf_counter()
         first: list[float | None] = [None] * len(requests)
         last = [start] * len(requests)
@@ -524,7 +522,7 @@ class Engine:
                 last[i] = now
         for t in texts:
             t.finish()
-        return [make_result(r, t, a, start, f or l, l) for r, t, a, f, l in zip(requests, texts, adapters, first, last)]
+        return [make_result(r, t, start, f or l, l) for r, t, f, l in zip(requests, texts, first, last)]
 
     def close(self) -> None:
         """Free the sessions; the engine then refuses every request. Idempotent; `with
@@ -547,5 +545,4 @@ class Engine:
             raise PrefixportError("this engine is closed; load the export again (Engine.load)")
 
 
-# generate's keywords: prepare's, and the stop strings the text handling applies
-SETTINGS = tuple(n for n in inspect.signature(Engine.prepare).parameters if n not in ("self", "prompt")) + ("stop",)
+SETTINGS = tuple(GenerationSettings.__annotations__)  # generate's keywords: prepare's (a test checks)

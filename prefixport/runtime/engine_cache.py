@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import manifest as mf
 from ..errors import EngineError
@@ -38,15 +39,15 @@ class EngineRecord:
     compute_capability: list[int]
     tensorrt: str
     precision: str  # "fp32" | "fp16" (fp16: the graph converted with float32 inputs and outputs kept)
-    limits: dict
+    limits: dict[str, Any]
     onnx_sha256: str  # of the model.onnx it was built from
     onnx_bytes: int
     onnx_mtime_ns: int
     fingerprint: str  # the base model's (manifest)
     build_seconds: float = 0.0
     plan_bytes: int = 0
-    versions: dict = field(default_factory=dict)
-    verification: list = field(default_factory=list)  # engines.verify.CheckResult dicts
+    versions: dict[str, Any] = field(default_factory=dict)
+    verification: list[dict[str, Any]] = field(default_factory=list)  # engines.verify.CheckResult dicts
 
     @property
     def engine_limits(self) -> Limits:

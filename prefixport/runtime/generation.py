@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -151,7 +151,9 @@ class RowRequest:
     proposer: Proposer | None = None  # speculative decoding, while the batch is small enough
     yielded: int = 0  # tokens handed to the consumer so far (generate_rows)
     deadline: float | None = None  # time.perf_counter() after which the row ends ("timeout")
-    ended: str | None = None  # why a consumer ended the row early: "cancelled" or "timeout"
+    ended: Literal["cancelled", "timeout"] | None = None  # why a consumer ended the row early
+    adapter: str | None = None  # the adapter's registered name (reported in the result)
+    stop: tuple[str, ...] = ()  # stop strings: the consumer's RowText ends the row at one
 
     def expired(self, now: float) -> bool:
         """Whether the row's deadline has passed while it still had tokens to make."""
@@ -233,7 +235,7 @@ class DecodeBatch:
             raise
         finally:
             for hit in hits.values():
-                self.prompt_cache.release(hit)
+                self.prompt_cache.release(hit)  # type: ignore[union-attr]  # hits only with a prompt cache
         return len(placed)
 
     def _prefill(self, group: list[tuple[int, RowRequest]], hits: dict[int, Hit]) -> None:
@@ -250,7 +252,7 @@ class DecodeBatch:
         if soft and len(group) == 1:
             embeds, virtual = feed.prompt_embeds, feed.virtual
         elif soft:  # several soft prompts of one length (host arrays)
-            embeds, virtual = np.concatenate([r.feed.prompt_embeds for _, r in group]), feed.virtual
+            embeds, virtual = np.concatenate([(r.feed or feed).prompt_embeds for _, r in group]), feed.virtual
         else:
             embeds, virtual = np.zeros((len(group), 0, self.hidden), self.dtype), 0
         logits = prefill(self.backend, self.cache, start, [r.prompt_ids[skip:] for _, r in group], embeds, virtual,
@@ -281,7 +283,8 @@ class DecodeBatch:
                     break
                 matched += 1
             self.cache.lengths[row] = start + 1 + matched  # the rejected proposals' slots are dropped
-            request.proposer.count(len(proposals), matched)
+            if request.proposer is not None:
+                request.proposer.count(len(proposals), matched)
         self._logits, self._verify = {}, {}
         return [self.rows[r] for r in sorted(self.rows)]
 

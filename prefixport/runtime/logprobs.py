@@ -7,6 +7,7 @@ transform (temperature, top-k/top-p, repetition penalty, a grammar's mask), as v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -34,21 +35,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """[..., vocab] -> log-probabilities in float32 (computed stably)."""
     x = logits.astype(np.float32, copy=False)
     shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return np.asarray(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
 
 
-def token_logprobs(logits: np.ndarray, tokens: np.ndarray, top: int = 0) -> list[TokenLogprob]:
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int] | np.ndarray, top: int = 0) -> list[TokenLogprob]:
     """logits [N, vocab] and the token chosen at each of the N positions -> one TokenLogprob each,
     with the `top` (0..MAX_TOP) likeliest tokens."""
     logp = log_softmax(np.atleast_2d(logits))
-    tokens = np.asarray(tokens, np.int64).reshape(-1)
-    chosen = logp[np.arange(len(tokens)), tokens]
+    ids = np.asarray(tokens, np.int64).reshape(-1)
+    chosen = logp[np.arange(len(ids)), ids]
     out = []
-    for row, token, value in zip(logp, tokens, chosen):
+    for row, token, value in zip(logp, ids, chosen):
         best: list[tuple[int, float]] = []
         if top:
-            ids = np.argpartition(-row, top - 1)[:top]
-            ids = ids[np.argsort(-row[ids], kind="stable")]
-            best = [(int(i), float(row[i])) for i in ids]
+            likeliest = np.argpartition(-row, top - 1)[:top]
+            likeliest = likeliest[np.argsort(-row[likeliest], kind="stable")]
+            best = [(int(i), float(row[i])) for i in likeliest]
         out.append(TokenLogprob(int(token), float(value), best))
     return out

@@ -104,7 +104,7 @@ def usable(found: int, prompt: int, virtual: int) -> int:
     if whole < 2:
         return -1
     tail = ((whole - 1) & -(whole - 1)).bit_length() - 1  # 2^tail: the largest power of two dividing whole - 1
-    step = 2 ** min(tail + 1, MAX_TAIL_BITS)
+    step = 1 << min(tail + 1, MAX_TAIL_BITS)
     c = min(found, prompt - MIN_REST)
     return c - (virtual + c) % step
 

@@ -43,7 +43,7 @@ class SamplingParams:
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
     """logits: [B, vocab] -> next token ids [B] (int64)."""
     if params.greedy:
-        return logits.argmax(axis=-1).astype(np.int64)
+        return np.asarray(logits.argmax(axis=-1), np.int64)
     scores = logits.astype(np.float64) / params.temperature
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = np.partition(scores, -params.top_k, axis=-1)[:, -params.top_k][:, None]

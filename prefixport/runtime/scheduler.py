@@ -15,13 +15,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence, Unpack
 
 import numpy as np
 
 from ..errors import BusyError, InputError, PrefixportError
 from .generation import DecodeBatch, RowRequest
 from .logprobs import TokenLogprob
+from .settings import GenerationSettings, Speculative
 
 if TYPE_CHECKING:
     from .engine import Engine, GenerationResult, Prompt, RowText
@@ -50,8 +51,8 @@ class Ticket:
     """A submitted request. Iterate `events()` (blocking) or `aevents()` (asyncio); `cancel()`
     makes it leave the batch at the next step."""
 
-    def __init__(self, request: RowRequest, text: RowText, adapter: str | None) -> None:
-        self.request, self.adapter, self._text = request, adapter, text
+    def __init__(self, request: RowRequest, text: RowText) -> None:
+        self.request, self.adapter, self._text = request, request.adapter, text
         self.submitted = time.perf_counter()
         self.token_times: list[float] = []  # perf_counter() when each token was produced
         self.cancelled = False
@@ -105,8 +106,10 @@ class Ticket:
             if not self._cond.wait_for(lambda: self._final is not None, timeout):
                 raise TimeoutError(f"no result within {timeout} s; the request goes on (Ticket.cancel() stops it)")
         final = self._final
+        assert final is not None
         if final.error is not None:
             raise final.error
+        assert final.result is not None  # the last event carries the result or the error
         return final.result
 
     # --- called by the scheduler thread -----------------------------------------------------
@@ -152,7 +155,7 @@ class Ticket:
         end = now or time.perf_counter()
         delta += self._text.finish()
         first = self.token_times[0] if self.token_times else end
-        result = make_result(self.request, self._text, self.adapter, self.submitted, first, end)
+        result = make_result(self.request, self._text, self.submitted, first, end)
         self.finish_reason = result.finish_reason
         self._put(Event(delta, list(tokens), list(logprobs), result=result))
 
@@ -175,7 +178,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, prefill_budget: int = 512, max_waiting: int | None = None,
-                 on_step: Callable[[int], None] | None = None, speculative: str | None = None,
+                 on_step: Callable[[int], None] | None = None, speculative: Speculative | None = None,
                  speculate_rows: int | None = None) -> None:
         if max_batch < 1:
             raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
@@ -209,16 +212,16 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, prompt: Prompt, *, adapter: str | None = None, stop: Sequence[str] = (),
-               **kwargs) -> Ticket:
-        """Queue a request (keywords as `Engine.generate`); raises at once if it is invalid."""
+    def submit(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> Ticket:
+        """Queue a request (settings as `Engine.generate`); raises at once if it is invalid."""
         from .engine import RowText, check_settings
 
-        if kwargs.pop("speculative", None) is not None:
+        if settings.get("speculative") is not None:
             raise InputError("speculative decoding is set per scheduler (Scheduler(speculative=...), prefixport serve "
                              "--speculative), not per request")
-        request = self.engine.prepare(prompt, adapter=adapter, speculative=self.speculative, **check_settings(kwargs))
-        ticket = Ticket(request, RowText(self.engine.tokenizer, stop), adapter)
+        settings["speculative"] = self.speculative
+        request = self.engine.prepare(prompt, **check_settings(settings))
+        ticket = Ticket(request, RowText(self.engine.tokenizer, request.stop))
         with self._cond:
             if self._closed:
                 raise PrefixportError("the scheduler is closed")
@@ -229,9 +232,9 @@ class Scheduler:
             self._cond.notify()
         return ticket
 
-    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+    def generate(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> GenerationResult:
         """Submit and wait: `Engine.generate`, sharing decode steps with whatever else runs."""
-        return self.submit(prompt, **kwargs).result()
+        return self.submit(prompt, **settings).result()
 
     def close(self) -> None:
         with self._cond:
@@ -242,7 +245,7 @@ class Scheduler:
     def __enter__(self) -> "Scheduler":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # --- the scheduler thread -----------------------------------------------------------------
@@ -258,7 +261,9 @@ class Scheduler:
             self._cond.wait_for(lambda: self._waiting or len(batch) or self._closed)
             if self._closed:
                 return False
-            new, gone, budget = [], [], self.prefill_budget
+            new: list[Ticket] = []
+            gone: list[Ticket] = []
+            budget = self.prefill_budget
             now = time.perf_counter()
             for ticket in [t for t in self._waiting if t.cancelled or t.request.expired(now)]:
                 self._waiting.remove(ticket)  # cancelled or out of time while queued: costs nothing
@@ -326,7 +331,7 @@ class Scheduler:
         batch.advance()
 
     def _run(self) -> None:
-        batch, tickets = self._new_batch(), {}
+        batch, tickets = self._new_batch(), dict[int, Ticket]()
         try:
             while self._admit(batch, tickets):
                 self.running = len(batch)
@@ -339,7 +344,7 @@ class Scheduler:
                     for ticket in tickets.values():
                         ticket._fail(e)
                     batch.close()
-                    batch, tickets = self._new_batch(), {}
+                    batch, tickets = self._new_batch(), dict[int, Ticket]()
                 self.running = len(batch)
         finally:
             error = PrefixportError("the server is shutting down")

@@ -1,10 +1,11 @@
 """`BackendSettings`: which backend runs an export, and how; one value from the command line to
-`Engine.load` (the CLI builds it once; the bench and Ray Serve pass it along)."""
+`Engine.load` (the CLI builds it once; the bench and Ray Serve pass it along).
+`GenerationSettings`: the keyword settings of one request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Sequence, TypedDict
 
 from ..errors import DeviceError, PrefixportError
 from .backends import BACKENDS
@@ -68,3 +69,28 @@ class BackendSettings:
     def uses_gpu(self) -> bool:
         """Whether the backend runs on an NVIDIA GPU (the tensorrt backend, a cuda or tensorrt provider)."""
         return self.kind == "tensorrt" or self._provider() != "cpu"
+
+
+Speculative = Literal["prompt-lookup", "draft"]  # speculative decoding methods
+
+
+class GenerationSettings(TypedDict, total=False):
+    """The keyword settings of one request: `Engine.generate`, `stream` and `generate_batch`,
+    `Scheduler.submit`, `AsyncEngine`. Each is optional; its default is in `Engine.prepare`'s
+    signature (the one place they are read). Another keyword is an InputError naming the closest."""
+
+    adapter: str | None  # a registered adapter's name; None: the base model
+    max_new_tokens: int  # 128
+    chat: bool | None  # True the chat template, False raw; None: the adapter's recorded format, else
+    #                    raw for a text and the chat template for messages
+    temperature: float  # 0.0: greedy
+    top_k: int  # 0: off
+    top_p: float  # 1.0: off
+    seed: int | None
+    repetition_penalty: float  # 1.0: off
+    stop_token_ids: Sequence[int] | None  # None: the generation config's EOS ids
+    logprobs: int | None  # alternatives recorded per token (fills `.logprobs`); None: none
+    response_format: dict[str, Any] | None  # OpenAI's: JSON output constrained by a grammar
+    speculative: Speculative | None  # docs/runtime.md, "Speculative decoding"
+    timeout: float | None  # seconds: the row ends at its first token after it ("timeout")
+    stop: str | Sequence[str]  # stop strings, cut from the text

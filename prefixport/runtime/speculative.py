@@ -132,7 +132,7 @@ class DraftModel(Counters):
             soft = keep == 0 and feed is not None and feed.prompt_embeds is not None
             base = feed.n_virtual if feed is not None else 0
             cache.lengths[state.row] = (0 if soft else base) + keep
-            embeds, virtual = (feed.prompt_embeds, feed.virtual) if soft else (self._none, 0)
+            embeds, virtual = (feed.prompt_embeds, feed.virtual) if soft and feed is not None else (self._none, 0)
             logits = prefill(self.backend, cache, state.row, [seq[keep:]], embeds, virtual, self._pad)
             state.fed = list(seq)
             proposals = [int(logits[0].argmax())]

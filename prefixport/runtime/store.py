@@ -48,13 +48,13 @@ class AdapterStore:
 
     def register(self, name: str, path: str | Path | None = None, bundle: Bundle | None = None) -> Bundle:
         """Check a bundle against the export and make it resident (replacing one of the same name)."""
-        if (path is None) == (bundle is None):
-            raise AdapterError("register an adapter from a path or from a bundle, not both")
-        if bundle is None:
+        if bundle is None and path is not None:
             bundle = load_bundle(path, self.manifest)
-        else:
+        elif bundle is not None and path is None:
             check_bundle(bundle, name)
             check_fits(bundle, self.manifest, name)
+        else:
+            raise AdapterError("register an adapter from a path or from a bundle, not both")
         limits = self.backend.limits
         if limits and bundle.n_virtual > limits.max_virtual:
             raise AdapterError(f"{name} has {bundle.n_virtual} virtual tokens, more than the TensorRT engine's "
@@ -88,6 +88,7 @@ class AdapterStore:
                 return feed
             entry.misses += 1
             path = entry.path
+            assert path is not None  # an entry without a file is pinned: never evicted
         # Read outside the lock: other requests go on meanwhile.
         feed = self._feed(name, load_bundle(path, self.manifest))
         with self._lock:
@@ -135,12 +136,13 @@ class AdapterStore:
 
     def _feed(self, name: str, bundle: Bundle) -> AdapterFeed:
         dtype = np.dtype(self.manifest.dtype)
-        identity = {"name": name, "digest": tensors_digest(bundle)}
+        digest = tensors_digest(bundle)
         if bundle.kind == "prompt":
             embeds = np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype)
-            return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual, **identity)
+            return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual, name=name,
+                               digest=digest)
         past = [self.backend.upload(np.ascontiguousarray(t[None], dtype)) for t in bundle.prefix(self.manifest.num_layers)]
-        return AdapterFeed(past=past, past_len=bundle.n_virtual, **identity)
+        return AdapterFeed(past=past, past_len=bundle.n_virtual, name=name, digest=digest)
 
     def _evict(self, keep: str) -> None:
         """Evict least recently used adapters (not `keep`, not pinned) until under budget. Lock held."""

@@ -24,7 +24,11 @@ class Backend(Protocol):
     name: str
     device: str  # "cpu" or "cuda"
     manifest: mf.Manifest
-    limits: Limits | None  # the shapes a TensorRT engine (or provider) accepts; None: the model's own
+
+    @property
+    def limits(self) -> Limits | None:
+        """The shapes a TensorRT engine (or provider) accepts; None: the model's own."""
+        ...
 
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
         """Feed `input_ids`, `prompt_embeds`, `past_lengths`, `input_lengths`, `logits_index` and
@@ -94,7 +98,7 @@ def gpu_memory(device: int = 0) -> dict[str, int]:
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def load_backend(name: str, folder: str, manifest: Any, **options: Any) -> Backend:
+def load_backend(name: str, folder: str | Path, manifest: Any, **options: Any) -> Backend:
     """Open the export in `folder` with the named backend (`onnxruntime` or `tensorrt`)."""
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend

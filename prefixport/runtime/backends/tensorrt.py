@@ -129,7 +129,7 @@ class TensorRTBackend:
         cuda.copy_slots(dst, src, row, slots, self.stream, at, src_at)
 
     def to_numpy(self, buffer: Any) -> np.ndarray:
-        return buffer.to_numpy()
+        return np.asarray(buffer.to_numpy())
 
     def memory_stats(self) -> dict[str, int]:
         return process_memory() | gpu_memory(self.device_id)
