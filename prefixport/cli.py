@@ -237,13 +237,20 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option("--max-adapters", type=int, default=8, show_default=True,
               help="Adapters each Ray Serve replica keeps registered, least recently used dropped (with --ray).")
+@click.option("--app-name", default="prefixport", show_default=True,
+              help="The Ray Serve application's name (with --ray); one of that name already running is refused "
+                   "unless --replace.")
+@click.option("--route-prefix", default="/", show_default=True,
+              help="Where the application is served on the cluster's HTTP proxy (with --ray): the API is at "
+                   "PREFIX/v1.")
+@click.option("--replace", is_flag=True, help="Redeploy over a running application of the same --app-name.")
 @_errors
 @_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
           adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
           speculative: str | None, speculate_max_batch: int | None, use_ray: bool, replicas: int, max_adapters: int,
-          settings: BackendSettings) -> None:
+          app_name: str, route_prefix: str, replace: bool, settings: BackendSettings) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
     from pathlib import Path
 
@@ -256,6 +263,9 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
     budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
     prompt_cache_bytes = int(prompt_cache_mb * 2**20)
+    ray_only = {"--app-name": app_name != "prefixport", "--route-prefix": route_prefix != "/", "--replace": replace}
+    if not use_ray and any(ray_only.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in ray_only.items() if v)} go with --ray")
     if use_ray:
         from .server.ray_serve import run_ray
 
@@ -266,7 +276,8 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
                 max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache,
-                prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
+                prompt_cache_bytes=prompt_cache_bytes, speculative=speculative, app_name=app_name,
+                route_prefix=route_prefix, replace=replace)
         return
     import uvicorn
 

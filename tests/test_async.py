@@ -222,6 +222,8 @@ def test_cli_checks_options_and_the_port_before_loading(tiny_export, tiny_adapte
         result = CliRunner().invoke(main, ["serve", str(tiny_export("llama")), "--port", str(port)])
     assert result.exit_code == 1 and f"127.0.0.1:{port} is already in use" in result.output
     assert "serving" not in result.output
+    result = CliRunner().invoke(main, ["serve", str(tiny_export("llama")), "--app-name", "x", "--replace"])
+    assert result.exit_code == 2 and "--app-name, --replace go with --ray" in result.output
 
 
 def test_context_error_names_virtual_tokens_only_with_an_adapter(llama_engine):

@@ -1,27 +1,37 @@
-"""`prefixport serve --ray`: the Ray Serve application on a local Ray (CPU), driven by the official
-openai client over 127.0.0.1. Replicas hold the base model and an LRU of adapters (serve.multiplexed)."""
+"""Ray Serve on a Ray cluster of the test's own, started as an operator starts one (`ray start --head`,
+with the token authentication current Ray turns on): the application deployed with `serve deploy` from
+a config file, a second one with `prefixport serve --ray` beside it, both driven by the official openai
+client over 127.0.0.1. Replicas hold the base model and an LRU of adapters (serve.multiplexed)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install 'prefixport[ray]'")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is optional: pip install 'prefixport[ray]'")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
-from prefixport.runtime import BackendSettings, Engine  # noqa: E402
-from prefixport.server.ray_serve import APP_NAME, REPLICA, AppArgs, app_builder, build_app  # noqa: E402
+from prefixport.runtime import Engine  # noqa: E402
+from prefixport.server.ray_serve import APP_NAME, REPLICA, AppArgs, app_builder  # noqa: E402
 
 from .conftest import ADAPTER_VARIANTS  # noqa: E402
 
 REPLICAS, MAX_ADAPTERS = 2, 1  # 4 adapters, 2 replicas holding at most 1 each: the LRU must evict
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京"]
+BIN = Path(sys.executable).parent  # ray, serve and prefixport of this environment
 
 
 def _free_port() -> int:
@@ -30,30 +40,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run(args: list, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args[0]} failed: {done.stdout}\n{done.stderr}"
+    return done
+
+
 @pytest.fixture(scope="module")
-def ray_served(tiny_export, tiny_adapters, tmp_path_factory):
-    """The Ray Serve application over the tiny Llama export and its four adapters: (engine, url).
-    `engine` is a plain Engine in this process, the reference."""
+def cluster():
+    """A one-node Ray cluster: `ray start --head` with RAY_AUTH_MODE=token and the token in
+    RAY_AUTH_TOKEN (docs/ray.md), the dashboard on (`serve deploy` talks to it). Yields
+    (environment for Ray clients, dashboard address, GCS address); `ray stop` after."""
+    token = secrets.token_hex(32)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    gcs, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        _run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+              f"--num-cpus={REPLICAS + 1}", f"--temp-dir={temp}", "--object-store-memory=100000000",
+              "--disable-usage-stats"], env)
+        yield env, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}"
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_running(env: dict, dashboard: str, app: str, timeout: float = 300) -> None:
+    """Poll `serve status` (through the dashboard, with the token) until `app` is RUNNING."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _run([BIN / "serve", "status", f"--address={dashboard}", f"--name={app}"], env).stdout
+        if "status: RUNNING" in status:
+            return
+        assert "DEPLOY_FAILED" not in status and time.monotonic() < deadline, status
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def ray_served(tiny_export, tiny_adapters, tmp_path_factory, cluster):
+    """The application over the tiny Llama export and its four adapters, deployed with `serve deploy`
+    CONFIG on the cluster: (engine, url, adapters folder). `engine` is a plain Engine in this process, the reference.
+    This process joins the cluster too (with the token), to ask the replicas what they hold."""
+    env, dashboard, gcs = cluster
     folder = tmp_path_factory.mktemp("ray-adapters")
     for name in ADAPTER_VARIANTS:
         shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage report sent anywhere
-    ray.init(num_cpus=REPLICAS, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             object_store_memory=100 * 1024**2)
+    port = _free_port()
+    config = tmp_path_factory.mktemp("ray-config") / "serve.yaml"
+    config.write_text(f"""\
+proxy_location: HeadOnly
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: {APP_NAME}
+    route_prefix: /
+    import_path: prefixport.server.ray_serve:app_builder
+    args: {{outdir: "{tiny_export('llama')}", adapters_dir: "{folder}", model_name: tiny, max_batch: 4,
+            replicas: {REPLICAS}, max_adapters: {MAX_ADAPTERS}, replica_cpus: 1, threads: 1}}
+""")
+    _run([BIN / "serve", "deploy", f"--address={dashboard}", config], env)
+    _wait_running(env, dashboard, APP_NAME)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update({k: env[k] for k in saved})
+    _reread_ray_config()  # a fresh process (the CLI, a driver) reads them at start; this one has started
+    ray.init(address=gcs, log_to_driver=False)
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(tiny_export("llama"), folder, model_name="tiny", max_batch=4, replicas=REPLICAS,
-                        max_adapters=MAX_ADAPTERS, replica_cpus=1, settings=BackendSettings(threads=1))
-        serve.run(app, name=APP_NAME, route_prefix="/")
         engine = Engine.load(tiny_export("llama"), threads=1)
         for name in ADAPTER_VARIANTS:
             engine.add_adapter(name, folder / f"{name}.safetensors")
-        yield engine, f"http://127.0.0.1:{port}"
+        yield engine, f"http://127.0.0.1:{port}", folder
         engine.close()
     finally:
-        serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        _reread_ray_config()
+
+
+def _reread_ray_config() -> None:
+    """Make this process's Ray see RAY_AUTH_MODE as set now (what Ray does when it turns token
+    authentication on itself: `authentication_token_setup._enable_token_auth`)."""
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 @pytest.fixture
@@ -200,3 +270,59 @@ def test_logprobs_echo_and_structured_output_through_ray(ray_served, client):
                                           response_format={"type": "json_object"})
     assert isinstance(json.loads(chat.choices[0].message.content), dict)
     assert len(chat.choices[0].logprobs.content) >= 2
+
+
+def test_ingress_metrics_gather_every_replica(ray_served, client):
+    """/metrics on the ingress: the replicas' prefixport counters, one `replica` label each."""
+    before = time.monotonic()
+    for model in ["tiny", "prompt", "tiny", "prefix"]:
+        client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    for _ in range(30):
+        time.sleep(1)  # replicas push every METRICS_PUSH_S
+        body = httpx.get(ray_served[1] + "/metrics", timeout=30).text
+        counts = [line for line in body.splitlines() if line.startswith("prefixport_generation_tokens_total{")]
+        if sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 12 or time.monotonic() - before > 25:
+            break
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 12, body
+    assert all('replica="' in line for line in counts)
+    replicas = {line.split('replica="')[1].split('"')[0] for line in body.splitlines() if 'replica="' in line}
+    assert len(replicas) == REPLICAS
+    assert "prefixport_kv_cache_bytes{" in body and "prefixport_adapter_hits_total{" in body
+
+
+def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_export, tmp_path):
+    """`prefixport serve --ray` on a cluster where Serve runs: the cluster's port is used and said,
+    the same application name is refused, another name and route prefix deploy beside the first;
+    stopping it (SIGTERM) deletes it alone."""
+    env, dashboard, gcs = cluster
+    engine, url, folder = ray_served
+    port = url.rsplit(":", 1)[1]
+    cli = {**env, "RAY_ADDRESS": gcs}
+    base = [BIN / "prefixport", "serve", tiny_export("llama"), "--ray", "--model-name", "tiny", "--adapters", folder, "--replicas", "1",
+            "--max-adapters", "1", "--threads", "1"]
+    refused = subprocess.run([str(a) for a in base], env=cli, capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 1
+    assert f"an application named '{APP_NAME}' already runs on this Ray cluster" in refused.stderr
+    assert "--replace" in refused.stderr
+
+    log = tmp_path / "second.log"
+    with log.open("w") as out:
+        second = subprocess.Popen([str(a) for a in base + ["--port", str(_free_port()), "--app-name", "second",
+                                                           "--route-prefix", "/second"]], env=cli, stderr=out)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving application" not in (said := log.read_text()):
+            assert second.poll() is None and time.monotonic() < deadline, said
+            time.sleep(1)
+        assert f"Serve already runs on this cluster with its HTTP proxy on 127.0.0.1:{port}" in said, said
+        assert f"serving application 'second' on http://127.0.0.1:{port}/second/v1" in said, said
+        other = openai.OpenAI(base_url=f"{url}/second/v1", api_key="unused", max_retries=0, timeout=60)
+        got = other.completions.create(model="prompt", prompt=PROMPTS[1], max_tokens=5, temperature=0)
+        assert got.choices[0].text == engine.generate(PROMPTS[1], adapter="prompt", max_new_tokens=5).text
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=120)
+    status = _run([BIN / "serve", "status", f"--address={dashboard}"], env).stdout
+    assert "second" not in status and APP_NAME in status  # the first application goes on
+    first = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert first.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text

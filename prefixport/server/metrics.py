@@ -6,6 +6,8 @@ from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket
@@ -120,3 +122,25 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def merge(texts: dict[str, str], label: str = "replica") -> bytes:
+    """Several servers' /metrics bodies (`texts`: server id -> body) as one body: each family once,
+    every sample labelled with its server's id (Ray Serve's ingress serves its replicas' this way)."""
+    families: dict[str, Metric] = {}
+    for source, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+            merged.samples += [s._replace(labels={**s.labels, label: source}) for s in family.samples]
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

@@ -12,9 +12,13 @@ Two deployments make the application:
   `multiplexed_model_id=model`, so Ray routes requests for an adapter to replicas that already
   hold it (and, when none does, to the replica holding the fewest).
 
-Run it with `prefixport serve OUTDIR --ray --replicas N` (one machine), or on a cluster with
-`serve run prefixport.server.ray_serve:app_builder outdir=/shared/OUTDIR replicas=4`, or build it
-in Python with `build_app(...)` and `serve.run(...)`.
+Each replica pushes its `/metrics` body every `METRICS_PUSH_S` seconds to a small Ray actor of the
+application (`MetricsBoard`, made by the ingress); the ingress's `/metrics` serves them merged,
+each sample labelled with its replica.
+
+Run it with `prefixport serve OUTDIR --ray --replicas N` (a local Ray, or the cluster at
+RAY_ADDRESS: `run_ray`), with `serve deploy` of a config naming `app_builder`, or in Python with
+`build_app(...)` and `serve.run(...)`: docs/ray.md.
 """
 
 import asyncio
@@ -37,13 +41,15 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.schema import ServeInstanceDetails
 
-from ..errors import AdapterError
+from ..errors import AdapterError, PrefixportError
 from ..runtime import BackendSettings, CacheSettings, Engine
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
 from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from ..runtime.speculative import parse_method
 from .app import ApiError, Job, Server, as_api_error, check_api_key, check_supported, invalid_body
+from .metrics import merge as merge_metrics
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -51,7 +57,9 @@ log = logging.getLogger(__name__)
 Kind = Literal["completion", "chat"]
 _ADAPTER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # as POST /v1/adapters names: no path separators
 REPLICA, INGRESS = "AdapterReplica", "OpenAIIngress"  # deployment names
-APP_NAME = "prefixport"
+APP_NAME = "prefixport"  # the default application name (`--app-name`)
+METRICS_PUSH_S = 2.0  # how often each replica sends its metrics to the board
+METRICS_NAMESPACE = "prefixport"  # the Ray namespace of the boards, one per application
 
 
 class ReplicaError(Exception):
@@ -85,6 +93,27 @@ def parse(kind: Kind, data: Any) -> GenerationRequest:
         raise invalid_body(list(e.errors())) from None
     check_supported(body)
     return body
+
+
+@ray.remote(num_cpus=0)
+class MetricsBoard:
+    """The latest /metrics body of each replica of one application; a replica not heard from for
+    three pushes is dropped (it stopped or was replaced)."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, tuple[float, str]] = {}
+
+    def put(self, replica: str, text: str) -> None:
+        self.texts[replica] = (time.monotonic(), text)
+
+    def collect(self) -> dict[str, str]:
+        now = time.monotonic()
+        self.texts = {r: (t, text) for r, (t, text) in self.texts.items() if now - t < 3 * METRICS_PUSH_S}
+        return {r: text for r, (_, text) in self.texts.items()}
+
+
+def board_name(app_name: str) -> str:
+    return f"metrics:{app_name}"
 
 
 class AdapterHandle:
@@ -139,6 +168,22 @@ class AdapterReplica:
             return AdapterHandle(self.engine, adapter_id)
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter_bundle)
+        context = serve.get_replica_context()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._push_metrics, args=(board_name(context.app_name), context.replica_id.unique_id),
+                         name="prefixport-metrics", daemon=True).start()
+
+    def _push_metrics(self, board: str, replica: str) -> None:
+        """Send this replica's /metrics body to the application's board every METRICS_PUSH_S
+        seconds (found by name each time: the ingress may not be up yet, or may have restarted)."""
+        while True:
+            try:
+                actor = ray.get_actor(board, namespace=METRICS_NAMESPACE)
+                actor.put.remote(replica, self.server.metrics.render().decode())
+            except ValueError:  # no board (yet)
+                pass
+            if self._stopped.wait(METRICS_PUSH_S):
+                return
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -227,6 +272,7 @@ class AdapterReplica:
     def __del__(self) -> None:
         server = getattr(self, "server", None)
         if server is not None:
+            self._stopped.set()
             server.scheduler.close()
             self.engine.close()
 
@@ -259,6 +305,9 @@ class OpenAIIngress:
         self.replica, self.api_key = replica, api_key
         self.model_name: str | None = None  # the base model's, asked from a replica once
         self.known: set[str] = set()  # adapter ids seen in the adapters folder
+        # owned by this actor: it goes with the application
+        self.board = MetricsBoard.options(name=board_name(serve.get_replica_context().app_name),
+                                          namespace=METRICS_NAMESPACE, get_if_exists=True).remote()
 
     def _authorize(self, request: Request) -> None:
         check_api_key(request.headers.get("authorization", ""), self.api_key)
@@ -337,6 +386,12 @@ class OpenAIIngress:
         return JSONResponse(ApiError(501, "under Ray Serve, adapters are registered on demand: put NAME.safetensors "
                                           "in the adapters folder and request model NAME",
                                      code="unsupported").body, status_code=501)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        """Every replica's prefixport metrics (as `prefixport serve` has them), labelled `replica`."""
+        texts = await self.board.collect.remote()
+        return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -422,43 +477,91 @@ def app_builder(args: AppArgs) -> serve.Application:
     return build_app(**options, settings=settings, cache=cache, prompt_cache_bytes=prompt_cache_bytes)
 
 
+def running_serve() -> ServeInstanceDetails | None:
+    """What Serve runs on the connected cluster (HTTP options, applications), or None when Serve
+    is not started. (Ray has no public call for the HTTP options: this reads what `serve.status()`
+    reads.)"""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return ServeInstanceDetails(**client.get_serve_details()) if client is not None else None
+
+
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
             model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
             adapter_budget_bytes: int | None = None, block: bool = True,
             settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings(),
-            prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, speculative: str | None = None) -> DeploymentHandle:
-    """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), start Serve's
-    HTTP proxy on host:port, deploy `build_app(...)` and (with `block`) serve until Ctrl-C.
+            prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, speculative: str | None = None,
+            app_name: str = APP_NAME, route_prefix: str = "/", replace: bool = False) -> DeploymentHandle:
+    """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), deploy
+    `build_app(...)` as application `app_name` at `route_prefix` and (with `block`) serve until
+    Ctrl-C or SIGTERM.
 
-    Without `settings.threads`, the local machine's cores are shared between the replicas.
+    Serve's HTTP proxy is started on host:port unless Serve already runs on the cluster: then its
+    host and port stay (Ray sets them once per cluster) and the message says which. An application
+    of the same name is refused unless `replace`; a route prefix another application holds is
+    refused. On exit, Serve is shut down if this call started it; else only `app_name` is deleted.
+    Without `settings.threads`, a local Ray's cores are shared between the replicas.
     """
+    if not route_prefix.startswith("/"):
+        raise PrefixportError(f"--route-prefix must start with '/', got {route_prefix!r}")
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    if settings.threads is None and not os.environ.get("RAY_ADDRESS"):
+    if settings.threads is None and not on_cluster:
         settings = dataclasses.replace(settings, threads=max(1, (os.cpu_count() or 1) // max(1, replicas)))
-    serve.start(http_options={"host": host, "port": port})
+    running = running_serve()
+    if running is not None:
+        _check_free(running, app_name, route_prefix, replace)
+        http = running.http_options
+        if (http.host, http.port) != (host, port):
+            print(f"Serve already runs on this cluster with its HTTP proxy on {http.host}:{http.port}; that "
+                  f"address serves this application too (--host {host} --port {port} are not used: Ray sets "
+                  "them once per cluster)", file=sys.stderr, flush=True)
+        host, port = str(http.host), int(http.port)
+    else:
+        serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
                     api_key=api_key, replicas=replicas, max_adapters=max_adapters,
                     adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
                     prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
-    handle = serve.run(app, name=APP_NAME, route_prefix="/")
+    handle = serve.run(app, name=app_name, route_prefix=route_prefix)
     if not block:
         return handle
-    print(f"serving on http://{host}:{port}/v1 with {replicas} Ray Serve replica(s); Ctrl-C stops",
-          file=sys.stderr, flush=True)
+    base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    print(f"serving application {app_name!r} on {base}/v1 (metrics: {base}/metrics) with {replicas} Ray Serve "
+          "replica(s); Ctrl-C stops it", file=sys.stderr, flush=True)
 
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: shut Serve down as Ctrl-C does
+        signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: shut down as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if running is None:
+            serve.shutdown()
+        else:  # a cluster's Serve: the other applications go on
+            serve.delete(app_name)
         ray.shutdown()
     return handle
+
+
+def _check_free(running: ServeInstanceDetails, app_name: str, route_prefix: str, replace: bool) -> None:
+    """Refuse to overwrite an application of the same name (unless `replace`) or to take another's
+    route prefix."""
+    apps = running.applications
+    if app_name in apps and not replace:
+        raise PrefixportError(
+            f"an application named {app_name!r} already runs on this Ray cluster (route prefix "
+            f"{apps[app_name].route_prefix}); choose another --app-name (and --route-prefix), or pass "
+            "--replace to redeploy it")
+    holders = [name for name, a in apps.items() if a.route_prefix == route_prefix and name != app_name]
+    if holders:
+        raise PrefixportError(f"route prefix {route_prefix} is taken by application {holders[0]!r} on this Ray "
+                              f"cluster; choose another --route-prefix (e.g. /{app_name})")
