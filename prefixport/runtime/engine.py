@@ -368,7 +368,8 @@ class Engine:
                  seed: int | None = None, repetition_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
                  response_format: dict[str, Any] | None = None, speculative: Speculative | None = None,
-                 timeout: float | None = None, stop: str | Sequence[str] = ()) -> RowRequest:
+                 timeout: float | None = None, stop: str | Sequence[str] = (),
+                 cache_salt: str | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         self._check_open()
         check_top(logprobs, "logprobs")
@@ -411,7 +412,8 @@ class Engine:
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
                           grammar=grammar.matcher() if grammar is not None else None, proposer=proposer,
                           deadline=None if timeout is None else time.perf_counter() + timeout,
-                          adapter=adapter, stop=(stop,) if isinstance(stop, str) else tuple(stop))
+                          adapter=adapter, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                          cache_salt=cache_salt or "")
 
     def proposer(self, speculative: Speculative | None) -> Proposer | None:
         """The proposer of a speculative decoding method (`SPECULATIVE`); None for None."""
@@ -483,7 +485,8 @@ class Engine:
         speculative ("prompt-lookup", or "draft" with a draft export loaded: while at most
         `speculate_rows` rows decode, each verifies proposed tokens several per pass; greedy rows
         give the same tokens, sampled rows the tokens their seed gives), timeout (seconds: the
-        row ends at the first token after it, finish reason "timeout").
+        row ends at the first token after it, finish reason "timeout"), cache_salt (the prompt
+        cache and prompt lookup share only between requests of the same salt: a tenant's).
         """
         stream = self.stream(prompt, **settings)
         for _ in stream:

@@ -154,6 +154,7 @@ class RowRequest:
     ended: Literal["cancelled", "timeout"] | None = None  # why a consumer ended the row early
     adapter: str | None = None  # the adapter's registered name (reported in the result)
     stop: tuple[str, ...] = ()  # stop strings: the consumer's RowText ends the row at one
+    cache_salt: str = ""  # the prompt cache and prompt lookup share only between requests of one salt
 
     def expired(self, now: float) -> bool:
         """Whether the row's deadline has passed while it still had tokens to make."""
@@ -225,7 +226,7 @@ class DecodeBatch:
         try:
             if self.prompt_cache is not None:
                 for row, request in placed:
-                    hits[row] = self.prompt_cache.lookup(request.prompt_ids, request.feed)
+                    hits[row] = self.prompt_cache.lookup(request.prompt_ids, request.feed, request.cache_salt)
             for group in _groups(placed, {row for row, hit in hits.items() if hit.slots}):
                 self._prefill(group, hits)
         except BaseException:

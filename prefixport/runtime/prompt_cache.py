@@ -128,10 +128,11 @@ class PromptCache:
 
     # --- a request's way through -----------------------------------------------------------------
 
-    def lookup(self, ids: Sequence[int], feed: AdapterFeed | None) -> Hit:
-        """The longest cached start of the prompt `ids` under its adapter that a hit may use,
-        pinned until `release`. Counted in the statistics (one request)."""
-        keys = self._keys(ids, feed)
+    def lookup(self, ids: Sequence[int], feed: AdapterFeed | None, salt: str = "") -> Hit:
+        """The longest cached start of the prompt `ids` under its adapter and `salt` (a tenant's:
+        only requests with the same salt share blocks) that a hit may use, pinned until `release`.
+        Counted in the statistics (one request)."""
+        keys = self._keys(ids, feed, salt)
         with self._lock:
             hit = self._find(ids, feed, keys)
             for block in reversed(hit.held):
@@ -143,9 +144,9 @@ class PromptCache:
             self.counters["cached_tokens"] += hit.tokens
         return hit
 
-    def peek(self, ids: Sequence[int], feed: AdapterFeed | None) -> int:
+    def peek(self, ids: Sequence[int], feed: AdapterFeed | None, salt: str = "") -> int:
         """Prompt tokens a lookup would take from the cache now (nothing pinned or counted)."""
-        keys = self._keys(ids, feed)
+        keys = self._keys(ids, feed, salt)
         with self._lock:
             return self._find(ids, feed, keys).tokens
 
@@ -222,10 +223,12 @@ class PromptCache:
                                 hit_rate=c["hits"] / c["requests"] if c["requests"] else 0.0,
                                 cached_token_rate=c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0)
 
-    def _keys(self, ids: Sequence[int], feed: AdapterFeed | None) -> list[bytes]:
-        """The root key, then the chain key of each full block of `ids` but its last token."""
+    def _keys(self, ids: Sequence[int], feed: AdapterFeed | None, salt: str) -> list[bytes]:
+        """The root key (base model, adapter, salt), then the chain key of each full block of `ids`
+        but its last token."""
         identity = feed.identity.encode() if feed is not None else b"-"
-        key = hashlib.blake2b(self._base + b"|" + identity, digest_size=16).digest()
+        root = b"|".join((self._base, identity, salt.encode()))
+        key = hashlib.blake2b(root, digest_size=16).digest()
         keys = [key]
         tokens = np.asarray(ids, np.int64)
         b = self.block_tokens

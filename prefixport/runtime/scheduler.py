@@ -292,7 +292,7 @@ class Scheduler:
         """Tokens the request's prefill runs: its prompt, less what the prompt cache holds."""
         cached = self.engine.prompt_cache
         ids = request.prompt_ids
-        return len(ids) - (cached.peek(ids, request.feed) if cached is not None else 0)
+        return len(ids) - (cached.peek(ids, request.feed, request.cache_salt) if cached is not None else 0)
 
     def _join(self, batch: DecodeBatch, new: list[Ticket]) -> int:
         """Prefill `new` (fresh prompts several per run); returns how many were taken, in order.

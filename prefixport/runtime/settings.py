@@ -94,3 +94,4 @@ class GenerationSettings(TypedDict, total=False):
     speculative: Speculative | None  # docs/runtime.md, "Speculative decoding"
     timeout: float | None  # seconds: the row ends at its first token after it ("timeout")
     stop: str | Sequence[str]  # stop strings, cut from the text
+    cache_salt: str | None  # only requests of one salt share prompt-cache blocks (a tenant's: docs/security.md)

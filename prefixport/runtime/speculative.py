@@ -215,8 +215,9 @@ def _common(a: list[int], b: list[int]) -> int:
 
 
 def _identity(request: RowRequest) -> str:
+    """Whose outputs a row's proposals may come from: its adapter's, under its cache salt (a tenant's)."""
     feed = request.feed
-    return feed.identity if feed is not None and feed.name is not None else ""
+    return (feed.identity if feed is not None and feed.name is not None else "") + "|" + request.cache_salt
 
 
 def _follows(source: list[int], tail: list[int], limit: int, own: bool) -> list[int]:
