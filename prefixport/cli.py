@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -213,7 +215,16 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,
               help="Largest request body accepted (413 beyond).")
 @click.option("--api-key", envvar="PREFIXPORT_API_KEY", default=None,
-              help="Require `Authorization: Bearer KEY` on /v1/* (or set PREFIXPORT_API_KEY).")
+              help="Require `Authorization: Bearer KEY` on /v1/* (or set PREFIXPORT_API_KEY): one admin key.")
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A TOML file of API keys: id, key (or its sha256), role admin|user, the models each may use, "
+                   "max_concurrent, tokens_per_minute (docs/security.md). Reloaded when it changes and on SIGHUP.")
+@click.option("--allow-adapter-admin", is_flag=True,
+              help="Let admin keys register and delete adapters over HTTP (POST/DELETE /v1/adapters; off: 403).")
+@click.option("--private-metrics", is_flag=True, help="/metrics and /health need an admin key.")
+@click.option("--shared-prompt-cache", is_flag=True,
+              help="Share prompt-cache blocks across keys (default: each key's own; a request's cache_salt "
+                   "narrows further).")
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
 @click.option("--adapter-budget-mb", type=float, default=None,
               help="Keep at most this many MB of adapters in memory (LRU); default: all.")
@@ -247,7 +258,8 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @_errors
 @_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
-          max_waiting: int, max_body_mb: float, api_key: str | None, model_name: str | None,
+          max_waiting: int, max_body_mb: float, api_key: str | None, keys_file: str | None,
+          allow_adapter_admin: bool, private_metrics: bool, shared_prompt_cache: bool, model_name: str | None,
           adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
           speculative: str | None, speculate_max_batch: int | None, use_ray: bool, replicas: int, max_adapters: int,
           app_name: str, route_prefix: str, replace: bool, settings: BackendSettings) -> None:
@@ -258,6 +270,9 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
     from .runtime.speculative import parse_method
 
     method, draft = parse_method(speculative)
+    if keys_file is not None and api_key is not None:
+        raise click.UsageError("give --keys or --api-key, not both")
+    _audit_to_stderr()
 
     cache = CacheSettings(max_rows=max_batch, max_context=max_context, budget_mb=kv_cache_mb)
     adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
@@ -272,33 +287,52 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
         if speculate_max_batch is not None:
             raise click.UsageError("--speculate-max-batch is not passed to Ray replicas yet; they speculate at the "
                                    "default batch size")
+        if allow_adapter_admin:
+            raise click.UsageError("--allow-adapter-admin: under Ray adapters come from the adapters folder only")
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
                 prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
                 max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache,
                 prompt_cache_bytes=prompt_cache_bytes, speculative=speculative, app_name=app_name,
-                route_prefix=route_prefix, replace=replace)
+                route_prefix=route_prefix, replace=replace, keys_file=keys_file,
+                shared_prompt_cache=shared_prompt_cache, private_ops=private_metrics)
         return
     import uvicorn
 
     from .runtime import Engine
     from .server import create_app
+    from .server.tenants import Access, KeyRing
 
+    keys = KeyRing(keys_file, api_key)  # a bad keys file: one clear error before anything loads
+    access = Access(keys, adapter_admin=allow_adapter_admin, private_ops=private_metrics,
+                    shared_prompt_cache=shared_prompt_cache)
     sock = _bind(host, port)  # before loading anything: a busy port is one clear error, nothing claimed
     backend, options = settings.load_kwargs()
     engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache,
                          prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
-                     api_key=api_key, speculative=method, speculate_rows=speculate_max_batch)
+                     access=access, speculative=method, speculate_rows=speculate_max_batch)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
               f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch}, "
               f"{engine.backend.name} on {engine.backend.device})")
+    signal.signal(signal.SIGHUP, lambda *_: keys.reload())  # new keys without dropping a request
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
         pass
+
+
+def _audit_to_stderr() -> None:
+    """Audit events (adapter admin, key reloads: JSON lines, `server.tenants.audit`) to stderr."""
+    audit = logging.getLogger("prefixport.audit")
+    if not audit.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        audit.addHandler(handler)
+        audit.setLevel(logging.INFO)
+        audit.propagate = False
 
 
 def _bind(host: str, port: int):

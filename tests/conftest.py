@@ -134,6 +134,7 @@ def served(tiny_export, tiny_adapters, tmp_path_factory):
 
     from prefixport.runtime import Engine
     from prefixport.server import create_app
+    from prefixport.server.tenants import Access
 
     from .helpers import running
 
@@ -141,7 +142,8 @@ def served(tiny_export, tiny_adapters, tmp_path_factory):
     for name in ADAPTER_VARIANTS:
         shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
     engine = Engine.load(tiny_export("llama"))
-    app = create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=8)
+    # adapter admin on (no keys: every caller is an admin): the tests register and delete adapters
+    app = create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=8, access=Access(adapter_admin=True))
     with running(app) as url:
         yield engine, url, folder, app.state.server
     engine.close()

@@ -305,10 +305,14 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_e
     assert f"an application named '{APP_NAME}' already runs on this Ray cluster" in refused.stderr
     assert "--replace" in refused.stderr
 
+    keys = tmp_path / "keys.toml"  # the ingress checks keys and scopes; replicas trust it
+    keys.write_text('[[key]]\nid = "ops"\nkey = "ops-key"\nrole = "admin"\n'
+                    '[[key]]\nid = "acme"\nkey = "acme-key"\nmodels = ["tiny", "prompt"]\nmax_concurrent = 1\n')
     log = tmp_path / "second.log"
     with log.open("w") as out:
         second = subprocess.Popen([str(a) for a in base + ["--port", str(_free_port()), "--app-name", "second",
-                                                           "--route-prefix", "/second"]], env=cli, stderr=out)
+                                                           "--route-prefix", "/second", "--keys", keys,
+                                                           "--private-metrics"]], env=cli, stderr=out)
     try:
         deadline = time.monotonic() + 300
         while "serving application" not in (said := log.read_text()):
@@ -316,9 +320,16 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_e
             time.sleep(1)
         assert f"Serve already runs on this cluster with its HTTP proxy on 127.0.0.1:{port}" in said, said
         assert f"serving application 'second' on http://127.0.0.1:{port}/second/v1" in said, said
-        other = openai.OpenAI(base_url=f"{url}/second/v1", api_key="unused", max_retries=0, timeout=60)
+        other = openai.OpenAI(base_url=f"{url}/second/v1", api_key="acme-key", max_retries=0, timeout=60)
         got = other.completions.create(model="prompt", prompt=PROMPTS[1], max_tokens=5, temperature=0)
         assert got.choices[0].text == engine.generate(PROMPTS[1], adapter="prompt", max_new_tokens=5).text
+        assert {m.id for m in other.models.list()} == {"tiny", "prompt"}
+        with pytest.raises(openai.NotFoundError):  # not acme's: as if it did not exist
+            other.completions.create(model="prefix", prompt="hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/second/v1", api_key="nope", max_retries=0).models.list()
+        assert httpx.get(f"{url}/second/metrics", headers={"Authorization": "Bearer acme-key"}).status_code == 403
+        assert httpx.get(f"{url}/second/metrics", headers={"Authorization": "Bearer ops-key"}).status_code == 200
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=120)

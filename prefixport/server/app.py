@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import time
@@ -27,22 +26,14 @@ from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
 from .middleware import CountRequests, LimitBody
-from .protocol import (AdapterLoad, ChatRequest, CompletionRequest, Envelope, GenerationRequest, chat_logprobs,
-                       cached_tokens, completion_logprobs, error_body, usage)
+from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest,
+                       chat_logprobs, cached_tokens, completion_logprobs, error_body, usage)
+from .tenants import OPEN, Access, Key, KeyRing, Quotas, audit
 from .tokenizing import tokenizer_router
 
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's error object with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
 
 
 def as_api_error(e: Exception) -> ApiError:
@@ -75,16 +66,6 @@ def invalid_body(errors: list[dict]) -> ApiError:
     return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
 
 
-def check_api_key(authorization: str, api_key: str | None) -> None:
-    """Raise 401 unless the `Authorization` header carries `Bearer API_KEY` (no key: all pass)."""
-    if api_key is None:
-        return
-    given = authorization.removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
-                       code="invalid_api_key")
-
-
 def check_supported(body: GenerationRequest) -> None:
     """400 for the first field set to something prefixport cannot do (tools, penalties, ...)."""
     for name, reason in body.unsupported().items():
@@ -115,6 +96,11 @@ class Job:
     def top(self) -> int | None:
         return self.body.top_logprobs_asked()
 
+    @property
+    def tokens(self) -> int:
+        """Prompt and generated tokens so far (what a key's tokens_per_minute counts)."""
+        return sum(len(p) for p in self.prompts) + sum(len(t.request.tokens) for t in self.tickets)
+
 
 def default_model_name(engine: Engine) -> str:
     """The name clients use for the base model: the export's model spec (its last path part)."""
@@ -126,10 +112,11 @@ class Server:
     """State behind the routes: the engine, its scheduler, metrics, the adapters folder."""
 
     def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
-                 max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
+                 max_batch: int = 8, access: Access | None = None, prefill_budget: int = 512,
                  max_waiting: int | None = 256, max_choices: int = 64, speculative: str | None = None,
                  speculate_rows: int | None = None) -> None:
-        self.engine, self.api_key, self.max_choices = engine, api_key, max_choices
+        self.engine, self.max_choices = engine, max_choices
+        self.access, self.quotas = access or Access(), Quotas()
         self.model_name = model_name or default_model_name(engine)
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self.metrics = Metrics()
@@ -146,18 +133,24 @@ class Server:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def adapter_for(self, model: str) -> str | None:
-        if model == self.model_name:
-            return None
-        if model in self.engine.adapters:
-            return model
-        raise ApiError(404, f"The model `{model}` does not exist (serving {self.model_name!r} and adapters: "
-                            f"{', '.join(self.engine.adapters) or 'none'})", param="model", code="model_not_found")
+    def visible(self, key: Key = OPEN) -> list[str]:
+        """The models `key` may use: the base model first, then adapters."""
+        return [n for n in (self.model_name, *self.engine.adapters) if key.may_use(n)]
 
-    def check(self, body: GenerationRequest) -> str | None:
+    def adapter_for(self, model: str, key: Key = OPEN) -> str | None:
+        """The adapter `model` names (None: the base); 404 if it is not served or `key` may not use
+        it (alike: a key learns nothing of models that are not its own)."""
+        if key.may_use(model) and model == self.model_name:
+            return None
+        if key.may_use(model) and model in self.engine.adapters:
+            return model
+        raise ApiError(404, f"The model `{model}` does not exist (the models: {', '.join(self.visible(key)) or 'none'})",
+                       param="model", code="model_not_found")
+
+    def check(self, body: GenerationRequest, key: Key = OPEN) -> str | None:
         """Refuse what prefixport cannot do; the adapter the request names (None: the base)."""
         check_supported(body)
-        return self.adapter_for(body.model)
+        return self.adapter_for(body.model, key)
 
     def prompts(self, body: GenerationRequest, adapter: str | None = None) -> tuple[list[Any], int | None]:
         """The request's prompts encoded in `adapter`'s prompt format (`Engine.encode`: a text raw, as
@@ -177,12 +170,13 @@ class Server:
         return Envelope(kind, body.model, self.fingerprint)
 
     def start(self, body: GenerationRequest, prompts: list[Any], adapter: str | None,
-              max_tokens: int | None) -> Job:
-        """Accept a request: prepare the prompts to echo and submit the tickets (all or none). No
-        await in here: the adapter is held from the moment it was checked."""
+              max_tokens: int | None, key: Key = OPEN) -> Job:
+        """Accept a request by `key`: prepare the prompts to echo and submit the tickets (all or
+        none). No await in here: the adapter is held from the moment it was checked."""
         echo = [self.engine.prepare(ids, adapter=adapter, max_new_tokens=1)
                 for ids in prompts] if getattr(body, "echo", False) else []
-        tickets = self.submit(prompts, body, adapter, max_tokens) if max_tokens != 0 else []
+        salt = self.access.salt(key, body.cache_salt)
+        tickets = self.submit(prompts, body, adapter, max_tokens, salt) if max_tokens != 0 else []
         return Job(body, self.envelope(body), prompts, tickets, echo)
 
     def echoes(self, job: Job) -> list[Echo]:
@@ -203,7 +197,7 @@ class Server:
         return completion_logprobs(ids, entries, job.top, self.token_text, offset)
 
     def submit(self, prompts: list[Any], body: GenerationRequest, adapter: str | None,
-               max_tokens: int | None) -> list[Ticket]:
+               max_tokens: int | None, salt: str = "") -> list[Ticket]:
         """One ticket per prompt and choice; all or none (a bad one cancels those before it)."""
         if len(prompts) * body.n > self.max_choices:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} ask for {len(prompts) * body.n} completions; "
@@ -215,7 +209,7 @@ class Server:
                 for choice in range(body.n):
                     tickets.append(self.scheduler.submit(prompt, adapter=adapter, max_new_tokens=limit,
                                                          stop=body.stops(), logprobs=body.top_logprobs_asked(),
-                                                         **body.sampling(choice)))
+                                                         cache_salt=salt, **body.sampling(choice)))
         except Exception:
             for t in tickets:
                 t.cancel()
@@ -296,16 +290,28 @@ class Server:
             for task in tasks:
                 task.cancel()
 
-    async def respond(self, request: Request, job: Job, model: str) -> Response:
+    async def respond(self, request: Request, job: Job, model: str, key: Key = OPEN) -> Response:
+        """The response to an admitted request (`quotas.admit(key)`), counted done at its end."""
         if job.body.stream:
             include = bool(job.body.stream_options and job.body.stream_options.include_usage)
-            return StreamingResponse(self.stream(job, include, model), media_type="text/event-stream")
-        collecting = asyncio.ensure_future(self.whole(job, model))
-        while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():  # the client gave up: its rows leave the batch
-                collecting.cancel()
-                return Response(status_code=499)
-        return JSONResponse(collecting.result())
+            return StreamingResponse(self._counted(self.stream(job, include, model), job, key),
+                                     media_type="text/event-stream")
+        try:
+            collecting = asyncio.ensure_future(self.whole(job, model))
+            while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():  # the client gave up: its rows leave the batch
+                    collecting.cancel()
+                    return Response(status_code=499)
+            return JSONResponse(collecting.result())
+        finally:
+            self.quotas.done(key, job.tokens)
+
+    async def _counted(self, events: AsyncIterator[str], job: Job, key: Key) -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.quotas.done(key, job.tokens)
 
     async def whole(self, job: Job, model: str) -> dict[str, Any]:
         """The non-streaming response object: every choice (its echoed prompt, then its result), and the usage."""
@@ -333,6 +339,15 @@ class Server:
         return job.envelope.whole(choices, usage(prompt_tokens, completion_tokens, cached_tokens(results, n)))
 
     # --- adapters -----------------------------------------------------------------------------
+
+    def check_admin(self, key: Key) -> None:
+        """403 unless adapter admin is on and `key` is an admin's."""
+        if not self.access.adapter_admin:
+            raise ApiError(403, "adapters cannot be registered or deleted over HTTP on this server (start it with "
+                                "--allow-adapter-admin)", "permission_error", code="adapter_admin_disabled")
+        if not key.admin:
+            raise ApiError(403, "this key may not register or delete adapters (an admin key may)", "permission_error",
+                           code="permission_denied")
 
     def load_adapter(self, body: AdapterLoad) -> dict[str, Any]:
         if self.adapters_dir is None:
@@ -375,7 +390,7 @@ class Server:
 
 
 def _error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 503 else None
+    headers = e.headers or ({"Retry-After": "1"} if e.status == 503 else None)
     return JSONResponse(e.body, status_code=e.status, headers=headers)
 
 
@@ -384,16 +399,21 @@ def _sse(obj: dict[str, Any]) -> str:
 
 
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
-               max_batch: int = 8, api_key: str | None = None, prefill_budget: int = 512,
-               max_waiting: int | None = 256, max_choices: int = 64, max_body_bytes: int = 4 << 20,
-               register_adapters: bool = True, speculative: str | None = None,
+               max_batch: int = 8, api_key: str | None = None, access: Access | None = None,
+               prefill_budget: int = 512, max_waiting: int | None = 256, max_choices: int = 64,
+               max_body_bytes: int = 4 << 20, register_adapters: bool = True, speculative: str | None = None,
                speculate_rows: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
-    registered now, named after its file; `api_key` makes /v1/* require `Authorization: Bearer KEY`;
-    `max_batch`, `prefill_budget`, `max_waiting` (more: 503), `speculative` and `speculate_rows` go
-    to the `Scheduler`; a request asks for at most `max_choices` completions (prompts x n) and its
-    body is at most `max_body_bytes` (413)."""
-    server = Server(engine, model_name, adapters_dir, max_batch, api_key, prefill_budget, max_waiting, max_choices,
+    registered now, named after its file. `access` says who may call it (keys, adapter admin,
+    private /metrics, a shared prompt cache: `tenants.Access`); `api_key` is its short form, one
+    admin key required on /v1/*. `max_batch`, `prefill_budget`, `max_waiting` (more: 503),
+    `speculative` and `speculate_rows` go to the `Scheduler`; a request asks for at most
+    `max_choices` completions (prompts x n) and its body is at most `max_body_bytes` (413)."""
+    if access is None:
+        access = Access(KeyRing(api_key=api_key))
+    elif api_key is not None:
+        raise PrefixportError("give create_app an api_key or an access, not both")
+    server = Server(engine, model_name, adapters_dir, max_batch, access, prefill_budget, max_waiting, max_choices,
                     speculative, speculate_rows)
     if register_adapters:
         server.register_folder()
@@ -406,8 +426,15 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
     app = FastAPI(title="prefixport", lifespan=lifespan)
     app.state.server = server
 
-    def authorize(request: Request) -> None:
-        check_api_key(request.headers.get("authorization", ""), server.api_key)
+    def authorize(request: Request) -> Key:
+        return access.keys.authenticate(request.headers.get("authorization", ""))
+
+    def operator(request: Request) -> None:
+        if access.private_ops:
+            key = authorize(request)
+            if not key.admin:
+                raise ApiError(403, "/metrics and /health need an admin key on this server", "permission_error",
+                               code="permission_denied")
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -434,49 +461,58 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     v1 = [Depends(authorize)]
 
-    async def generate(body: GenerationRequest, request: Request) -> Response:
-        adapter = server.check(body)
+    async def generate(body: GenerationRequest, request: Request, key: Key) -> Response:
+        adapter = server.check(body, key)
         request.state.model = body.model
 
         def start() -> Job:
             prompts, max_tokens = server.prompts(body, adapter)
-            return server.start(body, prompts, adapter, max_tokens)
+            return server.start(body, prompts, adapter, max_tokens, key)
 
-        job = await asyncio.to_thread(start)
-        return await server.respond(request, job, body.model)
+        server.quotas.admit(key)  # 429 at a limit of this key's
+        try:
+            job = await asyncio.to_thread(start)
+        except BaseException:
+            server.quotas.done(key, 0)
+            raise
+        return await server.respond(request, job, body.model, key)
 
-    @app.post("/v1/completions", dependencies=v1)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await generate(body, request)
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, key: Key = Depends(authorize)) -> Response:
+        return await generate(body, request, key)
 
-    @app.post("/v1/chat/completions", dependencies=v1)
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        return await generate(body, request)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request, key: Key = Depends(authorize)) -> Response:
+        return await generate(body, request, key)
 
-    @app.get("/v1/models", dependencies=v1)
-    async def models() -> dict[str, Any]:
-        names = [server.model_name, *engine.adapters]
-        return {"object": "list", "data": [server.model_object(n) for n in names]}
+    @app.get("/v1/models")
+    async def models(key: Key = Depends(authorize)) -> dict[str, Any]:
+        return {"object": "list", "data": [server.model_object(n) for n in server.visible(key)]}
 
-    @app.get("/v1/models/{model:path}", dependencies=v1)
-    async def model(model: str) -> dict[str, Any]:
-        server.adapter_for(model)
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, key: Key = Depends(authorize)) -> dict[str, Any]:
+        server.adapter_for(model, key)
         return server.model_object(model)
 
-    @app.post("/v1/adapters", dependencies=v1)
-    async def load_adapter(body: AdapterLoad) -> dict[str, Any]:
-        return await asyncio.to_thread(server.load_adapter, body)
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoad, key: Key = Depends(authorize)) -> dict[str, Any]:
+        server.check_admin(key)
+        loaded = await asyncio.to_thread(server.load_adapter, body)
+        audit("adapter_registered", key_id=key.id, adapter=body.name, path=body.path or f"{body.name}.safetensors")
+        return loaded
 
-    @app.delete("/v1/adapters/{name}", dependencies=v1)
-    async def unload_adapter(name: str) -> dict[str, Any]:
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, key: Key = Depends(authorize)) -> dict[str, Any]:
+        server.check_admin(key)
         if name not in engine.adapters:
             raise ApiError(404, f"no adapter named {name!r} is loaded", param="name", code="adapter_not_found")
         engine.remove_adapter(name)
+        audit("adapter_deleted", key_id=key.id, adapter=name)
         return {"id": name, "object": "adapter", "deleted": True}
 
     app.include_router(tokenizer_router(engine, v1))
 
-    @app.get("/health")
+    @app.get("/health", dependencies=[Depends(operator)])
     async def health() -> JSONResponse:
         ok = server.scheduler.alive
         body = {"status": "ok" if ok else "unavailable", "model": server.model_name,
@@ -484,7 +520,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
                 "waiting": server.scheduler.waiting}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(operator)])
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

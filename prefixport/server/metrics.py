@@ -140,7 +140,9 @@ def merge(texts: dict[str, str], label: str = "replica") -> bytes:
         for family in text_string_to_metric_families(text):
             merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
                                                              family.unit))
-            merged.samples += [s._replace(labels={**s.labels, label: source}) for s in family.samples]
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, label: source}, sample.value, sample.timestamp,
+                                  sample.exemplar)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry)

@@ -47,6 +47,8 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False  # generate max_tokens whatever the model's end-of-sequence tokens
     response_format: dict[str, Any] | None = None  # text, json_object, json_schema (docs/api.md)
     timeout: float | None = Field(default=None, gt=0)  # seconds from arrival; finish_reason "timeout"
+    # vLLM's: only requests of one salt share prompt-cache blocks (within the caller's key: docs/security.md)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
     def top_logprobs_asked(self) -> int | None:
         """Alternatives per token when logprobs are asked for (None: not asked)."""
@@ -183,6 +185,16 @@ def cached_tokens(results: Sequence[GenerationResult | None], n: int) -> int:
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error object with an HTTP status (and headers: a 429's
+    Retry-After)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 def completion_logprobs(ids: Sequence[int], entries: Sequence[TokenLogprob | None], top: int,

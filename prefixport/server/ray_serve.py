@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -48,8 +48,9 @@ from ..runtime import BackendSettings, CacheSettings, Engine
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
 from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from ..runtime.speculative import parse_method
-from .app import ApiError, Job, Server, as_api_error, check_api_key, check_supported, invalid_body
+from .app import ApiError, Job, Server, as_api_error, check_supported, invalid_body
 from .metrics import merge as merge_metrics
+from .tenants import Access, Key, KeyRing, Quotas
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _to_api_error(e: BaseException) -> ApiError | ReplicaError:
 
 def _error_response(e: BaseException) -> JSONResponse:
     err = _to_api_error(e)
-    return JSONResponse(err.body, status_code=err.status)
+    return JSONResponse(err.body, status_code=err.status, headers=getattr(err, "headers", None))
 
 
 def parse(kind: Kind, data: Any) -> GenerationRequest:
@@ -153,7 +154,9 @@ class AdapterReplica:
         method, draft = parse_method(speculative)
         self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, cache=cache,
                                   prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
-        self.server = Server(self.engine, model_name, adapters_dir, max_batch, prefill_budget=prefill_budget,
+        # The ingress checks keys and sets each request's cache_salt from its key: replicas trust it.
+        self.server = Server(self.engine, model_name, adapters_dir, max_batch, Access(shared_prompt_cache=True),
+                             prefill_budget=prefill_budget,
                              speculative=method)
         self.max_adapters = max_adapters
         self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
@@ -280,18 +283,28 @@ class AdapterReplica:
 api = FastAPI(title="prefixport (Ray Serve)")
 
 
-async def _sse(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
-    """The first event (already received, so that an error could still be a status) and the rest."""
-    done = False
+async def _sse(first: str, rest: DeploymentResponseGenerator, on_end: Callable[[int], None],
+               usage: bool) -> AsyncIterator[str]:
+    """The first event (already received, so that an error could still be a status) and the rest;
+    `on_end(tokens)` at the end with the tokens the usage chunk counts (the replica always sends
+    one: passed on if the client asked for `usage`)."""
+    done, tokens = False, 0
     try:
         yield first
         async for event in rest:
+            if event.startswith('data: {"id"') and '"usage":{' in event.replace(" ", ""):
+                chunk = json.loads(event.removeprefix("data: "))
+                if not chunk.get("choices") and chunk.get("usage"):
+                    tokens = chunk["usage"]["total_tokens"]
+                    if not usage:
+                        continue
             yield event
         done = True
     except Exception as e:  # the replica failed mid-stream: say so in the stream, as `Server.stream` does
         done = True
         yield f"data: {json.dumps(_to_api_error(e).body, ensure_ascii=False)}\n\n"
     finally:
+        on_end(tokens)
         if not done:  # the client went away: the replica's rows leave its batch
             rest.cancel()
 
@@ -301,16 +314,26 @@ async def _sse(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[s
 class OpenAIIngress:
     """The OpenAI API, routing each request to a replica by its `model` (the adapter id)."""
 
-    def __init__(self, replica: DeploymentHandle, api_key: str | None = None) -> None:
-        self.replica, self.api_key = replica, api_key
+    def __init__(self, replica: DeploymentHandle, api_key: str | None = None, keys_file: str | None = None,
+                 shared_prompt_cache: bool = False, private_ops: bool = False) -> None:
+        self.replica = replica
+        self.access = Access(KeyRing(keys_file, api_key), private_ops=private_ops,
+                             shared_prompt_cache=shared_prompt_cache)
+        self.quotas = Quotas()
         self.model_name: str | None = None  # the base model's, asked from a replica once
         self.known: set[str] = set()  # adapter ids seen in the adapters folder
         # owned by this actor: it goes with the application
         self.board = MetricsBoard.options(name=board_name(serve.get_replica_context().app_name),
                                           namespace=METRICS_NAMESPACE, get_if_exists=True).remote()
 
-    def _authorize(self, request: Request) -> None:
-        check_api_key(request.headers.get("authorization", ""), self.api_key)
+    def _authorize(self, request: Request) -> Key:
+        return self.access.keys.authenticate(request.headers.get("authorization", ""))
+
+    def _operator(self, request: Request) -> None:
+        """With `private_ops`, /metrics and /health need an admin key."""
+        if self.access.private_ops and not self._authorize(request).admin:
+            raise ApiError(403, "/metrics and /health need an admin key on this server", "permission_error",
+                           code="permission_denied")
 
     async def _refresh(self) -> dict[str, Any]:
         info = await self.replica.describe.remote()
@@ -318,38 +341,55 @@ class OpenAIIngress:
         self.known = {m["id"] for m in info["models"]} - {self.model_name}
         return info
 
-    async def _route(self, model: str) -> DeploymentHandle:
+    async def _route(self, model: str, key: Key) -> DeploymentHandle:
         """The handle for a request for `model`: the base model is on every replica; an adapter id
-        routes by multiplexing. An id not in the adapters folder is a 404 here, before any replica."""
+        routes by multiplexing. An id not in the adapters folder, or not `key`'s, is a 404 here,
+        before any replica."""
         if self.model_name is None or (model != self.model_name and model not in self.known):
             await self._refresh()  # the folder may have gained a bundle since
-        if model == self.model_name:
+        if key.may_use(model) and model == self.model_name:
             return self.replica
-        if model not in self.known:
-            raise ApiError(404, f"The model `{model}` does not exist (serving {self.model_name!r} and adapters: "
-                                f"{', '.join(sorted(self.known)) or 'none'})", param="model", code="model_not_found")
+        if not key.may_use(model) or model not in self.known:
+            visible = [m for m in [self.model_name, *sorted(self.known)] if m is not None and key.may_use(m)]
+            raise ApiError(404, f"The model `{model}` does not exist (the models: {', '.join(visible) or 'none'})",
+                           param="model", code="model_not_found")
         return self.replica.options(multiplexed_model_id=model)
 
     async def _generate(self, kind: Kind, request: Request) -> Response:
         try:
-            self._authorize(request)
+            key = self._authorize(request)
             try:
                 data = await request.json()
             except ValueError:
                 raise ApiError(400, "the request body is not valid JSON") from None
             body = parse(kind, data)
-            handle = await self._route(body.model)
+            handle = await self._route(body.model, key)
+            data["cache_salt"] = self.access.salt(key, body.cache_salt)
+            self.quotas.admit(key)  # 429 at a limit of this key's
+        except Exception as e:
+            return _error_response(e)
+        tokens, streaming = 0, False
+        try:
             if not body.stream:
-                return JSONResponse(await handle.complete.remote(kind, data))
+                response = await handle.complete.remote(kind, data)
+                tokens = response["usage"]["total_tokens"]
+                return JSONResponse(response)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            data["stream_options"] = {"include_usage": True}  # counted for tokens_per_minute
             events = handle.options(stream=True).stream.remote(kind, data)
             try:
                 first = await events.__anext__()
             except BaseException:
                 events.cancel()
                 raise
-            return StreamingResponse(_sse(first, events), media_type="text/event-stream")
+            streaming = True
+            return StreamingResponse(_sse(first, events, lambda n: self.quotas.done(key, n), usage),
+                                     media_type="text/event-stream")
         except Exception as e:
             return _error_response(e)
+        finally:
+            if not streaming:
+                self.quotas.done(key, tokens)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -362,19 +402,19 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
-            self._authorize(request)
+            key = self._authorize(request)
             info = await self._refresh()
-            return JSONResponse({"object": "list", "data": info["models"]})
+            return JSONResponse({"object": "list", "data": [m for m in info["models"] if key.may_use(m["id"])]})
         except Exception as e:
             return _error_response(e)
 
     @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
         try:
-            self._authorize(request)
+            key = self._authorize(request)
             info = await self._refresh()
             for obj in info["models"]:
-                if obj["id"] == model:
+                if obj["id"] == model and key.may_use(model):
                     return JSONResponse(obj)
             raise ApiError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
         except Exception as e:
@@ -388,13 +428,21 @@ class OpenAIIngress:
                                      code="unsupported").body, status_code=501)
 
     @api.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
         """Every replica's prefixport metrics (as `prefixport serve` has them), labelled `replica`."""
+        try:
+            self._operator(request)
+        except ApiError as e:
+            return _error_response(e)
         texts = await self.board.collect.remote()
         return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/health")
-    async def health(self) -> Response:
+    async def health(self, request: Request) -> Response:
+        try:
+            self._operator(request)
+        except ApiError as e:
+            return _error_response(e)
         try:
             info = await self.replica.describe.remote()
         except Exception as e:
@@ -404,7 +452,9 @@ class OpenAIIngress:
 
 
 def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
-              max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None, replicas: int = 1,
+              max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
+              keys_file: str | Path | None = None, shared_prompt_cache: bool = False, private_ops: bool = False,
+              replicas: int = 1,
               max_adapters: int = 8, adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
               replica_gpus: float = 0, settings: BackendSettings = BackendSettings(),
               cache: CacheSettings = CacheSettings(),
@@ -418,7 +468,10 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
     each replica's `Scheduler`; `settings` chooses the backend (checked when it was made, so a bad
     combination is refused here, not in each replica); `cache` bounds each replica's KV cache and
     `prompt_cache_bytes` its prompt cache; `speculative` (prompt-lookup, draft:EXPORT_DIR) makes
-    each replica's scheduler speculate.
+    each replica's scheduler speculate. The ingress checks the keys (`api_key`, or `keys_file` on
+    its node: roles, models, quotas, reloaded when it changes), sets each request's prompt-cache
+    salt from its key unless `shared_prompt_cache`, and with `private_ops` needs an admin key on
+    /metrics and /health; the replicas trust it.
     """
     parse_method(speculative)  # refused here, not in each replica
     if settings.uses_gpu:
@@ -435,7 +488,8 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
            max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
            prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
-        replica, api_key=api_key)
+        replica, api_key=api_key, keys_file=str(Path(keys_file).resolve()) if keys_file is not None else None,
+        shared_prompt_cache=shared_prompt_cache, private_ops=private_ops)
 
 
 class AppArgs(BaseModel):
@@ -449,6 +503,9 @@ class AppArgs(BaseModel):
     max_batch: int = 8
     prefill_budget: int = 512
     api_key: str | None = None
+    keys_file: str | None = None  # on the ingress's node
+    shared_prompt_cache: bool = False
+    private_ops: bool = False
     replicas: int = 1
     max_adapters: int = 8
     threads: int | None = None
@@ -489,6 +546,7 @@ def running_serve() -> ServeInstanceDetails | None:
 
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
+            keys_file: str | Path | None = None, shared_prompt_cache: bool = False, private_ops: bool = False,
             model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
             adapter_budget_bytes: int | None = None, block: bool = True,
             settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings(),
@@ -523,7 +581,9 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
     else:
         serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
-                    api_key=api_key, replicas=replicas, max_adapters=max_adapters,
+                    api_key=api_key, keys_file=keys_file, shared_prompt_cache=shared_prompt_cache,
+                    private_ops=private_ops,
+                    replicas=replicas, max_adapters=max_adapters,
                     adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
                     prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
     handle = serve.run(app, name=app_name, route_prefix=route_prefix)
