@@ -441,13 +441,21 @@ def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int 
 
 
 @adapter.command("inspect")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("adapter_file", metavar="FILE|NAME")
+@click.option("--export", "export_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An export folder: NAME is then a bundle in its adapters/ (as generate --adapter takes it), "
+                   "and the bundle is checked against the export (base model, shapes).")
 @_errors
-def adapter_inspect(file: str) -> None:
-    """Show what an adapter bundle holds."""
-    from .adapters import load_bundle
+def adapter_inspect(adapter_file: str, export_dir: str | None) -> None:
+    """Show what an adapter bundle holds (and, with --export, that it fits that export)."""
+    from .adapters import load_bundle, resolve_adapter
+    from .manifest import Manifest
 
-    b = load_bundle(file)
+    if export_dir is None:
+        b = load_bundle(adapter_file)
+    else:
+        path = resolve_adapter(export_dir, adapter_file)
+        b = load_bundle(path, Manifest.load(export_dir))
     meta = b.metadata
     rows = [("name", b.name), ("kind", b.kind), ("source PEFT type", meta["peft_type"]),
             ("n_virtual", str(b.n_virtual)), ("dtype", meta["dtype"]), ("bytes", f"{b.nbytes:,}"),
@@ -455,6 +463,8 @@ def adapter_inspect(file: str) -> None:
             ("format version", meta["format_version"])]
     rows += [(k, v) for k, v in meta.items() if k in ("task", "source", "baked_from") and v]
     rows.append(("prompt format", repr(meta["prompt_format"]) if "prompt_format" in meta else "not recorded"))
+    if export_dir is not None:
+        rows.append(("fits", f"{export_dir} (its base model and shapes)"))
     for key, value in rows:
         click.echo(f"{key:>17}: {value}")
 

@@ -220,6 +220,16 @@ def test_cli_convert_inspect_generate(llama, tmp_path):
     assert r.exit_code == 0, r.output
     for text in ("kind: prefix", "PREFIX_TUNING", "n_virtual: 7", "dtype: float32", "sha256:"):
         assert text in r.output
+    r = runner.invoke(main, ["adapter", "inspect", "clitest", "--export", str(export)])  # a name, as generate takes
+    assert r.exit_code == 0 and "kind: prefix" in r.output and f"fits: {export}" in r.output, r.output
+    r = runner.invoke(main, ["adapter", "inspect", "clitest"])
+    assert r.exit_code == 1 and "no such adapter file" in r.output
+    bundle = load_bundle(path)
+    tensors = dict(bundle.tensors)
+    tensors["past_key_values.1.value"] = tensors["past_key_values.1.value"][..., :-1].copy()  # one shorter last axis
+    save_file(tensors, str(tmp_path / "torn.safetensors"), metadata=dict(bundle.metadata))
+    r = runner.invoke(main, ["adapter", "inspect", str(tmp_path / "torn.safetensors")])
+    assert r.exit_code == 1 and "the prefix tensors disagree in shape" in r.output, r.output
     r = runner.invoke(main, ["generate", str(export), PROMPT, "--adapter", "clitest", "--raw",
                              "--max-new-tokens", "8"])
     assert r.exit_code == 0, r.output

@@ -220,6 +220,10 @@ def _check_layout(tensors: dict[str, np.ndarray], kind: str, n_virtual: int, whe
         if len(shape) != 3 or shape[1] != n_virtual:
             raise AdapterError(f"{where}: {name} has shape {list(shape)}; with n_virtual {n_virtual} it must be "
                                f"[kv_heads, {n_virtual}, head_dim]{again}")
+    shapes = sorted({tensors[name].shape for name in names})
+    if len(shapes) > 1:  # every layer's keys and values have one shape
+        raise AdapterError(f"{where}: the prefix tensors disagree in shape ({', '.join(map(str, map(list, shapes)))}); "
+                           f"each is [kv_heads, n_virtual, head_dim]{again}")
 
 
 def expected_shapes(kind: str, n_virtual: int, manifest: mf.Manifest) -> dict[str, tuple[int, ...]]:
