@@ -20,7 +20,7 @@ prefixport adapter convert demo/adapters/date-prefix --export "$OUT" --name date
 prefixport adapter inspect "$OUT/adapters/date-prefix.safetensors"
 prefixport generate "$OUT" "Text: Maya is 27 and lives in Lima.
 JSON:" --adapter json-prompt --max-new-tokens 40
-python demo/evaluate.py "$OUT"
+python demo/evaluate.py "$OUT" --out "$OUT/demo_results.json"  # demo/results.json is the committed record
 # Weight-only int8 (issue 6): the export prints its greedy agreement with the float graph; the
 # same adapter bundles fit it (same base-model fingerprint).
 Q="$OUT-int8"
@@ -30,6 +30,11 @@ for a in json-prompt date-prefix; do
 done
 prefixport generate "$Q" "Write a haiku about the sea." --max-new-tokens 64
 python demo/evaluate.py "$Q" --examples 0 --out "$Q/demo_results.json"
-# A short benchmark (about a minute): swap, memory, latency, throughput, floor; side by side with
-# PEFT on PyTorch and with the naive way. Full run: drop --quick (docs/benchmarks.md).
+# A short benchmark (3 to 4 minutes on 2 cores): swap, memory, latency, throughput, floor; side by
+# side with PEFT on PyTorch and with the naive way. Full run: drop --quick (docs/benchmarks.md).
 prefixport bench "$OUT" --quick --peft demo/adapters/json-prompt --peft demo/adapters/date-prefix
+echo
+echo "Done: results in $OUT/demo_results.json and $OUT/bench/ (report.md, plots). Next:"
+echo "  prefixport serve $OUT     # the OpenAI API on http://127.0.0.1:8000/v1 (docs/serving.md)"
+echo "  prefixport generate $OUT 'Write a haiku about rain.' --max-new-tokens 48 [--adapter NAME]"
+echo "  your own adapter: prefixport adapter convert PEFT_DIR --export $OUT (docs/adapters.md)"
