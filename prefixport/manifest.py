@@ -78,7 +78,6 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    engines: dict[str, str] = field(default_factory=dict)  # key -> path under engines/
     exporter: dict[str, str] = field(default_factory=dict)  # library versions used
 
     def __post_init__(self) -> None:

@@ -138,8 +138,6 @@ def build_engine(folder: str | Path, fp16: bool = False, max_batch: int = 8, max
             (out / f"{key}.json").unlink(missing_ok=True)
             raise
         save_record(folder, record)
-    manifest.engines[key] = f"{ENGINES_DIR}/{path.name}"
-    manifest.save(folder)
     say(f"wrote {path} ({len(plan) / 1e6:.1f} MB) in {record.build_seconds:.0f}s")
     return record
 
