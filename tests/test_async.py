@@ -148,6 +148,8 @@ def test_generate_batch_per_row_settings(llama_engine):
     assert results[2].token_ids == alone.token_ids
     with pytest.raises(InputError, match="per-row"):
         llama_engine.generate_batch(["a", "b"], per_row=[{}])
+    one = llama_engine.generate_batch(["c"], adapter="prefix", max_new_tokens=5, stop_token_ids=[])  # for every row
+    assert one[0].token_ids == alone.token_ids and one[0].adapter == "prefix"
 
 
 def test_engine_lifecycle(tiny_export, tiny_adapters):

@@ -509,7 +509,8 @@ class Engine:
         if self.max_batch is not None and len(prompts) > self.max_batch:
             raise InputError(f"{len(prompts)} prompts in one batch, but the TensorRT engine takes at most "
                              f"{self.max_batch} rows; split the batch or rebuild with a larger --max-batch")
-        merged = [check_settings(GenerationSettings(adapter=a, **settings) | row) for a, row in zip(adapters, rows)]
+        # an adapter in `settings` or a row's settings wins over `adapters`
+        merged = [check_settings(GenerationSettings(adapter=a) | settings | row) for a, row in zip(adapters, rows)]
         requests = [self.prepare(p, **m) for p, m in zip(prompts, merged)]
         texts = [RowText(self.tokenizer, r.stop) for r in requests]
         start = time.perf_counter()
