@@ -201,8 +201,8 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @main.command()
 @click.argument("outdir", type=click.Path(exists=True, file_okay=False))
 @click.option("--adapters", "adapters_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of bundles, each NAME.safetensors served as model NAME; POST /v1/adapters loads "
-                   "more from it. Default: OUTDIR/adapters.")
+              help="Folder of bundles, each NAME.safetensors served as model NAME; POST /v1/adapters (with "
+                   "--allow-adapter-admin) loads more from it. Default: OUTDIR/adapters.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-batch", type=int, default=8, show_default=True,
