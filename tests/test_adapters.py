@@ -140,10 +140,16 @@ def test_nan_in_checkpoint_and_bundle(llama, tmp_path):
 def test_wrong_shapes(llama, tmp_path):
     export, work = llama
     bundle, path = convert_checkpoint(work / "prefix", export, out=tmp_path / "p.safetensors")
+    whole = dict(bundle.tensors)
     key = next(iter(bundle.tensors))
-    bundle.tensors[key] = bundle.tensors[key][:, :, :-1].copy()
+    bundle.tensors[key] = bundle.tensors[key][:, :, :-1].copy()  # one tensor torn: the bundle itself is wrong
     save_bundle(bundle, path)
     engine = Engine.load(export)
+    with pytest.raises(AdapterError, match="the prefix tensors disagree in shape"):
+        engine.add_adapter("p", path)
+    for name, t in whole.items():  # all alike but not this model's head_dim: wrong for the export
+        bundle.tensors[name] = t[:, :, :-1].copy()
+    save_bundle(bundle, path)
     with pytest.raises(AdapterError, match="has shape .* this export needs"):
         engine.add_adapter("p", path)
     peft_dir = _copy(work / "prompt", tmp_path / "shape")
