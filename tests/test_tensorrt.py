@@ -344,31 +344,32 @@ def test_engine_verification_compares_backends_case_by_case(tmp_path, plain_expo
     """What build-engine runs on a fresh engine, here with ONNX Runtime on both sides: the same
     graph agrees exactly; the fp16 graph within the fp16 tolerance but not fp32's; another
     model's graph of the same shapes is refused."""
-    from prefixport.engines.verify import compare
+    from prefixport.engines.build import check_backend
     from prefixport.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     m = mf.Manifest.load(plain_export)
     reference = OnnxRuntimeBackend(plain_export, m)
-    same = compare(OnnxRuntimeBackend(plain_export, m), reference, m)
+    same = check_backend(OnnxRuntimeBackend(plain_export, m), reference)
     assert [r.name for r in same] == ["prefill", "prefill after a prefix",
-                                      "prefill + soft prompt (batch 2), every position", "decode step",
-                                      "soft prompt alone"]
+                                      "prefill + soft prompt (batch 2), every position", "decode step with past",
+                                      "prefill batch 2, right padding, every position",
+                                      "decode, rows of different lengths", "soft prompt alone"]
     assert all(r.logits_max_abs_diff == 0 and r.present_max_rel_diff == 0 for r in same)
 
     half = tmp_path / "half"
     half.mkdir()
     float16_graph(plain_export / mf.MODEL_NAME, half / mf.MODEL_NAME)
-    results = compare(OnnxRuntimeBackend(half, m), reference, m, "fp16")
+    results = check_backend(OnnxRuntimeBackend(half, m), reference, "fp16")
     assert 0 < max(r.logits_max_abs_diff for r in results) <= 0.1
     with pytest.raises(EngineError, match="fp32 engine disagrees .* in case 'prefill'"):
-        compare(OnnxRuntimeBackend(half, m), reference, m, "fp32")
+        check_backend(OnnxRuntimeBackend(half, m), reference, "fp32")
 
     from . import tiny_models
 
     other = tmp_path / "other"
     export_model(other, model=str(tiny_models.build("llama", tmp_path / "other-model", seed=1)), optimize=False)
     with pytest.raises(EngineError, match="logits differ by"):
-        compare(OnnxRuntimeBackend(other, m), reference, m)
+        check_backend(OnnxRuntimeBackend(other, m), reference)
 
 
 # --- choosing a backend ------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def _parity(engine: Engine, reference: Engine, work: Path, atol: float) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu() is not None, reason=f"needs TensorRT and an NVIDIA GPU: {_gpu()}")
-@pytest.mark.parametrize("fp16,atol", [(False, 1e-3), (True, 1e-1)])  # engines.verify.TOLERANCE
+@pytest.mark.parametrize("fp16,atol", [(False, 1e-3), (True, 1e-1)])  # engines.build.TOLERANCE
 def test_tensorrt_engine_matches_onnxruntime_cpu(tmp_path, plain_export, tiny_adapters, fp16, atol):
     folder = tmp_path / "export"
     shutil.copytree(plain_export, folder)

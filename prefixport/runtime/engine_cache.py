@@ -47,7 +47,7 @@ class EngineRecord:
     build_seconds: float = 0.0
     plan_bytes: int = 0
     versions: dict[str, Any] = field(default_factory=dict)
-    verification: list[dict[str, Any]] = field(default_factory=list)  # engines.verify.CheckResult dicts
+    verification: list[dict[str, Any]] = field(default_factory=list)  # verification.CaseResult dicts
 
     @property
     def engine_limits(self) -> Limits:
