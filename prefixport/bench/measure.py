@@ -1,4 +1,4 @@
-"""Measuring helpers: spreads of repeated timings, process memory, memory bandwidth."""
+"""Measuring helpers: spreads of repeated timings, process memory."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import gc
 import statistics
 import time
 from typing import Callable
-
-import numpy as np
 
 from ..runtime.backends import process_memory
 
@@ -35,13 +33,3 @@ def rss_bytes() -> int:
     gc.collect()
     stats = process_memory()
     return stats.get("rss_bytes", stats["peak_rss_bytes"])
-
-
-def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
-    """Read bandwidth as a decode step sees it: a float32 matrix-vector product over a matrix far
-    larger than the caches (BLAS, all cores), median of `repeats`."""
-    matrix = np.ones(megabytes * 2**20 // 4, dtype=np.float32).reshape(-1, 4096)
-    vector = np.ones(4096, dtype=np.float32)
-    matrix @ vector
-    seconds = statistics.median(timed(lambda: matrix @ vector, repeats))
-    return {"bytes_per_s": matrix.nbytes / seconds, "array_mb": megabytes, "method": "sgemv", "repeats": repeats}

@@ -35,9 +35,14 @@ def markdown(r: dict[str, Any]) -> str:
         peft_mb = f"{peft[i]['bytes'] / 1e6:.1f}" if peft else "–"
         lines.append(f"| {p['adapters']} | {p['store_resident_bytes'] / 1e6:.1f} | {p['rss_bytes'] / 1e6:.1f} | "
                      f"{peft_mb} | {mem['naive_extrapolated'][i]['bytes'] / 1e6:.0f} |")
-    lines += ["", f"{grown} per registered adapter: {mem['rss_per_adapter_bytes']:,.0f} bytes "
-              f"({mem['rss_per_adapter_over_bundle_bytes']:.2f} × the bundle); the store's own count: "
-              f"{mem['points'][-1]['store_resident_bytes']:,} bytes for {mem['points'][-1]['adapters']} adapters.", "",
+    low, high = mem["rss_adapters"]
+    lines += ["", f"Per registered adapter: the store's exact count **{mem['store_per_adapter_bytes']:,.0f} bytes**; "
+              f"{grown} growth **{mem['rss_per_adapter_bytes']:,.0f} bytes** "
+              f"({mem['rss_per_adapter_over_bundle_bytes']:.2f} × the bundle), the slope from {low} to {high} "
+              f"adapters ({mem['rss_expected_growth_bytes'] / 1e6:.0f} MB by the store's count"
+              + (", far above the heap's noise; the first rows show freed heap absorbing small growth)."
+                 if mem["rss_expected_growth_bytes"] >= 32e6 else
+                 ": too little to rise above the heap's noise, so a rough figure)."), "",
               "## Latency at batch 1 (ms)", "", "| prompt tokens | config | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |",
               "|---|---|---|---|---|---|"]
     for length, row in r["latency"].items():
@@ -54,10 +59,16 @@ def markdown(r: dict[str, Any]) -> str:
     if "skipped" in f:
         lines += ["", "## Floor", "", f"Not measured: {f['skipped']}.", ""]
     else:
-        lines += ["", "## Floor", "", f"Memory read bandwidth {f['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s "
-                  f"(float32 matrix-vector product over {f['bandwidth']['array_mb']} MB); "
+        bw = f["bandwidth"]
+        probes = ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in bw["probes"].items())
+        lines += ["", "## Floor", "", f"Read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s, the fastest of "
+                  f"{len(bw['probes'])} probes over {bw['array_mb']} MB on {bw['threads']} threads (GB/s: {probes}); "
                   f"weights {f['weight_bytes'] / 1e6:.0f} MB → decode floor {_ms(f['decode_floor_s'])} ms/token; "
-                  f"measured {_ms(f['decode_step_p50_s'])} ms = **{f['measured_over_floor']:.2f} × the floor**.", ""]
+                  f"measured {_ms(f['decode_step_p50_s'])} ms = **{f['measured_over_floor']:.2f} × the floor**."]
+        if f["beaten"]:
+            lines.append("**The measured decode beat this floor: the probes read slower than the model does on this "
+                         "machine, so it is not a floor.**")
+        lines.append("")
     if not r["peft"]["available"]:
         lines.append(f"PEFT and transformers columns skipped: {r['peft']['reason']}.")
     return "\n".join(lines) + "\n"
