@@ -297,7 +297,7 @@ class Server:
             return StreamingResponse(self._counted(self.stream(job, include, model), job, key),
                                      media_type="text/event-stream")
         try:
-            collecting = asyncio.ensure_future(self.whole(job, model))
+            collecting = asyncio.ensure_future(self.full_response(job, model))
             while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected():  # the client gave up: its rows leave the batch
                     collecting.cancel()
@@ -313,7 +313,7 @@ class Server:
         finally:
             self.quotas.done(key, job.tokens)
 
-    async def whole(self, job: Job, model: str) -> dict[str, Any]:
+    async def full_response(self, job: Job, model: str) -> dict[str, Any]:
         """The non-streaming response object: every choice (its echoed prompt, then its result), and the usage."""
         try:
             echoes = await asyncio.to_thread(self.echoes, job) if job.echo else []
@@ -336,7 +336,7 @@ class Server:
         # n choices of one prompt share its prompt tokens: count them once per prompt
         prompt_tokens = sum(len(ids) for ids in job.prompts)
         completion_tokens = sum(len(r.token_ids) for r in results)
-        return job.envelope.whole(choices, usage(prompt_tokens, completion_tokens, cached_tokens(results, n)))
+        return job.envelope.response(choices, usage(prompt_tokens, completion_tokens, cached_tokens(results, n)))
 
     # --- adapters -----------------------------------------------------------------------------
 

@@ -253,7 +253,8 @@ class Envelope:
             message = {"role": "assistant", "content": text}
         return {"index": index, key: message, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def whole(self, choices: list[dict], use: dict[str, int]) -> dict[str, Any]:
+    def response(self, choices: list[dict], use: dict[str, int]) -> dict[str, Any]:
+        """The non-streaming response object."""
         return self._object(self.kind, choices, {"usage": use})
 
     def chunk(self, choices: list[dict], use: dict[str, int] | None = None) -> dict[str, Any]:

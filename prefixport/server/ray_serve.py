@@ -239,7 +239,7 @@ class AdapterReplica:
         """A completion or chat completion request (an OpenAI body) -> the response object."""
         try:
             job = await self._submit(kind, request)
-            return await self.server.whole(job, job.body.model)
+            return await self.server.full_response(job, job.body.model)
         except Exception as e:
             err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
