@@ -283,6 +283,17 @@ class AdapterReplica:
 api = FastAPI(title="prefixport (Ray Serve)")
 
 
+@api.exception_handler(ApiError)
+@api.exception_handler(ReplicaError)
+@api.exception_handler(RayTaskError)
+@api.exception_handler(PrefixportError)
+@api.exception_handler(Exception)  # a bug: a 500 error object (logged), then Starlette re-raises it
+async def error_response(request: Request, e: Exception) -> JSONResponse:
+    """Every route's errors as OpenAI error objects: the ingress's own, a replica's through Ray,
+    the library's by kind, anything else a 500."""
+    return _error_response(e)
+
+
 async def _sse(first: str, rest: DeploymentResponseGenerator, on_end: Callable[[int], None],
                usage: bool) -> AsyncIterator[str]:
     """The first event (already received, so that an error could still be a status) and the rest;
@@ -356,18 +367,15 @@ class OpenAIIngress:
         return self.replica.options(multiplexed_model_id=model)
 
     async def _generate(self, kind: Kind, request: Request) -> Response:
+        key = self._authorize(request)
         try:
-            key = self._authorize(request)
-            try:
-                data = await request.json()
-            except ValueError:
-                raise ApiError(400, "the request body is not valid JSON") from None
-            body = parse(kind, data)
-            handle = await self._route(body.model, key)
-            data["cache_salt"] = self.access.salt(key, body.cache_salt)
-            self.quotas.admit(key)  # 429 at a limit of this key's
-        except Exception as e:
-            return _error_response(e)
+            data = await request.json()
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        body = parse(kind, data)
+        handle = await self._route(body.model, key)
+        data["cache_salt"] = self.access.salt(key, body.cache_salt)
+        self.quotas.admit(key)  # 429 at a limit of this key's
         tokens, streaming = 0, False
         try:
             if not body.stream:
@@ -385,8 +393,6 @@ class OpenAIIngress:
             streaming = True
             return StreamingResponse(_sse(first, events, lambda n: self.quotas.done(key, n), usage),
                                      media_type="text/event-stream")
-        except Exception as e:
-            return _error_response(e)
         finally:
             if not streaming:
                 self.quotas.done(key, tokens)
@@ -401,48 +407,35 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        try:
-            key = self._authorize(request)
-            info = await self._refresh()
-            return JSONResponse({"object": "list", "data": [m for m in info["models"] if key.may_use(m["id"])]})
-        except Exception as e:
-            return _error_response(e)
+        key = self._authorize(request)
+        info = await self._refresh()
+        return JSONResponse({"object": "list", "data": [m for m in info["models"] if key.may_use(m["id"])]})
 
     @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
-        try:
-            key = self._authorize(request)
-            info = await self._refresh()
-            for obj in info["models"]:
-                if obj["id"] == model and key.may_use(model):
-                    return JSONResponse(obj)
-            raise ApiError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
-        except Exception as e:
-            return _error_response(e)
+        key = self._authorize(request)
+        info = await self._refresh()
+        for obj in info["models"]:
+            if obj["id"] == model and key.may_use(model):
+                return JSONResponse(obj)
+        raise ApiError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
 
     @api.api_route("/v1/adapters", methods=["POST"])
     @api.api_route("/v1/adapters/{name}", methods=["DELETE"])
     async def adapters(self) -> Response:
-        return JSONResponse(ApiError(501, "under Ray Serve, adapters are registered on demand: put NAME.safetensors "
-                                          "in the adapters folder and request model NAME",
-                                     code="unsupported").body, status_code=501)
+        raise ApiError(501, "under Ray Serve, adapters are registered on demand: put NAME.safetensors in the "
+                            "adapters folder and request model NAME", code="unsupported")
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         """Every replica's prefixport metrics (as `prefixport serve` has them), labelled `replica`."""
-        try:
-            self._operator(request)
-        except ApiError as e:
-            return _error_response(e)
+        self._operator(request)
         texts = await self.board.collect.remote()
         return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/health")
     async def health(self, request: Request) -> Response:
-        try:
-            self._operator(request)
-        except ApiError as e:
-            return _error_response(e)
+        self._operator(request)
         try:
             info = await self.replica.describe.remote()
         except Exception as e:
