@@ -1,4 +1,8 @@
-"""Shared fixtures: exports of the real default model and of tiny models, built once per session."""
+"""Shared fixtures: exports of the real default model and of tiny models, built once per session.
+
+The exporter and the tiny models (torch, transformers) are imported inside the fixtures that use
+them, so that collecting and running the torch-free unit layer (tests/unit) never imports torch.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prefixport.exporter import export_model  # noqa: E402
-
-from . import tiny_models  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory) -> Path:
     """The default model (SmolLM2-135M-Instruct GGUF), exported and verified."""
+    from prefixport.exporter import export_model
+
     out = tmp_path_factory.mktemp("default") / "export"
     export_model(out)
     return out
@@ -61,6 +63,8 @@ def default_hf():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """arch -> folder of a tiny random model (built once per arch)."""
+    from . import tiny_models
+
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
@@ -74,6 +78,8 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_model):
     """arch -> export folder of its tiny model (exported and verified once per arch)."""
+    from prefixport.exporter import export_model
+
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:

@@ -30,7 +30,7 @@ class _Entry:
     path: Path | None  # None: registered from memory, so pinned (never evicted)
     kind: str
     n_virtual: int
-    nbytes: int
+    nbytes: int  # resident, in the export's dtype (a float16 bundle on a float32 export: doubled)
     prompt_format: PromptFormat | None  # how its prompts were formatted in training; None: not recorded
     hits: int = 0
     misses: int = 0
@@ -54,13 +54,14 @@ class AdapterStore:
             check_bundle(bundle, name)
             check_fits(bundle, self.manifest, name)
         else:
-            raise AdapterError("register an adapter from a path or from a bundle, not both")
+            raise AdapterError("register an adapter from a path or from a bundle: give exactly one")
         limits = self.backend.limits
         if limits and bundle.n_virtual > limits.max_virtual:
             raise AdapterError(f"{name} has {bundle.n_virtual} virtual tokens, more than the TensorRT engine's "
                                f"max_virtual {limits.max_virtual}; rebuild it with a larger --max-virtual")
         feed = self._feed(name, bundle)
-        entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, bundle.nbytes,
+        resident_bytes = sum(t.size for t in bundle.tensors.values()) * np.dtype(self.manifest.dtype).itemsize
+        entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, resident_bytes,
                        bundle.prompt_format)
         with self._lock:
             self._entries[name] = entry
