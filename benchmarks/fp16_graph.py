@@ -2,7 +2,7 @@
 Runtime against the float32 graph it came from: greedy tokens and logits with each adapter kind.
 (TensorRT's kernels differ from ONNX Runtime's; this checks the conversion, not TensorRT.)
 
-    python benchmarks/fp16_graph.py EXPORT_DIR [--out benchmarks/results/fp16_graph.json]
+    python -m benchmarks.fp16_graph EXPORT_DIR [--out benchmarks/results/fp16_graph.json]
 
 EXPORT_DIR: a `--no-optimize` float32 export; its adapters/ are used when there are some.
 """
@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from prefixport import manifest as mf  # noqa: E402
-from prefixport.bench.machine import describe  # noqa: E402
-from prefixport.engines.build import float16_graph  # noqa: E402
-from prefixport.runtime import Engine  # noqa: E402
-from prefixport.runtime.generation import prefill_new  # noqa: E402
+from benchmarks.common import machine
+from prefixport import manifest as mf
+from prefixport.engines.build import float16_graph
+from prefixport.runtime import Engine
+from prefixport.runtime.generation import prefill_new
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
            "List three prime numbers.", "Translate 'good morning' into Spanish.", "What is 17 times 3?",
@@ -65,7 +62,7 @@ def main() -> None:
             diffs.append(float(np.abs(la - lb).max()))
         half_bytes = sum(f.stat().st_size for f in half_dir.glob(mf.MODEL_NAME + "*"))
     identical = sum(r["tokens_equal_before_first_difference"] == args.new_tokens for r in rows)
-    result = {"export": str(args.export), "model": m.source, "machine": describe(), "convert_s": round(convert_s, 1),
+    result = {"export": str(args.export), "model": m.source, "machine": machine(), "convert_s": round(convert_s, 1),
               "float16_graph_bytes": half_bytes, "float32_graph_bytes": (args.export / mf.MODEL_NAME).stat().st_size,
               "sequences": len(rows), "sequences_identical": identical, "new_tokens": args.new_tokens,
               "first_step_logits_max_abs_diff": max(diffs), "rows": rows}

@@ -4,18 +4,18 @@ Same model, prompt and number of new tokens, greedy, runs interleaved in one pro
 the same machine load. Decode tokens/s = (new tokens - 1) / (time of last token - time of first):
 prefill is excluded on both sides. Prints a Markdown table, then one JSON line.
 
-    python benchmarks/generate_speed.py EXPORT_DIR [--tokens 64] [--repeats 5]
+    python -m benchmarks.generate_speed EXPORT_DIR [--tokens 64] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
-from prefixport.bench.machine import describe
+from benchmarks.common import RESULTS, machine
+from prefixport.bench.measure import spread
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -37,20 +37,16 @@ class _Clock:
         pass
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("export_dir")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_speed.json"))
+    parser.add_argument("--out", default=str(RESULTS / "generate_speed.json"))
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from prefixport.exporter.loading import resolve
     from prefixport.manifest import Manifest
@@ -58,7 +54,6 @@ def main() -> None:
 
     manifest = Manifest.load(args.export_dir)
     source = resolve(manifest.source)
-    tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file).eval()
     engine = Engine.load(args.export_dir)
     ids = engine.encode(PROMPT, chat=True)
@@ -82,8 +77,8 @@ def main() -> None:
     for _ in range(args.repeats):
         runs["prefixport (onnxruntime cpu)"].append(ours())
         runs["transformers eager"].append(theirs())
-    stats = {k: _spread(v) for k, v in runs.items()}
-    ratio = stats["prefixport (onnxruntime cpu)"]["median"] / stats["transformers eager"]["median"]
+    stats = {k: spread(v) for k, v in runs.items()}
+    ratio = stats["prefixport (onnxruntime cpu)"]["p50"] / stats["transformers eager"]["p50"]
     result = {
         "benchmark": "generate_speed",
         "model": manifest.source,
@@ -91,12 +86,12 @@ def main() -> None:
         "new_tokens": n,
         "decode_tokens_per_s": stats,
         "ratio_prefixport_over_transformers": ratio,
-        "machine": describe(),
+        "machine": machine(),
         "torch_threads": torch.get_num_threads(),
     }
-    print(f"| runtime | decode tok/s (median) | min | max |\n|---|---|---|---|")
+    print("| runtime | decode tok/s (median) | min | max |\n|---|---|---|---|")
     for k, s in stats.items():
-        print(f"| {k} | {s['median']:.1f} | {s['min']:.1f} | {s['max']:.1f} |")
+        print(f"| {k} | {s['p50']:.1f} | {s['min']:.1f} | {s['max']:.1f} |")
     print(f"\nratio prefixport / transformers: {ratio:.2f}x ({args.repeats} interleaved runs, "
           f"{n} new tokens, {len(ids)} prompt tokens; {result['machine']['cpu']}, "
           f"{result['machine']['cores']} cores)")

@@ -8,7 +8,9 @@ three prompts (a soft prompt, a prefix, no adapter) in one batch, and the first-
 Tolerances: fp32 paths must give the same tokens and logits within 1e-3; fp16 within 0.1 with
 at least 90% of the tokens equal (a float16 argmax may flip where two logits tie within 0.1).
 
-    python benchmarks/gpu_check.py [--model smollm2-135m-instruct|tiny] [--out DIR] [--no-bench]
+    python -m benchmarks.gpu_check [--model smollm2-135m-instruct|tiny] [--out DIR] [--no-bench]
+
+Run from the checkout's root: prefixport and the tests' helpers are imported from there, installed or not.
 """
 
 from __future__ import annotations
@@ -25,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from prefixport.errors import EngineError, PrefixportError  # noqa: E402
+from benchmarks.common import machine, say
+from prefixport.errors import EngineError, PrefixportError
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "List three prime numbers:"]
 ADAPTERS = ["prompt", "prefix", None]
@@ -40,10 +40,6 @@ PATHS = [  # label, keywords of Engine.load and run_bench, precision
     ("tensorrt fp32", {"backend": "tensorrt", "precision": "fp32"}, "fp32"),
     ("tensorrt fp16", {"backend": "tensorrt", "precision": "fp16"}, "fp16"),
 ]
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def prepare(model: str, work: Path) -> tuple[Path, list[Path]]:
@@ -198,9 +194,7 @@ def main() -> int:
                     benches.append(bench(label, options, export, peft_dirs, args.out))
                 except Exception:
                     traceback.print_exc()
-    from prefixport.bench.machine import describe
-
-    report = {"model": args.model, "machine": describe(), "checks": checks, "benches": benches}
+    report = {"model": args.model, "machine": machine(), "checks": checks, "benches": benches}
     try:
         from prefixport.runtime import cuda
 

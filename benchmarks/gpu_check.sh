@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh [--model smollm2-135m-instruct|tiny] [--no-bench]
 #
 # Results go to $OUT (default /tmp/prefixport-gpu-check): gpu_check.json, gpu_check.md, bench-*/.
-# Runs from a checkout without installing it (PYTHONPATH); uses .venv/bin/python when there is one.
+# Runs from a checkout without installing it (`python -m benchmarks.gpu_check` from the root imports
+# prefixport from there; PYTHONPATH for any child process); uses .venv/bin/python when there is one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -29,5 +30,5 @@ for name in ("onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "ten
 PY
 echo "== check"
 # 470 s: the whole script stays under 8 minutes, setup included.
-timeout 470 "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 470 "$PY" -m benchmarks.gpu_check "$@" 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"

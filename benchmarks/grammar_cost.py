@@ -11,18 +11,18 @@ forced through the matcher, which must accept each token and allow EOS at the en
 schema features each engine compiles, and whether it enforces them. Prints Markdown and writes JSON
 and Markdown.
 
-    python benchmarks/grammar_cost.py [--tokenizer exports/smollm2-135m-instruct/tokenizer.json] [--eos 2]
+    python -m benchmarks.grammar_cost [--tokenizer exports/smollm2-135m-instruct/tokenizer.json] [--eos 2]
                                       [--passes 10] [--compiles 5] [--out benchmarks/results/grammar_cost.json]
 
 The comparison wants a scratch venv with all three (xgrammar pulls torch and transformers):
-`pip install numpy tokenizers llguidance xgrammar outlines-core onnxruntime jinja2 safetensors torch==2.13.0`.
+`pip install numpy tokenizers llguidance xgrammar outlines-core onnxruntime jinja2 safetensors torch==2.13.0`;
+run from the checkout's root, prefixport is imported from there (the scratch venv does not install it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import sys
@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # prefixport from the checkout (the scratch venv does not install it)
+from benchmarks.common import DEFAULT_EXPORT, RESULTS, distribution, machine
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -241,12 +240,6 @@ def _allowed(bits: np.ndarray, token: int) -> bool:
     return bool((int(bits[token // 32]) >> (token % 32)) & 1)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "n": len(values)}
-
-
 class Run:
     """One engine on one case; its steps are interleaved with the other engines' so that all see the
     same machine load."""
@@ -303,8 +296,8 @@ class Run:
         return {"compile_ms": {"median": 1e3 * statistics.median(self.compile_s), "min": 1e3 * min(self.compile_s),
                                "n": len(self.compile_s)},
                 "first_mask_ms": 1e3 * self.first_mask, "matcher_us": 1e6 * statistics.median(self.creates),
-                "mask_us": _stats([1e6 * t for t in self.masks]),
-                "advance_us": _stats([1e6 * t for t in self.advances]),
+                "mask_us": distribution(self.masks, 1e6),
+                "advance_us": distribution(self.advances, 1e6),
                 "tokens": len(self.ids), "eos_only_at_end": self.eos_only}
 
 
@@ -335,20 +328,6 @@ def features(engine: Engine, tok: Tokenizer, eos: int, words: int) -> dict[str, 
         if valid and not _accepts(engine, compiled, tok.encode(valid, add_special_tokens=False).ids, eos, words):
             out[name] = f"compiles, **rejects** the valid `{valid}`"
     return out
-
-
-def _machine() -> dict[str, Any]:
-    try:
-        from prefixport.bench.machine import describe
-        info = describe()
-    except Exception:  # the bench package imports the runtime; a bare venv may lack its dependencies
-        info = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-    for package in ("llguidance", "xgrammar", "outlines_core", "tokenizers"):
-        try:
-            info.setdefault("versions", {})[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return info
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -390,11 +369,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", default=str(ROOT / "exports" / "smollm2-135m-instruct" / "tokenizer.json"))
+    parser.add_argument("--tokenizer", default=str(DEFAULT_EXPORT / "tokenizer.json"))
     parser.add_argument("--eos", type=int, default=None, help="EOS id (default: generation_config.json beside it)")
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--compiles", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grammar_cost.json"))
+    parser.add_argument("--out", default=str(RESULTS / "grammar_cost.json"))
     args = parser.parse_args()
     path = Path(args.tokenizer)
     eos = args.eos
@@ -404,7 +383,8 @@ def main() -> None:
     tok = Tokenizer.from_file(str(path))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     words = (vocab + 31) // 32
-    report: dict[str, Any] = {"machine": _machine(), "tokenizer": path.parent.name, "vocab": vocab, "eos": eos,
+    report: dict[str, Any] = {"machine": machine("llguidance", "xgrammar", "outlines_core", "tokenizers"),
+                              "tokenizer": path.parent.name, "vocab": vocab, "eos": eos,
                               "passes": args.passes, "compiles": args.compiles, "engines": {}}
     ready: list[Engine] = []
     for engine in (LLGuidance(), XGrammar(), OutlinesCore(), Prefixport()):

@@ -6,7 +6,7 @@ S steps the cache's bytes (the buffers themselves: `sum(buffer.nbytes)`), the fo
 `rows x capacity x 2 x layers x kv_heads x head_dim x dtype size` and the RSS are recorded.
 After the last capacity growth the RSS may move only by allocator noise.
 
-    python benchmarks/kv_memory.py [EXPORT] [--rows 4] [--tokens 600] [--every 25]
+    python -m benchmarks.kv_memory [EXPORT] [--rows 4] [--tokens 600] [--every 25]
         [--out benchmarks/results/kv_memory.json]
 """
 
@@ -19,22 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from prefixport.bench.machine import describe
+from benchmarks.common import DEFAULT_EXPORT, RESULTS, machine
 from prefixport.runtime import Engine
 from prefixport.runtime.backends import process_memory
 from prefixport.runtime.generation import DecodeBatch
 from prefixport.runtime.kv_cache import slot_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("export", nargs="?", default=str(ROOT / "exports" / "smollm2-135m-instruct"))
+    parser.add_argument("export", nargs="?", default=str(DEFAULT_EXPORT))
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=600)
     parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_memory.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kv_memory.json")
     args = parser.parse_args()
     engine = Engine.load(args.export)
     m = engine.manifest
@@ -63,7 +61,7 @@ def main() -> None:
               "rss_after_last_growth_mib": {"min": min(flat) / 2**20, "max": max(flat) / 2**20,
                                             "from_step": last_growth},
               "cache_bytes_equal_formula": all(s["cache_bytes"] == s["formula_bytes"] for s in samples),
-              "machine": describe()}
+              "machine": machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for s in samples:

@@ -3,7 +3,7 @@ contract 2 (last position computed in the graph) and contract 3 (positions fed a
 one decode step each through ONNX Runtime with IO binding (cache bound as past and present in
 place, as the runtime does), interleaved in one process so both see the same machine load.
 
-    python benchmarks/logits_index_cost.py OLD_EXPORT NEW_EXPORT [--rounds 30] [--out ...json]
+    python -m benchmarks.logits_index_cost OLD_EXPORT NEW_EXPORT [--rounds 30] [--out ...json]
 
 OLD_EXPORT: an export made by prefixport at commit 0e89d9b (contract 2), e.g.
 `git worktree add /tmp/c2 0e89d9b && PYTHONPATH=/tmp/c2 python -m prefixport.cli export OLD_EXPORT`.
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.common import RESULTS, machine
 from prefixport import manifest as mf
-from prefixport.bench.machine import describe
 
 CASES = [(1, 64), (1, 1024), (8, 64), (8, 1024)]  # (batch, filled slots)
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("new_export")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "logits_index_cost.json"))
+    parser.add_argument("--out", default=str(RESULTS / "logits_index_cost.json"))
     args = parser.parse_args()
     folders = {"contract 2": Path(args.old_export), "contract 3 (logits_index)": Path(args.new_export)}
     versions = {name: _manifest(f)["format_version"] for name, f in folders.items()}
@@ -95,7 +95,7 @@ def main() -> None:
     for case, r in results.items():
         print(f"| {case} | {r['contract 2']:.2f} | {r['contract 3 (logits_index)']:.2f} | {r['ratio']:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": describe(), "rounds": args.rounds, "steps": args.steps,
+    Path(args.out).write_text(json.dumps({"machine": machine(), "rounds": args.rounds, "steps": args.steps,
                                           "results": results}, indent=2) + "\n")
 
 

@@ -16,7 +16,7 @@ as medians with ratios vs prefixport (same precision if given, else the first ex
 side runs with --threads intra-op threads (default: all cores): genai's built genai_config.json
 sets none, and genai then decoded at one-thread speed on a 2-core machine.
 
-    python benchmarks/peer_speed.py --prefixport fp32=exports/smollm2-135m-instruct \\
+    python -m benchmarks.peer_speed --prefixport fp32=exports/smollm2-135m-instruct \\
         [--prefixport int4=exports/smollm2-int4] [--cases 1x0 1x1600 8x1100] [--quick] [--out benchmarks/results]
 
 A case BxC is B rows of C prompt tokens (C = 0: the short prompts as they are). Each side's
@@ -44,18 +44,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from prefixport.bench.machine import describe
+from benchmarks.common import RESULTS, ROOT, machine, rel, say, write_report
 from prefixport.bench.measure import spread
 from prefixport.manifest import Manifest
 from prefixport.runtime import Engine
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [  # raw text, different lengths; none holds the pad/EOS token, which genai pads with
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
     "The three most important inventions of the nineteenth century were",
@@ -100,7 +98,7 @@ def build_genai(source: str, genai_dir: Path, precision: str, say: Callable[[str
     returns the folder and the builder's arguments."""
     base = genai_dir / Path(source).name.replace(".gguf", "")
     out, hf = base / f"cpu-{precision}", base / "hf"
-    flags = f"-i {_rel(hf)} -o {_rel(out)} -p {precision} -e cpu -c {_rel(base / 'builder-cache')}"
+    flags = f"-i {rel(hf)} -o {rel(out)} -p {precision} -e cpu -c {rel(base / 'builder-cache')}"
     if (out / "genai_config.json").is_file():
         return out, flags
     if not (hf / "config.json").is_file():
@@ -117,10 +115,6 @@ def build_genai(source: str, genai_dir: Path, precision: str, say: Callable[[str
             raise SystemExit(f"the genai model builder failed; see {log}")
     tmp.rename(out)
     return out, flags
-
-
-def _rel(path: Path) -> str:
-    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
 def write_hf_folder(source: str, folder: Path) -> None:
@@ -271,14 +265,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="intra-op threads for every side (default: all cores; 0: each runtime's default)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (~1-2 minutes)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     n = args.tokens or (16 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 5)
     cases = [tuple(map(int, c.split("x"))) for c in args.cases]
     if max(b for b, _ in cases) > len(PROMPTS):
         parser.error(f"at most {len(PROMPTS)} rows (one per prompt)")
-    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     began = time.perf_counter()
 
     exports = dict(item.split("=", 1) for item in args.prefixport)
@@ -296,7 +289,7 @@ def main() -> None:
     genai: dict[str, Any] = {}
     for precision in args.genai_precision:
         folder, flags = build_genai(manifest.source, args.genai_dir, precision, say)
-        genai[precision] = {"folder": _rel(folder), "builder": f"python -m onnxruntime_genai.models.builder {flags}",
+        genai[precision] = {"folder": rel(folder), "builder": f"python -m onnxruntime_genai.models.builder {flags}",
                             **genai_graph(folder), "intra_op_num_threads_overlay": args.threads or None}
         sides[f"onnxruntime-genai {precision}"] = genai_side(folder, args.threads)
         model_mb[f"onnxruntime-genai {precision}"] = folder_mb(folder)
@@ -359,12 +352,6 @@ def main() -> None:
             name: results[name][short]["decode_tokens_per_s"]["p50"] / results[name][longest]["decode_tokens_per_s"]["p50"]
             for name in names}}
 
-    versions = describe()
-    for package in ("onnxruntime-genai", "peft", "onnx"):
-        try:
-            versions["versions"][package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     threads: dict[str, Any] = {"intra_op_num_threads (prefixport, genai)": args.threads or "each runtime's default"}
     if not args.no_torch:
         threads["torch"] = torch.get_num_threads()
@@ -374,13 +361,12 @@ def main() -> None:
         "prompt_tokens": {case: [len(r) for r in rows] for case, rows in inputs.items()}, "prompts": PROMPTS,
         "slowdown_short_to_long_context": slowdown,
         "decode_tokens_per_s": "batch * (new_tokens - 1) / (last token time - first token time)",
-        "results": results, "model_mb": model_mb, "genai": genai, "threads": threads, "machine": versions,
+        "results": results, "model_mb": model_mb, "genai": genai, "threads": threads,
+        "machine": machine("onnxruntime-genai", "peft", "onnx"),
         "seconds": time.perf_counter() - began,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peer_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (args.out / "peer_speed.md").write_text(table)
+    write_report(args.out, "peer_speed", result, table)
     print(table)
     say(f"wrote {args.out / 'peer_speed.json'} and peer_speed.md in {result['seconds']:.0f} s")
 

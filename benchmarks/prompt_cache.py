@@ -7,7 +7,7 @@ second (two sessions in one process would steal each other's cores while their t
 interleaved, one request at a time, so TTFT is the prefill alone (no queueing). Then the same
 requests under other block sizes.
 
-    python benchmarks/prompt_cache.py EXPORT_DIR [--threads N] [--requests 20] [--system 1000]
+    python -m benchmarks.prompt_cache EXPORT_DIR [--threads N] [--requests 20] [--system 1000]
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS, ROOT, distribution, machine
 from prefixport.adapters import convert_checkpoint
-from prefixport.bench.machine import describe
 from prefixport.runtime import Engine
 from prefixport.runtime.prompt_cache import BLOCK_TOKENS, PromptCache
 
-ROOT = Path(__file__).parent.parent
 ADAPTERS = ["json-prompt", "date-prefix", None]  # soft prompt, prefix, none: request i uses ADAPTERS[i % 3]
 QUESTIONS = ["What does the exporter produce?", "How are adapters converted?", "Which inputs does the graph take?",
              "What is a prefix adapter?", "How does the runtime swap adapters?", "Is torch needed at run time?",
@@ -35,10 +34,6 @@ QUESTIONS = ["What does the exporter produce?", "How are adapters converted?", "
              "How are bad inputs refused?", "What is the default model?", "How is memory bounded?",
              "Summarise the design in one line.", "What does the manifest record?", "How are tokens sampled?",
              "Where do logits come from?", "What is checked against PEFT?"]
-
-
-def quantiles(xs: list[float]) -> dict[str, float]:
-    return {"p50": float(np.percentile(xs, 50)), "p95": float(np.percentile(xs, 95)), "n": len(xs)}
 
 
 def one(engine: Engine, ids: list[int], adapter: str | None, new_tokens: int) -> dict:
@@ -58,7 +53,7 @@ def main() -> None:
     parser.add_argument("--system", type=int, default=1000, help="system prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--blocks", default="16,32,64,128", help="block sizes to sweep")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prompt_cache"))
+    parser.add_argument("--out", default=str(RESULTS / "prompt_cache"))
     args = parser.parse_args()
     options = {"threads": args.threads} if args.threads else {}
     cached = Engine.load(args.export_dir, **options)
@@ -87,10 +82,10 @@ def main() -> None:
               f"{pair['cache']['ttft_s'] * 1000:7.1f} ms vs {pair['plain']['ttft_s'] * 1000:7.1f} ms", flush=True)
     stats = cached.stats().to_dict()
     hits = [r for r in runs if r["cache"]["cached_tokens"]]
-    ttft = {"hits_cache": quantiles([r["cache"]["ttft_s"] for r in hits]),
-            "hits_plain": quantiles([r["plain"]["ttft_s"] for r in hits]),
-            "all_cache": quantiles([r["cache"]["ttft_s"] for r in runs]),
-            "all_plain": quantiles([r["plain"]["ttft_s"] for r in runs])}
+    ttft = {"hits_cache": distribution([r["cache"]["ttft_s"] for r in hits]),
+            "hits_plain": distribution([r["plain"]["ttft_s"] for r in hits]),
+            "all_cache": distribution([r["cache"]["ttft_s"] for r in runs]),
+            "all_plain": distribution([r["plain"]["ttft_s"] for r in runs])}
     decode = {side: 1 / statistics.median(t for r in runs for t in r[side]["steps_s"]) for side in ("cache", "plain")}
 
     sweep = []
@@ -98,13 +93,13 @@ def main() -> None:
         cached.prompt_cache = PromptCache(cached.manifest, block_tokens=block)
         got = [one(cached, ids, adapter, 1) for ids, adapter in requests]
         hit_ttft = [g["ttft_s"] for g in got if g["cached_tokens"]]
-        sweep.append({"block_tokens": block, "hit_ttft": quantiles(hit_ttft),
+        sweep.append({"block_tokens": block, "hit_ttft": distribution(hit_ttft),
                       "cached_token_rate": cached.prompt_cache.stats().cached_token_rate})
         print(f"block {block:4d}: hit TTFT p50 {sweep[-1]['hit_ttft']['p50'] * 1000:.1f} ms", flush=True)
 
     pc = stats["prompt_cache"]
     result = {
-        "machine": describe(), "model": cached.manifest.source, "threads": args.threads,
+        "machine": machine(), "model": cached.manifest.source, "threads": args.threads,
         "requests": args.requests, "system_tokens": args.system, "new_tokens": args.new_tokens,
         "block_tokens": BLOCK_TOKENS, "identical": sum(r["identical"] for r in runs), "ttft": ttft,
         "ttft_hit_speedup_p50": ttft["hits_plain"]["p50"] / ttft["hits_cache"]["p50"],

@@ -9,7 +9,7 @@ GGUF blocks (`exporter/blocks.py`, int4's recipe) at accuracy levels 4 and 1.
 With --adapter NAME=BUNDLE (repeatable), each variant is also judged through that adapter
 (converted for the float export: bundles fit every variant), teacher-forced on the same prompts.
 
-    python benchmarks/quant_variants.py EXPORT_DIR [--adapter json=demo.safetensors ...]
+    python -m benchmarks.quant_variants EXPORT_DIR [--adapter json=demo.safetensors ...]
         [--out benchmarks/results/quant_variants.json]
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS, machine
 from prefixport import manifest as mf
-from prefixport.bench.machine import describe
 from prefixport.exporter import optimize
 from prefixport.runtime import Engine
 from prefixport.runtime.agreement import PROMPTS, adapter_agreement, agreement
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=BUNDLE",
                         help="also measure agreement through this adapter bundle (repeatable)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_variants.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quant_variants.json")
     args = parser.parse_args()
     reference = Engine.load(args.export_dir)
     adapters = dict(item.split("=", 1) for item in args.adapter)
@@ -104,7 +104,7 @@ def main() -> None:
         by = "".join(f" {r['adapters'][a]['top1']:.1%} |" if "top1" in r else " – |" for a in adapters)
         print(f"| {name} | {r['model_mb']:.0f} | {agree} | {same} |{by} {r['decode_tokens_per_s']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"export": str(args.export_dir), "machine": describe(), "results": results},
+    args.out.write_text(json.dumps({"export": str(args.export_dir), "machine": machine(), "results": results},
                                    indent=2) + "\n")
 
 

@@ -24,7 +24,7 @@ The server is `prefixport serve` in a subprocess on a free 127.0.0.1 port (--max
 largest concurrency unless given), warmed up (one short request per model, then one short burst at
 the largest concurrency), and stopped at the end, also on an error or Ctrl-C.
 
-    python benchmarks/serve_load.py [--export exports/smollm2-135m-instruct] [--adapters DIR] \\
+    python -m benchmarks.serve_load [--export exports/smollm2-135m-instruct] [--adapters DIR] \\
         [--requests 64] [--max-tokens 32] [--concurrency 1 8 32] [--threads N] [--quick] \\
         [--out benchmarks/results/serve_load]
 
@@ -40,12 +40,9 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,61 +52,10 @@ from typing import Any
 
 import httpx
 
-from prefixport.bench.machine import describe
+from benchmarks.common import (DEFAULT_EXPORT, RESULTS, CpuMeter, cell, command, distribution, free_port, machine,
+                               machine_line, rel, say, write_report)
+from benchmarks.serving import Outcome, Request, ServerProcess, http_run, workload
 from prefixport.bench.measure import spread
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_EXPORT = ROOT / "exports" / "smollm2-135m-instruct"
-
-# Open-ended instructions (every request generates max_tokens anyway: ignore_eos).
-TASKS = [
-    "Write a long story about {topic}.",
-    "Explain {topic} to a ten-year-old, step by step, in detail.",
-    "Write a detailed essay about {topic}.",
-    "List twenty facts about {topic}, one per line, each with a sentence of explanation.",
-    "Describe a day in the life of someone who works with {topic}.",
-    "Write a blog post about the history of {topic}.",
-]
-TOPICS = ["lighthouses", "honey bees", "the Roman roads", "volcanoes", "steam engines", "coral reefs",
-          "the printing press", "glaciers", "bicycles", "tea", "public libraries", "comets",
-          "bridges", "mushrooms", "clocks", "desert cities"]
-CONTEXT = [
-    "The town sits at the mouth of a wide river, and most of its people fish or work at the harbour.",
-    "Winters there are long and dark, and summers are short but bright, with light until midnight.",
-    "An old stone wall runs along the edge of the market square, built more than four hundred years ago.",
-    "The school at the top of the hill has a small museum with maps, tools and letters from the past.",
-    "Every autumn the whole village gathers for a festival with music, food and a boat race.",
-    "A railway line reached the valley in the last century and changed how everyone lived and worked.",
-    "The local newspaper is printed once a week and is read aloud in the cafe on Sunday mornings.",
-    "Scientists from the university visit each spring to measure the water, the soil and the birds.",
-    "Many families keep gardens behind their houses, growing beans, potatoes and apples.",
-    "The road over the pass is closed by snow for three months of the year.",
-    "A retired teacher runs a club for children who want to learn how machines work.",
-    "Travellers often stop at the inn by the bridge, which has stood there for two centuries.",
-]
-LENGTHS = {"short": 0, "medium": 3, "long": 10}  # context sentences per prompt
-
-
-@dataclass
-class Request:
-    index: int
-    model: str
-    length: str
-    prompt: str
-
-    def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.prompt}]
-
-
-@dataclass
-class Outcome:
-    latency_s: float = 0.0
-    ttft_s: float | None = None
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    text: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -122,122 +68,9 @@ class RunResult:
     batch: dict[str, Any] = field(default_factory=dict)
 
 
-def workload(models: list[str], n: int, seed: int) -> list[Request]:
-    """n requests, models in turn, prompt lengths and texts drawn with `seed`."""
-    rng = random.Random(seed)
-    lengths = list(LENGTHS)
-    out = []
-    for i in range(n):
-        length = lengths[(i // len(models)) % len(lengths)] if n >= len(models) * len(lengths) else rng.choice(lengths)
-        task = rng.choice(TASKS).format(topic=rng.choice(TOPICS))
-        context = " ".join(rng.sample(CONTEXT, LENGTHS[length]))
-        prompt = f"{context}\n\n{task}" if context else task
-        out.append(Request(i, models[i % len(models)], length, prompt))
-    return out
-
-
-# --- the server --------------------------------------------------------------------------------
-
-def _rel(path: Path) -> str:
-    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # Linux: the server gets SIGTERM if this process dies (even SIGKILL)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class ServerProcess:
-    """`prefixport serve` in a subprocess; a context manager that always stops it."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.args, self.log_path = args, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "ServerProcess":
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "prefixport.cli", *self.args], stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def cpu_s(self) -> float | None:
-        """User + system CPU seconds of the server process (all its threads), from /proc."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError, AttributeError):
-            return None
-
-    def wait_healthy(self, base: str, timeout_s: float, say) -> float:
-        start = time.perf_counter()
-        while time.perf_counter() - start < timeout_s:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with status {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"the server was not healthy after {timeout_s:.0f} s:\n{self.tail()}")
-
-
-def machine_busy_s() -> float | None:
-    """CPU seconds the whole machine has been busy (all cores; /proc/stat, less idle and iowait)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class CpuMeter:
-    """CPU seconds over a stretch: this process (the client), the server, and everything else on the
-    machine (other people's work: the noise in the figures)."""
-
-    def __init__(self, server: "ServerProcess") -> None:
-        self.server = server
-
-    def __enter__(self) -> "CpuMeter":
-        self.start = (time.process_time(), self.server.cpu_s(), machine_busy_s())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        end = (time.process_time(), self.server.cpu_s(), machine_busy_s())
-        d = [None if a is None or b is None else b - a for a, b in zip(self.start, end)]
-        others = None if None in d else max(0.0, d[2] - d[0] - d[1])
-        self.cpu_s = {"client": d[0], "server": d[1], "others": others}
+def cpu_split(meter: CpuMeter) -> dict[str, float | None]:
+    """A meter's CPU seconds as this benchmark records them: client, server, others."""
+    return {"client": meter.result["client_s"], "server": meter.result["server_s"], "others": meter.result["others_s"]}
 
 
 _METRIC = re.compile(r'^prefixport_batch_size_(sum|count|bucket)(?:\{le="([^"]+)"\})? ([0-9.eE+-]+)$')
@@ -254,6 +87,7 @@ def batch_histogram(client: httpx.Client, base: str) -> dict[str, float]:
 
 
 def batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What a run added to the histogram: decode steps, row-steps, mean rows per step, steps by width."""
     steps = after.get("count", 0) - before.get("count", 0)
     rows = after.get("sum", 0) - before.get("sum", 0)
     cumulative = {k[3:]: after[k] - before.get(k, 0) for k in after if k.startswith("le=")}
@@ -261,65 +95,12 @@ def batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "steps_at_most": {k: int(v) for k, v in cumulative.items()}}
 
 
-# --- clients -----------------------------------------------------------------------------------
-
-async def one_request(client: httpx.AsyncClient, base: str, req: Request, max_tokens: int) -> Outcome:
-    body = {"model": req.model, "messages": req.messages(), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-    out, parts = Outcome(), []
-    start = time.perf_counter()
-    try:
-        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                out.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:500]}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        out.error = f"stream error: {json.dumps(chunk['error'])[:500]}"
-                        break
-                    for choice in chunk.get("choices") or []:
-                        if out.ttft_s is None:
-                            out.ttft_s = time.perf_counter() - start
-                        parts.append(choice.get("delta", {}).get("content") or "")
-                        out.finish_reason = choice.get("finish_reason") or out.finish_reason
-                    if chunk.get("usage"):
-                        out.completion_tokens = chunk["usage"]["completion_tokens"]
-                        out.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                else:
-                    out.error = out.error or "the stream ended without [DONE]"
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-    out.latency_s = time.perf_counter() - start
-    out.text = "".join(parts)
-    return out
-
-
-async def http_run(base: str, requests: list[Request], clients: int, max_tokens: int) -> tuple[float, list[Outcome]]:
-    """`clients` workers pull requests from the shared list; the wall time and outcomes by index."""
-    outcomes: list[Outcome | None] = [None] * len(requests)
-    queue = iter(requests)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    timeout = httpx.Timeout(connect=10, read=300, write=30, pool=None)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        async def worker() -> None:
-            for req in queue:  # one shared iterator: each request is taken once
-                outcomes[req.index] = await one_request(client, base, req, max_tokens)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    return wall, outcomes  # type: ignore[return-value]
-
+# --- the engine, no HTTP ---------------------------------------------------------------------------
 
 def engine_run(export: Path, adapters_dir: Path, base_model: str, requests: list[Request], max_tokens: int,
-               threads: int | None, meter: CpuMeter, say) -> RunResult:
-    """The same requests through `Engine.generate` in this process, one at a time."""
+               threads: int | None, server_pid: int) -> RunResult:
+    """The same requests through `Engine.generate` in this process, one at a time (the idle server's
+    CPU is metered too)."""
     from prefixport.runtime import Engine
 
     engine = Engine.load(export, **({"threads": threads} if threads else {}))
@@ -343,11 +124,11 @@ def engine_run(export: Path, adapters_dir: Path, base_model: str, requests: list
                 seen.add(req.model)
                 call(req, 4)
         say(f"engine: {len(requests)} requests one at a time ...")
-        with meter:
+        with CpuMeter(server_pid) as meter:
             start = time.perf_counter()
             outcomes = [call(req, max_tokens) for req in requests]
             wall = time.perf_counter() - start
-        return RunResult("engine, one at a time (no HTTP)", 1, wall, outcomes, meter.cpu_s)
+        return RunResult("engine, one at a time (no HTTP)", 1, wall, outcomes, cpu_split(meter))
     finally:
         engine.close()
 
@@ -355,11 +136,9 @@ def engine_run(export: Path, adapters_dir: Path, base_model: str, requests: list
 # --- summary -----------------------------------------------------------------------------------
 
 def summarize(run: RunResult, reference: list[Outcome] | None) -> dict[str, Any]:
+    """A run's figures; `reference`: the engine run's outcomes, whose texts the run's are compared with."""
     ok = [o for o in run.outcomes if o.error is None]
     tokens = sum(o.completion_tokens for o in ok)
-
-    def ms(values: list[float]) -> dict[str, float] | None:
-        return {k: (v * 1000 if k != "n" else v) for k, v in spread(values).items()} if values else None
 
     finish: dict[str, int] = {}
     for o in ok:
@@ -375,7 +154,8 @@ def summarize(run: RunResult, reference: list[Outcome] | None) -> dict[str, Any]
         "errors": [f"#{i}: {o.error}" for i, o in enumerate(run.outcomes) if o.error is not None],
         "requests_per_s": len(ok) / run.wall_s, "completion_tokens": tokens,
         "completion_tokens_per_s": tokens / run.wall_s,
-        "latency_ms": ms([o.latency_s for o in ok]), "ttft_ms": ms([o.ttft_s for o in ok if o.ttft_s is not None]),
+        "latency_ms": distribution([o.latency_s for o in ok], 1000),
+        "ttft_ms": distribution([o.ttft_s for o in ok if o.ttft_s is not None], 1000),
         "finish_reasons": finish, "same_text_as_engine": same, "text_differs_from_engine": differ,
         "decode_batch": run.batch or None,
         "cpu_s": run.cpu_s, "others_share": None if others is None else others / (run.wall_s * (os.cpu_count() or 1)),
@@ -386,7 +166,8 @@ def summarize(run: RunResult, reference: list[Outcome] | None) -> dict[str, Any]
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m, w = result["machine"], result["workload"]
+    """The report: the runs' table, the noise warning, the workload and the machine."""
+    w = result["workload"]
     lines = [
         f"# Server load: {result['model']} ({result['export']}), mixed adapters", "",
         f"{w['requests']} chat requests over {', '.join(f'`{k}` x{v}' for k, v in w['per_model'].items())}; "
@@ -405,7 +186,6 @@ def markdown(result: dict[str, Any]) -> str:
     for name, r in result["runs"].items():
         lat, ttft, batch = r["latency_ms"], r["ttft_ms"], r["decode_batch"]
         cpu = r["cpu_s"]
-        f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(
             f"| {name} | {r['wall_s']:.1f} | {r['requests_per_s']:.2f} | {r['completion_tokens_per_s']:.1f} | "
             + (f"{lat['p50']:.0f} / {lat['p95']:.0f} | " if lat else "- | ")
@@ -415,17 +195,16 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{r['speedup_vs_engine']:.2f}x | " if r.get("speedup_vs_engine") else "- | ")
             + f"{len(r['errors'])} | "
             + (f"{r['same_text_as_engine']}/{r['requests']} | " if r["same_text_as_engine"] is not None else "- | ")
-            + f"{f(cpu['server'])} / {f(cpu['client'])} / {f(cpu['others'])} |")
+            + f"{cell(cpu['server'])} / {cell(cpu['client'])} / {cell(cpu['others'])} |")
     noisy = {name: r["others_share"] for name, r in result["runs"].items() if (r["others_share"] or 0) > 0.1}
     if noisy:
         lines += ["", "**Noisy machine:** other processes used " + ", ".join(
             f"{100 * v:.0f}% of the cores during \"{k}\"" for k, v in noisy.items()) + "; these figures are not clean."]
-    lines += ["", f"Generated tokens per request (mean, by model): "
+    lines += ["", "Generated tokens per request (mean, by model): "
               + ", ".join(f"`{k}` {v:.1f}" for k, v in w["completion_tokens_by_model"].items())
               + f"; {w['stopped_before_max_tokens']} of {w['requests']} requests stopped before max_tokens "
               "(`ignore_eos`: none should).",
-              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; Python {m['python']}, "
-              f"onnxruntime {m['versions'].get('onnxruntime')}, prefixport {m['versions'].get('prefixport')}.", "",
+              "", machine_line(result["machine"]), "",
               f"Command: `{result['command']}` ({result['seconds']:.0f} s in all)", ""]
     return "\n".join(lines)
 
@@ -445,14 +224,13 @@ def main() -> None:
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine run")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--quick", action="store_true", help="12 requests of 16 tokens: a smoke run (about a minute)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_load")
     args = parser.parse_args()
     n = args.requests or (12 if args.quick else 64)
     max_tokens = args.max_tokens or (16 if args.quick else 32)
     concurrency = sorted(set(args.concurrency) | {1})
     max_batch = args.max_batch or max(concurrency)
     adapters_dir = args.adapters or args.export / "adapters"
-    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server is stopped too
     began = time.perf_counter()
 
@@ -466,7 +244,7 @@ def main() -> None:
     say(f"starting prefixport {' '.join(serve_args)} (log: {log_path}) ...")
     runs: list[RunResult] = []
     with ServerProcess(serve_args, log_path) as server, httpx.Client(timeout=30) as sync:
-        load_s = server.wait_healthy(base, 300, say)
+        load_s = server.wait_healthy(base, 300)
         listing = sync.get(f"{base}/v1/models").json()["data"]
         models = [m["id"] for m in listing]
         base_model = next(m["id"] for m in listing if not m.get("parent"))
@@ -486,21 +264,21 @@ def main() -> None:
         engine: RunResult | None = None
         if not args.no_engine:
             engine = engine_run(args.export, adapters_dir, base_model, requests, max_tokens, args.threads,
-                                CpuMeter(server), say)
+                                server.pid)
             runs.append(engine)
         for clients in concurrency:
             say(f"HTTP: {n} requests, {clients} client(s) ...")
             before = batch_histogram(sync, base)
-            with CpuMeter(server) as meter:
+            with CpuMeter(server.pid) as meter:
                 wall, outcomes = asyncio.run(http_run(base, requests, min(clients, n), max_tokens))
             after = batch_histogram(sync, base)
             name = f"HTTP, {clients} clients" if clients > 1 else "HTTP, 1 client (one at a time)"
-            run = RunResult(name, clients, wall, outcomes, meter.cpu_s, batch_delta(before, after))
+            run = RunResult(name, clients, wall, outcomes, cpu_split(meter), batch_delta(before, after))
             runs.append(run)
             errors = [o.error for o in outcomes if o.error]
             say(f"  {wall:.1f} s, {len(outcomes) / wall:.2f} req/s, mean batch {run.batch['mean'] or 0:.2f}"
                 + (f", {len(errors)} errors, first: {errors[0]}" if errors else ""))
-            if server.proc.poll() is not None:
+            if not server.alive():
                 raise SystemExit(f"the server died:\n{server.tail()}")
         health = sync.get(f"{base}/health").json()
     say(f"server stopped (log: {log_path})")
@@ -522,12 +300,11 @@ def main() -> None:
     by_model: dict[str, list[int]] = {}
     for req, o in zip(requests, answers):
         by_model.setdefault(req.model, []).append(o.completion_tokens)
-    command = "python benchmarks/serve_load.py " + shlex.join(sys.argv[1:])
     result = {
-        "benchmark": "serve_load", "quick": args.quick, "export": _rel(args.export), "adapters": _rel(adapters_dir),
+        "benchmark": "serve_load", "quick": args.quick, "export": rel(args.export), "adapters": rel(adapters_dir),
         "model": base_model, "models": models, "max_batch": max_batch, "threads": args.threads,
-        "max_tokens": max_tokens, "concurrency": concurrency, "seed": args.seed, "command": command.strip(),
-        "server_command": "prefixport " + shlex.join(_rel(Path(a)) if a in (str(args.export), str(adapters_dir))
+        "max_tokens": max_tokens, "concurrency": concurrency, "seed": args.seed, "command": command("serve_load"),
+        "server_command": "prefixport " + shlex.join(rel(a) if a in (str(args.export), str(adapters_dir))
                                                      else a for a in serve_args), "server_load_s": load_s,
         "server_health_after": health,
         "workload": {"requests": n, "per_model": per_model, "per_length": per_length,
@@ -542,19 +319,14 @@ def main() -> None:
                     "engine run: Engine.generate's prefill_s",
             "mean batch": "server prefixport_batch_size histogram: delta sum / delta count over the run",
             "speedup": "requests/s over the HTTP 1-client run's, and over the engine run's"},
-        "runs": results, "machine": describe(), "seconds": time.perf_counter() - began,
+        "runs": results, "machine": machine(), "seconds": time.perf_counter() - began,
     }
-    out = args.out
-    stem = "serve_load" + ("_quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    md_path.write_text(table)
+    wrote = write_report(args.out, "serve_load" + ("_quick" if args.quick else ""), result, table)
     print(table)
     summary = {"benchmark": "serve_load", "quick": args.quick, "requests": n, "max_tokens": max_tokens,
                "max_batch": max_batch, "seconds": round(result["seconds"], 1),
-               "wrote": [str(json_path), str(md_path)],
+               "wrote": [str(p) for p in wrote],
                "runs": {name: {"req_per_s": round(r["requests_per_s"], 3),
                                "gen_tok_per_s": round(r["completion_tokens_per_s"], 1),
                                "latency_p50_ms": r["latency_ms"] and round(r["latency_ms"]["p50"]),

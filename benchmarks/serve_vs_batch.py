@@ -8,7 +8,7 @@ response (C asyncio clients, streamed); for the engine, the `generate_batch` cal
 alternate R times (the server idles while the engine runs, in this process); medians and the
 ratio HTTP / static are reported. The texts of both sides must be equal.
 
-    python benchmarks/serve_vs_batch.py [--export exports/smollm2-135m-instruct] [--concurrency 16]
+    python -m benchmarks.serve_vs_batch [--export exports/smollm2-135m-instruct] [--concurrency 16]
         [--max-tokens 64] [--repeats 5] [--threads N] [--out benchmarks/results/serve_vs_batch]
 
 Writes OUT/serve_vs_batch.json and prints a table and one JSON line.
@@ -20,19 +20,16 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import DEFAULT_EXPORT, ROOT, ServerProcess, free_port, http_run, workload  # noqa: E402
-
-from prefixport.bench.machine import describe  # noqa: E402
-from prefixport.bench.measure import spread  # noqa: E402
-from prefixport.runtime import Engine  # noqa: E402
+from benchmarks.common import DEFAULT_EXPORT, RESULTS, free_port, machine, say
+from benchmarks.serving import ServerProcess, http_run, scrape_metrics, workload
+from prefixport.bench.measure import spread
+from prefixport.runtime import Engine
 
 
 def main() -> None:
@@ -42,9 +39,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, both sides")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_vs_batch")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_vs_batch")
     args = parser.parse_args()
-    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     engine = Engine.load(args.export, threads=args.threads)
     model = "base"
     requests = workload([model], args.concurrency, seed=0)
@@ -57,7 +53,7 @@ def main() -> None:
                    "--threads", str(args.threads), "--prefill-budget", "100000"]
     walls: dict[str, list[float]] = {"http": [], "static": []}
     with ServerProcess(server_args, log) as server:
-        server.wait_healthy(base, 300, say)
+        server.wait_healthy(base, 300)
         asyncio.run(http_run(base, requests, c, 4))  # warm-up, both sides
         engine.generate_batch(prompts, max_new_tokens=4, stop_token_ids=[])
         texts = {}
@@ -81,14 +77,13 @@ def main() -> None:
         "repeats": args.repeats, "threads": args.threads, "tokens_per_s": tps,
         "ratio_http_over_static": tps["http"]["p50"] / tps["static"]["p50"], "same_texts": f"{same}/{c}",
         "prompt_tokens": [len(engine.encode(p)) for p in prompts],
-        "kv_cache_bytes_after": next((float(x.split()[1]) for x in metrics.splitlines()
-                                      if x.startswith("prefixport_kv_cache_bytes ")), None),
-        "machine": describe(),
+        "kv_cache_bytes_after": scrape_metrics(metrics).get("prefixport_kv_cache_bytes"),
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_vs_batch.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    print(f"| side | tokens/s (median) | min-max |\n|---|---|---|\n"
+    print("| side | tokens/s (median) | min-max |\n|---|---|---|\n"
           + "".join(f"| {s} | {t['p50']:.1f} | {t['min']:.1f}-{t['max']:.1f} |\n" for s, t in tps.items())
           + f"\n{c} requests x {n} tokens, {args.threads} threads, {m['cpu']}, {m['cores']} cores: "
           f"HTTP / static = {result['ratio_http_over_static']:.2f}x; texts equal {same}/{c}")

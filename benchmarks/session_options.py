@@ -3,7 +3,7 @@ batch 1 and 8 (past of 64 positions), each variant in its own session, interleav
 so that all see the same machine load (with a pause between them, so that one session's
 spinning threads do not slow the next). Prints a Markdown table and writes JSON.
 
-    python benchmarks/session_options.py EXPORT_DIR [--rounds 20] [--out benchmarks/results/session_options.json]
+    python -m benchmarks.session_options EXPORT_DIR [--rounds 20] [--out benchmarks/results/session_options.json]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.common import RESULTS, machine
 from prefixport import manifest as mf
-from prefixport.bench.machine import describe
 
 CORES = os.cpu_count() or 1
 VARIANTS: dict[str, tuple[int, dict[str, str]]] = {  # name -> (intra-op threads, session config entries)
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("export_dir")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "session_options.json"))
+    parser.add_argument("--out", default=str(RESULTS / "session_options.json"))
     args = parser.parse_args()
     folder = Path(args.export_dir)
     m = mf.Manifest.load(folder)
@@ -93,7 +93,7 @@ def main() -> None:
                       f"{r[b]['median_ms'] / results[base][b]['median_ms']:.2f}x"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"export": folder.name, "machine": describe(), "past": 64,
+    Path(args.out).write_text(json.dumps({"export": folder.name, "machine": machine(), "past": 64,
                                           "results": results}, indent=2) + "\n")
 
 

@@ -9,7 +9,7 @@ with every row speculating alone against the batch decoding together. Each reque
 without speculation, interleaved, on one engine; greedy; decode tokens/s counts the tokens after
 the first (the prefill is the same either way).
 
-    python benchmarks/speculative.py EXPORT_DIR [--draft INT8_EXPORT] [--draft INT4_EXPORT]
+    python -m benchmarks.speculative EXPORT_DIR [--draft INT8_EXPORT] [--draft INT4_EXPORT]
         [--threads N] [--requests 20]
 """
 
@@ -18,21 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS, ROOT, machine
+from demo.tasks import split
 from prefixport.adapters import convert_checkpoint
-from prefixport.bench.machine import describe
 from prefixport.runtime import Engine
 from prefixport.runtime.generation import decode_step, prefill, prefill_new
-
-ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(ROOT / "demo"))
-from tasks import split  # noqa: E402
 
 CHAT = ["Write a haiku about the sea.", "Explain photosynthesis in two sentences.", "Give me three tips for sleep.",
         "What is a prime number?", "Describe a cat to someone who has never seen one.",
@@ -119,7 +115,7 @@ def main() -> None:
     parser.add_argument("--draft", action="append", default=[], help="A draft export (repeatable).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speculative.json"))
+    parser.add_argument("--out", default=str(RESULTS / "speculative.json"))
     args = parser.parse_args()
     options = {"threads": args.threads} if args.threads else {}
     engine = Engine.load(args.export_dir, **options)
@@ -129,7 +125,7 @@ def main() -> None:
         engine.add_adapter("json-prompt", path)
     _, test = split("json")
     engine.generate("Hello", max_new_tokens=4)  # warm-up
-    result = {"machine": describe(), "model": engine.manifest.source, "threads": args.threads}
+    result = {"machine": machine(), "model": engine.manifest.source, "threads": args.threads}
     json_requests = [(ex["prompt"], "json-prompt") for ex in test[: args.requests]]
     chat = [([{"role": "user", "content": q}], None) for q in CHAT[: args.requests]]
     result["json_prompt_lookup"] = side_by_side(engine, json_requests, 48, "prompt-lookup")

@@ -2,7 +2,7 @@
 JSON schema, timing `DecodeBatch.sample` (the token choice, where the grammar's mask runs) and
 `advance` (the model's decode step) separately, interleaved in one process.
 
-    python benchmarks/structured_overhead.py EXPORT_DIR [--batch 8] [--steps 24] [--rounds 5]
+    python -m benchmarks.structured_overhead EXPORT_DIR [--batch 8] [--steps 24] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefixport.bench.machine import describe
+from benchmarks.common import RESULTS, machine
 from prefixport.runtime import Engine
 from prefixport.runtime.generation import DecodeBatch
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "structured_overhead.json"))
+    parser.add_argument("--out", default=str(RESULTS / "structured_overhead.json"))
     args = parser.parse_args()
     engine = Engine.load(args.export_dir)
     times = {name: {"sample": [], "advance": []} for name in FORMATS}
@@ -74,7 +74,7 @@ def main() -> None:
         print(f"| {name} | {r['sample']:.2f} | {r['advance']:.2f} |")
     print(f"\nThe grammar adds {extra:.2f} ms per step at batch {args.batch} ({extra / args.batch * 1000:.0f} µs per "
           f"row), {extra / step:.1%} of a free step.")
-    Path(args.out).write_text(json.dumps({"machine": describe(), "batch": args.batch, "steps": args.steps,
+    Path(args.out).write_text(json.dumps({"machine": machine(), "batch": args.batch, "steps": args.steps,
                                           "rounds": args.rounds, "median_ms": result,
                                           "extra_ms_per_step": extra}, indent=2) + "\n")
 

@@ -82,3 +82,25 @@ def test_no_private_attribute_of_another_object(package):
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
                 bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} .{node.attr}")
     assert bad == []
+
+
+def test_benchmarks_share_code_through_the_package():
+    """benchmarks/ is one package run as `python -m benchmarks.NAME`: no sys.path edits, no sibling
+    imported by its bare file name (shared code is `benchmarks.common` and the like), and no private
+    name imported from another module."""
+    folder = ROOT.parent / "benchmarks"
+    siblings = {p.stem for p in folder.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    bad = []
+    for path in sorted(folder.rglob("*.py")):
+        where = path.relative_to(ROOT.parent)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"):
+                bad.append(f"{where}:{node.lineno} uses sys.path")
+        for module, names, line in _imports(path):
+            if module.split(".")[0] in siblings:
+                bad.append(f"{where}:{line} imports {module} by its file name, not as benchmarks.{module}")
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private or any(part.startswith("_") and not part.startswith("__") for part in module.split(".")):
+                bad.append(f"{where}:{line} imports {private or module} from {module}")
+    assert bad == []

@@ -1,29 +1,22 @@
-"""Fuzzing of the adapter readers (load_bundle, convert): a short run of benchmarks/fuzz_adapters.py's
-harness over the tiny Llama's real bundles and PEFT checkpoints (the full 10,000-case run and its
-counts are under benchmarks/results/fuzz_adapters/)."""
+"""Fuzzing of the adapter readers (load_bundle, convert): a short run of `python -m
+benchmarks.fuzz_adapters`'s harness over the tiny Llama's real bundles and PEFT checkpoints, with
+the cases of benchmarks/fuzz_cases.py (the full 10,000-case run and its counts are under
+benchmarks/results/fuzz_adapters/)."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import shutil
-import sys
+import struct
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.fuzz_adapters import run_fuzz
+from benchmarks.fuzz_cases import load_seeds, make_case, schedule, st_parse
+
 CASES = 400
 SEED = 1  # the full run uses seed 0: these are other cases
-
-
-def _harness():
-    name = "fuzz_adapters"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "fuzz_adapters.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: its dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,6 @@ def fuzz_seeds(tiny_model, tiny_export, tiny_adapters, tmp_path_factory):
 
     from . import peft_helpers as ph
 
-    fz = _harness()
     export, adapters = tiny_export("llama"), tiny_adapters("llama")
     work = tmp_path_factory.mktemp("fuzz-seeds")
     for bundle in adapters.glob("*.safetensors"):
@@ -46,7 +38,7 @@ def fuzz_seeds(tiny_model, tiny_export, tiny_adapters, tmp_path_factory):
              work / "peft" / "multitask", steps=2)
     convert_checkpoint(work / "peft" / "multitask", export, name="multitask-task1", task=1,
                        out=work / "multitask-task1.safetensors")
-    return fz, fz.load_seeds(export, work)
+    return load_seeds(export, work)
 
 
 def _describe(failures: list[dict]) -> str:
@@ -54,10 +46,41 @@ def _describe(failures: list[dict]) -> str:
                      f"{f.get('message') or f.get('problems')}\n{f.get('traceback') or ''}" for f in failures[:10])
 
 
+def _content(blob: bytes) -> object:
+    """A file's content; a safetensors header as sorted JSON (the library writes metadata in no fixed order)."""
+    try:
+        header, data = st_parse(blob)
+    except (ValueError, RecursionError, struct.error):
+        return blob
+    return json.dumps(header, sort_keys=True), data
+
+
+def _files(folder: Path) -> dict[str, object]:
+    return {str(p.relative_to(folder)): _content(p.read_bytes().replace(str(folder).encode(), b"CASE"))
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_case_is_rebuilt_from_its_seed_and_index(fuzz_seeds, tmp_path):
+    """`--replay S:i` relies on it: the same seed and index make the same case, in every family."""
+    marker = tmp_path / "marker"
+    families = set()
+    for index in range(len(schedule())):
+        made = []
+        for attempt in ("a", "b"):
+            folder = tmp_path / f"{index}-{attempt}"
+            folder.mkdir()
+            case = make_case(SEED, index, fuzz_seeds, folder, marker)
+            made.append((case.family, case.desc, case.kind, case.manifest, case.task, _files(folder)))
+        families.add(made[0][0])
+        if "zip" not in made[0][1]:  # a torch-style zip holds the time it was written
+            assert made[0] == made[1], index
+    assert families == set(schedule())
+
+
 def test_fuzz_adapter_readers(fuzz_seeds, tmp_path):
-    fz, seeds = fuzz_seeds
+    seeds = fuzz_seeds
     assert set(seeds.peft) >= {"prompt", "ptuning-lstm", "prefix", "prefix-projection", "multitask"}
-    r = fz.run_fuzz(seeds, CASES, seed=SEED, timeout=5.0, memory_gb=3.0, work=tmp_path / "work",
+    r = run_fuzz(seeds, CASES, seed=SEED, timeout=5.0, memory_gb=3.0, work=tmp_path / "work",
                     reproducers=tmp_path / "reproducers")
     t = r["totals"]
     assert (t["crash"], t["hang"], t["memory"], t["bad_accept"]) == (0, 0, 0, 0), _describe(r["failures"])

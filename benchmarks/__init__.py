@@ -1,0 +1,1 @@
+"""The benchmark scripts, each run from the checkout as `python -m benchmarks.NAME` (docs/benchmarks.md)."""
