@@ -39,8 +39,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", f"Per registered adapter: the store's exact count **{mem['store_per_adapter_bytes']:,.0f} bytes**; "
               f"{grown} growth **{mem['rss_per_adapter_bytes']:,.0f} bytes** "
               f"({mem['rss_per_adapter_over_bundle_bytes']:.2f} × the bundle), the slope from {low} to {high} "
-              f"adapters ({mem['rss_expected_growth_bytes'] / 1e6:.0f} MB by the store's count"
-              + (", far above the heap's noise; the first rows show freed heap absorbing small growth)."
+              f"adapters in a fresh process ({mem['rss_expected_growth_bytes'] / 1e6:.0f} MB by the store's count"
+              + (", far above the heap's noise; the first rows show free heap absorbing small growth)."
                  if mem["rss_expected_growth_bytes"] >= 32e6 else
                  ": too little to rise above the heap's noise, so a rough figure)."), "",
               "## Latency at batch 1 (ms)", "", "| prompt tokens | config | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |",

@@ -17,14 +17,14 @@ import numpy as np
 
 from .. import manifest as mf
 from ..adapters.bundle import load_bundle
-from ..errors import PrefixportError
 from ..runtime import Engine
-from ..runtime.backends import Backend, gpu_memory, load_backend
+from ..runtime.backends import Backend, load_backend
 from ..runtime.generation import prefill_new
 from ..runtime.settings import BackendSettings
 from .machine import describe
+from .adapter_memory import in_fresh_process, used_bytes
 from .bandwidth import read_bandwidth
-from .measure import rss_bytes, spread, timed
+from .measure import spread, timed
 
 # The RSS (or VRAM) measure registers adapters until the store holds this much, so that the growth
 # rises far above the heap's noise (freed heap absorbs the first MBs: 100 adapters of 460 KB once
@@ -171,9 +171,9 @@ class Suite:
             engine.generate(ids, adapter=name, max_new_tokens=1)
 
         first_token(self.engine, names[0])  # warm-up
-        used_before = self._used()
+        used_before = used_bytes(self.device)
         resident = [t for n in order for t in timed(lambda: first_token(self.engine, n), 1)]
-        used_by_swaps = self._used() - used_before  # VRAM on a GPU, RSS on the CPU
+        used_by_swaps = used_bytes(self.device) - used_before  # VRAM on a GPU, RSS on the CPU
         cold = self._load(adapter_budget_bytes=0)  # every use a miss
         for path, name in zip(self.adapters, names):
             cold.add_adapter(name, path)
@@ -198,49 +198,29 @@ class Suite:
 
     # --- 2. memory per adapter ---------------------------------------------------------------------
 
-    def _used(self) -> int:
-        """Bytes in use on the benchmarked device: VRAM on a GPU (the driver's counter), else process RSS."""
-        if self.device == "cuda":
-            used = gpu_memory().get("device_used_bytes")
-            if used is None:
-                raise PrefixportError("no GPU memory counter: install cuda-python or nvidia-ml-py")
-            return used
-        return rss_bytes()
-
     def memory(self, plan: Plan, peft: Any) -> dict[str, Any]:
-        """The store's exact bytes at each of the plan's counts, and the process's growth (RSS, or
-        VRAM on a GPU) over enough adapters to rise above heap noise: both per adapter."""
+        """The store's exact bytes at each of the plan's counts, and the growth of a fresh process
+        (RSS, or VRAM on a GPU) over enough adapters to rise above heap noise: both per adapter
+        (bench/adapter_memory.py)."""
         sizes = {p: load_bundle(p).nbytes for p in self.adapters}
         path = max(sizes, key=sizes.get)  # the largest bundle: RSS moves in pages
         bundle_bytes = sizes[path]
         rss_count = min(MAX_RSS_ADAPTERS, max(plan.memory_counts[-1], -(-RSS_TARGET_BYTES[self.quick] // bundle_bytes)))
         counts = sorted(set(plan.memory_counts) | {rss_count})
-        engine = self._load()
-        engine.generate(self.ids[:8], max_new_tokens=1)
-        base_rss = self._used()
-        points, registered = [], 0
-        for count in counts:
-            while registered < count:
-                engine.add_adapter(f"copy{registered}", path)
-                registered += 1
-            points.append({"adapters": count, "rss_bytes": self._used() - base_rss,  # VRAM on a GPU
-                           "store_resident_bytes": engine.stats().adapters.resident_bytes})
-        engine.close()
+        backend, options = self.settings.load_kwargs()
+        probe = in_fresh_process(self.export_dir, path, counts, backend, options, self.device)
+        points, single_model = probe["points"], probe["model_bytes"]
         first, last = points[0], points[-1]
         slope = (last["rss_bytes"] - first["rss_bytes"]) / max(1, last["adapters"] - first["adapters"])
-        store_per_adapter = last["store_resident_bytes"] / last["adapters"]
-        before = self._used()
-        session = self._new_session(self.ids[:8])
-        single_model = self._used() - before
-        session.close()
         out = {"bundle": Path(path).stem, "bundle_bytes": bundle_bytes, "points": points,
-               "store_per_adapter_bytes": store_per_adapter,
+               "store_per_adapter_bytes": last["store_resident_bytes"] / last["adapters"],
                "rss_per_adapter_bytes": slope, "rss_per_adapter_over_bundle_bytes": slope / bundle_bytes,
                "rss_adapters": (first["adapters"], last["adapters"]),
                "rss_expected_growth_bytes": last["store_resident_bytes"] - first["store_resident_bytes"],
                "naive_single_model_bytes": single_model,
                "naive_extrapolated": [{"adapters": n, "bytes": n * single_model} for n in counts],
-               "note": "naive = N exported models: a measured single-model footprint times N (extrapolated)"}
+               "note": "measured in a fresh process (no freed heap to absorb growth); naive = N exported "
+                       "models: the loaded model's footprint there times N (extrapolated)"}
         if peft is not None:
             name = Path(self.peft_dirs[-1]).name
             params = sum(p.numel() * p.element_size() for p in peft[name].prompt_encoder[name].parameters())
