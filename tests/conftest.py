@@ -92,6 +92,17 @@ def tiny_export(tmp_path_factory, tiny_model):
     return get
 
 
+@pytest.fixture(scope="session")
+def plain_export(tmp_path_factory, tiny_model) -> Path:
+    """The tiny Llama exported with plain ONNX ops only (`--no-optimize`): what TensorRT parses, and
+    a "copy" KV export (its present is a scratch copied back). Copy it before changing it."""
+    from prefixport.exporter import export_model
+
+    out = tmp_path_factory.mktemp("plain") / "export"
+    export_model(out, model=str(tiny_model("llama")), optimize=False)
+    return out
+
+
 ADAPTER_VARIANTS = ("prompt", "ptuning-lstm", "prefix", "prefix-projection")
 
 

@@ -59,20 +59,25 @@ def load_reference(base, folder: Path) -> PeftModel:
     return PeftModel.from_pretrained(base, folder).eval()
 
 
-def peft_logits(model: PeftModel, ids: list[int], task: int | None = None) -> np.ndarray:
+def peft_forward(model: PeftModel, ids: list[int], task: int | None = None) -> np.ndarray:
+    """PeftModel.forward's logits at every position of `ids` [len(ids), vocab]."""
     kwargs = {"task_ids": torch.tensor([task])} if task is not None else {}
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), **kwargs).logits[0, -1].float().numpy()
+        logits = model(input_ids=torch.tensor([ids]), **kwargs).logits[0].float().numpy()
+    return logits[-len(ids):]  # a soft prompt's virtual positions come first
 
 
-def peft_greedy(model: PeftModel, ids: list[int], n: int, task: int | None = None) -> list[int]:
-    """docs/design.md's reference: a greedy loop over PeftModel.forward without cache."""
-    out: list[int] = []
-    for _ in range(n):
-        out.append(int(peft_logits(model, ids + out, task).argmax()))
-    return out
+def peft_logits(model: PeftModel, ids: list[int], task: int | None = None) -> np.ndarray:
+    return peft_forward(model, ids, task)[-1]
 
 
+def peft_greedy_choices(model: PeftModel, ids: list[int], tokens: list[int], task: int | None = None) -> list[int]:
+    """docs/design.md's reference, teacher-forced: PEFT's greedy choice after `ids` and after each
+    prefix of `tokens`, from one PeftModel.forward over `ids + tokens` (a causal model's logits at a
+    position do not depend on what follows). Equal to `tokens` exactly when PEFT's greedy loop
+    gives `tokens`, at one forward instead of one per token."""
+    logits = peft_forward(model, ids + tokens[:-1], task)
+    return [int(t) for t in logits[len(ids) - 1:].argmax(-1)]
 def runtime_adapter_logits(engine: Engine, name: str, ids: list[int]) -> np.ndarray:
     """Last-position logits of one prefill with the registered adapter `name`."""
     feed = engine.store.acquire(name)

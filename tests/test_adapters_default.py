@@ -44,7 +44,7 @@ def test_default_model_equals_peft(setup, variant, bake):
         np.testing.assert_allclose(ph.runtime_adapter_logits(engine, name, ids),
                                    ph.peft_logits(reference, ids, task), atol=LOGITS_ATOL, rtol=0)
         ours = engine.generate(ids, adapter=name, max_new_tokens=32, stop_token_ids=[]).token_ids
-        assert ours == ph.peft_greedy(reference, ids, 32, task)
+        assert ours == ph.peft_greedy_choices(reference, ids, ours, task)
         for method in ("prompt-lookup", "draft") if prompt == PROMPTS[0] else ():  # speculative: the same tokens
             assert engine.generate(ids, adapter=name, max_new_tokens=32, stop_token_ids=[],
                                    speculative=method).token_ids == ours, method
@@ -90,4 +90,4 @@ def test_default_model_continuous_batching_equals_alone_and_peft(setup):
                                                 stop_token_ids=[]).token_ids
     for (prompt, adapter, n), got in list(zip(jobs, results))[1:3]:
         reference = ph.load_reference(model, work / adapter.removeprefix("cb-"))
-        assert got.token_ids == ph.peft_greedy(reference, engine.encode(prompt), n, None)
+        assert got.token_ids == ph.peft_greedy_choices(reference, engine.encode(prompt), got.token_ids)

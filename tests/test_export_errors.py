@@ -146,14 +146,21 @@ def test_hub_id_from_the_local_cache(tmp_path, tiny_model):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snapshot.name)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "prefixport.cli", "export", str(tmp_path / "out"), "--model",
-                          "tiny-org/tiny-llama", "--no-verify"], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
+    # One fresh process (huggingface_hub reads HF_HUB_CACHE at import) runs both commands.
+    script = f"""
+import json
+from click.testing import CliRunner
+from prefixport.cli import main
+runs = [CliRunner().invoke(main, ["export", {str(tmp_path / "out")!r}, "--model", "tiny-org/tiny-llama", "--no-verify"]),
+        CliRunner().invoke(main, ["export", {str(tmp_path / "out2")!r}, "--model", "tiny-org/not-cached"])]
+print(json.dumps([[r.exit_code, r.output] for r in runs]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (found, found_out), (missing, missing_out) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == 0, found_out
     assert json.loads((tmp_path / "out" / "prefixport.json").read_text())["source"] == "tiny-org/tiny-llama"
-    out = subprocess.run([sys.executable, "-m", "prefixport.cli", "export", str(tmp_path / "out2"), "--model",
-                          "tiny-org/not-cached"], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 1 and "local Hugging Face cache" in out.stderr
+    assert missing == 1 and "local Hugging Face cache" in missing_out, missing_out
 
 
 class _Marker:

@@ -182,15 +182,11 @@ def test_mixed_batch_is_bitwise_alone_on_the_default_model(default_export, tmp_p
     assert_rows_bitwise_alone(engine, plan, requests)
 
 
-def test_a_copy_mode_export_joins_and_leaves_like_the_shared_one(tiny_model, tmp_path_factory):
+def test_a_copy_mode_export_joins_and_leaves_like_the_shared_one(plain_export):
     """`--no-optimize` (plain ONNX ops, the graph TensorRT builds from) writes its present into a
     scratch copied back after each run: a mixed run gives each row's tokens alone, with the
     scratch counted in the cache's bytes."""
-    from prefixport.exporter import export_model
-
-    folder = tmp_path_factory.mktemp("copy") / "llama"
-    export_model(folder, model=str(tiny_model("llama")), optimize=False)
-    engine = Engine.load(folder)
+    engine = Engine.load(plain_export)
     assert engine.manifest.cache == "copy"
     plan = [(0, PROMPTS[0], None, 9), (0, PROMPTS[1], None, 30), (2, PROMPTS[2], None, 70), (4, PROMPTS[3], None, 5)]
     requests, cache = mixed_run(engine, plan, CacheSettings())

@@ -60,14 +60,6 @@ def _ort_gpu(provider: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def plain_export(tmp_path_factory, tiny_model):
-    """A tiny Llama exported with plain ONNX ops only (`--no-optimize`): what TensorRT parses."""
-    out = tmp_path_factory.mktemp("plain") / "export"
-    export_model(out, model=str(tiny_model("llama")), optimize=False)
-    return out
-
-
 # --- profiles ----------------------------------------------------------------------------------
 
 
