@@ -36,6 +36,14 @@ def hf_greedy(model, ids: list[int], n: int, stop_at_eos: bool = True) -> list[i
     return out[0, len(ids):].tolist()
 
 
+def hf_greedy_choices(model, ids: list[int], tokens: list[int]) -> list[int]:
+    """transformers' greedy choice after `ids` and after each prefix of `tokens`, teacher-forced in
+    one forward (docs/design.md): equal to `tokens` exactly when its greedy loop gives them."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens[:-1]])).logits[0]
+    return [int(t) for t in logits[len(ids) - 1:].argmax(-1)]
+
+
 def runtime_logits(engine: Engine, rows: list[list[int]], decode: list[int] | None = None,
                    soft: np.ndarray | None = None) -> np.ndarray:
     """Last-position logits [B, vocab] after a prefill of `rows` and optionally one decode step."""

@@ -222,12 +222,12 @@ def test_the_default_model_gives_the_same_tokens(default_export, tmp_path):
     for name in ("json-prompt", "date-prefix"):
         convert_checkpoint(demo / name, default_export, name=name, out=tmp_path / f"{name}.safetensors")
         engine.add_adapter(name, tmp_path / f"{name}.safetensors")
-    prompts = ["Text: Maya is 27 and lives in Lima.\nJSON:", "Date: 4 August 2008\nISO:"]
-    for adapter in (None, "json-prompt", "date-prefix"):
-        for prompt in prompts:
-            plain = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[])
-            spec = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[],
-                                   speculative="prompt-lookup")
-            assert spec.token_ids == plain.token_ids, (adapter, prompt)
+    json_prompt, date_prompt = "Text: Maya is 27 and lives in Lima.\nJSON:", "Date: 4 August 2008\nISO:"
+    for adapter, prompt in ((None, json_prompt), ("json-prompt", json_prompt), ("date-prefix", date_prompt),
+                            ("date-prefix", json_prompt)):  # each adapter on its task, and one off it
+        plain = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[])
+        spec = engine.generate(prompt, adapter=adapter, max_new_tokens=48, stop_token_ids=[],
+                               speculative="prompt-lookup")
+        assert spec.token_ids == plain.token_ids, (adapter, prompt)
     assert engine.stats().speculative.prompt_lookup.accepted > 0
     engine.close()
