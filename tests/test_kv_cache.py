@@ -10,49 +10,18 @@ from prefixport.runtime import Engine
 from prefixport.runtime.generation import DecodeBatch
 from prefixport.runtime.kv_cache import CacheSettings, KVCache, slot_bytes
 
+from .unit.runs import assert_same, mixed_run, run
+
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Numbers: 0 1 2 3", "Un café, s'il vous plaît.",
            "Prefix tuning learns keys", "Grüße aus München!"]
 
 
-def run_alone(engine: Engine, prompt: str, adapter: str | None, n: int):
-    request = engine.prepare(prompt, adapter=adapter, max_new_tokens=n, stop_token_ids=[])
-    request.logits = []
-    for _ in engine.run_rows([request]):
-        pass
-    return request
-
-
-def mixed_run(engine: Engine, plan: list[tuple[int, str, str | None, int]], settings: CacheSettings):
-    """Requests joining at the given steps ((step, prompt, adapter, max_new_tokens)), leaving when
-    done, in one DecodeBatch; returns the finished requests in plan order and the cache."""
-    m = engine.manifest
-    cache = KVCache(engine.backend, m, settings, engine.context_limit)
-    batch = DecodeBatch(engine.backend, cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
-    requests = []
-    for _, prompt, adapter, n in plan:
-        r = engine.prepare(prompt, adapter=adapter, max_new_tokens=n, stop_token_ids=[])
-        r.logits = []
-        requests.append(r)
-    step, waiting = 0, list(range(len(plan)))
-    while waiting or batch:
-        due = [i for i in waiting if plan[i][0] <= step]
-        if due:
-            joined = batch.join([requests[i] for i in due])
-            waiting = [i for i in waiting if i not in due[:joined]]
-        if batch:
-            batch.sample()
-            batch.advance()
-        step += 1
-    return requests, cache
-
-
 def assert_rows_bitwise_alone(engine: Engine, plan, requests) -> None:
     for (_, prompt, adapter, n), got in zip(plan, requests):
-        want = run_alone(engine, prompt, adapter, n)
+        want = run(engine, prompt, adapter, n)
         assert got.tokens == want.tokens, (prompt, adapter)
         assert len(got.logits) == len(want.logits) == n
-        for a, b in zip(got.logits, want.logits):
-            np.testing.assert_array_equal(a, b)
+        assert_same(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +44,7 @@ PLAN = [  # joins at steps 0, 0, 0, 3, 5, 9; lengths differ so rows leave mid-ru
 def test_mixed_batch_is_bitwise_alone_on_the_sliding_window_model(mistral):
     """Different adapters, lengths, joins and leaves mid-run, and capacity growth mid-generation
     (one row runs past 64 slots): every row's logits and tokens are bitwise its own alone."""
-    requests, cache = mixed_run(mistral, PLAN, CacheSettings())
+    requests, cache, _ = mixed_run(mistral, PLAN, CacheSettings())
     assert cache.capacity > 64 and cache.grows >= 2, "the capacity grew during the run"
     assert_rows_bitwise_alone(mistral, PLAN, requests)
 
@@ -128,7 +97,7 @@ def test_load_over_the_budget_waits_and_still_matches(mistral):
     need = max(len(mistral.encode(p)) for p in PROMPTS) + 40
     budget_mb = 2 * need * slot_bytes(mistral.manifest) / 2**20
     plan = [(0, p, None, 40) for p in PROMPTS]
-    requests, cache = mixed_run(mistral, plan, CacheSettings(budget_mb=budget_mb))
+    requests, cache, _ = mixed_run(mistral, plan, CacheSettings(budget_mb=budget_mb))
     assert cache.nbytes <= budget_mb * 2**20 and cache.rows <= 2
     assert_rows_bitwise_alone(mistral, plan, requests)
 
@@ -177,7 +146,7 @@ def test_mixed_batch_is_bitwise_alone_on_the_default_model(default_export, tmp_p
         engine.add_adapter(name, tmp_path / f"{name}.safetensors")
     plan = [(0, PROMPTS[0], None, 10), (0, PROMPTS[1], "json-prompt", 24), (2, PROMPTS[3], "date-prefix", 12),
             (4, PROMPTS[4], None, 70), (6, PROMPTS[5], "json-prompt", 6)]
-    requests, cache = mixed_run(engine, plan, CacheSettings())
+    requests, cache, _ = mixed_run(engine, plan, CacheSettings())
     assert cache.capacity > 64
     assert_rows_bitwise_alone(engine, plan, requests)
 
@@ -189,8 +158,8 @@ def test_a_copy_mode_export_joins_and_leaves_like_the_shared_one(plain_export):
     engine = Engine.load(plain_export)
     assert engine.manifest.cache == "copy"
     plan = [(0, PROMPTS[0], None, 9), (0, PROMPTS[1], None, 30), (2, PROMPTS[2], None, 70), (4, PROMPTS[3], None, 5)]
-    requests, cache = mixed_run(engine, plan, CacheSettings())
+    requests, cache, _ = mixed_run(engine, plan, CacheSettings())
     for (_, prompt, adapter, n), got in zip(plan, requests):
-        assert got.tokens == run_alone(engine, prompt, adapter, n).tokens
+        assert got.tokens == run(engine, prompt, adapter, n).tokens
     assert cache.capacity > 64
     assert cache.nbytes == 2 * cache.rows * cache.capacity * slot_bytes(engine.manifest)

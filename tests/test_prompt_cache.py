@@ -18,26 +18,12 @@ from prefixport.runtime.prompt_cache import BLOCK_TOKENS, MIN_REST
 
 from .conftest import ADAPTER_VARIANTS
 from .helpers import hf_greedy
+from .unit.runs import assert_same, batch_twice_as_plain, run
 
 SYSTEM = ("You are a careful assistant for a shipping company. Answer in one short sentence, name the "
           "parcel's city when you know it, and never invent tracking numbers. Customers write in English, "
           "French or German; answer in their language. ")  # 179 tokens on the tiny models' tokenizer
 QUESTIONS = ["Where is parcel 12?", "Wo ist mein Paket?", "Où est le colis 7 ?", "Where is parcel 12?"]
-
-
-def run(engine: Engine, prompt, adapter: str | None, n: int = 6):
-    """A finished request with the logits each token was chosen from."""
-    request = engine.prepare(prompt, adapter=adapter, max_new_tokens=n, stop_token_ids=[])
-    request.logits = []
-    for _ in engine.run_rows([request]):
-        pass
-    return request
-
-
-def assert_same(got, want) -> None:
-    assert got.tokens == want.tokens
-    for a, b in zip(got.logits, want.logits, strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +76,7 @@ def test_a_batch_of_hits_and_misses_equals_no_cache(pair):
     cached, plain = pair
     prompts = [SYSTEM + q for q in ("Hello?", "Bonjour ?", "Hello?", "Hallo?", "Bonjour ?")]
     adapters = [None, "prompt", "prefix", "ptuning-lstm", "prompt"]
-    for _ in range(2):  # the second round hits what the first stored
-        got = cached.generate_batch(prompts, adapters, max_new_tokens=5, stop_token_ids=[], logprobs=3)
-        want = plain.generate_batch(prompts, adapters, max_new_tokens=5, stop_token_ids=[], logprobs=3)
-        for g, w in zip(got, want):
-            assert g.token_ids == w.token_ids
-            assert [(x.logprob, x.top) for x in g.logprobs] == [(x.logprob, x.top) for x in w.logprobs]
+    got = batch_twice_as_plain(cached, plain, prompts, adapters)
     assert all(g.cached_tokens > 0 for g in got)
 
 

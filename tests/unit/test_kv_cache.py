@@ -10,10 +10,9 @@ import pytest
 
 from prefixport.errors import PrefixportError
 from prefixport.runtime import CacheSettings
-from prefixport.runtime.generation import DecodeBatch
 from prefixport.runtime.kv_cache import KVCache, slot_bytes
 
-from .runs import assert_same, run
+from .runs import assert_same, mixed_run, run
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Numbers: 0 1 2 3", "Un café, s'il vous plaît.",
            "Where is parcel 12?", "Grüße aus München!"]
@@ -87,31 +86,10 @@ PLAN = [  # (step it joins at, prompt, adapter, max_new_tokens): rows leave mid-
 ]
 
 
-def _mixed_run(engine, plan, settings=CacheSettings()):
-    """The plan's requests in one DecodeBatch, joining at their steps and leaving when done."""
-    m = engine.manifest
-    cache = _cache(engine, settings)
-    batch = DecodeBatch(engine.backend, cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
-    requests = [engine.prepare(p, adapter=a, max_new_tokens=n, stop_token_ids=[]) for _, p, a, n in plan]
-    for r in requests:
-        r.logits = []
-    step, waiting, rows_seen = 0, list(range(len(plan))), set()
-    while waiting or batch:
-        due = [i for i in waiting if plan[i][0] <= step]
-        joined = batch.join([requests[i] for i in due]) if due else 0
-        waiting = [i for i in waiting if i not in due[:joined]]
-        rows_seen |= set(cache.in_use())
-        if batch:
-            batch.sample()
-            batch.advance()
-        step += 1
-    return requests, cache, rows_seen
-
-
 def test_rows_joining_and_leaving_mid_run_are_bitwise_alone(engine):
     """Different adapters and lengths, joins at steps 0, 3, 5 and 9, leaves in between, and
     capacity growth mid-generation (one row passes 64 slots)."""
-    requests, cache, rows_seen = _mixed_run(engine, PLAN)
+    requests, cache, rows_seen = mixed_run(engine, PLAN)
     assert cache.capacity > 64 and cache.grows >= 2
     assert len(rows_seen) < len(PLAN) and cache.in_use() == []  # rows were reused, all freed
     for (_, prompt, adapter, n), got in zip(PLAN, requests):
@@ -123,7 +101,7 @@ def test_a_load_over_the_budget_waits_and_still_matches(engine):
     need = max(len(engine.encode(p)) for p in PROMPTS) + 6 + 20
     settings = CacheSettings(budget_mb=2 * need * slot_bytes(engine.manifest) / 2**20)
     plan = [(0, p, a, 20) for p, a in zip(PROMPTS, [None, "soft6", "prefix", None, "soft", "prefix3"])]
-    requests, cache, _ = _mixed_run(engine, plan, settings)
+    requests, cache, _ = mixed_run(engine, plan, settings)
     assert cache.rows <= 2 and cache.nbytes <= settings.budget_bytes
     for (_, prompt, adapter, n), got in zip(plan, requests):
         assert_same(got, run(engine, prompt, adapter, n))
@@ -132,7 +110,7 @@ def test_a_load_over_the_budget_waits_and_still_matches(engine):
 def test_a_copy_mode_export_gives_what_the_shared_one_gives(engine, make_engine, toy_copy):
     copy = make_engine(folder=toy_copy[0])
     assert copy.manifest.cache == "copy" and engine.manifest.cache == "shared"
-    requests, cache, _ = _mixed_run(copy, PLAN)
+    requests, cache, _ = mixed_run(copy, PLAN)
     assert cache.nbytes == 2 * cache.rows * cache.capacity * slot_bytes(copy.manifest)
     for (_, prompt, adapter, n), got in zip(PLAN, requests):
         assert_same(got, run(engine, prompt, adapter, n))

@@ -11,7 +11,7 @@ import pytest
 from prefixport.runtime.kv_cache import slot_bytes
 from prefixport.runtime.prompt_cache import BLOCK_TOKENS, MIN_REST
 
-from .runs import assert_same, run
+from .runs import assert_same, batch_twice_as_plain, run
 from .toy_export import prefix
 
 SYSTEM = ("You are a careful assistant for a shipping company. Answer in one short sentence, name the "
@@ -124,12 +124,7 @@ def test_a_batch_of_hits_and_misses_equals_no_cache(pair):
     cached, plain = pair
     prompts = [SYSTEM + q for q in ("Hello?", "Bonjour ?", "Hello?", "Hallo?", "Bonjour ?")]
     adapters = [None, "soft", "prefix", "soft6", "soft"]
-    for _ in range(2):  # the second round hits what the first stored
-        got = cached.generate_batch(prompts, adapters, max_new_tokens=5, stop_token_ids=[], logprobs=3)
-        want = plain.generate_batch(prompts, adapters, max_new_tokens=5, stop_token_ids=[], logprobs=3)
-        for g, w in zip(got, want):
-            assert g.token_ids == w.token_ids
-            assert [(x.logprob, x.top) for x in g.logprobs] == [(x.logprob, x.top) for x in w.logprobs]
+    got = batch_twice_as_plain(cached, plain, prompts, adapters)
     assert all(g.cached_tokens > 0 for g in got)
 
 
