@@ -17,11 +17,12 @@ The suite then checks the floor against the measured decode step and says so if 
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
+
+from .measure import timed
 
 COLUMNS = 4096  # the matrix's inner dimension (K): rows of 16 KB, like a hidden-size weight
 
@@ -29,12 +30,7 @@ COLUMNS = 4096  # the matrix's inner dimension (K): rows of 16 KB, like a hidden
 def fastest(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` timed calls after one warm-up call, in seconds."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn, repeats))
 
 
 def _sgemv(matrix: np.ndarray, repeats: int) -> float:
