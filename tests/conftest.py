@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes on these cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -164,3 +166,28 @@ def served(tiny_export, tiny_adapters, tmp_path_factory):
     with running(app) as url:
         yield engine, url, folder, app.state.server
     engine.close()
+
+
+DEFAULT_MODEL_FIXTURES = {"default_export", "default_hf"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist's `--dist loadgroup --no-loadscope-reorder` (scripts/test.sh): the tests of the
+    real default model are one group, handed out first (the longest: the worker that takes it
+    exports and loads the model once); each other file is a group (its module fixtures, a server or
+    a Ray cluster, are built once)."""
+    if not getattr(config.option, "loadgroup", False):  # set in pytest-xdist's workers
+        return
+    default = {item for item in items if DEFAULT_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("default-model" if item in default else item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item not in default)  # stable: each group keeps its order
+
+
+def pytest_collection_finish(session):
+    """pytest-xdist 3.8 groups by renaming each test (`ID@group`); pytest 9 ignores the rename and the
+    groups silently vanish (the default model exported on every worker): refuse to run so."""
+    if getattr(session.config.option, "loadgroup", False) and session.items and "@" not in session.items[0].nodeid:
+        raise pytest.UsageError("pytest-xdist did not group the tests (--dist loadgroup): install the pytest "
+                                "that pyproject.toml pins (pip install -e '.[dev]')")
