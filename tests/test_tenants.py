@@ -29,22 +29,6 @@ from prefixport.server.tenants import Access, KeyRing, digest, parse_keys
 from .conftest import ADAPTER_VARIANTS
 from .helpers import running
 
-
-@pytest.fixture
-def audited():
-    """The `prefixport.audit` events logged while the test runs (JSON-decoded), read by a handler on that
-    logger itself: `prefixport serve` run in this process (tests/test_async.py) stops its propagation."""
-    events: list[dict] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: events.append(json.loads(record.getMessage()))
-    logger = logging.getLogger("prefixport.audit")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield events
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
 KEYS = {"admin": "adm-0123", "acme": "acme-4567", "beta": "beta-89ab", "burst": "burst-cdef", "tpm": "tpm-0011"}
 KEYS_FILE = f"""
 [[key]]
@@ -89,6 +73,22 @@ def tenants(tiny_export, tiny_adapters, tmp_path_factory):
     with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access)) as url:
         yield engine, url, keys_file, folder
     engine.close()
+
+
+@pytest.fixture
+def audited():
+    """The `prefixport.audit` events logged while the test runs (JSON-decoded), read by a handler on that
+    logger itself: `prefixport serve` run in this process (tests/test_async.py) stops its propagation."""
+    events: list[dict] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: events.append(json.loads(record.getMessage()))
+    logger = logging.getLogger("prefixport.audit")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield events
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def _client(url: str, who: str) -> OpenAI:
