@@ -185,9 +185,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item not in default)  # stable: each group keeps its order
 
 
-def pytest_collection_finish(session):
-    """pytest-xdist 3.8 groups by renaming each test (`ID@group`); pytest 9 ignores the rename and the
-    groups silently vanish (the default model exported on every worker): refuse to run so."""
-    if getattr(session.config.option, "loadgroup", False) and session.items and "@" not in session.items[0].nodeid:
-        raise pytest.UsageError("pytest-xdist did not group the tests (--dist loadgroup): install the pytest "
-                                "that pyproject.toml pins (pip install -e '.[dev]')")
+def pytest_configure(config):
+    """pytest-xdist 3.8 groups tests by renaming them (`ID@group`), which pytest 9 ignores: the groups
+    would silently vanish (the default model exported on every worker), so refuse that pairing."""
+    if getattr(config.option, "dist", "no") == "loadgroup" and int(pytest.__version__.split(".")[0]) >= 9:
+        raise pytest.UsageError(f"--dist loadgroup does not group tests under pytest {pytest.__version__}: "
+                                "install the pytest that pyproject.toml pins (pip install -e '.[dev]')")
