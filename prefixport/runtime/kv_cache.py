@@ -88,7 +88,7 @@ class KVCache:
         self.lengths = np.zeros(0, np.int64)  # filled slots per row
         self._needs: dict[int, int] = {}  # row in use -> slots it may reach
         self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}  # bind()'s, until the buffers change
-        self.grows = 0  # reallocations (for stats and tests)
+        self.grows = 0  # allocations of buffers with slots (for stats and tests)
 
     # --- rows ---------------------------------------------------------------------------------
 
@@ -171,7 +171,8 @@ class KVCache:
         lengths[:m] = self.lengths[:m]
         self.rows, self.capacity, self.lengths = n, cap, lengths
         self._views = {}
-        self.grows += 1
+        if cap:  # buffers of no slots (rows admitted before their first token) are not counted
+            self.grows += 1
 
     def write(self, row: int, arrays: list[Any], at: int = 0, slots: int | None = None) -> None:
         """Keys and values ([1, kv_heads, n, head_dim] each, as the backend holds them: a prefix

@@ -25,6 +25,7 @@ def _cache(engine, settings=CacheSettings(), manifest=None) -> KVCache:
 def test_rows_are_taken_lowest_first_and_a_freed_row_is_reused(engine):
     cache = _cache(engine)
     assert [cache.admit(10) for _ in range(3)] == [0, 1, 2]
+    assert cache.stats().reallocations == 0  # rows before their first token: buffers of no slots
     cache.lengths[:3] = [4, 5, 6]
     cache.release(1)
     assert cache.in_use() == [0, 2] and cache.active == 3 and cache.used(3).tolist() == [True, False, True]
@@ -33,6 +34,8 @@ def test_rows_are_taken_lowest_first_and_a_freed_row_is_reused(engine):
     for row in (3, 2):
         cache.release(row)
     assert cache.active == 2 and cache.stats().rows_in_use == 2
+    cache.reserve(2, 10)
+    assert cache.capacity >= 10 and cache.stats().reallocations == 1
 
 
 @pytest.mark.parametrize("mode,factor", [("shared", 1), ("copy", 2)])
