@@ -88,7 +88,7 @@ class KVCache:
         self.lengths = np.zeros(0, np.int64)  # filled slots per row
         self._needs: dict[int, int] = {}  # row in use -> slots it may reach
         self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}  # bind()'s, until the buffers change
-        self.grows = 0  # allocations of buffers with slots (for stats and tests)
+        self.grows = 0  # buffer allocations (for stats and tests)
 
     # --- rows ---------------------------------------------------------------------------------
 
@@ -157,7 +157,16 @@ class KVCache:
                 n = max(rows, self.active)
             if n * cap * self._slot_cost > self.budget:
                 cap = max(capacity, max(self._needs.values(), default=0))
-        shape = (n, self.heads, cap, self.head_dim)
+        if cap:  # rows admitted before their first token need no slots yet: nothing to allocate
+            self._allocate((n, self.heads, cap, self.head_dim))
+        lengths = np.zeros(n, np.int64)
+        m = min(n, len(self.lengths))
+        lengths[:m] = self.lengths[:m]
+        self.rows, self.capacity, self.lengths = n, cap, lengths
+        self._views = {}
+
+    def _allocate(self, shape: tuple[int, int, int, int]) -> None:
+        """New buffers of `shape`, the rows in use copied over (their filled slots only)."""
         keep = self.active
         buffers = [self.backend.allocate(shape) for _ in range(self.tensors)]
         if keep and self.capacity:
@@ -166,13 +175,7 @@ class KVCache:
                 self.backend.copy_into(new, old[:keep], slots=filled)
         self.buffers = buffers
         self._scratch = [] if self.shared else [self.backend.allocate(shape) for _ in range(self.tensors)]
-        lengths = np.zeros(n, np.int64)
-        m = min(n, len(self.lengths))
-        lengths[:m] = self.lengths[:m]
-        self.rows, self.capacity, self.lengths = n, cap, lengths
-        self._views = {}
-        if cap:  # buffers of no slots (rows admitted before their first token) are not counted
-            self.grows += 1
+        self.grows += 1
 
     def write(self, row: int, arrays: list[Any], at: int = 0, slots: int | None = None) -> None:
         """Keys and values ([1, kv_heads, n, head_dim] each, as the backend holds them: a prefix

@@ -56,7 +56,7 @@ class KVCacheStats(_Stats):
     rows_in_use: int
     slot_bytes: int  # one position of one row, all layers
     budget_bytes: int | None
-    reallocations: int  # buffers allocated with slots: the first, then each growth (the rows in use copied)
+    reallocations: int  # buffer allocations: the first, then each growth (the rows in use copied)
 
 
 @dataclass(frozen=True)
