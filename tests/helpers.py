@@ -36,12 +36,18 @@ def hf_greedy(model, ids: list[int], n: int, stop_at_eos: bool = True) -> list[i
     return out[0, len(ids):].tolist()
 
 
+def greedy_choices(logits, prompt_len: int) -> list[int]:
+    """Teacher-forced greedy choices (docs/design.md): from the logits of one forward over a prompt
+    of `prompt_len` tokens followed by all but the last of `tokens`, the argmax after the prompt and
+    after each prefix of `tokens`. A causal model's logits at a position do not depend on what
+    follows, so these equal `tokens` exactly when the model's greedy loop gives `tokens`."""
+    return [int(t) for t in logits[prompt_len - 1:].argmax(-1)]
+
+
 def hf_greedy_choices(model, ids: list[int], tokens: list[int]) -> list[int]:
-    """transformers' greedy choice after `ids` and after each prefix of `tokens`, teacher-forced in
-    one forward (docs/design.md): equal to `tokens` exactly when its greedy loop gives them."""
+    """transformers' greedy choices after `ids` and each prefix of `tokens` (`greedy_choices`)."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids + tokens[:-1]])).logits[0]
-    return [int(t) for t in logits[len(ids) - 1:].argmax(-1)]
+        return greedy_choices(model(torch.tensor([ids + tokens[:-1]])).logits[0], len(ids))
 
 
 def runtime_logits(engine: Engine, rows: list[list[int]], decode: list[int] | None = None,

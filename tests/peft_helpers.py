@@ -20,6 +20,8 @@ from peft import (
 from prefixport.runtime import Engine
 from prefixport.runtime.generation import prefill_new
 
+from .helpers import greedy_choices
+
 CAUSAL = TaskType.CAUSAL_LM
 VARIANTS = {
     "prompt": lambda: PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=6),
@@ -72,12 +74,11 @@ def peft_logits(model: PeftModel, ids: list[int], task: int | None = None) -> np
 
 
 def peft_greedy_choices(model: PeftModel, ids: list[int], tokens: list[int], task: int | None = None) -> list[int]:
-    """docs/design.md's reference, teacher-forced: PEFT's greedy choice after `ids` and after each
-    prefix of `tokens`, from one PeftModel.forward over `ids + tokens` (a causal model's logits at a
-    position do not depend on what follows). Equal to `tokens` exactly when PEFT's greedy loop
-    gives `tokens`, at one forward instead of one per token."""
-    logits = peft_forward(model, ids + tokens[:-1], task)
-    return [int(t) for t in logits[len(ids) - 1:].argmax(-1)]
+    """docs/design.md's reference: PEFT's greedy choices after `ids` and each prefix of `tokens`,
+    teacher-forced through one PeftModel.forward (`helpers.greedy_choices`)."""
+    return greedy_choices(peft_forward(model, ids + tokens[:-1], task), len(ids))
+
+
 def runtime_adapter_logits(engine: Engine, name: str, ids: list[int]) -> np.ndarray:
     """Last-position logits of one prefill with the registered adapter `name`."""
     feed = engine.store.acquire(name)
