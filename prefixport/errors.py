@@ -38,6 +38,10 @@ class SchemaError(InputError):
     schema, or a schema feature the grammar engine cannot enforce."""
 
 
+class NumericsError(PrefixportError):
+    """A row's logits left float range (NaN or Inf): that row fails; the others in its batch go on."""
+
+
 class AdapterError(PrefixportError):
     """An adapter (PEFT checkpoint or bundle) cannot be used: bad file, wrong shapes, wrong base."""
 

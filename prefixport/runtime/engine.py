@@ -24,6 +24,7 @@ from ..adapters.prompt_format import render as render_prompt
 from ..errors import AdapterError, ContextLengthError, InputError, PrefixportError
 from .backends import Backend, load_backend
 from .generation import Proposer, RowRequest, generate_rows, prefill_new, score_row
+from .grammar import CACHE_SIZE as GRAMMAR_CACHE_SIZE
 from .grammar import Grammar, GrammarVocab
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
 from .logprobs import TokenLogprob, check_top
@@ -32,7 +33,7 @@ from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .settings import GenerationSettings, Speculative
 from .speculative import DraftModel, PromptLookup, check_draft
-from .stats import EngineStats, KVStats, SpeculationStats
+from .stats import EngineStats, KVStats, LRUStats, SpeculationStats
 from .store import AdapterStore
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -93,18 +94,22 @@ class RowText:
 
     def push(self, token: int) -> str:
         if not self.stopped:
-            self.text += self._decoder.push(token)
-            self._cut()
+            self._add(self._decoder.push(token))
         return self._flush(final=self.stopped)
 
     def finish(self) -> str:
         if not self.stopped:
-            self.text += self._decoder.finish()
-            self._cut()
+            self._add(self._decoder.finish())
         return self._flush(final=True)
 
-    def _cut(self) -> None:
-        start = max(0, self._emitted - self._hold)
+    def _add(self, new: str) -> None:
+        """Append new text and cut at the first stop string. Only a stop ending in the new text can
+        be new, so each stop is searched in the new text and the `_hold` characters before it: a
+        token costs O(stops x (new text + longest stop)), never the text so far."""
+        if not new:
+            return
+        start = max(0, len(self.text) - self._hold)
+        self.text += new
         hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[: min(hits)], True
@@ -242,18 +247,23 @@ class Engine:
     def add_adapter(self, name: str, path: str | Path | None = None, bundle: Bundle | None = None) -> Bundle:
         """Register a bundle (a file, or one in memory, which stays pinned) under `name`, checked
         against this export: fingerprint, shapes, dtype, NaN/Inf. The base model is not touched.
-        A replaced adapter's prompt cache entries are dropped."""
+        A replaced adapter's prompt cache entries and prompt lookup history are dropped."""
         self._check_open()
         bundle = self.store.register(name, path, bundle)
-        if self.prompt_cache is not None:
-            self.prompt_cache.drop(name)
+        self._forget(name)
         return bundle
 
     def remove_adapter(self, name: str) -> None:
-        """Unregister, dropping its prompt cache entries; requests already using the adapter finish with it."""
+        """Unregister, dropping its prompt cache entries and prompt lookup's history of it; requests
+        already using the adapter finish with it."""
         self.store.unregister(name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop what the caches hold of adapter `name` (unregistered or replaced)."""
         if self.prompt_cache is not None:
             self.prompt_cache.drop(name)
+        self.prompt_lookup.forget(name)
 
     @property
     def adapters(self) -> list[str]:
@@ -299,9 +309,12 @@ class Engine:
                      caches=caches)
         speculative = SpeculationStats(prompt_lookup=self.prompt_lookup.stats(),
                                        draft=self.draft.stats() if self.draft is not None else None)
+        vocab = self._grammar_vocab
+        grammars = vocab.cache.stats() if vocab is not None else LRUStats(0, 0, 0, GRAMMAR_CACHE_SIZE, None, 0)
         return EngineStats(adapters=self.store.stats(), kv_cache=kv,
                            prompt_cache=self.prompt_cache.stats() if self.prompt_cache is not None else None,
-                           speculative=speculative, memory=self.backend.memory_stats(), backend=self.backend.name)
+                           speculative=speculative, grammars=grammars, memory=self.backend.memory_stats(),
+                           backend=self.backend.name)
 
     # --- KV caches ------------------------------------------------------------------------------
 
@@ -343,15 +356,16 @@ class Engine:
             return ids
         raise InputError("a prompt is a string, a list of token ids, or a list of chat messages")
 
-    def grammar(self, response_format: dict[str, Any] | None) -> Grammar | None:
-        """The compiled grammar of an OpenAI `response_format` (None: free text), cached per schema;
-        SchemaError for one that cannot be used (docs/api.md, "Structured output")."""
+    def grammar(self, response_format: dict[str, Any] | None, tenant: str = "") -> Grammar | None:
+        """The compiled grammar of an OpenAI `response_format` (None: free text), cached per schema
+        (a `tenant`'s fair share of the cache); SchemaError for one that cannot be used (docs/api.md,
+        "Structured output")."""
         if response_format is None:
             return None
         with self._grammar_lock:
             if self._grammar_vocab is None:
                 self._grammar_vocab = GrammarVocab.from_tokenizer(self.tokenizer, self.eos_token_ids)
-        return Grammar.from_response_format(response_format, self._grammar_vocab)
+        return Grammar.from_response_format(response_format, self._grammar_vocab, tenant)
 
     def format_prompt(self, prompt: str | Sequence[Message], chat: bool | None = None,
                       adapter: str | None = None) -> list[int]:
@@ -369,7 +383,7 @@ class Engine:
                  stop_token_ids: Sequence[int] | None = None, logprobs: int | None = None,
                  response_format: dict[str, Any] | None = None, speculative: Speculative | None = None,
                  timeout: float | None = None, stop: str | Sequence[str] = (),
-                 cache_salt: str | None = None) -> RowRequest:
+                 cache_salt: str | None = None, tenant: str | None = None) -> RowRequest:
         """A request checked completely, before any work (keywords as `generate`), holding its adapter."""
         self._check_open()
         check_top(logprobs, "logprobs")
@@ -378,7 +392,7 @@ class Engine:
         proposer = self.proposer(speculative)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
-        grammar = self.grammar(response_format)
+        grammar = self.grammar(response_format, tenant or "")
         ids = self.encode(prompt, chat=chat, adapter=adapter)
         if not ids:
             raise InputError("the prompt is empty: it encodes to no tokens")
@@ -413,7 +427,7 @@ class Engine:
                           grammar=grammar.matcher() if grammar is not None else None, proposer=proposer,
                           deadline=None if timeout is None else time.perf_counter() + timeout,
                           adapter=adapter, stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                          cache_salt=cache_salt or "")
+                          cache_salt=cache_salt or "", tenant=tenant or "")
 
     def proposer(self, speculative: Speculative | None) -> Proposer | None:
         """The proposer of a speculative decoding method (`SPECULATIVE`); None for None."""

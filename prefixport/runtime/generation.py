@@ -15,7 +15,7 @@ from typing import Any, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import PrefixportError
+from ..errors import NumericsError, PrefixportError
 from .backends import Backend
 from .feed import AdapterFeed
 from .grammar import Matcher
@@ -155,6 +155,7 @@ class RowRequest:
     adapter: str | None = None  # the adapter's registered name (reported in the result)
     stop: tuple[str, ...] = ()  # stop strings: the consumer's RowText ends the row at one
     cache_salt: str = ""  # the prompt cache and prompt lookup share only between requests of one salt
+    tenant: str = ""  # whose request: bounded caches (prompt lookup's history) share fairly between tenants
 
     def expired(self, now: float) -> bool:
         """Whether the row's deadline has passed while it still had tokens to make."""
@@ -290,20 +291,25 @@ class DecodeBatch:
         return [self.rows[r] for r in sorted(self.rows)]
 
     def _choose(self, request: RowRequest, row: int, logits: np.ndarray) -> bool:
-        """Append the row's token chosen from `logits`; False if its grammar failed (then it is done)."""
+        """Append the row's token chosen from `logits`; False if choosing failed for this row alone
+        (non-finite logits, its grammar, any error while sampling): then it is done with `error`
+        set, and the other rows go on."""
         seen = request.prompt_ids + request.tokens if request.params.repetition_penalty != 1.0 else []
         try:
+            if not np.isfinite(logits).all():
+                raise NumericsError("the model's logits for this request are not finite (NaN or Inf): its adapter "
+                                    "or prompt drove the model out of float range")
             allowed = request.grammar.mask(logits) if request.grammar is not None else logits
             token = choose(allowed, seen, request.params, self._rngs[row])
             if request.grammar is not None:
                 request.grammar.advance(token)
-        except PrefixportError as e:  # this row's grammar failed: it leaves, the others go on
+            entries = token_logprobs(logits, [token], request.top_logprobs) if request.top_logprobs is not None else []
+        except Exception as e:  # noqa: BLE001 - one row's failure is that row's alone: it leaves, the others go on
             request.error, request.done = e, True
             return False
         if request.logits is not None:
             request.logits.append(logits)
-        if request.top_logprobs is not None:
-            request.logprobs += token_logprobs(logits, [token], request.top_logprobs)
+        request.logprobs += entries
         request.tokens.append(token)
         request.done = request.done or request.completed or len(request.tokens) >= request.max_new_tokens
         if not request.done and request.expired(time.perf_counter()):  # every consumer's deadline, here once

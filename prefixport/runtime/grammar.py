@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import llguidance as llg
 import numpy as np
 
 from ..errors import PrefixportError, SchemaError
+from .lru import FairLRU
 from .tokenizer import Tokenizer
 
 # The whitespace allowed wherever JSON allows some: one space, or one line break and up to 32 spaces or
@@ -41,9 +41,7 @@ class GrammarVocab:
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.ll_tokenizer = llg.LLTokenizer(json.dumps(spec), eos_token=list(self.eos_ids))
         self.vocab_size: int = self.ll_tokenizer.vocab_size  # mask bits; logits beyond this are forbidden
-        self._cache: OrderedDict[str, Grammar] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self.cache: FairLRU[str, Grammar] = FairLRU(cache_size)  # compiled grammars by schema
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, eos_ids: Sequence[int]) -> GrammarVocab:
@@ -51,19 +49,14 @@ class GrammarVocab:
         document is complete."""
         return cls(tokenizer.to_json(), eos_ids)
 
-    def cached(self, key: str, build: Callable[[], Grammar]) -> Grammar:
+    def cached(self, key: str, build: Callable[[], Grammar], owner: str = "") -> Grammar:
         """The grammar kept under key, else build() (outside the lock: a race compiles twice, harmlessly),
-        kept in an LRU of cache_size."""
-        with self._lock:
-            grammar = self._cache.get(key)
-            if grammar is not None:
-                self._cache.move_to_end(key)
-                return grammar
-        grammar = build()
-        with self._lock:
-            self._cache[key] = grammar
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        kept for `owner` (a tenant) in a `FairLRU` of cache_size: a tenant sending ever new schemas
+        evicts its own grammars, not others' (docs/security.md, "Bounded state")."""
+        grammar = self.cache.get(key)
+        if grammar is None:
+            grammar = build()
+            self.cache.put(key, grammar, owner)
         return grammar
 
 
@@ -76,15 +69,16 @@ class Grammar:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_response_format(cls, response_format: dict[str, Any] | None, vocab: GrammarVocab) -> Grammar | None:
-        """None for no format or `{"type": "text"}`; else the compiled grammar (cached by schema).
+    def from_response_format(cls, response_format: dict[str, Any] | None, vocab: GrammarVocab,
+                             owner: str = "") -> Grammar | None:
+        """None for no format or `{"type": "text"}`; else the compiled grammar (cached by schema, for `owner`).
         Raises SchemaError naming the problem for a malformed format or a schema that cannot be used."""
         schema = _schema(response_format)
         if schema is None:
             return None
         # key keeps the schema's key order: llguidance emits properties in the order the schema lists them
         key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-        return vocab.cached(key, lambda: cls._compile(schema, vocab))
+        return vocab.cached(key, lambda: cls._compile(schema, vocab), owner)
 
     @classmethod
     def _compile(cls, schema: dict[str, Any], vocab: GrammarVocab) -> Grammar:

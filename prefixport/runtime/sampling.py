@@ -12,9 +12,18 @@ import numpy as np
 from ..errors import InputError
 
 
+# Bounds that keep every step's math finite (float64 scores, float32 logits of magnitude < 1e3):
+MIN_TEMPERATURE = 0.01  # below it sampling is greedy to float precision (use 0), and logits / T can overflow
+MAX_TEMPERATURE = 100.0  # above it the distribution is uniform to float precision
+PENALTY_RANGE = (0.01, 100.0)  # a penalty scales seen tokens' logits by at most 100x either way
+MAX_TOP_K = 2**31 - 1  # a 32-bit count; any k >= the vocabulary is off
+MAX_SEED = 2**63 - 1  # a 64-bit seed, as OpenAI's
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 mean off; seed makes sampling reproducible."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 mean off; seed makes sampling reproducible.
+    Each setting is checked against bounds that keep the step's math finite (the constants above)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -22,18 +31,22 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
 
-
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        t = self.temperature
+        if not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise InputError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}], got {t}: "
+                             "below that sampling is greedy in all but name, above it uniform")
+        if not (isinstance(self.top_k, (int, np.integer)) and 0 <= self.top_k <= MAX_TOP_K):
+            raise InputError(f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
-            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
-            raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed <= MAX_SEED):
+            raise InputError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        low, high = PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise InputError(f"repetition_penalty must be in [{low}, {high:g}] (1 = off), got "
+                             f"{self.repetition_penalty}: it divides or multiplies seen tokens' logits, and beyond "
+                             "100x either way they leave the range where sampling is defined")
 
     @property
     def greedy(self) -> bool:

@@ -318,10 +318,16 @@ class Scheduler:
         rows = batch.sample()
         now = time.perf_counter()
         for row in rows:
-            if row.error is not None:  # this row alone failed (its grammar)
-                tickets[id(row)]._fail(row.error)
-            else:
-                tickets[id(row)]._tokens(now)
+            ticket = tickets[id(row)]
+            if row.error is None:
+                try:
+                    ticket._tokens(now)
+                except Exception as e:  # noqa: BLE001 - its text handling failed: this row alone
+                    row.error, row.done = e, True
+            if row.error is not None:  # this row alone failed (its logits, sampling, grammar or text)
+                if not isinstance(row.error, PrefixportError):
+                    log.error("request failed while choosing its token", exc_info=row.error)
+                ticket._fail(row.error)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(rows))

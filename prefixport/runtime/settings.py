@@ -95,3 +95,4 @@ class GenerationSettings(TypedDict, total=False):
     timeout: float | None  # seconds: the row ends at its first token after it ("timeout")
     stop: str | Sequence[str]  # stop strings, cut from the text
     cache_salt: str | None  # only requests of one salt share prompt-cache blocks (a tenant's: docs/security.md)
+    tenant: str | None  # whose request (an API key's id): bounded caches give each tenant a fair share

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import dataclasses
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from .. import manifest as mf
 from ..errors import InputError
 from .generation import prefill
 from .kv_cache import CacheSettings, KVCache
+from .lru import FairLRU
 from .stats import ProposerStats
 
 if TYPE_CHECKING:
@@ -59,12 +60,17 @@ class Counters:
 
 class PromptLookup(Counters):
     """Proposes up to `tokens` tokens per pass from n-gram matches (n <= `max_ngram`) in the
-    row's prompt and output and in the last `history` outputs of its adapter. Thread-safe."""
+    row's prompt and output and in the last `history` outputs of its adapter under its salt.
+    Those outputs are kept in a `FairLRU` of at most `max_keys` (adapter, salt) pairs and
+    `max_tokens` tokens in all, shared fairly between tenants (docs/security.md, "Bounded state").
+    Thread-safe."""
 
-    def __init__(self, tokens: int = 5, max_ngram: int = 3, history: int = 16) -> None:
+    def __init__(self, tokens: int = 5, max_ngram: int = 3, history: int = 16, max_keys: int = 1024,
+                 max_tokens: int = 1 << 20) -> None:
         super().__init__()
         self.tokens, self.max_ngram, self.history = tokens, max_ngram, history
-        self._outputs: dict[str, deque[list[int]]] = {}  # adapter identity -> its recent outputs
+        # (adapter name, identity) -> its recent outputs, each at most `history`
+        self._outputs: FairLRU[tuple[str, str], tuple[list[int], ...]] = FairLRU(max_keys, max_tokens)
 
     def propose(self, request: RowRequest, limit: int) -> list[int]:
         """At most `limit` tokens likely to follow the row's tokens so far (maybe none)."""
@@ -72,8 +78,7 @@ class PromptLookup(Counters):
         if limit < 1:
             return []
         seq = request.prompt_ids + request.tokens
-        with self._lock:
-            sources = [seq, *reversed(self._outputs.get(_identity(request), ()))]
+        sources = [seq, *reversed(self._outputs.get(_identity(request)) or ())]
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             tail = seq[-n:]
             for source in sources:
@@ -83,10 +88,20 @@ class PromptLookup(Counters):
         return []
 
     def finished(self, request: RowRequest) -> None:
-        """Remember a row's output under its adapter (not a failed row's)."""
-        if request.tokens and request.error is None:
-            with self._lock:
-                self._outputs.setdefault(_identity(request), deque(maxlen=self.history)).append(list(request.tokens))
+        """Remember a row's output under its adapter and salt (not a failed row's)."""
+        if not request.tokens or request.error is not None:
+            return
+        key = _identity(request)
+        with self._lock:  # one read-modify-write at a time
+            outputs = (*(self._outputs.get(key) or ()), list(request.tokens))[-self.history:]
+            self._outputs.put(key, outputs, request.tenant, sum(map(len, outputs)))
+
+    def forget(self, adapter: str) -> None:
+        """Drop what the adapter's rows left (it was unregistered or replaced)."""
+        self._outputs.drop(lambda key: key[0] == adapter)
+
+    def stats(self) -> ProposerStats:
+        return dataclasses.replace(super().stats(), history=self._outputs.stats())
 
 
 @dataclass
@@ -214,10 +229,12 @@ def _common(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def _identity(request: RowRequest) -> str:
-    """Whose outputs a row's proposals may come from: its adapter's, under its cache salt (a tenant's)."""
+def _identity(request: RowRequest) -> tuple[str, str]:
+    """Whose outputs a row's proposals may come from: its adapter's (name, and identity under its
+    cache salt: a tenant's)."""
     feed = request.feed
-    return (feed.identity if feed is not None and feed.name is not None else "") + "|" + request.cache_salt
+    name = feed.name if feed is not None and feed.name is not None else ""
+    return name, (feed.identity if name else "") + "|" + request.cache_salt
 
 
 def _follows(source: list[int], tail: list[int], limit: int, own: bool) -> list[int]:

@@ -88,6 +88,18 @@ class PromptCacheStats(_Stats):
 
 
 @dataclass(frozen=True)
+class LRUStats(_Stats):
+    """A bounded map keyed by what clients pick (`lru.FairLRU`): what it holds and its bounds."""
+
+    entries: int
+    cost: int  # the entries' summed cost (tokens for prompt lookup's history; entries elsewhere)
+    owners: int  # tenants holding entries
+    max_entries: int
+    max_cost: int | None
+    evictions: int
+
+
+@dataclass(frozen=True)
 class ProposerStats(_Stats):
     """One speculative proposer's verification counters."""
 
@@ -97,6 +109,7 @@ class ProposerStats(_Stats):
     acceptance_rate: float  # accepted / proposed
     mean_accepted: float  # accepted per pass
     kv_cache_bytes: int | None = None  # the draft model's own KV cache (None: no model)
+    history: LRUStats | None = None  # prompt lookup's outputs per adapter and salt (None: a draft model)
 
 
 @dataclass(frozen=True)
@@ -120,5 +133,6 @@ class EngineStats(_Stats):
     kv_cache: KVStats
     prompt_cache: PromptCacheStats | None
     speculative: SpeculationStats
+    grammars: LRUStats  # compiled structured-output grammars, by schema
     memory: dict[str, int]
     backend: str
