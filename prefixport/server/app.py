@@ -21,13 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, BusyError, ContextLengthError, InputError, PrefixportError, SchemaError
+from ..errors import (AdapterError, BusyError, ContextLengthError, InputError, NumericsError, PrefixportError,
+                      SchemaError)
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
 from .middleware import CountRequests, LimitBody
-from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest,
-                       chat_logprobs, cached_tokens, completion_logprobs, error_body, usage)
+from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest, LimitError,
+                       RequestLimits, chat_logprobs, cached_tokens, completion_logprobs, error_body, new_id, usage)
 from .tenants import OPEN, Access, Key, KeyRing, Quotas, audit
 from .tokenizing import tokenizer_router
 
@@ -38,9 +39,15 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its cl
 
 def as_api_error(e: Exception) -> ApiError:
     """Any error as the API error it is answered with: the library's errors by kind (input: 400,
-    context length: 400 `context_length_exceeded`, busy: 503, ...), anything else 500 (logged)."""
+    context length: 400 `context_length_exceeded`, a bound of `RequestLimits`: 400 `limit_exceeded`,
+    busy: 503, ...), anything else a 500 that says "internal error" and a request id, the detail
+    logged under that id (never in the body)."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, LimitError):
+        return ApiError(400, str(e), param=e.param, code=e.code)
+    if isinstance(e, NumericsError):
+        return ApiError(500, str(e), "server_error", code="non_finite_logits")
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
     if isinstance(e, SchemaError):
@@ -51,8 +58,10 @@ def as_api_error(e: Exception) -> ApiError:
         return ApiError(503, str(e), "server_error", code="overloaded")
     if isinstance(e, PrefixportError):
         return ApiError(503, str(e), "server_error", code="unavailable")
-    log.error("internal error", exc_info=e)
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+    request_id = new_id("req")
+    log.error("internal error (request id %s)", request_id, exc_info=e)
+    return ApiError(500, f"internal error (request id {request_id}); the server's log has the detail", "server_error",
+                    code="internal_error", headers={"X-Request-Id": request_id})
 
 
 def invalid_body(errors: list[dict]) -> ApiError:
@@ -66,10 +75,12 @@ def invalid_body(errors: list[dict]) -> ApiError:
     return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
 
 
-def check_supported(body: GenerationRequest) -> None:
-    """400 for the first field set to something prefixport cannot do (tools, penalties, ...)."""
+def check_supported(body: GenerationRequest, limits: RequestLimits = RequestLimits()) -> None:
+    """400 for the first field set to something prefixport cannot do (tools, penalties, ...) or
+    over one of `limits` (stop strings, choices, schema size): before any work."""
     for name, reason in body.unsupported().items():
         raise ApiError(400, reason, param=name, code="unsupported_parameter")
+    limits.check(body)
 
 
 @dataclass
@@ -109,13 +120,14 @@ def default_model_name(engine: Engine) -> str:
 
 
 class Server:
-    """State behind the routes: the engine, its scheduler, metrics, the adapters folder."""
+    """State behind the routes: the engine, its scheduler, metrics, the adapters folder, the
+    bounds on one request (`limits`)."""
 
     def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
                  max_batch: int = 8, access: Access | None = None, prefill_budget: int = 512,
-                 max_waiting: int | None = 256, max_choices: int = 64, speculative: str | None = None,
-                 speculate_rows: int | None = None) -> None:
-        self.engine, self.max_choices = engine, max_choices
+                 max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
+                 speculative: str | None = None, speculate_rows: int | None = None) -> None:
+        self.engine, self.limits = engine, limits
         self.access, self.quotas = access or Access(), Quotas()
         self.model_name = model_name or default_model_name(engine)
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
@@ -148,8 +160,9 @@ class Server:
                        param="model", code="model_not_found")
 
     def check(self, body: GenerationRequest, key: Key = OPEN) -> str | None:
-        """Refuse what prefixport cannot do; the adapter the request names (None: the base)."""
-        check_supported(body)
+        """Refuse what prefixport cannot do or what is over the limits; the adapter the request
+        names (None: the base)."""
+        check_supported(body, self.limits)
         return self.adapter_for(body.model, key)
 
     def prompts(self, body: GenerationRequest, adapter: str | None = None) -> tuple[list[Any], int | None]:
@@ -176,7 +189,7 @@ class Server:
         echo = [self.engine.prepare(ids, adapter=adapter, max_new_tokens=1)
                 for ids in prompts] if getattr(body, "echo", False) else []
         salt = self.access.salt(key, body.cache_salt)
-        tickets = self.submit(prompts, body, adapter, max_tokens, salt) if max_tokens != 0 else []
+        tickets = self.submit(prompts, body, adapter, max_tokens, salt, key.id) if max_tokens != 0 else []
         return Job(body, self.envelope(body), prompts, tickets, echo)
 
     def echoes(self, job: Job) -> list[Echo]:
@@ -197,11 +210,9 @@ class Server:
         return completion_logprobs(ids, entries, job.top, self.token_text, offset)
 
     def submit(self, prompts: list[Any], body: GenerationRequest, adapter: str | None,
-               max_tokens: int | None, salt: str = "") -> list[Ticket]:
-        """One ticket per prompt and choice; all or none (a bad one cancels those before it)."""
-        if len(prompts) * body.n > self.max_choices:
-            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} ask for {len(prompts) * body.n} completions; "
-                                f"at most {self.max_choices} per request", param="n", code="too_many_choices")
+               max_tokens: int | None, salt: str = "", tenant: str = "") -> list[Ticket]:
+        """One ticket per prompt and choice (`check` has bounded their number) for `tenant` (a
+        key id: its fair share of the bounded caches); all or none (a bad one cancels those before it)."""
         tickets: list[Ticket] = []
         try:
             for prompt in prompts:
@@ -209,7 +220,7 @@ class Server:
                 for choice in range(body.n):
                     tickets.append(self.scheduler.submit(prompt, adapter=adapter, max_new_tokens=limit,
                                                          stop=body.stops(), logprobs=body.top_logprobs_asked(),
-                                                         cache_salt=salt, **body.sampling(choice)))
+                                                         cache_salt=salt, tenant=tenant, **body.sampling(choice)))
         except Exception:
             for t in tickets:
                 t.cancel()
@@ -400,20 +411,21 @@ def _sse(obj: dict[str, Any]) -> str:
 
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
                max_batch: int = 8, api_key: str | None = None, access: Access | None = None,
-               prefill_budget: int = 512, max_waiting: int | None = 256, max_choices: int = 64,
+               prefill_budget: int = 512, max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
                max_body_bytes: int = 4 << 20, register_adapters: bool = True, speculative: str | None = None,
                speculate_rows: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
     registered now, named after its file. `access` says who may call it (keys, adapter admin,
     private /metrics, a shared prompt cache: `tenants.Access`); `api_key` is its short form, one
     admin key required on /v1/*. `max_batch`, `prefill_budget`, `max_waiting` (more: 503),
-    `speculative` and `speculate_rows` go to the `Scheduler`; a request asks for at most
-    `max_choices` completions (prompts x n) and its body is at most `max_body_bytes` (413)."""
+    `speculative` and `speculate_rows` go to the `Scheduler`; a request is held to `limits`
+    (completions, stop strings, schema size: `protocol.RequestLimits`) and its body to
+    `max_body_bytes` (413)."""
     if access is None:
         access = Access(KeyRing(api_key=api_key))
     elif api_key is not None:
         raise PrefixportError("give create_app an api_key or an access, not both")
-    server = Server(engine, model_name, adapters_dir, max_batch, access, prefill_budget, max_waiting, max_choices,
+    server = Server(engine, model_name, adapters_dir, max_batch, access, prefill_budget, max_waiting, limits,
                     speculative, speculate_rows)
     if register_adapters:
         server.register_folder()
@@ -430,7 +442,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
         return access.keys.authenticate(request.headers.get("authorization", ""))
 
     def operator(request: Request) -> None:
-        if access.private_ops:
+        if access.ops_private:
             key = authorize(request)
             if not key.admin:
                 raise ApiError(403, "/metrics and /health need an admin key on this server", "permission_error",

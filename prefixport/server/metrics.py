@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket
-from ..runtime.stats import PromptCacheStats, ProposerStats
+from ..runtime.stats import LRUStats, PromptCacheStats, ProposerStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -49,6 +49,7 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily("prefixport_kv_cache_budget_bytes", "the KV cache budget (per cache)",
                                     kv.budget_bytes_each)
         yield from _prompt_cache(stats.prompt_cache)
+        yield from _bounded({"grammars": stats.grammars, "lookup_history": stats.speculative.prompt_lookup.history})
         proposer = stats.speculative.method(self.scheduler.speculative)
         if proposer is not None:
             yield from _speculative(proposer)
@@ -78,6 +79,23 @@ def _prompt_cache(stats: PromptCacheStats | None) -> Iterator:
                         ("cached_token_rate", "share of prompt tokens served from the cache"),
                         ("blocks", "blocks held"), ("bytes", "bytes held"), ("budget_bytes", "the byte budget")):
         yield GaugeMetricFamily(f"prefixport_prompt_cache_{name}", help_, getattr(stats, name))
+
+
+def _bounded(maps: dict[str, LRUStats | None]) -> Iterator:
+    """The maps keyed by what clients pick (schemas; adapter and salt), held to entry and cost
+    bounds (`runtime.lru.FairLRU`): what each holds, its bounds, its evictions."""
+    families = {name: GaugeMetricFamily(f"prefixport_bounded_{name}", help_, labels=["map"]) for name, help_ in (
+        ("entries", "entries held"), ("max_entries", "the entry bound"),
+        ("cost", "the entries' cost held (tokens for lookup_history)"), ("owners", "tenants holding entries"))}
+    evictions = CounterMetricFamily("prefixport_bounded_evictions", "entries evicted by the bounds", labels=["map"])
+    for label, stats in maps.items():
+        if stats is None:
+            continue
+        for name, family in families.items():
+            family.add_metric([label], getattr(stats, name))
+        evictions.add_metric([label], stats.evictions)
+    yield from families.values()
+    yield evictions
 
 
 def _speculative(stats: ProposerStats) -> Iterator:

@@ -1,54 +1,105 @@
-"""The OpenAI API's request bodies (the fields prefixport honours) and its response objects.
+"""The OpenAI API's request bodies (the fields prefixport honours), the bounds on what one request
+may ask for, and its response objects.
 
 Unknown fields are refused, as OpenAI does; known fields that prefixport cannot honour (tools,
 penalties, ...) are refused with a message saying so rather than silently ignored (docs/api.md).
 `top_k`, `repetition_penalty` and `ignore_eos` are extensions (vLLM's names; the openai client sends them via
 `extra_body`), and so is `timeout` (seconds: the request ends at its first token after that,
-finish_reason "timeout").
+finish_reason "timeout"). Every string in a body must be valid Unicode, and sampling settings stay
+in ranges where the math is finite; `RequestLimits` bounds the rest of a request's work
+(docs/security.md, "Bounded work per request").
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InputError
 from ..runtime import GenerationResult, TokenLogprob
+from ..runtime.sampling import MAX_SEED, MAX_TOP_K, MIN_TEMPERATURE, PENALTY_RANGE
+
+MAX_NAME = 256  # characters of a model or adapter name, a user or a cache salt
+
+
+def invalid_unicode(data: Any) -> str | None:
+    """Where `data` (parsed JSON) holds a string, value or key, that is not valid Unicode (a lone
+    UTF-16 surrogate, which JSON's \\u escapes can carry), as a path like `messages.0.content`;
+    None if nowhere. Iterative: any nesting depth."""
+    stack: list[tuple[Any, str]] = [(data, "body")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack += [(k, f"{path}.{k}") for k in value] + [(v, f"{path}.{k}") for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}.{i}") for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path.removeprefix("body.")
+    return None
+
+
+class Body(BaseModel):
+    """A request body: unknown fields refused, every string valid Unicode (a lone surrogate is a
+    400 naming where it is, never a tokenizer's 500)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = invalid_unicode(data)
+        if where is not None:
+            where = where.encode("utf-8", "backslashreplace").decode()  # a key may hold the surrogate itself
+            raise ValueError(f"invalid Unicode at {where} (a lone surrogate): send UTF-8 text, and escape "
+                             "characters outside the BMP as surrogate pairs")
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(Body):
     """What a completion and a chat completion request share (the base of `CompletionRequest` and
-    `ChatRequest`): the model (base or adapter), sampling, stopping, n choices, streaming."""
+    `ChatRequest`): the model (base or adapter), sampling, stopping, n choices, streaming. Sampling
+    settings are bounded where the math stays finite (runtime/sampling.py says why)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
+    model: str = Field(max_length=MAX_NAME)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-    user: str | None = None  # accepted, not used
+    stop: str | list[str] | None = None  # bounded by RequestLimits (count, length)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    user: str | None = Field(default=None, max_length=MAX_NAME)  # accepted, not used
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)
+    repetition_penalty: float = Field(default=1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     ignore_eos: bool = False  # generate max_tokens whatever the model's end-of-sequence tokens
-    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (docs/api.md)
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (docs/api.md); bounded by RequestLimits
     timeout: float | None = Field(default=None, gt=0)  # seconds from arrival; finish_reason "timeout"
     # vLLM's: only requests of one salt share prompt-cache blocks (within the caller's key: docs/security.md)
-    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: below that sampling is greedy in "
+                             "all but name and the logits divided by it overflow")
+        return value
 
     def top_logprobs_asked(self) -> int | None:
         """Alternatives per token when logprobs are asked for (None: not asked)."""
@@ -74,7 +125,7 @@ class GenerationRequest(BaseModel):
         """Engine keywords for choice `choice` of n (seeded choices differ, reproducibly)."""
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     repetition_penalty=self.repetition_penalty,
-                    seed=None if self.seed is None else self.seed + choice,
+                    seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
                     stop_token_ids=[] if self.ignore_eos else None, response_format=self.response_format,
                     timeout=self.timeout)
 
@@ -157,9 +208,64 @@ class ChatRequest(GenerationRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
-class AdapterLoad(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for beyond the body size: each bound over is a 400 naming the
+    field and the bound, before any work (`check`). `max_stops` is OpenAI's 4 by default."""
 
+    max_choices: int = 64  # completions per request: prompts x n
+    max_stops: int = 4  # stop strings
+    max_stop_chars: int = 256  # characters per stop string
+    max_schema_bytes: int = 32 << 10  # response_format, as compact JSON
+    max_schema_depth: int = 32  # nesting of response_format's objects and arrays
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+    def check(self, body: GenerationRequest) -> None:
+        """Raise `LimitError` for the first bound `body` is over."""
+        stops = body.stops()
+        if len(stops) > self.max_stops:
+            raise LimitError("stop", f"at most {self.max_stops} stop strings, got {len(stops)}")
+        longest = max(map(len, stops), default=0)
+        if longest > self.max_stop_chars:
+            raise LimitError("stop", f"a stop string is at most {self.max_stop_chars} characters, got {longest}")
+        prompts = len(body.prompts()) if isinstance(body, CompletionRequest) else 1
+        if prompts * body.n > self.max_choices:
+            raise LimitError("n", f"{prompts} prompts x n={body.n} ask for {prompts * body.n} completions; at most "
+                                  f"{self.max_choices} per request", code="too_many_choices")
+        if body.response_format is not None:
+            size = len(json.dumps(body.response_format, separators=(",", ":"), ensure_ascii=False).encode())
+            if size > self.max_schema_bytes:
+                raise LimitError("response_format", f"at most {self.max_schema_bytes} bytes as JSON, got {size}")
+            depth = json_depth(body.response_format)
+            if depth > self.max_schema_depth:
+                raise LimitError("response_format", f"nested at most {self.max_schema_depth} deep, got {depth}")
+
+
+class LimitError(InputError):
+    """A request over one of `RequestLimits`' bounds (a 400 naming `param`, with `code`)."""
+
+    def __init__(self, param: str, message: str, code: str = "limit_exceeded") -> None:
+        super().__init__(f"{param}: {message}")
+        self.param, self.code = param, code
+
+
+def json_depth(data: Any) -> int:
+    """How deeply parsed JSON nests objects and arrays (a scalar: 0). Iterative."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack += [(v, depth + 1) for v in children]
+    return deepest
+
+
+class AdapterLoad(Body):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
     path: str | None = None  # under the adapters folder; default NAME.safetensors
 

@@ -236,13 +236,20 @@ class Quotas:
 @dataclass
 class Access:
     """How a server admits callers: its keys; whether adapters may be registered and deleted over
-    HTTP (by admin keys); whether /metrics and /health need an admin key; whether the prompt cache
-    is shared across keys (default: each key's own, so no tenant can time another's prompts)."""
+    HTTP (by admin keys); whether /metrics and /health need an admin key (`private_ops`; None: when
+    the keys come from a keys file, since tenants must not see each other's adapters and traffic
+    there); whether the prompt cache is shared across keys (default: each key's own, so no tenant
+    can time another's prompts)."""
 
     keys: KeyRing = field(default_factory=KeyRing)
     adapter_admin: bool = False
-    private_ops: bool = False
+    private_ops: bool | None = None
     shared_prompt_cache: bool = False
+
+    @property
+    def ops_private(self) -> bool:
+        """Whether /metrics and /health need an admin key."""
+        return self.private_ops if self.private_ops is not None else self.keys.path is not None
 
     def salt(self, key: Key, cache_salt: str | None) -> str:
         """The prompt-cache salt of a request by `key` with the body's `cache_salt`."""

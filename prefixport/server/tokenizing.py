@@ -7,16 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
 
 from ..errors import InputError
 from ..runtime import Engine
-from .protocol import ChatMessage
+from .protocol import Body, ChatMessage
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TokenizeRequest(Body):
     model: str | None = None  # accepted, not used: every adapter shares the base model's tokenizer
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # rendered with the chat template
@@ -24,9 +21,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DetokenizeRequest(Body):
     model: str | None = None
     tokens: list[int]
 
