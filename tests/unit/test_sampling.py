@@ -73,7 +73,10 @@ def test_repetition_penalty_is_transformers_rule_on_seen_tokens_only():
 @pytest.mark.parametrize("bad,field", [
     (dict(temperature=-1), "temperature"), (dict(temperature=float("inf")), "temperature"), (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(seed=-3), "seed"),
-    (dict(repetition_penalty=0.0), "repetition_penalty")])
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=1e-300), "repetition_penalty"),
+    (dict(repetition_penalty=1e300), "repetition_penalty"), (dict(temperature=1e-300), "temperature"),
+    (dict(temperature=1e3), "temperature"), (dict(top_k=2**40), "top_k"), (dict(seed=2**64), "seed"),
+    (dict(top_p=float("nan")), "top_p"), (dict(repetition_penalty=float("nan")), "repetition_penalty")])
 def test_bad_settings_are_refused_naming_the_field(bad, field):
     with pytest.raises(InputError, match=field):
         SamplingParams(**bad)
