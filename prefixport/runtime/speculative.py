@@ -54,7 +54,8 @@ class Counters:
     def stats(self) -> ProposerStats:
         with self._lock:
             c = dict(self.counters)
-        return ProposerStats(**c, acceptance_rate=c["accepted"] / c["proposed"] if c["proposed"] else 0.0,
+        return ProposerStats(passes=c["passes"], proposed=c["proposed"], accepted=c["accepted"],
+                             acceptance_rate=c["accepted"] / c["proposed"] if c["proposed"] else 0.0,
                              mean_accepted=c["accepted"] / c["passes"] if c["passes"] else 0.0)
 
 
@@ -233,8 +234,9 @@ def _identity(request: RowRequest) -> tuple[str, str]:
     """Whose outputs a row's proposals may come from: its adapter's (name, and identity under its
     cache salt: a tenant's)."""
     feed = request.feed
-    name = feed.name if feed is not None and feed.name is not None else ""
-    return name, (feed.identity if name else "") + "|" + request.cache_salt
+    if feed is None or feed.name is None:
+        return "", "|" + request.cache_salt
+    return feed.name, feed.identity + "|" + request.cache_salt
 
 
 def _follows(source: list[int], tail: list[int], limit: int, own: bool) -> list[int]:
