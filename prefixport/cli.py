@@ -221,7 +221,11 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
                    "max_concurrent, tokens_per_minute (docs/security.md). Reloaded when it changes and on SIGHUP.")
 @click.option("--allow-adapter-admin", is_flag=True,
               help="Let admin keys register and delete adapters over HTTP (POST/DELETE /v1/adapters; off: 403).")
-@click.option("--private-metrics", is_flag=True, help="/metrics and /health need an admin key.")
+@click.option("--private-metrics/--public-metrics", "private_metrics", default=None,
+              help="Whether /metrics and /health need an admin key (default: private with --keys, where tenants "
+                   "must not see each other's adapters and traffic; public otherwise).")
+@click.option("--max-stops", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Most stop strings per request (OpenAI's 4; each at most 256 characters): more is a 400.")
 @click.option("--shared-prompt-cache", is_flag=True,
               help="Share prompt-cache blocks across keys (default: each key's own; a request's cache_salt "
                    "narrows further).")
@@ -259,7 +263,8 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, keys_file: str | None,
-          allow_adapter_admin: bool, private_metrics: bool, shared_prompt_cache: bool, model_name: str | None,
+          allow_adapter_admin: bool, private_metrics: bool | None, max_stops: int, shared_prompt_cache: bool,
+          model_name: str | None,
           adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
           speculative: str | None, speculate_max_batch: int | None, use_ray: bool, replicas: int, max_adapters: int,
           app_name: str, route_prefix: str, replace: bool, settings: BackendSettings) -> None:
@@ -268,6 +273,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
 
     from .runtime.kv_cache import CacheSettings
     from .runtime.speculative import parse_method
+    from .server.protocol import RequestLimits
 
     method, draft = parse_method(speculative)
     if keys_file is not None and api_key is not None:
@@ -295,7 +301,8 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
                 max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache,
                 prompt_cache_bytes=prompt_cache_bytes, speculative=speculative, app_name=app_name,
                 route_prefix=route_prefix, replace=replace, keys_file=keys_file,
-                shared_prompt_cache=shared_prompt_cache, private_ops=private_metrics)
+                shared_prompt_cache=shared_prompt_cache, max_body_bytes=int(max_body_mb * 1e6),
+                limits=RequestLimits(max_stops=max_stops), private_ops=private_metrics)
         return
     import uvicorn
 
@@ -312,7 +319,8 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
                          prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
     app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
                      prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
-                     access=access, speculative=method, speculate_rows=speculate_max_batch)
+                     access=access, limits=RequestLimits(max_stops=max_stops), speculative=method,
+                     speculate_rows=speculate_max_batch)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
               f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch}, "

@@ -1,7 +1,8 @@
 """Ray Serve on a Ray cluster of the test's own, started as an operator starts one (`ray start --head`,
 with the token authentication current Ray turns on): the application deployed with `serve deploy` from
 a config file, a second one with `prefixport serve --ray` beside it, both driven by the official openai
-client over 127.0.0.1. Replicas hold the base model and an LRU of adapters (serve.multiplexed)."""
+client over 127.0.0.1. Replicas hold the base model and an LRU of adapters (serve.multiplexed); the
+ingress checks keys, scopes, quotas and the body size before any replica is contacted."""
 
 from __future__ import annotations
 
@@ -25,13 +26,34 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from prefixport.runtime import Engine  # noqa: E402
-from prefixport.server.ray_serve import APP_NAME, REPLICA, AppArgs, app_builder  # noqa: E402
+from prefixport.server.ray_serve import (APP_NAME, INGRESS, REFRESH_S, REPLICA, AppArgs, app_builder,  # noqa: E402
+                                         push_metrics)
 
 from .conftest import ADAPTER_VARIANTS  # noqa: E402
 
 REPLICAS, MAX_ADAPTERS = 2, 1  # 4 adapters, 2 replicas holding at most 1 each: the LRU must evict
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京"]
 BIN = Path(sys.executable).parent  # ray, serve and prefixport of this environment
+MAX_BODY = 50_000  # the first application's max_body_mb: 0.05
+# Both applications' keys: `user` may use every model, `acme` its own, `capped` one token a minute.
+KEYS = """\
+[[key]]
+id = "ops"
+key = "ops-key"
+role = "admin"
+[[key]]
+id = "user"
+key = "user-key"
+[[key]]
+id = "acme"
+key = "acme-key"
+models = ["tiny", "prompt", "acme-*"]
+max_concurrent = 1
+[[key]]
+id = "capped"
+key = "capped-key"
+tokens_per_minute = 1
+"""
 
 
 def _free_port() -> int:
@@ -82,13 +104,16 @@ def _wait_running(env: dict, dashboard: str, app: str, timeout: float = 300) -> 
 def ray_served(tiny_export, tiny_adapters, tmp_path_factory, cluster):
     """The application over the tiny Llama export and its four adapters, deployed with `serve deploy`
     CONFIG on the cluster: (engine, url, adapters folder). `engine` is a plain Engine in this process, the reference.
-    This process joins the cluster too (with the token), to ask the replicas what they hold."""
+    Its ingress has the KEYS with /metrics and /health public (`private_ops: false`) and a MAX_BODY
+    limit. This process joins the cluster too (with the token), to ask the replicas what they hold."""
     env, dashboard, gcs = cluster
     folder = tmp_path_factory.mktemp("ray-adapters")
     for name in ADAPTER_VARIANTS:
         shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
     port = _free_port()
     config = tmp_path_factory.mktemp("ray-config") / "serve.yaml"
+    keys = config.with_name("keys.toml")
+    keys.write_text(KEYS)
     config.write_text(f"""\
 proxy_location: HeadOnly
 http_options: {{host: 127.0.0.1, port: {port}}}
@@ -97,7 +122,8 @@ applications:
     route_prefix: /
     import_path: prefixport.server.ray_serve:app_builder
     args: {{outdir: "{tiny_export('llama')}", adapters_dir: "{folder}", model_name: tiny, max_batch: 4,
-            replicas: {REPLICAS}, max_adapters: {MAX_ADAPTERS}, replica_cpus: 1, threads: 1}}
+            replicas: {REPLICAS}, max_adapters: {MAX_ADAPTERS}, replica_cpus: 1, threads: 1,
+            keys_file: "{keys}", private_ops: false, max_body_mb: {MAX_BODY / 1e6}, max_stops: 5}}
 """)
     _run([BIN / "serve", "deploy", f"--address={dashboard}", config], env)
     _wait_running(env, dashboard, APP_NAME)
@@ -128,7 +154,16 @@ def _reread_ray_config() -> None:
 
 @pytest.fixture
 def client(ray_served):
-    return openai.OpenAI(base_url=ray_served[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return _client(ray_served, "user-key")
+
+
+def _client(ray_served, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=ray_served[1] + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _ingress_counters() -> dict[str, int]:
+    """The first application's ingress: how often it looked up the models, and asked a replica."""
+    return serve.get_deployment_handle(INGRESS, app_name=APP_NAME).counters.remote().result()
 
 
 def _adapter(model: str) -> str | None:
@@ -243,6 +278,14 @@ def test_errors_are_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
     assert info.value.body["code"] == "context_length_exceeded"
+    # the request bounds (max_stops: 5 in the config) and valid Unicode, at the ingress
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, stop=list("abcde")).choices
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, stop=list("abcdef"))
+    assert info.value.body["param"] == "stop" and "at most 5" in info.value.body["message"]
+    r = httpx.post(str(client.base_url) + "completions", content=b'{"model": "tiny", "prompt": "hi \\ud800"}',
+                   headers={"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "invalid Unicode" in r.json()["error"]["message"]
     _check_lru(_replicas_state())  # the unknown ids never entered a replica's LRU
 
 
@@ -308,13 +351,12 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_e
     assert "--replace" in refused.stderr
 
     keys = tmp_path / "keys.toml"  # the ingress checks keys and scopes; replicas trust it
-    keys.write_text('[[key]]\nid = "ops"\nkey = "ops-key"\nrole = "admin"\n'
-                    '[[key]]\nid = "acme"\nkey = "acme-key"\nmodels = ["tiny", "prompt"]\nmax_concurrent = 1\n')
+    keys.write_text(KEYS)
     log = tmp_path / "second.log"
-    with log.open("w") as out:
+    with log.open("w") as out:  # with --keys, /metrics and /health are private unless --public-metrics
         second = subprocess.Popen([str(a) for a in base + ["--port", str(_free_port()), "--app-name", "second",
                                                            "--route-prefix", "/second", "--keys", keys,
-                                                           "--private-metrics"]], env=cli, stderr=out)
+                                                           "--max-body-mb", "0.01"]], env=cli, stderr=out)
     try:
         deadline = time.monotonic() + 300
         while "serving application" not in (said := log.read_text()):
@@ -330,12 +372,119 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_e
             other.completions.create(model="prefix", prompt="hi", max_tokens=2)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/second/v1", api_key="nope", max_retries=0).models.list()
-        assert httpx.get(f"{url}/second/metrics", headers={"Authorization": "Bearer acme-key"}).status_code == 403
-        assert httpx.get(f"{url}/second/metrics", headers={"Authorization": "Bearer ops-key"}).status_code == 200
+        for route in ["metrics", "health"]:
+            assert httpx.get(f"{url}/second/{route}", timeout=60).status_code == 401
+            assert httpx.get(f"{url}/second/{route}", headers={"Authorization": "Bearer acme-key"},
+                             timeout=60).status_code == 403
+            assert httpx.get(f"{url}/second/{route}", headers={"Authorization": "Bearer ops-key"},
+                             timeout=60).status_code == 200
+        big = httpx.post(f"{url}/second/v1/completions", content=b"x" * 10_001, timeout=60,
+                         headers={"Authorization": "Bearer acme-key"})  # --max-body-mb counts 10^6 bytes
+        assert big.status_code == 413 and "over 10000 bytes" in big.json()["error"]["message"]
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=120)
     status = _run([BIN / "serve", "status", f"--address={dashboard}"], env).stdout
     assert "second" not in status and APP_NAME in status  # the first application goes on
-    first = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    first = openai.OpenAI(base_url=f"{url}/v1", api_key="user-key", max_retries=0, timeout=60)
     assert first.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_a_body_over_the_limit_is_413_at_the_ingress(ray_served):
+    """Refused as it arrives, before anything parses it (the body is not even JSON): by its
+    Content-Length, or counted when it comes chunked."""
+    url, auth = ray_served[1] + "/v1/completions", {"Authorization": "Bearer user-key"}
+    big = b"x" * (MAX_BODY + 1)
+    for content in [big, iter([big[:MAX_BODY // 2], big[MAX_BODY // 2:]])]:  # the second: no length, chunked
+        r = httpx.post(url, content=content, headers=auth, timeout=60)
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(url, content=big[:MAX_BODY], headers=auth, timeout=60)  # at the limit: read, then refused as JSON
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_scopes_and_made_up_models_cost_the_replicas_nothing(ray_served):
+    """A model outside the key's scope, existing or not, is the same 404 as one that does not exist,
+    and the ingress never looks the models up for it; made-up names within the scope look them up
+    each time, but a replica is asked at most once per REFRESH_S."""
+    acme = _client(ray_served, "acme-key")
+    assert {m.id for m in acme.models.list()} == {"tiny", "prompt"}
+    before = _ingress_counters()
+    texts = set()
+    for model in ["prefix", "made-up"]:  # another key's adapter; no one's
+        with pytest.raises(openai.NotFoundError) as info:
+            acme.completions.create(model=model, prompt="hi", max_tokens=2)
+        texts.add(info.value.body["message"].replace(f"`{model}`", "`M`"))
+        with pytest.raises(openai.NotFoundError) as info:
+            acme.models.retrieve(model)
+        texts.add(info.value.body["message"].replace(f"`{model}`", "`M`"))
+    assert _ingress_counters() == before  # out of scope: not even looked up
+    flood, start = 20, time.monotonic()
+    for i in range(flood):
+        with pytest.raises(openai.NotFoundError) as info:
+            acme.completions.create(model=f"acme-made-up-{i}", prompt="hi", max_tokens=2)
+        texts.add(info.value.body["message"].replace(f"`acme-made-up-{i}`", "`M`"))
+    elapsed = time.monotonic() - start
+    assert len(texts) == 1 and "prefix" not in texts.pop()  # one text, naming only acme's models
+    after = _ingress_counters()
+    assert after["catalog_asked"] - before["catalog_asked"] == flood
+    # not a bound on time: however slow the machine, at most one replica call per REFRESH_S
+    assert after["catalog_refreshes"] - before["catalog_refreshes"] <= 1 + elapsed / REFRESH_S
+
+
+def test_a_key_over_its_quota_gets_429_before_any_replica(ray_served):
+    """`capped` spends its minute's token; then even a made-up model is a 429, not a 404: the quota
+    is checked before the request is routed (the models are not even looked up)."""
+    capped = _client(ray_served, "capped-key")
+    assert capped.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).usage.total_tokens > 1
+    before = _ingress_counters()
+    for model in ["tiny", "prompt", "capped-made-up"]:
+        with pytest.raises(openai.RateLimitError) as info:
+            capped.completions.create(model=model, prompt="hi", max_tokens=2)
+        assert info.value.body["code"] == "rate_limit_exceeded" and info.value.body["type"] == "tokens"
+        assert info.value.response.headers["retry-after"]
+    assert _ingress_counters() == before
+    assert _client(ray_served, "user-key").completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+def test_metrics_and_health_follow_private_ops(ray_served):
+    """The first application has a keys file and `private_ops: false`: /metrics and /health are
+    open (the second application, with --keys and no flag, has them private)."""
+    assert httpx.get(ray_served[1] + "/health", timeout=60).json()["status"] == "ok"
+    assert httpx.get(ray_served[1] + "/metrics", timeout=60).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        _client(ray_served, "nope").models.list()
+
+
+def test_the_metrics_thread_outlives_any_error(monkeypatch, caplog):
+    """A replica's metrics thread logs an unexpected error once (not at every push) and goes on."""
+    import threading
+    from types import SimpleNamespace
+
+    from prefixport.server import ray_serve
+
+    pushed: list[str] = []
+    errors = iter([RuntimeError("GCS unreachable"), RuntimeError("GCS unreachable"), ValueError("no board")])
+
+    def get_actor(name: str, namespace: str) -> SimpleNamespace:
+        error = next(errors, None)
+        if error is not None:
+            raise error
+        return SimpleNamespace(put=SimpleNamespace(remote=lambda replica, text: pushed.append(text)))
+
+    class FivePushes(threading.Event):
+        """Stops the loop after five rounds, without waiting between them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rounds = 0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.rounds += 1
+            return self.rounds >= 5
+
+    monkeypatch.setattr(ray_serve.ray, "get_actor", get_actor)
+    with caplog.at_level("ERROR", logger=ray_serve.log.name):
+        push_metrics("metrics:app", "r1", lambda: b"m 1\n", FivePushes())
+    assert pushed == ["m 1\n", "m 1\n"]  # the two rounds after the errors
+    assert [r.exc_info[1].args[0] for r in caplog.records] == ["GCS unreachable"]

@@ -12,6 +12,11 @@ Two deployments make the application:
   `multiplexed_model_id=model`, so Ray routes requests for an adapter to replicas that already
   hold it (and, when none does, to the replica holding the fewest).
 
+The ingress is the front door: it refuses a body over `max_body_bytes` (413, counted as it arrives,
+before anything reads it), checks the key, refuses a model outside the key's scope and counts the
+request against the key's quotas before any replica is contacted, and asks the replicas which models
+exist at most once per `REFRESH_S` (a flood of made-up model names costs them nothing).
+
 Each replica pushes its `/metrics` body every `METRICS_PUSH_S` seconds to a small Ray actor of the
 application (`MetricsBoard`, made by the ingress); the ingress's `/metrics` serves them merged,
 each sample labelled with its replica.
@@ -25,6 +30,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -50,8 +56,9 @@ from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from ..runtime.speculative import parse_method
 from .app import ApiError, Job, Server, as_api_error, check_supported, invalid_body
 from .metrics import merge as merge_metrics
-from .tenants import Access, Key, KeyRing, Quotas
-from .protocol import ChatRequest, CompletionRequest, GenerationRequest
+from .middleware import LimitBody
+from .tenants import OPEN, Access, Key, KeyRing, Quotas
+from .protocol import ChatRequest, CompletionRequest, GenerationRequest, RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ REPLICA, INGRESS = "AdapterReplica", "OpenAIIngress"  # deployment names
 APP_NAME = "prefixport"  # the default application name (`--app-name`)
 METRICS_PUSH_S = 2.0  # how often each replica sends its metrics to the board
 METRICS_NAMESPACE = "prefixport"  # the Ray namespace of the boards, one per application
+REFRESH_S = 1.0  # the ingress asks a replica which models exist at most this often
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 class ReplicaError(Exception):
@@ -85,14 +94,14 @@ def _error_response(e: BaseException) -> JSONResponse:
     return JSONResponse(err.body, status_code=err.status, headers=getattr(err, "headers", None))
 
 
-def parse(kind: Kind, data: Any) -> GenerationRequest:
-    """A request body checked as `create_app` checks it (pydantic; the same 400 error objects)."""
+def parse(kind: Kind, data: Any, limits: RequestLimits = RequestLimits()) -> GenerationRequest:
+    """A request body checked as `create_app` checks it (pydantic, `limits`; the same 400 error objects)."""
     model = CompletionRequest if kind == "completion" else ChatRequest
     try:
         body = model.model_validate(data)
     except ValidationError as e:
         raise invalid_body(list(e.errors())) from None
-    check_supported(body)
+    check_supported(body, limits)
     return body
 
 
@@ -115,6 +124,27 @@ class MetricsBoard:
 
 def board_name(app_name: str) -> str:
     return f"metrics:{app_name}"
+
+
+def push_metrics(board: str, replica: str, render: Callable[[], bytes], stopped: threading.Event) -> None:
+    """A replica's metrics thread: send `render()` (its /metrics body) to the application's board
+    every METRICS_PUSH_S seconds until `stopped` (the board found by name each time: the ingress may
+    not be up yet, or may have restarted). Any error is logged, once while it repeats, and the
+    pushes go on."""
+    failing: str | None = None  # the error of the last push
+    while True:
+        try:
+            actor = ray.get_actor(board, namespace=METRICS_NAMESPACE)
+            actor.put.remote(replica, render().decode())
+            failing = None
+        except ValueError:  # no board (yet)
+            pass
+        except Exception as e:
+            if repr(e) != failing:
+                log.exception("pushing metrics to %s failed (retrying every %s s)", board, METRICS_PUSH_S)
+            failing = repr(e)
+        if stopped.wait(METRICS_PUSH_S):
+            return
 
 
 class AdapterHandle:
@@ -149,15 +179,14 @@ class AdapterReplica:
                  max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8,
                  adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings(),
                  cache: CacheSettings = CacheSettings(), prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                 speculative: str | None = None) -> None:
+                 speculative: str | None = None, limits: RequestLimits = RequestLimits()) -> None:
         backend, options = settings.load_kwargs()
         method, draft = parse_method(speculative)
         self.engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=adapter_budget_bytes, cache=cache,
                                   prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
         # The ingress checks keys and sets each request's cache_salt from its key: replicas trust it.
         self.server = Server(self.engine, model_name, adapters_dir, max_batch, Access(shared_prompt_cache=True),
-                             prefill_budget=prefill_budget,
-                             speculative=method)
+                             prefill_budget=prefill_budget, limits=limits, speculative=method)
         self.max_adapters = max_adapters
         self.loads: dict[str, int] = {}  # adapter id -> times this replica registered it
 
@@ -173,20 +202,9 @@ class AdapterReplica:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter_bundle)
         context = serve.get_replica_context()
         self._stopped = threading.Event()
-        threading.Thread(target=self._push_metrics, args=(board_name(context.app_name), context.replica_id.unique_id),
-                         name="prefixport-metrics", daemon=True).start()
-
-    def _push_metrics(self, board: str, replica: str) -> None:
-        """Send this replica's /metrics body to the application's board every METRICS_PUSH_S
-        seconds (found by name each time: the ingress may not be up yet, or may have restarted)."""
-        while True:
-            try:
-                actor = ray.get_actor(board, namespace=METRICS_NAMESPACE)
-                actor.put.remote(replica, self.server.metrics.render().decode())
-            except ValueError:  # no board (yet)
-                pass
-            if self._stopped.wait(METRICS_PUSH_S):
-                return
+        threading.Thread(target=push_metrics, name="prefixport-metrics", daemon=True,
+                         args=(board_name(context.app_name), context.replica_id.unique_id,
+                               self.server.metrics.render, self._stopped)).start()
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -210,8 +228,10 @@ class AdapterReplica:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def _submit(self, kind: Kind, request: dict[str, Any]) -> Job:
-        body = parse(kind, request)
+    async def _submit(self, kind: Kind, request: dict[str, Any], tenant: str) -> Job:
+        """Accept a request the ingress checked, for `tenant` (its key's id: a fair share of the
+        engine's bounded caches)."""
+        body = parse(kind, request, self.server.limits)
         adapter = None if body.model == self.server.model_name else body.model
         if adapter is not None:
             self.bundle_path(adapter)  # an unknown id fails here, before the LRU evicts anything for it
@@ -220,7 +240,7 @@ class AdapterReplica:
             await self.get_adapter(adapter)  # still registered, or again if the LRU let it go meanwhile
         # No `await` from here until the tickets hold the adapter: the LRU cannot unregister it between.
         self.server.adapter_for(body.model)  # parse() already refused unsupported fields
-        return self.server.start(body, prompts, adapter, max_tokens)
+        return self.server.start(body, prompts, adapter, max_tokens, Key(tenant, ""))
 
     async def _prompts(self, body: GenerationRequest, adapter: str | None) -> tuple[list[Any], int | None]:
         """`Server.prompts` off the event loop, in the adapter's prompt format: so the adapter is
@@ -235,20 +255,20 @@ class AdapterReplica:
                     raise
         raise AssertionError("unreachable")
 
-    async def complete(self, kind: Kind, request: dict[str, Any]) -> dict[str, Any]:
-        """A completion or chat completion request (an OpenAI body) -> the response object."""
+    async def complete(self, kind: Kind, request: dict[str, Any], tenant: str = OPEN.id) -> dict[str, Any]:
+        """A completion or chat completion request (an OpenAI body) by `tenant` -> the response object."""
         try:
-            job = await self._submit(kind, request)
+            job = await self._submit(kind, request, tenant)
             return await self.server.full_response(job, job.body.model)
         except Exception as e:
             err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
 
-    async def stream(self, kind: Kind, request: dict[str, Any]) -> AsyncIterator[str]:
+    async def stream(self, kind: Kind, request: dict[str, Any], tenant: str = OPEN.id) -> AsyncIterator[str]:
         """The same, streamed: server-sent events (`data: {chunk}`, ..., `data: [DONE]`).
         A request that fails before generating raises before the first event."""
         try:
-            job = await self._submit(kind, request)
+            job = await self._submit(kind, request, tenant)
         except Exception as e:
             err = as_api_error(e)
             raise ReplicaError(err.status, err.body) from None
@@ -281,6 +301,23 @@ class AdapterReplica:
 
 
 api = FastAPI(title="prefixport (Ray Serve)")
+
+
+class IngressBodyLimit:
+    """`LimitBody` with the limit of the ingress serving the request (a build parameter, while `api`,
+    and so its middleware, is made once per process)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ingress = serve.get_replica_context().servable_object
+        await LimitBody(self.app, ingress.settings.max_body_bytes)(scope, receive, send)
+
+
+api.add_middleware(IngressBodyLimit)  # before `serve.ingress(api)`, which takes a copy of the app
 
 
 @api.exception_handler(ApiError)
@@ -320,50 +357,124 @@ async def _sse(first: str, rest: DeploymentResponseGenerator, on_end: Callable[[
             rest.cancel()
 
 
+@dataclasses.dataclass(frozen=True)
+class IngressSettings:
+    """What the ingress enforces: the keys (`api_key`, or `keys_file` on the ingress's node), whether
+    the prompt cache is shared across keys, whether /metrics and /health need an admin key
+    (`private_ops`; None: when there is a keys file), the largest request body and the bounds on
+    one request (`limits`)."""
+
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    keys_file: str | None = None
+    shared_prompt_cache: bool = False
+    private_ops: bool | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    limits: RequestLimits = RequestLimits()  # what one request may ask for (checked here and in the replicas)
+
+
+class Catalog:
+    """The models the replicas serve, as a replica's `describe()` says: asked at most once per
+    REFRESH_S, concurrent callers sharing one call (so no stream of requests, for made-up model names
+    or /health, makes the ingress call a replica per request). Runs on the ingress's event loop."""
+
+    def __init__(self, replica: DeploymentHandle) -> None:
+        self.replica = replica
+        self.info: dict[str, Any] | None = None  # the latest answer
+        self.asked = 0  # calls of `latest()`
+        self.refreshes = 0  # `describe()` calls made for them
+        self._at = -math.inf  # when the latest call was made
+        self._error: Exception | None = None  # the latest call's error, if it failed
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+
+    @property
+    def model_name(self) -> str | None:
+        return self.info["model"] if self.info is not None else None
+
+    @property
+    def adapters(self) -> set[str]:
+        """Adapter ids in the adapters folder (as of the latest answer)."""
+        if self.info is None:
+            return set()
+        return {m["id"] for m in self.info["models"]} - {self.info["model"]}
+
+    def knows(self, model: str) -> bool:
+        return model == self.model_name or model in self.adapters
+
+    async def latest(self) -> dict[str, Any]:
+        """A replica's `describe()`: asked now unless it was asked less than REFRESH_S ago (then that
+        call's answer or error, once it has one)."""
+        self.asked += 1
+        due = time.monotonic() - self._at >= REFRESH_S or (self.info is None and self._error is None)
+        if self._pending is None and due:
+            self._at = time.monotonic()
+            self.refreshes += 1
+            self._pending = asyncio.ensure_future(self._describe())
+            self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if none waits
+        if self._pending is not None:
+            return await asyncio.shield(self._pending)  # a caller going away does not cancel the others' call
+        if self._error is not None or self.info is None:
+            raise (self._error or RuntimeError("no answer from a replica yet")).with_traceback(None)
+        return self.info
+
+    async def _describe(self) -> dict[str, Any]:
+        try:
+            self.info, self._error = await self.replica.describe.remote(), None
+            return self.info
+        except Exception as e:
+            self._error = e
+            raise
+        finally:
+            self._pending = None
+
+
+def _not_found(model: str, key: Key, catalog: Catalog) -> ApiError:
+    """404 for a model that does not exist or is not `key`'s: one text for both, naming only the
+    key's models."""
+    visible = [m for m in [catalog.model_name, *sorted(catalog.adapters)] if m is not None and key.may_use(m)]
+    return ApiError(404, f"The model `{model}` does not exist (the models: {', '.join(visible) or 'none'})",
+                    param="model", code="model_not_found")
+
+
 @serve.deployment(name=INGRESS)
 @serve.ingress(api)
 class OpenAIIngress:
-    """The OpenAI API, routing each request to a replica by its `model` (the adapter id)."""
+    """The OpenAI API, routing each request to a replica by its `model` (the adapter id). Keys,
+    scopes and quotas are checked here, before any replica is contacted; the replicas trust it."""
 
-    def __init__(self, replica: DeploymentHandle, api_key: str | None = None, keys_file: str | None = None,
-                 shared_prompt_cache: bool = False, private_ops: bool = False) -> None:
-        self.replica = replica
-        self.access = Access(KeyRing(keys_file, api_key), private_ops=private_ops,
-                             shared_prompt_cache=shared_prompt_cache)
+    def __init__(self, replica: DeploymentHandle, settings: IngressSettings = IngressSettings()) -> None:
+        self.replica, self.settings = replica, settings
+        self.access = Access(KeyRing(settings.keys_file, settings.api_key), private_ops=settings.private_ops,
+                             shared_prompt_cache=settings.shared_prompt_cache)
         self.quotas = Quotas()
-        self.model_name: str | None = None  # the base model's, asked from a replica once
-        self.known: set[str] = set()  # adapter ids seen in the adapters folder
+        self.catalog = Catalog(replica)
         # owned by this actor: it goes with the application
         self.board = MetricsBoard.options(name=board_name(serve.get_replica_context().app_name),
                                           namespace=METRICS_NAMESPACE, get_if_exists=True).remote()
+
+    def counters(self) -> dict[str, int]:
+        """How often the ingress looked up the model catalog (`catalog_asked`) and how often that
+        called a replica (`catalog_refreshes`): for tests and diagnosis, through a deployment handle."""
+        return {"catalog_asked": self.catalog.asked, "catalog_refreshes": self.catalog.refreshes}
 
     def _authorize(self, request: Request) -> Key:
         return self.access.keys.authenticate(request.headers.get("authorization", ""))
 
     def _operator(self, request: Request) -> None:
-        """With `private_ops`, /metrics and /health need an admin key."""
-        if self.access.private_ops and not self._authorize(request).admin:
+        """When operations are private (`Access.ops_private`), /metrics and /health need an admin key."""
+        if self.access.ops_private and not self._authorize(request).admin:
             raise ApiError(403, "/metrics and /health need an admin key on this server", "permission_error",
                            code="permission_denied")
 
-    async def _refresh(self) -> dict[str, Any]:
-        info = await self.replica.describe.remote()
-        self.model_name = info["model"]
-        self.known = {m["id"] for m in info["models"]} - {self.model_name}
-        return info
-
     async def _route(self, model: str, key: Key) -> DeploymentHandle:
-        """The handle for a request for `model`: the base model is on every replica; an adapter id
-        routes by multiplexing. An id not in the adapters folder, or not `key`'s, is a 404 here,
-        before any replica."""
-        if self.model_name is None or (model != self.model_name and model not in self.known):
-            await self._refresh()  # the folder may have gained a bundle since
-        if key.may_use(model) and model == self.model_name:
+        """The handle for a request for `model` (one `key` may use): the base model is on every
+        replica; an adapter id routes by multiplexing. An id not in the adapters folder is a 404 here,
+        before any replica sees the request (the folder is looked at again at most once per REFRESH_S)."""
+        if not self.catalog.knows(model):
+            await self.catalog.latest()  # the folder may have gained a bundle since
+        if model == self.catalog.model_name:
             return self.replica
-        if not key.may_use(model) or model not in self.known:
-            visible = [m for m in [self.model_name, *sorted(self.known)] if m is not None and key.may_use(m)]
-            raise ApiError(404, f"The model `{model}` does not exist (the models: {', '.join(visible) or 'none'})",
-                           param="model", code="model_not_found")
+        if model not in self.catalog.adapters:
+            raise _not_found(model, key, self.catalog)
         return self.replica.options(multiplexed_model_id=model)
 
     async def _generate(self, kind: Kind, request: Request) -> Response:
@@ -372,19 +483,21 @@ class OpenAIIngress:
             data = await request.json()
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
-        body = parse(kind, data)
-        handle = await self._route(body.model, key)
-        data["cache_salt"] = self.access.salt(key, body.cache_salt)
-        self.quotas.admit(key)  # 429 at a limit of this key's
+        body = parse(kind, data, self.settings.limits)
+        if not key.may_use(body.model):  # as a model that does not exist; no replica is asked
+            raise _not_found(body.model, key, self.catalog)
+        self.quotas.admit(key)  # 429 at a limit of this key's, before any replica is contacted
         tokens, streaming = 0, False
         try:
+            handle = await self._route(body.model, key)
+            data["cache_salt"] = self.access.salt(key, body.cache_salt)
             if not body.stream:
-                response = await handle.complete.remote(kind, data)
+                response = await handle.complete.remote(kind, data, key.id)
                 tokens = response["usage"]["total_tokens"]
                 return JSONResponse(response)
             usage = bool(body.stream_options and body.stream_options.include_usage)
             data["stream_options"] = {"include_usage": True}  # counted for tokens_per_minute
-            events = handle.options(stream=True).stream.remote(kind, data)
+            events = handle.options(stream=True).stream.remote(kind, data, key.id)
             try:
                 first = await events.__anext__()
             except BaseException:
@@ -408,17 +521,17 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         key = self._authorize(request)
-        info = await self._refresh()
+        info = await self.catalog.latest()
         return JSONResponse({"object": "list", "data": [m for m in info["models"] if key.may_use(m["id"])]})
 
     @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
         key = self._authorize(request)
-        info = await self._refresh()
-        for obj in info["models"]:
-            if obj["id"] == model and key.may_use(model):
-                return JSONResponse(obj)
-        raise ApiError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
+        if key.may_use(model):  # else as a model that does not exist, and no replica is asked
+            for obj in (await self.catalog.latest())["models"]:
+                if obj["id"] == model:
+                    return JSONResponse(obj)
+        raise _not_found(model, key, self.catalog)
 
     @api.api_route("/v1/adapters", methods=["POST"])
     @api.api_route("/v1/adapters/{name}", methods=["DELETE"])
@@ -437,7 +550,7 @@ class OpenAIIngress:
     async def health(self, request: Request) -> Response:
         self._operator(request)
         try:
-            info = await self.replica.describe.remote()
+            info = await self.catalog.latest()  # a replica's answer at most REFRESH_S old
         except Exception as e:
             error = _to_api_error(e).body["error"]["message"]
             return JSONResponse({"status": "unavailable", "error": error}, status_code=503)
@@ -446,8 +559,9 @@ class OpenAIIngress:
 
 def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
               max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
-              keys_file: str | Path | None = None, shared_prompt_cache: bool = False, private_ops: bool = False,
-              replicas: int = 1,
+              keys_file: str | Path | None = None, shared_prompt_cache: bool = False,
+              private_ops: bool | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              limits: RequestLimits = RequestLimits(), replicas: int = 1,
               max_adapters: int = 8, adapter_budget_bytes: int | None = None, replica_cpus: float | None = None,
               replica_gpus: float = 0, settings: BackendSettings = BackendSettings(),
               cache: CacheSettings = CacheSettings(),
@@ -461,10 +575,13 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
     each replica's `Scheduler`; `settings` chooses the backend (checked when it was made, so a bad
     combination is refused here, not in each replica); `cache` bounds each replica's KV cache and
     `prompt_cache_bytes` its prompt cache; `speculative` (prompt-lookup, draft:EXPORT_DIR) makes
-    each replica's scheduler speculate. The ingress checks the keys (`api_key`, or `keys_file` on
-    its node: roles, models, quotas, reloaded when it changes), sets each request's prompt-cache
-    salt from its key unless `shared_prompt_cache`, and with `private_ops` needs an admin key on
-    /metrics and /health; the replicas trust it.
+    each replica's scheduler speculate; `limits` bound each request (stop strings, choices,
+    schemas: 400), at the ingress and again in the replicas. The ingress refuses bodies over
+    `max_body_bytes` (413),
+    checks the keys (`api_key`, or `keys_file` on its node: roles, models, quotas, reloaded when it
+    changes) before any replica is contacted, sets each request's prompt-cache salt from its key
+    unless `shared_prompt_cache`, and needs an admin key on /metrics and /health when `private_ops`
+    (None: when there is a `keys_file`); the replicas trust it.
     """
     parse_method(speculative)  # refused here, not in each replica
     if settings.uses_gpu:
@@ -479,16 +596,18 @@ def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, mod
         max_ongoing_requests=2 * max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(outdir), str(adapters), model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
            max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
-           prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
-        replica, api_key=api_key, keys_file=str(Path(keys_file).resolve()) if keys_file is not None else None,
-        shared_prompt_cache=shared_prompt_cache, private_ops=private_ops)
+           prompt_cache_bytes=prompt_cache_bytes, speculative=speculative, limits=limits)
+    keys = str(Path(keys_file).resolve()) if keys_file is not None else None  # resolved here: not the ingress's cwd
+    ingress = IngressSettings(api_key=api_key, keys_file=keys, shared_prompt_cache=shared_prompt_cache,
+                              private_ops=private_ops, max_body_bytes=max_body_bytes, limits=limits)
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(replica, ingress)
 
 
 class AppArgs(BaseModel):
     """Arguments of `app_builder` (`serve run prefixport.server.ray_serve:app_builder outdir=... replicas=2`,
     or `args:` in a Serve config file): flat, as on the command line; `threads`, `device`, `backend`,
-    `provider` and `precision` make the `BackendSettings`."""
+    `provider` and `precision` make the `BackendSettings`; `max_body_mb` counts 10^6 bytes, as
+    `--max-body-mb` does."""
 
     outdir: str
     adapters_dir: str | None = None
@@ -498,7 +617,9 @@ class AppArgs(BaseModel):
     api_key: str | None = None
     keys_file: str | None = None  # on the ingress's node
     shared_prompt_cache: bool = False
-    private_ops: bool = False
+    private_ops: bool | None = None  # None: private when there is a keys_file
+    max_body_mb: float = 4.0
+    max_stops: int = 4  # stop strings per request (`RequestLimits`)
     replicas: int = 1
     max_adapters: int = 8
     threads: int | None = None
@@ -524,6 +645,8 @@ def app_builder(args: AppArgs) -> serve.Application:
                                threads=options.pop("threads"))
     cache = CacheSettings(budget_mb=options.pop("kv_cache_mb"), max_context=options.pop("max_context"))
     prompt_cache_bytes = int(options.pop("prompt_cache_mb") * 2**20)
+    options["max_body_bytes"] = int(options.pop("max_body_mb") * 1e6)
+    options["limits"] = RequestLimits(max_stops=options.pop("max_stops"))
     return build_app(**options, settings=settings, cache=cache, prompt_cache_bytes=prompt_cache_bytes)
 
 
@@ -539,8 +662,9 @@ def running_serve() -> ServeInstanceDetails | None:
 
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
-            keys_file: str | Path | None = None, shared_prompt_cache: bool = False, private_ops: bool = False,
-            model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
+            keys_file: str | Path | None = None, shared_prompt_cache: bool = False,
+            private_ops: bool | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+            limits: RequestLimits = RequestLimits(), model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,
             adapter_budget_bytes: int | None = None, block: bool = True,
             settings: BackendSettings = BackendSettings(), cache: CacheSettings = CacheSettings(),
             prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, speculative: str | None = None,
@@ -575,10 +699,9 @@ def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host:
         serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, adapters_dir, model_name=model_name, max_batch=max_batch, prefill_budget=prefill_budget,
                     api_key=api_key, keys_file=keys_file, shared_prompt_cache=shared_prompt_cache,
-                    private_ops=private_ops,
-                    replicas=replicas, max_adapters=max_adapters,
-                    adapter_budget_bytes=adapter_budget_bytes, settings=settings, cache=cache,
-                    prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
+                    private_ops=private_ops, max_body_bytes=max_body_bytes, limits=limits, replicas=replicas,
+                    max_adapters=max_adapters, adapter_budget_bytes=adapter_budget_bytes, settings=settings,
+                    cache=cache, prompt_cache_bytes=prompt_cache_bytes, speculative=speculative)
     handle = serve.run(app, name=app_name, route_prefix=route_prefix)
     if not block:
         return handle
