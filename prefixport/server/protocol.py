@@ -30,7 +30,15 @@ MAX_NAME = 256  # characters of a model or adapter name, a user or a cache salt
 def invalid_unicode(data: Any) -> str | None:
     """Where `data` (parsed JSON) holds a string, value or key, that is not valid Unicode (a lone
     UTF-16 surrogate, which JSON's \\u escapes can carry), as a path like `messages.0.content`;
-    None if nowhere. Iterative: any nesting depth."""
+    None if nowhere. One C-speed encoding of the whole (60 ms for 3 MB of 600,000 strings: a walk
+    in Python took 0.6 s), then, only if that fails, an iterative walk (any nesting depth) to say where."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    except (TypeError, ValueError, RecursionError):  # not plain JSON data (or nested past the encoder): walk it
+        pass
     stack: list[tuple[Any, str]] = [(data, "body")]
     while stack:
         value, path = stack.pop()
