@@ -8,18 +8,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from prefixport.adapters.bundle import load_bundle, make_bundle, save_bundle
 from prefixport.errors import InputError, NumericsError
 from prefixport.runtime import Engine, Scheduler
 from prefixport.runtime.sampling import MAX_SEED, MAX_TOP_K, PENALTY_RANGE, SamplingParams
 from prefixport.server import create_app
-from prefixport.server.app import as_api_error
-from prefixport.server.protocol import RequestLimits
+from prefixport.server.app import Server, as_api_error
+from prefixport.server.protocol import AdapterLoad, ApiError, RequestLimits
 from prefixport.server.tenants import Access, KeyRing, digest
 
 from .helpers import running
@@ -87,8 +89,6 @@ def test_a_poisoned_row_fails_alone_in_the_scheduler(attacked):
 
 def test_a_poisoned_request_over_http_leaves_the_others(attacked):
     engine, url = attacked[:2]
-    from concurrent.futures import ThreadPoolExecutor
-
     bodies = [("a", {"model": "poison", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0})] + [
         ("b", {"model": m, "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
         for p, m in zip(PROMPTS, ("tiny", "prompt", "tiny"))]
@@ -244,3 +244,22 @@ def test_with_keys_metrics_and_health_need_an_admin_key_by_default(attacked):
     with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=public,
                             register_adapters=False)) as open_url:
         assert httpx.get(open_url + "/health").status_code == 200
+
+
+def test_adapter_paths_the_file_system_refuses_are_400s(attacked):
+    engine, _, folder = attacked[:3]
+    server = Server(engine, "tiny", folder)  # what POST /v1/adapters calls once an admin key is checked
+    try:
+        for path in ("a" * 300 + ".safetensors", "é" * 200):  # over the file system's 255 bytes a name
+            with pytest.raises(ApiError) as e:
+                server.load_adapter(AdapterLoad(name="x", path=path))
+            assert e.value.status == 400 and e.value.body["error"]["param"] == "path", path
+        with pytest.raises(ValidationError):
+            AdapterLoad(name="x", path="bad\x00.safetensors")
+    finally:
+        server.scheduler.close()
+
+
+def test_a_huge_max_tokens_is_a_context_error(attacked):
+    r = _post(attacked[1], "/v1/completions", "a", b'{"model": "tiny", "prompt": "hi", "max_tokens": 1' + b"0" * 400 + b"}")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

@@ -403,12 +403,6 @@ class Engine:
         virtual = f"the adapter's virtual tokens ({n_virtual}) plus " if n_virtual else ""
         limit, limits = self.context_limit, self.backend.limits
         need, budget = n_virtual + len(ids) + max_new_tokens, self.cache_settings.budget_bytes
-        if budget is not None and row_bytes(self.manifest, need) > budget:
-            raise ContextLengthError(
-                f"{virtual}the prompt ({len(ids)} tokens) plus max_new_tokens "
-                f"({max_new_tokens}) need {row_bytes(self.manifest, need) / 2**20:.1f} MB of KV cache, over the "
-                f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
-            )
         if self.cache_settings.max_context is not None and need > self.cache_settings.max_context:
             limit = min(limit, self.cache_settings.max_context)
         if n_virtual + len(ids) + max_new_tokens > limit:
@@ -418,6 +412,13 @@ class Engine:
                 f"{virtual}the prompt ({len(ids)} tokens) plus "
                 f"max_new_tokens ({max_new_tokens}) exceed the {owner} context of {limit} positions; "
                 "shorten the prompt or lower max_new_tokens"
+            )
+        # after the context checks: `need` is then a few thousand slots at most, never an overflow
+        if budget is not None and row_bytes(self.manifest, need) > budget:
+            raise ContextLengthError(
+                f"{virtual}the prompt ({len(ids)} tokens) plus max_new_tokens "
+                f"({max_new_tokens}) need {row_bytes(self.manifest, need) / 2**20:.1f} MB of KV cache, over the "
+                f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
             )
         if limits and len(ids) > limits.max_seq:
             raise ContextLengthError(f"the prompt ({len(ids)} tokens) exceeds the TensorRT engine's max_seq "

@@ -365,10 +365,14 @@ class Server:
             raise ApiError(403, "this server was started without an adapters folder", code="adapters_disabled")
         if body.name == self.model_name:
             raise ApiError(409, f"{body.name!r} is the base model's name", param="name", code="name_taken")
-        path = (self.adapters_dir / (body.path or f"{body.name}.safetensors")).resolve()
-        if not path.is_relative_to(self.adapters_dir):
-            raise ApiError(400, f"path must be inside the adapters folder {self.adapters_dir}", param="path")
-        if not path.is_file():
+        try:
+            path = (self.adapters_dir / (body.path or f"{body.name}.safetensors")).resolve()
+            if not path.is_relative_to(self.adapters_dir):
+                raise ApiError(400, f"path must be inside the adapters folder {self.adapters_dir}", param="path")
+            is_file = path.is_file()
+        except OSError as e:  # a name too long for the file system, say
+            raise ApiError(400, f"path cannot name a file: {e.strerror}", param="path") from None
+        if not is_file:
             raise ApiError(404, f"no adapter bundle at {path.relative_to(self.adapters_dir)} in {self.adapters_dir}",
                            param="path", code="adapter_not_found")
         bundle = self.engine.add_adapter(body.name, path)

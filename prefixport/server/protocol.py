@@ -275,7 +275,8 @@ def json_depth(data: Any) -> int:
 
 class AdapterLoad(Body):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
-    path: str | None = None  # under the adapters folder; default NAME.safetensors
+    path: str | None = Field(default=None, min_length=1, max_length=1024,  # under the adapters folder
+                             pattern=r"^[^\x00]*$")  # default NAME.safetensors
 
 
 def new_id(prefix: str) -> str:
