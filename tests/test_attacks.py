@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from prefixport.adapters.bundle import load_bundle, make_bundle, save_bundle
-from prefixport.errors import InputError, NumericsError
+from prefixport.errors import ContextLengthError, InputError, NumericsError
 from prefixport.runtime import Engine, Scheduler
 from prefixport.runtime.sampling import MAX_SEED, MAX_TOP_K, PENALTY_RANGE, SamplingParams
 from prefixport.server import create_app
@@ -263,3 +263,20 @@ def test_adapter_paths_the_file_system_refuses_are_400s(attacked):
 def test_a_huge_max_tokens_is_a_context_error(attacked):
     r = _post(attacked[1], "/v1/completions", "a", b'{"model": "tiny", "prompt": "hi", "max_tokens": 1' + b"0" * 400 + b"}")
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_megabytes_of_prompt_are_refused_without_tokenizing_them(attacked):
+    engine, url = attacked[:2]
+    tokenizer, limit = engine.tokenizer, engine.context_limit
+    huge = "hello world " * (limit * tokenizer.max_token_chars // 12 + 1)  # over limit x the longest token
+    long = "hello world " * limit  # under that bound: its first 8 x limit characters say it cannot fit
+    for text in (huge, long):
+        with pytest.raises(ContextLengthError, match="longer than the context"):
+            engine.encode(text)
+        r = _post(url, "/v1/completions", "a", {"model": "tiny", "prompt": text, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert _post(url, "/tokenize", "a", {"prompt": text}).status_code == 400
+    fits = "hello " * (limit // 2)  # long in characters, within the context in tokens: encoded whole
+    assert engine.encode(fits) == tokenizer.encode(fits)
+    one_word = "x" * (9 * limit)  # the probe's last word may be cut: never counted, so encoded whole
+    assert len(tokenizer.encode(one_word, limit=10 * limit)) == len(tokenizer.encode(one_word))

@@ -375,7 +375,7 @@ class Engine:
         recorded = self.store.prompt_format(adapter) if adapter is not None else None
         fmt = choose_format(chat, recorded, messages=not isinstance(prompt, str))
         text = render_prompt(prompt, fmt, self.tokenizer.apply_chat_template)
-        return self.tokenizer.encode(text, add_special_tokens=not fmt.chat)
+        return self.tokenizer.encode(text, add_special_tokens=not fmt.chat, limit=self.context_limit)
 
     def prepare(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
                  chat: bool | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -449,7 +449,8 @@ class Engine:
         ids = self.encode(prompt, chat=False)
         start = len(ids)
         if continuation is not None:
-            ids += (self.tokenizer.encode(continuation, add_special_tokens=False) if isinstance(continuation, str)
+            ids += (self.tokenizer.encode(continuation, add_special_tokens=False, limit=self.context_limit)
+                    if isinstance(continuation, str)
                     else self.encode(continuation))
         request = self.prepare(ids, adapter=adapter, max_new_tokens=1)  # the checks (one slot to spare)
         return Score(ids, self.run_score(request, top_logprobs), start)

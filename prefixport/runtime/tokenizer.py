@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -13,7 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .. import manifest as mf
-from ..errors import ExportFolderError, InputError
+from ..errors import ContextLengthError, ExportFolderError, InputError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -31,6 +32,12 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _byte_decoder()
+PROBE_CHARS = 8  # a long text's first PROBE_CHARS x limit characters are tokenized to see if it can fit
+
+
+def _too_long(chars: int, limit: int, why: str) -> ContextLengthError:
+    return ContextLengthError(f"the text ({chars} characters) is longer than the context of {limit} tokens "
+                              f"({why}); shorten it")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -59,8 +66,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
+        """The text's token ids. With `limit`, a text that certainly encodes to more than `limit`
+        tokens raises ContextLengthError without being tokenized whole (megabytes of text would
+        take seconds): one longer than `limit` x the longest token's characters at once; one longer
+        than PROBE_CHARS x `limit` characters when its first PROBE_CHARS x `limit` characters
+        already give more than `limit` tokens, not counting those of their last word (which the
+        cut may have split into more tokens than the whole word makes)."""
+        if limit is not None and len(text) > PROBE_CHARS * limit:
+            if len(text) > limit * self.max_token_chars:
+                raise _too_long(len(text), limit, f"a token is at most {self.max_token_chars} characters")
+            probe = self._tok.encode(text[: PROBE_CHARS * limit], add_special_tokens=add_special_tokens).word_ids
+            sure = sum(1 for w in probe if w is None or w != probe[-1])
+            if sure > limit:
+                raise _too_long(len(text), limit, f"its first {PROBE_CHARS * limit} characters give {sure}")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token's text (byte-level BPE: its bytes): a text of N
+        characters encodes to at least N / max_token_chars tokens."""
+        return max(len(piece) for piece in self._tok.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

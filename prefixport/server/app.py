@@ -61,7 +61,9 @@ def as_api_error(e: Exception) -> ApiError:
     request_id = new_id("req")
     log.error("internal error (request id %s)", request_id, exc_info=e)
     return ApiError(500, f"internal error (request id {request_id}); the server's log has the detail", "server_error",
-                    code="internal_error", headers={"X-Request-Id": request_id})
+                    code="internal_error", headers={"X-Request-Id": request_id, "Connection": "close"})
+    # (Connection: close, since Starlette re-raises the exception after this answer and the server
+    # then drops the connection: a client that kept it alive would lose its next request.)
 
 
 def invalid_body(errors: list[dict]) -> ApiError:

@@ -37,9 +37,9 @@ def tokenizer_router(engine: Engine, dependencies: list[Any]) -> APIRouter:
             raise InputError("send exactly one of prompt and messages")
         if body.messages is not None:
             text = tokenizer.apply_chat_template([m.plain() for m in body.messages], body.add_generation_prompt)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = tokenizer.encode(text, add_special_tokens=False, limit=engine.context_limit)
+        else:  # a text over the context is a 400 (megabytes would take seconds to tokenize)
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens, limit=engine.context_limit)
         return {"count": len(ids), "max_model_len": engine.context_limit, "tokens": ids}
 
     @router.post("/detokenize")
