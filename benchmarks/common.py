@@ -229,3 +229,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def interleaved(weights: dict[str, int]) -> tuple[str, ...]:
+    """A weighted round robin: each name `weight` times, spread evenly (a fuzzer's case i takes
+    slot i % len, so a short run has every family too)."""
+    slots = [((k + 0.5) / weight, name) for name, weight in weights.items() for k in range(weight)]
+    return tuple(name for _, name in sorted(slots))

@@ -62,6 +62,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from benchmarks.common import interleaved
 from prefixport import manifest as mf
 
 BUNDLE = "adapter.safetensors"
@@ -1038,10 +1039,7 @@ FAMILIES: dict[str, tuple[int, Callable[[CaseContext, Case], None], str]] = {  #
 @functools.lru_cache(maxsize=1)
 def schedule() -> tuple[str, ...]:
     """Families interleaved by weight: index i gets schedule()[i % len]."""
-    slots = []
-    for name, (weight, _, _) in FAMILIES.items():
-        slots += [((k + 0.5) / weight, name) for k in range(weight)]
-    return tuple(name for _, name in sorted(slots))
+    return interleaved({name: weight for name, (weight, _, _) in FAMILIES.items()})
 
 
 def make_case(seed: int, index: int, seeds: Seeds, case_dir: Path, marker: Path) -> Case:

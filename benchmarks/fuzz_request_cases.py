@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
 
+from benchmarks.common import interleaved
+
 # --- what the cases aim at ------------------------------------------------------------------------
 
 COMPLETIONS, CHAT, TOKENIZE, DETOKENIZE = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
@@ -1174,10 +1176,7 @@ FAMILIES: dict[str, tuple[int, Callable[[random.Random, Target], Draft], str]] =
 @functools.lru_cache(maxsize=1)
 def schedule() -> tuple[str, ...]:
     """Families interleaved by weight: index i gets schedule()[i % len]."""
-    slots = []
-    for name, (weight, _, _) in FAMILIES.items():
-        slots += [((k + 0.5) / weight, name) for k in range(weight)]
-    return tuple(name for _, name in sorted(slots))
+    return interleaved({name: weight for name, (weight, _, _) in FAMILIES.items()})
 
 
 def make_case(seed: int, index: int, target: Target) -> Case:

@@ -760,7 +760,7 @@ def run_fuzz(export: Path, bundles: Sequence[Path], cases: int, seed: int = 0, c
         "slowest_case": {"seconds": slowest["slowest_s"], "case": slowest["slowest"]},
         "probes": probes, "still_answers": probes[-1]["ok"], "probes_ok": sum(p["ok"] for p in probes),
         "probe_answers_unchanged": probes[-1]["answers"] == probes[0]["answers"],
-        "server": {"starts": starts, "load_s": load_s, "args": [Path(a).name if Path(a).is_absolute() else a for a in server.args(0)[:-2]],  # no temp paths **rss_figures(probes, starts)},
+        "server": {"starts": starts, "load_s": load_s, "args": [Path(a).name if Path(a).is_absolute() else a for a in server.args(0)[:-2]], **rss_figures(probes, starts)},
         "target": asdict(target), "seconds_fuzzing": fuzz_s, "cases_per_s": len(indices) / fuzz_s if fuzz_s else None,
     }
 
