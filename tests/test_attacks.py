@@ -272,11 +272,11 @@ def test_megabytes_of_prompt_are_refused_without_tokenizing_them(attacked):
     long = "hello world " * limit  # under that bound: its first 8 x limit characters say it cannot fit
     for text in (huge, long):
         with pytest.raises(ContextLengthError, match="longer than the context"):
-            engine.encode(text)
+            engine.prepare(text)  # Engine.encode(text) alone encodes it whole: a caller may slice the ids
         r = _post(url, "/v1/completions", "a", {"model": "tiny", "prompt": text, "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert _post(url, "/tokenize", "a", {"prompt": text}).status_code == 400
     fits = "hello " * (limit // 2)  # long in characters, within the context in tokens: encoded whole
-    assert engine.encode(fits) == tokenizer.encode(fits)
+    assert engine.encode(fits, limit=limit) == tokenizer.encode(fits)
     one_word = "x" * (9 * limit)  # the probe's last word may be cut: never counted, so encoded whole
     assert len(tokenizer.encode(one_word, limit=10 * limit)) == len(tokenizer.encode(one_word))

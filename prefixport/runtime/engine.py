@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import threading
 import time
 import weakref
@@ -340,13 +341,16 @@ class Engine:
 
     # --- generation -------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt, chat: bool | None = None, adapter: str | None = None) -> list[int]:
-        """Token ids for a prompt: text or chat messages in a prompt format (`format_prompt`), or ids."""
+    def encode(self, prompt: Prompt, chat: bool | None = None, adapter: str | None = None,
+               limit: int | None = None) -> list[int]:
+        """Token ids for a prompt: text or chat messages in a prompt format (`format_prompt`), or ids.
+        With `limit` (the context, for a prompt to generate from), a text that certainly gives more
+        tokens raises ContextLengthError before it is tokenized whole (`Tokenizer.encode`)."""
         if isinstance(prompt, str):
-            return self.format_prompt(prompt, chat, adapter)
+            return self.format_prompt(prompt, chat, adapter, limit)
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
-            return self.format_prompt(cast(list[Message], items), chat, adapter)
+            return self.format_prompt(cast(list[Message], items), chat, adapter, limit)
         if all(isinstance(t, (int, np.integer)) for t in items):
             ids = [int(t) for t in cast(list[int], items)]
             vocab = self.manifest.vocab_size
@@ -368,14 +372,14 @@ class Engine:
         return Grammar.from_response_format(response_format, self._grammar_vocab, tenant)
 
     def format_prompt(self, prompt: str | Sequence[Message], chat: bool | None = None,
-                      adapter: str | None = None) -> list[int]:
+                      adapter: str | None = None, limit: int | None = None) -> list[int]:
         """Token ids of a text or chat messages in the format `adapters.prompt_format.choose` picks:
         `chat` True the chat template, False raw; None (the default everywhere) the `adapter`'s
         recorded format, else raw for a text and the chat template for messages."""
         recorded = self.store.prompt_format(adapter) if adapter is not None else None
         fmt = choose_format(chat, recorded, messages=not isinstance(prompt, str))
         text = render_prompt(prompt, fmt, self.tokenizer.apply_chat_template)
-        return self.tokenizer.encode(text, add_special_tokens=not fmt.chat, limit=self.context_limit)
+        return self.tokenizer.encode(text, add_special_tokens=not fmt.chat, limit=limit)
 
     def prepare(self, prompt: Prompt, *, adapter: str | None = None, max_new_tokens: int = 128,
                  chat: bool | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -393,7 +397,7 @@ class Engine:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 repetition_penalty=repetition_penalty)
         grammar = self.grammar(response_format, tenant or "")
-        ids = self.encode(prompt, chat=chat, adapter=adapter)
+        ids = self.encode(prompt, chat=chat, adapter=adapter, limit=self.context_limit)
         if not ids:
             raise InputError("the prompt is empty: it encodes to no tokens")
         if max_new_tokens < 1:
@@ -403,6 +407,13 @@ class Engine:
         virtual = f"the adapter's virtual tokens ({n_virtual}) plus " if n_virtual else ""
         limit, limits = self.context_limit, self.backend.limits
         need, budget = n_virtual + len(ids) + max_new_tokens, self.cache_settings.budget_bytes
+        if budget is not None and row_bytes(self.manifest, need) > budget:
+            mb = row_bytes(self.manifest, need) / 2**20 if need < 2**40 else math.inf  # a JSON int may have 400 digits
+            raise ContextLengthError(
+                f"{virtual}the prompt ({len(ids)} tokens) plus max_new_tokens "
+                f"({max_new_tokens}) need {mb:.1f} MB of KV cache, over the "
+                f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
+            )
         if self.cache_settings.max_context is not None and need > self.cache_settings.max_context:
             limit = min(limit, self.cache_settings.max_context)
         if n_virtual + len(ids) + max_new_tokens > limit:
@@ -412,13 +423,6 @@ class Engine:
                 f"{virtual}the prompt ({len(ids)} tokens) plus "
                 f"max_new_tokens ({max_new_tokens}) exceed the {owner} context of {limit} positions; "
                 "shorten the prompt or lower max_new_tokens"
-            )
-        # after the context checks: `need` is then a few thousand slots at most, never an overflow
-        if budget is not None and row_bytes(self.manifest, need) > budget:
-            raise ContextLengthError(
-                f"{virtual}the prompt ({len(ids)} tokens) plus max_new_tokens "
-                f"({max_new_tokens}) need {row_bytes(self.manifest, need) / 2**20:.1f} MB of KV cache, over the "
-                f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
             )
         if limits and len(ids) > limits.max_seq:
             raise ContextLengthError(f"the prompt ({len(ids)} tokens) exceeds the TensorRT engine's max_seq "
@@ -446,7 +450,7 @@ class Engine:
         (at least one); `.continuation_logprob` and `.greedy` are what evaluation harnesses ask
         for. A prefill with logits at every position (docs/design.md, "The graph contract")."""
         check_top(top_logprobs, "top_logprobs")
-        ids = self.encode(prompt, chat=False)
+        ids = self.encode(prompt, chat=False, limit=self.context_limit)
         start = len(ids)
         if continuation is not None:
             ids += (self.tokenizer.encode(continuation, add_special_tokens=False, limit=self.context_limit)

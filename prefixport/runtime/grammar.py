@@ -176,7 +176,9 @@ def _schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _schema_message(error: str) -> str:
-    error = (error.strip().splitlines() or [""])[0][:300]  # the parser's first line: never its state dump
+    lines = error.strip().splitlines()  # the parser's message, up to any dump of its state ("<...")
+    cut = next((i for i, line in enumerate(lines) if line.startswith("<")), len(lines))
+    error = "\n".join(lines[:cut])[:500]
     if error.startswith("Unimplemented keys:"):
         keys = error.removeprefix("Unimplemented keys:").strip().strip("[]").replace('"', "")
         return f"response_format: the JSON schema uses keywords structured output does not support: {keys}"

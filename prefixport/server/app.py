@@ -173,11 +173,13 @@ class Server:
         last user message for a raw or template adapter; token ids as given) and its max_tokens (None:
         the rest of the context). Tokenizes: call it off the event loop."""
         if isinstance(body, ChatRequest):
-            return [self.engine.encode([m.plain() for m in body.messages], adapter=adapter)], body.limit()
+            messages = [m.plain() for m in body.messages]
+            return [self.engine.encode(messages, adapter=adapter, limit=self.engine.context_limit)], body.limit()
         assert isinstance(body, CompletionRequest)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         chat = False if body.echo else None  # echo scores the text exactly as sent (harnesses slice it)
-        return ([self.engine.encode(p, chat=chat, adapter=adapter) if isinstance(p, str) else p
+        limit = self.engine.context_limit  # a text that cannot fit is refused before it is tokenized whole
+        return ([self.engine.encode(p, chat=chat, adapter=adapter, limit=limit) if isinstance(p, str) else p
                  for p in body.prompts()], max_tokens)
 
     def envelope(self, body: GenerationRequest) -> Envelope:
