@@ -22,7 +22,7 @@ from prefixport.runtime.sampling import MAX_SEED, MAX_TOP_K, PENALTY_RANGE, Samp
 from prefixport.server import create_app
 from prefixport.server.app import Server, as_api_error
 from prefixport.server.protocol import AdapterLoad, ApiError, RequestLimits
-from prefixport.server.tenants import Access, KeyRing, digest
+from prefixport.server.tenants import Access, KeyRing, Penalties, digest
 
 from .helpers import running
 
@@ -53,7 +53,7 @@ def attacked(tiny_export, tiny_adapters, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("attack-keys") / "keys.toml"
     keys_file.write_text(KEYS_FILE)
     engine = Engine.load(tiny_export("llama"), threads=1)
-    access = Access(KeyRing(keys_file))
+    access = Access(KeyRing(keys_file), penalties=Penalties(max_refused=10_000))  # the box: its own test
     with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access,
                             speculative="prompt-lookup", max_batch=8)) as url:
         yield engine, url, folder, keys_file
@@ -280,3 +280,26 @@ def test_megabytes_of_prompt_are_refused_without_tokenizing_them(attacked):
     assert engine.encode(fits, limit=limit) == tokenizer.encode(fits)
     one_word = "x" * (9 * limit)  # the probe's last word may be cut: never counted, so encoded whole
     assert len(tokenizer.encode(one_word, limit=10 * limit)) == len(tokenizer.encode(one_word))
+
+
+def test_a_key_that_keeps_sending_bad_requests_is_boxed_before_its_bodies_are_read(attacked):
+    engine, _, folder, keys_file = attacked
+    access = Access(KeyRing(keys_file), penalties=Penalties(max_refused=5, delay_s=0.05))
+    bad = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "repetition_penalty": 1e-300}
+    good = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access,
+                            register_adapters=False)) as url:
+        assert [_post(url, "/v1/completions", "a", bad).status_code for _ in range(6)] == [400] * 6
+        boxed = _post(url, "/v1/completions", "a", bad)
+        assert boxed.status_code == 429 and boxed.json()["error"]["code"] == "too_many_refused"
+        assert int(boxed.headers["retry-after"]) >= 1
+        # refused unread: not even a valid body of that key passes while it is boxed (it keeps the box shut)
+        assert _post(url, "/v1/completions", "a", good).status_code == 429
+        assert _post(url, "/v1/completions", "a", b"{" * 100).status_code == 429
+        assert _post(url, "/v1/completions", "b", good).status_code == 200  # the other tenant: untouched
+        for _ in range(7):  # unknown keys share one box, which no valid key is in
+            httpx.post(url + "/v1/completions", json=good, headers={"Authorization": "Bearer nobody"})
+        assert httpx.post(url + "/v1/completions", json=good, headers={"Authorization": "Bearer nobody"}
+                          ).status_code == 429
+        assert _post(url, "/v1/completions", "b", good).status_code == 200
+    assert access.penalties.boxed >= 3

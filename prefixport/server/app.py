@@ -26,7 +26,7 @@ from ..errors import (AdapterError, BusyError, ContextLengthError, InputError, N
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
-from .middleware import CountRequests, LimitBody
+from .middleware import CountRequests, LimitBody, PenaltyBox
 from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest, LimitError,
                        RequestLimits, chat_logprobs, cached_tokens, completion_logprobs, error_body, new_id, usage)
 from .tenants import OPEN, Access, Key, KeyRing, Quotas, audit
@@ -477,7 +477,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
         return _error_response(as_api_error(e))
 
     app.add_middleware(CountRequests, metrics=server.metrics)
-    app.add_middleware(LimitBody, limit=max_body_bytes)  # added last: runs first
+    app.add_middleware(LimitBody, limit=max_body_bytes)
+    app.add_middleware(PenaltyBox, access=access)  # added last: runs first, before any body is read
 
     v1 = [Depends(authorize)]
 

@@ -3,11 +3,13 @@ disconnects from the routes)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from .metrics import Metrics
 from .protocol import error_body
+from .tenants import Access
 
 
 class CountRequests:
@@ -71,3 +73,40 @@ class LimitBody:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class PenaltyBox:
+    """Per caller (`Access.caller`: the key), counts refused requests (4xx but a quota's 429 and a
+    client's own disconnect, 499) in `Access.penalties`;
+    a caller over its bound waits `delay_s`, then gets a 429 `too_many_refused` with Retry-After,
+    before its body is read or parsed (docs/security.md, "Bounded work, bounded state")."""
+
+    def __init__(self, app: Any, access: Access) -> None:
+        self.app, self.access = app, access
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        caller = self.access.caller(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+        if caller is None:
+            return await self.app(scope, receive, send)
+        penalties = self.access.penalties
+        refused = penalties.over(caller)
+        if refused:
+            penalties.refused(caller)
+            penalties.boxed += 1
+            await asyncio.sleep(penalties.delay_s)
+            body = json.dumps(error_body(
+                f"too many refused requests from this key: {refused} in the last minute (at most "
+                f"{penalties.max_refused}); fix the requests, then retry", "requests", code="too_many_refused")).encode()
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"retry-after", b"60")]})
+            return await send({"type": "http.response.body", "body": body})
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 499 and message["status"] != 429:
+                penalties.refused(caller)
+            await send(message)
+
+        await self.app(scope, receive, counted)

@@ -233,6 +233,49 @@ class Quotas:
                 usage.tokens.append((time.monotonic(), tokens))
 
 
+class Penalties:
+    """Refused requests per caller (a key id, or "unauthenticated" for unknown keys) in the last
+    WINDOW_S seconds. A caller over `max_refused` is in the penalty box: its requests wait
+    `delay_s` and get a 429 before their body is read (`middleware.PenaltyBox`), and each counts
+    as refused again, so a client that keeps sending bad requests stays there while it does. A
+    flood of bad requests (each cheap to refuse, but parsed first: up to 4 MB) then costs the
+    other tenants nothing. Thread-safe."""
+
+    def __init__(self, max_refused: int = 60, delay_s: float = 1.0) -> None:
+        if max_refused < 1 or delay_s < 0:
+            raise PrefixportError(f"max_refused must be >= 1 and delay_s >= 0, got {max_refused}, {delay_s}")
+        self.max_refused, self.delay_s = max_refused, delay_s
+        self._lock = threading.Lock()
+        self._refused: dict[str, deque[float]] = {}
+        self.boxed = 0  # requests answered from the penalty box
+
+    def refused(self, caller: str) -> None:
+        """One more refused request (a 4xx) of `caller`."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._refused.setdefault(caller, deque())
+            times.append(now)
+            self._expire(caller, times, now)
+
+    def over(self, caller: str) -> int:
+        """`caller`'s refused requests in the window when that is over the bound, else 0."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._refused.get(caller)
+            if times is None:
+                return 0
+            self._expire(caller, times, now)
+            return len(times) if len(times) > self.max_refused else 0
+
+    def _expire(self, caller: str, times: deque[float], now: float) -> None:
+        while times and now - times[0] >= WINDOW_S:
+            times.popleft()
+        while len(times) > 2 * self.max_refused:  # bounded per caller
+            times.popleft()
+        if not times:
+            del self._refused[caller]
+
+
 @dataclass
 class Access:
     """How a server admits callers: its keys; whether adapters may be registered and deleted over
@@ -245,6 +288,17 @@ class Access:
     adapter_admin: bool = False
     private_ops: bool | None = None
     shared_prompt_cache: bool = False
+    penalties: Penalties = field(default_factory=Penalties)  # with keys: refused requests per key and minute
+
+    def caller(self, authorization: str) -> str | None:
+        """Whom a request's `Authorization` header names, for the penalty box: a key id,
+        "unauthenticated" for an unknown key, None without keys (one tenant: nobody to protect)."""
+        if self.keys.open:
+            return None
+        try:
+            return self.keys.authenticate(authorization).id
+        except ApiError:
+            return "unauthenticated"
 
     @property
     def ops_private(self) -> bool:
