@@ -303,3 +303,11 @@ def test_a_key_that_keeps_sending_bad_requests_is_boxed_before_its_bodies_are_re
                           ).status_code == 429
         assert _post(url, "/v1/completions", "b", good).status_code == 200
     assert access.penalties.boxed >= 3
+
+
+def test_a_refused_body_weighs_by_its_size():
+    penalties = Penalties(max_refused=60)
+    penalties.refused("big", body_bytes=2_400_000)  # 600,000 stop strings: counts 1 + 36
+    assert not penalties.over("big")
+    penalties.refused("big", body_bytes=2_400_000)
+    assert penalties.over("big") == 74 and not penalties.over("small")

@@ -87,7 +87,8 @@ class PenaltyBox:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        caller = self.access.caller(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+        headers = dict(scope["headers"])
+        caller = self.access.caller(headers.get(b"authorization", b"").decode("latin-1"))
         if caller is None:
             return await self.app(scope, receive, send)
         penalties = self.access.penalties
@@ -97,8 +98,8 @@ class PenaltyBox:
             penalties.boxed += 1
             await asyncio.sleep(penalties.delay_s)
             body = json.dumps(error_body(
-                f"too many refused requests from this key: {refused} in the last minute (at most "
-                f"{penalties.max_refused}); fix the requests, then retry", "requests", code="too_many_refused")).encode()
+                f"too many refused requests from this key: {refused} in the last minute, counting one more "
+                f"per 64 KiB of a body (at most {penalties.max_refused}); fix the requests, then retry", "requests", code="too_many_refused")).encode()
             await send({"type": "http.response.start", "status": 429,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                     (b"retry-after", b"60")]})
@@ -106,7 +107,8 @@ class PenaltyBox:
 
         async def counted(message: dict) -> None:
             if message["type"] == "http.response.start" and 400 <= message["status"] < 499 and message["status"] != 429:
-                penalties.refused(caller)
+                declared = headers.get(b"content-length", b"0")
+                penalties.refused(caller, int(declared) if declared.isdigit() else 0)
             await send(message)
 
         await self.app(scope, receive, counted)
