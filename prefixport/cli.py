@@ -225,7 +225,7 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
               help="Whether /metrics and /health need an admin key (default: private with --keys, where tenants "
                    "must not see each other's adapters and traffic; public otherwise).")
 @click.option("--max-refused-per-minute", type=click.IntRange(min=1), default=60, show_default=True,
-              help="With keys: a key with more refused requests (4xx) in a minute waits 1 s and gets 429 for each "
+              help="With --keys: a key with more refused requests (4xx) in a minute waits 1 s and gets 429 for each "
                    "request, unread, while it goes on (a flood of bad requests costs the other tenants nothing).")
 @click.option("--max-stops", type=click.IntRange(min=1), default=4, show_default=True,
               help="Most stop strings per request (OpenAI's 4; each at most 256 characters): more is a 400.")

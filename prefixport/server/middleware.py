@@ -97,9 +97,9 @@ class PenaltyBox:
             penalties.refused(caller)
             penalties.boxed += 1
             await asyncio.sleep(penalties.delay_s)
-            body = json.dumps(error_body(
-                f"too many refused requests from this key: {refused} in the last minute, counting one more "
-                f"per 64 KiB of a body (at most {penalties.max_refused}); fix the requests, then retry", "requests", code="too_many_refused")).encode()
+            message = (f"too many refused requests from this key: {refused} in the last minute, counting one more "
+                       f"per 64 KiB of a body (at most {penalties.max_refused}); fix the requests, then retry")
+            body = json.dumps(error_body(message, "requests", code="too_many_refused")).encode()
             await send({"type": "http.response.start", "status": 429,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                     (b"retry-after", b"60")]})

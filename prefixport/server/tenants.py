@@ -296,8 +296,9 @@ class Access:
 
     def caller(self, authorization: str) -> str | None:
         """Whom a request's `Authorization` header names, for the penalty box: a key id,
-        "unauthenticated" for an unknown key, None without keys (one tenant: nobody to protect)."""
-        if self.keys.open:
+        "unauthenticated" for an unknown key; None without a keys file (one tenant, maybe with one
+        `--api-key`: nobody to protect, and its own client's errors are its business)."""
+        if self.keys.path is None:
             return None
         try:
             return self.keys.authenticate(authorization).id
