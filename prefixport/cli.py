@@ -224,9 +224,10 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @click.option("--private-metrics/--public-metrics", "private_metrics", default=None,
               help="Whether /metrics and /health need an admin key (default: private with --keys, where tenants "
                    "must not see each other's adapters and traffic; public otherwise).")
-@click.option("--max-refused-per-minute", type=click.IntRange(min=1), default=60, show_default=True,
-              help="With --keys: a key with more refused requests (4xx) in a minute waits 1 s and gets 429 for each "
-                   "request, unread, while it goes on (a flood of bad requests costs the other tenants nothing).")
+@click.option("--max-refused-per-minute", type=click.IntRange(min=1), default=None,
+              help="With --keys: a key with more refused requests (4xx) in a minute (default: 60) waits 1 s and gets "
+                   "429 for each request, unread, while it goes on (a flood of bad requests costs the other tenants "
+                   "nothing).")
 @click.option("--max-stops", type=click.IntRange(min=1), default=4, show_default=True,
               help="Most stop strings per request (OpenAI's 4; each at most 256 characters): more is a 400.")
 @click.option("--shared-prompt-cache", is_flag=True,
@@ -266,7 +267,7 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @_backend_flags
 def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
           max_waiting: int, max_body_mb: float, api_key: str | None, keys_file: str | None,
-          allow_adapter_admin: bool, private_metrics: bool | None, max_refused_per_minute: int, max_stops: int,
+          allow_adapter_admin: bool, private_metrics: bool | None, max_refused_per_minute: int | None, max_stops: int,
           shared_prompt_cache: bool,
           model_name: str | None,
           adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
@@ -299,7 +300,7 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
                                    "default batch size")
         if allow_adapter_admin:
             raise click.UsageError("--allow-adapter-admin: under Ray adapters come from the adapters folder only")
-        if max_refused_per_minute != 60:
+        if max_refused_per_minute is not None:
             raise click.UsageError("--max-refused-per-minute: the Ray ingress has no penalty box yet")
 
         run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
@@ -314,11 +315,11 @@ def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch
 
     from .runtime import Engine
     from .server import create_app
-    from .server.tenants import Access, KeyRing, Penalties
+    from .server.tenants import DEFAULT_MAX_REFUSED, Access, KeyRing, Penalties
 
     keys = KeyRing(keys_file, api_key)  # a bad keys file: one clear error before anything loads
     access = Access(keys, adapter_admin=allow_adapter_admin, private_ops=private_metrics,
-                    shared_prompt_cache=shared_prompt_cache, penalties=Penalties(max_refused_per_minute))
+                    shared_prompt_cache=shared_prompt_cache, penalties=Penalties(max_refused_per_minute or DEFAULT_MAX_REFUSED))
     sock = _bind(host, port)  # before loading anything: a busy port is one clear error, nothing claimed
     backend, options = settings.load_kwargs()
     engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache,

@@ -26,7 +26,7 @@ from ..errors import (AdapterError, BusyError, ContextLengthError, InputError, N
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
-from .middleware import CountRequests, LimitBody, PenaltyBox
+from .middleware import DEFAULT_MAX_BODY_BYTES, CountRequests, LimitBody, PenaltyBox
 from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest, LimitError,
                        RequestLimits, chat_logprobs, cached_tokens, completion_logprobs, error_body, new_id, usage)
 from .tenants import OPEN, Access, Key, KeyRing, Quotas, audit
@@ -420,7 +420,7 @@ def _sse(obj: dict[str, Any]) -> str:
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
                max_batch: int = 8, api_key: str | None = None, access: Access | None = None,
                prefill_budget: int = 512, max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
-               max_body_bytes: int = 4 << 20, register_adapters: bool = True, speculative: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, register_adapters: bool = True, speculative: str | None = None,
                speculate_rows: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
     registered now, named after its file. `access` says who may call it (keys, adapter admin,

@@ -11,6 +11,8 @@ from .metrics import Metrics
 from .protocol import error_body
 from .tenants import Access
 
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # `LimitBody`'s default: the plain server's and the Ray ingress's
+
 
 class CountRequests:
     """Counts /v1 requests by route, model and status."""

@@ -56,7 +56,7 @@ from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from ..runtime.speculative import parse_method
 from .app import ApiError, Job, Server, as_api_error, check_supported, invalid_body
 from .metrics import merge as merge_metrics
-from .middleware import LimitBody
+from .middleware import DEFAULT_MAX_BODY_BYTES, LimitBody
 from .tenants import OPEN, Access, Key, KeyRing, Quotas
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest, RequestLimits
 
@@ -69,7 +69,6 @@ APP_NAME = "prefixport"  # the default application name (`--app-name`)
 METRICS_PUSH_S = 2.0  # how often each replica sends its metrics to the board
 METRICS_NAMESPACE = "prefixport"  # the Ray namespace of the boards, one per application
 REFRESH_S = 1.0  # the ingress asks a replica which models exist at most this often
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 class ReplicaError(Exception):

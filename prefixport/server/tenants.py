@@ -29,6 +29,7 @@ from .protocol import ApiError
 AUDIT = logging.getLogger("prefixport.audit")
 RELOAD_CHECK_S = 1.0  # how often a request may look at the keys file's modification time
 WINDOW_S = 60.0  # tokens_per_minute's window, and the penalty box's
+DEFAULT_MAX_REFUSED = 60  # refused requests a key may make per window before the penalty box
 REFUSED_BYTES = 64 << 10  # a refused request counts one more per this many bytes of its body
 
 
@@ -244,7 +245,7 @@ class Penalties:
     flood of bad requests (each cheap to refuse, but parsed first: up to 4 MB) then costs the
     other tenants nothing. Thread-safe."""
 
-    def __init__(self, max_refused: int = 60, delay_s: float = 1.0) -> None:
+    def __init__(self, max_refused: int = DEFAULT_MAX_REFUSED, delay_s: float = 1.0) -> None:
         if max_refused < 1 or delay_s < 0:
             raise PrefixportError(f"max_refused must be >= 1 and delay_s >= 0, got {max_refused}, {delay_s}")
         self.max_refused, self.delay_s = max_refused, delay_s
