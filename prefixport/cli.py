@@ -208,8 +208,8 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="Most requests decoding at once; more wait in a queue.")
 @click.option("--prefill-budget", type=int, default=512, show_default=True,
-              help="Most prompt tokens prefilled between two decode steps (at least one request), so "
-                   "arrivals delay running requests by a bounded amount.")
+              help="About the most prompt tokens prefilled per decode step (chunked prefill: a long prompt "
+                   "comes in over several steps), so arrivals delay running requests by a bounded amount.")
 @click.option("--max-waiting", type=int, default=256, show_default=True,
               help="Most requests queued for the batch; more are refused with 503 and Retry-After.")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,

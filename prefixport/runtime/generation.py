@@ -21,7 +21,7 @@ from .feed import AdapterFeed
 from .grammar import Matcher
 from .kv_cache import CacheSettings, KVCache
 from .logprobs import TokenLogprob, token_logprobs
-from .prompt_cache import Hit, PromptCache
+from .prompt_cache import Hit, PromptCache, next_cut
 from .sampling import SamplingParams, choose
 
 
@@ -59,19 +59,23 @@ def prefill(backend: Backend, cache: KVCache, start: int, rows: Sequence[Sequenc
     return logits if every else logits[:, 0]
 
 
-def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype) -> np.ndarray:
+def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype,
+                live: np.ndarray | None = None) -> np.ndarray:
     """Feed one token to each of the cache's rows [0, len(tokens)) ([B] int64); returns logits
-    [B, vocab]. A free row among them takes any token at slot 0 and stays empty: its result is
-    ignored and its length stays 0, so it never needs capacity."""
+    [B, vocab]. Only `live` rows ([B] bool; default: the rows in use) gain a slot. A free row takes
+    any token at slot 0 and stays empty; a row in use but not live (its prompt still being
+    prefilled in chunks) takes it at its next slot, which its next chunk overwrites, and keeps its
+    length. Their results are ignored."""
     batch = len(tokens)
     used = cache.used(batch)
+    live = used if live is None else live & used
     past_lengths = np.where(used, cache.lengths[:batch], 0)
     cache.reserve(batch, int(past_lengths.max()) + 1)
     inputs = {"input_ids": tokens.reshape(batch, 1).astype(np.int64), "prompt_embeds": np.zeros((batch, 0, hidden), dtype),
               "past_lengths": past_lengths, "input_lengths": np.ones(batch, np.int64),
               "logits_index": np.zeros((batch, 1), np.int64)}
     logits = backend.run(inputs, *cache.bind(0, batch))
-    cache.lengths[:batch] = np.where(used, past_lengths + 1, 0)
+    cache.lengths[:batch] = np.where(live, past_lengths + 1, past_lengths)
     cache.commit(0, batch)
     return logits[:, -1]
 
@@ -156,6 +160,8 @@ class RowRequest:
     stop: tuple[str, ...] = ()  # stop strings: the consumer's RowText ends the row at one
     cache_salt: str = ""  # the prompt cache and prompt lookup share only between requests of one salt
     tenant: str = ""  # whose request: bounded caches (prompt lookup's history) share fairly between tenants
+    arrival: float = field(default_factory=time.perf_counter)  # preemption takes the youngest row first
+    swapped: Swapped | None = None  # preempted: its KV slots and generator, until it resumes
 
     def expired(self, now: float) -> bool:
         """Whether the row's deadline has passed while it still had tokens to make."""
@@ -180,28 +186,74 @@ class RowRequest:
         return (self.feed.n_virtual if self.feed else 0) + len(self.prompt_ids) + self.max_new_tokens
 
 
-class DecodeBatch:
-    """Rows decoding together in one KV cache. Rows join at any step (prefilled into free cache
-    rows, fresh prompts without a prefix several in one run) and leave once done.
+ADMIT_HEADROOM = 32  # slots of growth every row must have room for when a request joins (fewer preemptions)
 
-    One step: `join` the newcomers, `sample` a token for every row (from its prefill or last
-    decode logits), then `advance` (free the rows now done, run one decode step for the rest).
+
+@dataclass
+class Swapped:
+    """A preempted row: its filled slots in host memory (`KVCache.swap_out`) and its sampling
+    generator, so that it resumes exactly where it stopped."""
+
+    arrays: list[np.ndarray]
+    rng: np.random.Generator
+
+
+@dataclass
+class _Fill:
+    """A row whose prompt is being prefilled, in chunks where the batch has a prefill budget."""
+
+    request: RowRequest
+    hit: Hit | None  # the prompt cache's, stored from once the prompt is in
+    prefix: int  # slots of a prefix adapter before the prompt
+    ids: list[int]  # the prompt's tokens this row computes (after the hit's)
+    virtual: int  # soft-prompt positions this row computes first (0: none, or the cache's)
+    start: int  # rows of the prompt's one uncached run that the hit gave (virtual tokens included)
+    whole: int  # rows of that run: the exactness rule's reference (prompt_cache.next_cut)
+    done: int = 0  # rows computed so far
+
+    @property
+    def at(self) -> int:
+        """Rows of the uncached run in the cache now."""
+        return self.start + self.done
+
+
+class DecodeBatch:
+    """Rows decoding together in one KV cache. Rows join at any step and leave once done.
+
+    One step: `join` the newcomers, `sample` a token for every row whose prompt is in (from its
+    prefill or last decode logits), then `advance`: free the rows now done, run one decode step
+    for the others, and prefill joined prompts. With `prefill_budget` (chunked prefill, docs/design.md
+    "Chunked prefill"), a step prefills at most about that many prompt rows, in chunks, so a long
+    prompt joins over several steps while the running rows go on decoding; without it, `join`
+    prefills each newcomer whole at once (fresh prompts of one soft-prompt length several per run).
     While at most `speculate_rows` rows decode and one of them has proposals (a row's `proposer`),
     each row runs alone instead, verifying its proposals (docs/design.md, "Speculative decoding").
     """
 
     def __init__(self, backend: Backend, cache: KVCache, hidden: int, dtype: np.dtype, pad_id: int = 0,
-                 prompt_cache: PromptCache | None = None, speculate_rows: int = 1) -> None:
+                 prompt_cache: PromptCache | None = None, speculate_rows: int = 1,
+                 prefill_budget: int | None = None, headroom: int = ADMIT_HEADROOM) -> None:
+        if prefill_budget is not None and prefill_budget < 1:
+            raise PrefixportError(f"prefill_budget must be >= 1 token (or None: whole prompts), got {prefill_budget}")
         self.backend, self.cache, self.hidden, self.dtype, self.pad_id = backend, cache, hidden, dtype, pad_id
-        self.prompt_cache, self.speculate_rows = prompt_cache, speculate_rows
+        self.prompt_cache, self.speculate_rows, self.prefill_budget = prompt_cache, speculate_rows, prefill_budget
+        self.headroom = headroom
+        self.preempted: list[RowRequest] = []  # swapped out for room: the caller queues them first
         self.rows: dict[int, RowRequest] = {}  # cache row -> request
         self._rngs: dict[int, np.random.Generator] = {}
+        self._filling: dict[int, _Fill] = {}  # rows whose prompt is not in yet, in joining order
         self._logits: dict[int, np.ndarray] = {}  # cache row -> [vocab], not yet sampled
         # a row verifying proposals: its logits [1 + k, vocab], the k proposals, its length before
         self._verify: dict[int, tuple[np.ndarray, list[int], int]] = {}
+        self.prefilled = 0  # prompt rows the last step computed (chunked prefill's bound, for tests and stats)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def filling(self) -> int:
+        """Rows whose prompt is still being prefilled."""
+        return len(self._filling)
 
     def close(self) -> None:
         """Free every row (the batch is abandoned, say after a failed step)."""
@@ -209,63 +261,166 @@ class DecodeBatch:
             self.cache.release(row)
             if request.proposer is not None:
                 request.proposer.finished(request)
-        self.rows, self._rngs, self._logits, self._verify = {}, {}, {}, {}
+        self.rows, self._rngs, self._logits, self._verify, self._filling = {}, {}, {}, {}, {}
 
     def join(self, requests: Sequence[RowRequest]) -> int:
-        """Prefill requests in order while the cache has room; returns how many joined (the rest
-        wait for rows to leave). With a prompt cache, each starts from its longest cached prefix
-        (prefilled alone) and leaves its prompt's blocks cached. Consecutive fresh rows (no
-        prefix, nothing cached) with equal soft-prompt lengths in consecutive cache rows share one
-        prefill run."""
+        """Take cache rows for requests in order while the cache has room; returns how many joined
+        (the rest wait for rows to leave). With a prompt cache, each starts from its longest cached
+        prefix and leaves its prompt's blocks cached. Without a prefill budget the prompts are
+        prefilled now, consecutive fresh rows (no prefix, nothing cached) with equal soft-prompt
+        lengths in consecutive cache rows in one run; with one, over the next steps (`advance`)."""
         placed: list[tuple[int, RowRequest]] = []
         for request in requests:
-            row = self.cache.admit(request.need)
+            row = self.cache.admit(request.need, self._holding(request), self.headroom)
             if row is None:
                 break
             placed.append((row, request))
         hits: dict[int, Hit] = {}
         try:
-            if self.prompt_cache is not None:
-                for row, request in placed:
+            for row, request in placed:
+                if request.swapped is not None:
+                    self._resume(row, request)
+                    continue
+                if self.prompt_cache is not None:
                     hits[row] = self.prompt_cache.lookup(request.prompt_ids, request.feed, request.cache_salt)
-            for group in _groups(placed, {row for row, hit in hits.items() if hit.slots}):
-                self._prefill(group, hits)
+                self._start(row, request, hits.get(row))
         except BaseException:
             for row, _ in placed:
-                if row not in self.rows:
-                    self.cache.release(row)
+                self._filling.pop(row, None)
+                self.rows.pop(row, None)
+                self._rngs.pop(row, None)
+                self.cache.release(row)
             raise
         finally:
             for hit in hits.values():
                 self.prompt_cache.release(hit)  # type: ignore[union-attr]  # hits only with a prompt cache
+        if self.prefill_budget is None:
+            self._fill()
         return len(placed)
 
-    def _prefill(self, group: list[tuple[int, RowRequest]], hits: dict[int, Hit]) -> None:
-        start = group[0][0]
-        feed = group[0][1].feed or AdapterFeed()
+    @staticmethod
+    def _holding(request: RowRequest) -> int:
+        """Slots a joining request takes: its prompt (after any prefix) and one token, or a
+        preempted one's slots and one token."""
+        if request.swapped is not None:
+            return request.swapped.arrays[0].shape[1] + 1
+        return (request.feed.n_virtual if request.feed else 0) + len(request.prompt_ids) + 1
+
+    def _resume(self, row: int, request: RowRequest) -> None:
+        """A preempted request back in a row: its slots as they were; it decodes from its last token."""
+        assert request.swapped is not None
+        self.cache.swap_in(row, request.swapped.arrays)
+        self.rows[row], self._rngs[row] = request, request.swapped.rng
+        request.swapped = None
+
+    def _preempt(self) -> None:
+        """Free room for the rows in use to grow by a step: preempt the youngest row of the tenant
+        holding the most slots (its slots to host memory, or, while its prompt is still going in,
+        nothing: it starts again) until they fit; the rows left are packed from row 0."""
+        for row, request in self.rows.items():
+            if row not in self._filling:
+                self.cache.hold(row, int(self.cache.lengths[row]) + 1)
+        while len(self.rows) > 1 and not self.cache.room:
+            held: dict[str, int] = {}
+            for row, request in self.rows.items():
+                held[request.tenant] = held.get(request.tenant, 0) + int(self.cache.lengths[row])
+            tenant = max(held, key=held.__getitem__)
+            row = max((r for r, q in self.rows.items() if q.tenant == tenant), key=lambda r: self.rows[r].arrival)
+            request = self.rows.pop(row)
+            rng = self._rngs.pop(row)
+            if self._filling.pop(row, None) is not None:
+                self.cache.release(row)
+                request.cached_tokens = 0
+            else:
+                request.swapped = Swapped(self.cache.swap_out(row), rng)
+            self.preempted.append(request)
+            last = self.cache.active - 1
+            if row < last:  # keep the rows packed: the last one moves down
+                self.cache.move(last, row)
+                self.rows[row], self._rngs[row] = self.rows.pop(last), self._rngs.pop(last)
+                if last in self._filling:
+                    self._filling[row] = self._filling.pop(last)
+
+    def take_preempted(self) -> list[RowRequest]:
+        """The requests preempted since the last call, oldest first: queue them before any other."""
+        taken, self.preempted = sorted(self.preempted, key=lambda r: r.arrival), []
+        return taken
+
+    def _start(self, row: int, request: RowRequest, hit: Hit | None) -> None:
+        """The row's prefix adapter and cached prompt start into its slots; the rest to prefill."""
+        feed = request.feed or AdapterFeed()
         prefix = feed.past_len if feed.past is not None else 0
         if feed.past is not None:  # a prefix: its keys and values into the row's first slots
-            self.cache.write(start, feed.past)
-        hit = hits.get(start)
-        if hit is not None and hit.slots:  # then the group is this row alone
-            hit.copy_to(self.cache, start, prefix)
+            self.cache.write(row, feed.past)
+        if hit is not None and hit.slots:
+            hit.copy_to(self.cache, row, prefix)
         skip = hit.tokens if hit is not None else 0
-        soft = feed.prompt_embeds is not None and (hit is None or hit.root is None)
-        if soft and len(group) == 1:
-            embeds, virtual = feed.prompt_embeds, feed.virtual
-        elif soft:  # several soft prompts of one length (host arrays)
-            embeds, virtual = np.concatenate([(r.feed or feed).prompt_embeds for _, r in group]), feed.virtual
+        soft = feed.virtual if feed.prompt_embeds is not None else 0
+        in_run = soft if hit is None or hit.root is None else 0  # virtual tokens this row computes
+        self.rows[row] = request
+        self._rngs[row] = np.random.default_rng(request.params.seed)
+        request.cached_tokens = skip
+        self._filling[row] = _Fill(request, hit if hit is not None and self.prompt_cache is not None else None, prefix,
+                                   request.prompt_ids[skip:], in_run, soft - in_run + skip, soft + len(request.prompt_ids))
+
+    def _fill(self) -> None:
+        """Prefill the joined prompts in order, within the budget (at least one chunk): a chunk of
+        each, alone (a past with several new positions runs at batch 1), or fresh whole prompts
+        several per run. A row whose prefill fails fails alone (`error` and `done` set)."""
+        left, plan = self.prefill_budget, {}
+        for row, fill in self._filling.items():
+            if left is not None and left <= 0:
+                break
+            least = fill.start + fill.virtual + 1 if fill.done == 0 and fill.virtual else 0
+            plan[row] = fill.whole if left is None else next_cut(fill.at, fill.whole, left, least)
+            if left is not None:
+                left -= plan[row] - fill.at
+        alone = {row for row, end in plan.items() if self._filling[row].at or end < self._filling[row].whole}
+        self.prefilled = sum(end - self._filling[row].at for row, end in plan.items())
+        for group in _groups([(row, self._filling[row].request) for row in plan], alone):
+            try:
+                self._chunk(group, plan)
+            except Exception as e:  # noqa: BLE001 - one row's failure is that row's alone
+                if len(group) > 1:
+                    for one in group:
+                        self._try_chunk(one, plan)
+                else:
+                    self._failed(group[0][0], e)
+
+    def _try_chunk(self, one: tuple[int, RowRequest], plan: dict[int, int]) -> None:
+        try:
+            self._chunk([one], plan)
+        except Exception as e:  # noqa: BLE001 - this row alone
+            self._failed(one[0], e)
+
+    def _failed(self, row: int, error: Exception) -> None:
+        request = self._filling.pop(row).request
+        request.error, request.done = error, True
+
+    def _chunk(self, group: list[tuple[int, RowRequest]], plan: dict[int, int]) -> None:
+        """One prefill run: each row's rows of the uncached run up to its planned end."""
+        start = group[0][0]
+        fills = [self._filling[row] for row, _ in group]
+        first = fills[0]
+        if first.done == 0 and first.virtual and len(group) == 1:
+            embeds, virtual = (first.request.feed or AdapterFeed()).prompt_embeds, first.virtual
+        elif first.done == 0 and first.virtual:  # several soft prompts of one length (host arrays)
+            embeds, virtual = np.concatenate([f.request.feed.prompt_embeds for f in fills]), first.virtual  # type: ignore[union-attr]
         else:
             embeds, virtual = np.zeros((len(group), 0, self.hidden), self.dtype), 0
-        logits = prefill(self.backend, self.cache, start, [r.prompt_ids[skip:] for _, r in group], embeds, virtual,
-                         self.pad_id)
-        for (row, request), row_logits in zip(group, logits):
-            self.rows[row] = request
-            self._rngs[row] = np.random.default_rng(request.params.seed)
+        pieces = []
+        for (row, _), fill in zip(group, fills):
+            begin = max(fill.done - fill.virtual, 0)
+            pieces.append(fill.ids[begin : fill.done - fill.virtual + plan[row] - fill.at])
+        logits = prefill(self.backend, self.cache, start, pieces, embeds, virtual, self.pad_id)
+        for (row, request), fill, row_logits in zip(group, fills, logits):
+            fill.done = plan[row] - fill.start
+            if fill.at < fill.whole:
+                continue
+            del self._filling[row]
             self._logits[row] = row_logits
-            request.cached_tokens = skip
-            if self.prompt_cache is not None:
-                self.prompt_cache.store(hits[row], self.cache, row, prefix)
+            if fill.hit is not None:
+                self.prompt_cache.store(fill.hit, self.cache, row, fill.prefix)  # type: ignore[union-attr]
 
     def sample(self) -> list[RowRequest]:
         """Choose each row's next token (appended to its `tokens`; `done` set at a stop id, a
@@ -273,7 +428,15 @@ class DecodeBatch:
         failed). A row that verified proposals chooses at each position as it would have without
         them, until its choice differs from the proposal there, so it may gain several tokens (a
         sampled row draws as many numbers from its generator as without speculation: the same
-        tokens for a seed). Returns the rows; the caller may set `done` before `advance`."""
+        tokens for a seed). Returns the rows whose prompt is in (and those that failed, or were
+        ended by their consumer or deadline while being prefilled); the caller may set `done`
+        before `advance`."""
+        now = time.perf_counter()
+        for row, fill in list(self._filling.items()):  # ended while its prompt was still going in
+            if fill.request.done or fill.request.expired(now):
+                if not fill.request.done:
+                    fill.request.done, fill.request.ended = True, "timeout"
+                del self._filling[row]
         for row, logits in self._logits.items():
             self._choose(self.rows[row], row, logits)
         for row, (logits, proposals, start) in self._verify.items():
@@ -287,8 +450,9 @@ class DecodeBatch:
             self.cache.lengths[row] = start + 1 + matched  # the rejected proposals' slots are dropped
             if request.proposer is not None:
                 request.proposer.count(len(proposals), matched)
+        chosen = set(self._logits) | set(self._verify)
         self._logits, self._verify = {}, {}
-        return [self.rows[r] for r in sorted(self.rows)]
+        return [request for r, request in sorted(self.rows.items()) if r in chosen or request.done]
 
     def _choose(self, request: RowRequest, row: int, logits: np.ndarray) -> bool:
         """Append the row's token chosen from `logits`; False if choosing failed for this row alone
@@ -317,35 +481,43 @@ class DecodeBatch:
         return True
 
     def advance(self) -> None:
-        """Free the rows that are done; one decode step for the others, fed their last token (or,
-        speculating, each row alone: its last token and its proposals, verified in one run)."""
+        """Free the rows that are done; one decode step for the rows whose prompt is in, fed their
+        last token (or, speculating, each row alone: its last token and its proposals, verified in
+        one run); then, with a prefill budget, the next chunks of the prompts joining."""
         for row in [r for r, request in self.rows.items() if request.done]:
             request = self.rows.pop(row)
             del self._rngs[row]
+            self._filling.pop(row, None)
             self.cache.release(row)
             if request.proposer is not None:
                 request.proposer.finished(request)
-        if not self.rows:
-            return
-        if len(self.rows) <= self.speculate_rows and self._speculate():
-            return
-        tokens = np.full(self.cache.active, self.pad_id, np.int64)
-        for row, request in self.rows.items():
-            tokens[row] = request.tokens[-1]
-        logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype)
-        self._logits = {row: logits[row] for row in sorted(self.rows)}
+        self.prefilled = 0
+        self._preempt()
+        decoding = [row for row in sorted(self.rows) if row not in self._filling]
+        if decoding and not (len(decoding) <= self.speculate_rows and self._speculate(decoding)):
+            tokens = np.full(self.cache.active, self.pad_id, np.int64)
+            live = np.zeros(self.cache.active, bool)
+            for row in decoding:
+                tokens[row], live[row] = self.rows[row].tokens[-1], True
+            logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype, live)
+            self._logits = {row: logits[row] for row in decoding}
+        if self._filling:
+            self._fill()
 
-    def _speculate(self) -> bool:
+    def _speculate(self, rows: list[int]) -> bool:
         """Run each row alone: its last token and its proposer's proposals (logits at each), or
         its last token only where it has none (a multi-token run takes a past at batch 1 only).
-        False, with nothing run, where no row has proposals."""
-        proposals = {row: r.proposer.propose(r, r.max_new_tokens - len(r.tokens) - 1) if r.proposer else []
-                     for row, r in self.rows.items()}
+        False, with nothing run, where no row has proposals. Proposals stay within the budget."""
+        spare = {row: self.cache.spare(row) for row in rows}
+        proposals = {row: r.proposer.propose(r, min(r.max_new_tokens - len(r.tokens) - 1, spare[row]))
+                     if r.proposer and spare[row] > 0 else [] for row, r in ((row, self.rows[row]) for row in rows)}
         if not any(proposals.values()):
             return False
         none = np.zeros((1, 0, self.hidden), self.dtype)
-        for row, request in self.rows.items():
+        for row in rows:
+            request = self.rows[row]
             start, guess = int(self.cache.lengths[row]), proposals[row]
+            self.cache.hold(row, start + 1 + len(guess))
             logits = prefill(self.backend, self.cache, row, [[request.tokens[-1], *guess]], none, 0, self.pad_id,
                              every=bool(guess))
             if guess:
@@ -411,6 +583,7 @@ def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], 
                     raise r.error
                 yield from _new_tokens(r, index[id(r)])
             batch.advance()
+            waiting = batch.take_preempted() + waiting
     finally:
         batch.close()
 

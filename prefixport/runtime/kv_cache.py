@@ -7,6 +7,10 @@ position). Rows join and leave without touching other rows. The buffers grow geo
 copy per doubling, never per step) and never past the settings' bounds:
 `bytes = rows x capacity x 2 x layers x kv_heads x head_dim x dtype size`.
 
+KV is taken as used: a row holds room for what it has plus the next step's growth (`hold`), not
+for its worst case; when the rows in use outgrow the budget, the batch preempts one
+(`DecodeBatch`: its slots to host memory, back when there is room again).
+
 The graph is bound on the buffers in place: as past and present at once where the export's
 attention writes in place (`manifest.cache == "shared"`), or with a scratch present copied back
 after each run (`"copy"`: `--no-optimize` and TensorRT graphs).
@@ -86,9 +90,11 @@ class KVCache:
         self.buffers: list[Any] = []  # 2L x [rows, kv_heads, capacity, head_dim]: key, value per layer
         self._scratch: list[Any] = []  # "copy" graphs: where present is written before it is copied back
         self.lengths = np.zeros(0, np.int64)  # filled slots per row
-        self._needs: dict[int, int] = {}  # row in use -> slots it may reach
+        self._needs: dict[int, int] = {}  # row in use -> slots it may reach (its worst case)
+        self._holds: dict[int, int] = {}  # row in use -> slots it has room for now (KV taken as used)
         self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}  # bind()'s, until the buffers change
         self.grows = 0  # buffer allocations (for stats and tests)
+        self.swaps = 0  # rows preempted to host memory (`swap_out`)
 
     # --- rows ---------------------------------------------------------------------------------
 
@@ -115,27 +121,73 @@ class KVCache:
         """Whether one row reaching `need` slots fits these bounds at all."""
         return need <= self._row_limit
 
-    def admit(self, need: int) -> int | None:
-        """Take the lowest free row for a request that may reach `need` slots, or None while
-        the rows in use leave no room for it (bounds: max_rows, max_context, budget)."""
+    def admit(self, need: int, hold: int | None = None, headroom: int = 0) -> int | None:
+        """Take the lowest free row for a request that may reach `need` slots and takes `hold`
+        slots now (default: `need`, its worst case), or None while the rows in use leave no room
+        for it (bounds: max_rows, max_context, budget; with `headroom` more slots for every row)."""
         if not self.fits_alone(need):
             raise PrefixportError(f"a row of {need} slots does not fit this KV cache")
+        hold = need if hold is None else min(hold, need)
         row = next(r for r in range(len(self._needs) + 1) if r not in self._needs)
         rows = max(row + 1, self.active)
-        cap = max([need, *self._needs.values()])
         if self.max_rows is not None and rows > self.max_rows:
             return None
-        if self.budget is not None and rows * cap * self._slot_cost > self.budget:
+        if not self.fits(rows, max([hold, *self._holds.values()]) + headroom):
             return None
-        self._needs[row] = need
+        self._needs[row], self._holds[row] = need, hold
         self.reserve(rows, 0)
         self.lengths[row] = 0
         return row
 
+    def fits(self, rows: int, slots: int) -> bool:
+        """Whether `rows` rows of `slots` slots fit the budget."""
+        return self.budget is None or rows * min(slots, self.max_context) * self._slot_cost <= self.budget
+
+    def hold(self, row: int, slots: int) -> None:
+        """Row `row` needs room for `slots` slots from now on (never below what it held)."""
+        self._holds[row] = max(self._holds[row], min(slots, self._needs[row]))
+
+    def spare(self, row: int) -> int:
+        """Slots row `row` may take beyond its next one, within max_context and, with the rows in
+        use as many, the budget."""
+        top = min(self.max_context, self._needs[row])
+        if self.budget is not None:
+            top = min(top, self.budget // (max(self.active, 1) * self._slot_cost))
+        return top - int(self.lengths[row]) - 1
+
+    @property
+    def room(self) -> bool:
+        """Whether the rows in use fit the budget with what they hold (else one must leave)."""
+        return self.fits(self.active, max(self._holds.values(), default=0))
+
     def release(self, row: int) -> None:
         """The row's request left: its slots are free for the next one (nothing is copied)."""
         self._needs.pop(row, None)
+        self._holds.pop(row, None)
         self.lengths[row] = 0
+
+    def swap_out(self, row: int) -> list[np.ndarray]:
+        """Preempt the row: its filled slots copied to host memory (one [kv_heads, length,
+        head_dim] array per tensor), then released. `swap_in` puts them back bitwise."""
+        arrays = [np.array(a) for a in self.read(row)]
+        self.release(row)
+        self.swaps += 1
+        return arrays
+
+    def swap_in(self, row: int, arrays: list[np.ndarray]) -> None:
+        """A preempted row's slots (`swap_out`'s arrays) into the admitted row `row`."""
+        if arrays[0].shape[1]:
+            self.write(row, [a[None] for a in arrays])
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src`'s request moves to the free row `dst` (its filled slots copied), so that the
+        rows in use stay packed from row 0 when one in the middle leaves."""
+        n = int(self.lengths[src])
+        if n:
+            for buffer in self.buffers:
+                self.backend.copy_into(buffer, buffer[src : src + 1], row=dst, slots=n)
+        self._needs[dst], self._holds[dst] = self._needs.pop(src), self._holds.pop(src)
+        self.lengths[dst], self.lengths[src] = n, 0
 
     # --- buffers ------------------------------------------------------------------------------
 
@@ -155,8 +207,8 @@ class KVCache:
         if self.budget is not None:  # geometric headroom only where the budget allows it
             if n * cap * self._slot_cost > self.budget:
                 n = max(rows, self.active)
-            if n * cap * self._slot_cost > self.budget:
-                cap = max(capacity, max(self._needs.values(), default=0))
+            if n * cap * self._slot_cost > self.budget:  # as many slots as the budget allows these rows
+                cap = max(capacity, min(self.budget // (n * self._slot_cost), self.max_context))
         if cap:  # rows admitted before their first token need no slots yet: nothing to allocate
             self._allocate((n, self.heads, cap, self.head_dim))
         lengths = np.zeros(n, np.int64)
@@ -219,4 +271,5 @@ class KVCache:
 
     def stats(self) -> KVCacheStats:
         return KVCacheStats(bytes=self.nbytes, rows=self.rows, capacity=self.capacity, rows_in_use=len(self._needs),
-                            slot_bytes=self.slot_bytes, budget_bytes=self.budget, reallocations=self.grows)
+                            slot_bytes=self.slot_bytes, budget_bytes=self.budget, reallocations=self.grows,
+                            preemptions=self.swaps)

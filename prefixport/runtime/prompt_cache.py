@@ -96,6 +96,13 @@ class Hit:
             at, left = at + n, left - n
 
 
+def _period(whole: int) -> int:
+    """2^(t + 1), 2^t the largest power of two dividing `whole` - 1 (capped at 2^MAX_TAIL_BITS): a
+    run of the last `whole - a` rows ends like the run of all `whole` rows where `a` is a multiple."""
+    tail = ((whole - 1) & -(whole - 1)).bit_length() - 1
+    return 1 << min(tail + 1, MAX_TAIL_BITS)
+
+
 def usable(found: int, prompt: int, virtual: int) -> int:
     """Cached prompt tokens a hit may use out of `found` (see the module docstring): `prompt`
     tokens, `virtual` soft-prompt positions in the uncached run (0 for a prefix: it is not in the
@@ -103,10 +110,23 @@ def usable(found: int, prompt: int, virtual: int) -> int:
     whole = virtual + prompt  # rows of the one prefill without the cache
     if whole < 2:
         return -1
-    tail = ((whole - 1) & -(whole - 1)).bit_length() - 1  # 2^tail: the largest power of two dividing whole - 1
-    step = 1 << min(tail + 1, MAX_TAIL_BITS)
     c = min(found, prompt - MIN_REST)
-    return c - (virtual + c) % step
+    return c - (virtual + c) % _period(whole)
+
+
+def next_cut(at: int, whole: int, budget: int, least: int = 0) -> int:
+    """Where the next prefill chunk of a prompt ends (chunked prefill, docs/design.md "Chunked
+    prefill"): rows [at, end) of the prompt's uncached run of `whole` rows (a soft prompt's
+    virtual tokens included), about `budget` rows and at least to `least`. As exact as one run:
+    every cut is even (so no chunk but the last is a run of kP + 1 rows, whose last row would
+    round otherwise) and the last chunk starts at a multiple of the run's period, as a cache hit
+    does. So the last chunk may exceed the budget, by less than the period (one prompt in 2^t
+    has a period of 2^(t + 1) rows). `at` is 0, a hit's rows, or an earlier cut."""
+    last = (whole - 1) // _period(whole) * _period(whole) if whole >= 2 else 0  # the last chunk's start
+    least += least % 2
+    if at >= last or least > last or (at % _period(whole) == 0 and whole - at <= max(budget, least - at)):
+        return whole
+    return min(max(at + max(budget // 2 * 2, 2), least), last)
 
 
 class PromptCache:

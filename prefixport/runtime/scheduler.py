@@ -167,10 +167,14 @@ class Scheduler:
     """Continuous batching over one Engine, at most `max_batch` rows decoding at once.
 
     At most `max_waiting` requests wait for a place (more raise `BusyError` at submit).
-    Between two decode steps, waiting requests are prefilled in arrival order up to
-    `prefill_budget` prompt tokens to compute (the prompt cache's are free; at least one request),
-    so a burst of arrivals delays the running rows by a bounded amount per step instead of
-    stalling them until all are prefilled.
+    Waiting requests join in arrival order as rows and KV room allow (KV is taken as used: a
+    row holds its prompt and what it has generated, and when the rows outgrow the cache's budget
+    the youngest row of the tenant holding the most is preempted to host memory and queued first,
+    to resume exactly where it stopped; docs/design.md, "The KV cache"); each step runs one token
+    for every decoding row and then prefills joining prompts, in chunks, up to about
+    `prefill_budget` prompt tokens (chunked prefill: docs/design.md, "Chunked prefill"; the
+    prompt cache's tokens are free), so a long prompt or a burst of arrivals delays the running
+    rows by a bounded amount per step instead of stalling them until all are prefilled.
     With `speculative` (a method of `Engine.prepare`), every request speculates while at most
     `speculate_rows` rows decode; above that the batch decodes normally.
     `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
@@ -253,7 +257,7 @@ class Scheduler:
     def _new_batch(self) -> DecodeBatch:
         m = self.engine.manifest
         return DecodeBatch(self.engine.backend, self.cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0,
-                           self.engine.prompt_cache, self.speculate_rows)
+                           self.engine.prompt_cache, self.speculate_rows, self.prefill_budget)
 
     def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
         """Wait for work; prefill newcomers into the batch. False once closed."""
@@ -263,18 +267,13 @@ class Scheduler:
                 return False
             new: list[Ticket] = []
             gone: list[Ticket] = []
-            budget = self.prefill_budget
             now = time.perf_counter()
             for ticket in [t for t in self._waiting if t.cancelled or t.request.expired(now)]:
                 self._waiting.remove(ticket)  # cancelled or out of time while queued: costs nothing
                 ticket.request.ended = "cancelled" if ticket.cancelled else "timeout"
                 gone.append(ticket)
             while self._waiting and len(batch) + len(new) < self.max_batch:
-                cost = self._cost(self._waiting[0].request)
-                if new and cost > budget:
-                    break
                 new.append(self._waiting.popleft())
-                budget -= cost
         for ticket in gone:
             ticket.request.done = True
             ticket._finish()
@@ -287,12 +286,6 @@ class Scheduler:
             with self._cond:
                 self._waiting.extendleft(reversed(new[joined:]))
         return True
-
-    def _cost(self, request: RowRequest) -> int:
-        """Tokens the request's prefill runs: its prompt, less what the prompt cache holds."""
-        cached = self.engine.prompt_cache
-        ids = request.prompt_ids
-        return len(ids) - (cached.peek(ids, request.feed, request.cache_salt) if cached is not None else 0)
 
     def _join(self, batch: DecodeBatch, new: list[Ticket]) -> int:
         """Prefill `new` (fresh prompts several per run); returns how many were taken, in order.
@@ -315,6 +308,9 @@ class Scheduler:
         return len(new)
 
     def _step(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> None:
+        for ticket in tickets.values():  # a cancel before the first token (its prompt still going in)
+            if ticket.cancelled and not ticket.request.tokens and not ticket.request.done:
+                ticket.request.done, ticket.request.ended = True, "cancelled"
         rows = batch.sample()
         now = time.perf_counter()
         for row in rows:
@@ -328,13 +324,18 @@ class Scheduler:
                 if not isinstance(row.error, PrefixportError):
                     log.error("request failed while choosing its token", exc_info=row.error)
                 ticket._fail(row.error)
-        self.steps += 1
-        if self.on_step is not None:
-            self.on_step(len(rows))
+        if rows:  # a step that only prefilled counts no batch
+            self.steps += 1
+            if self.on_step is not None:
+                self.on_step(len(rows))
         for row in rows:
             if row.done:
                 self.cancelled += tickets.pop(id(row)).finish_reason == "cancelled"
         batch.advance()
+        preempted = [tickets.pop(id(request)) for request in batch.take_preempted()]
+        if preempted:  # out of KV room: they wait first in line, and resume exactly where they stopped
+            with self._cond:
+                self._waiting.extendleft(reversed(preempted))
 
     def _run(self) -> None:
         batch, tickets = self._new_batch(), dict[int, Ticket]()

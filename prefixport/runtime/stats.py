@@ -57,6 +57,7 @@ class KVCacheStats(_Stats):
     slot_bytes: int  # one position of one row, all layers
     budget_bytes: int | None
     reallocations: int  # buffer allocations: the first, then each growth (the rows in use copied)
+    preemptions: int = 0  # rows swapped out to host memory for room (KV taken as used), resumed later
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("prefixport_kv_cache_rows", "rows of the serving KV cache", cache.rows)
         yield GaugeMetricFamily("prefixport_kv_cache_capacity", "slots per row of the serving KV cache",
                                 cache.capacity)
+        yield CounterMetricFamily("prefixport_kv_cache_preemptions", "rows preempted to host memory for KV room "
+                                  "(resumed exactly later)", cache.preemptions)
         yield GaugeMetricFamily("prefixport_requests_running", "requests in the decode batch",
                                 self.scheduler.running)
         yield GaugeMetricFamily("prefixport_requests_waiting", "requests queued for the batch",

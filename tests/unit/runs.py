@@ -42,17 +42,21 @@ def batch_twice_as_plain(cached: Engine, plain: Engine, prompts: list[str], adap
     return got
 
 
-def mixed_run(engine: Engine, plan: list[tuple[int, str, str | None, int]],
-              settings: CacheSettings = CacheSettings()) -> tuple[list[RowRequest], KVCache, set[int]]:
+def mixed_run(engine: Engine, plan: list[tuple[int, Any, str | None, int]],
+              settings: CacheSettings = CacheSettings(), prefill_budget: int | None = None,
+              prompt_cache: bool = False) -> tuple[list[RowRequest], KVCache, set[int]]:
     """The plan's requests ((step, prompt, adapter, max_new_tokens)) in one DecodeBatch, joining at
-    their steps and leaving when done: the finished requests in plan order, the cache, and every
-    cache row the run used."""
+    their steps and leaving when done (prompts prefilled in chunks with `prefill_budget`; the
+    engine's prompt cache used with `prompt_cache`): the finished requests in plan order, the
+    cache, and every cache row the run used."""
     m = engine.manifest
     cache = KVCache(engine.backend, m, settings, engine.context_limit)
-    batch = DecodeBatch(engine.backend, cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
+    batch = DecodeBatch(engine.backend, cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0,
+                        engine.prompt_cache if prompt_cache else None, prefill_budget=prefill_budget)
     requests = [engine.prepare(p, adapter=a, max_new_tokens=n, stop_token_ids=[]) for _, p, a, n in plan]
     for r in requests:
         r.logits = []
+    index = {id(r): i for i, r in enumerate(requests)}
     step, waiting, rows_seen = 0, list(range(len(plan))), set()
     while waiting or batch:
         due = [i for i in waiting if plan[i][0] <= step]
@@ -62,6 +66,7 @@ def mixed_run(engine: Engine, plan: list[tuple[int, str, str | None, int]],
         if batch:
             batch.sample()
             batch.advance()
+            waiting = [index[id(r)] for r in batch.take_preempted()] + waiting  # preempted: first in line
         step += 1
     return requests, cache, rows_seen
 

@@ -10,6 +10,7 @@ import pytest
 
 from prefixport.errors import PrefixportError
 from prefixport.runtime import CacheSettings
+from prefixport.runtime.generation import DecodeBatch
 from prefixport.runtime.kv_cache import KVCache, slot_bytes
 
 from .runs import assert_same, mixed_run, run
@@ -117,3 +118,32 @@ def test_a_copy_mode_export_gives_what_the_shared_one_gives(engine, make_engine,
     assert cache.nbytes == 2 * cache.rows * cache.capacity * slot_bytes(copy.manifest)
     for (_, prompt, adapter, n), got in zip(PLAN, requests):
         assert_same(got, run(engine, prompt, adapter, n))
+
+
+def test_rows_over_the_budget_are_preempted_fairly_and_resume_exactly(engine):
+    """KV taken as used: four rows join a cache of 120 slots (each holds only its prompt), and
+    grow past it. The youngest row of the tenant holding the most is preempted (its slots to host
+    memory), twice here, both of tenant "a"; they resume when rows leave, and every request gives
+    bitwise what it gives alone (greedy and seeded)."""
+    m = engine.manifest
+    settings = CacheSettings(budget_mb=120 * slot_bytes(m) / 2**20)
+    cache = KVCache(engine.backend, m, settings, engine.context_limit)
+    batch = DecodeBatch(engine.backend, cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0, headroom=0)
+    jobs = [(PROMPTS[0], "a", {}), (PROMPTS[1], "b", {}), (PROMPTS[2], "a", dict(temperature=0.8, seed=3)),
+            (PROMPTS[3], "a", {})]
+    requests = [engine.prepare(p, max_new_tokens=40, stop_token_ids=[], tenant=t, **kw) for p, t, kw in jobs]
+    for r in requests:
+        r.logits = []
+    waiting, order = list(requests), []
+    while waiting or batch:
+        waiting = waiting[batch.join(waiting):]
+        batch.sample()
+        batch.advance()
+        back = batch.take_preempted()
+        order += back
+        waiting = back + waiting
+        assert cache.nbytes <= settings.budget_bytes
+    assert [requests.index(r) for r in order] == [3, 2]  # tenant a's youngest, then its next youngest
+    assert cache.swaps == 2 and cache.stats().preemptions == 2
+    for (prompt, _, kw), got in zip(jobs, requests):
+        assert_same(got, run(engine, prompt, None, 40, **kw))

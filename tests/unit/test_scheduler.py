@@ -13,7 +13,8 @@ import threading
 import pytest
 
 from prefixport.errors import AdapterError, BusyError, ContextLengthError, InputError
-from prefixport.runtime import AsyncEngine, Scheduler
+from prefixport.runtime import AsyncEngine, CacheSettings, Scheduler
+from prefixport.runtime.kv_cache import slot_bytes
 
 from .runs import stop_string_in
 
@@ -62,7 +63,7 @@ def test_requests_join_a_running_batch_and_match_alone(engine):
     for got, want in zip(results, alone):
         assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, "length")
     assert "".join(e.text for e in head) == alone[0].text[: len("".join(e.text for e in head))]
-    assert gate.sizes[:3] == [1, 1, 6]  # they joined the first one's batch at the next step
+    assert gate.sizes[:4] == [1, 1, 1, 6]  # prefilled in the next step (after its decode), sampled in the one after
     assert max(t.token_times[-1] for t in later[:4]) < first.token_times[-1]  # and left it before it ended
 
 
@@ -76,14 +77,18 @@ def test_max_batch_bounds_the_batch_and_queues_the_rest(engine):
     assert max(gate.sizes) == 3 and scheduler.steps == len(gate.sizes)
 
 
-def test_a_prefill_budget_of_one_token_admits_one_request_per_step(engine):
+def test_a_tiny_prefill_budget_prefills_prompts_a_chunk_per_step(engine):
+    """Budget 1: each step prefills one chunk of two rows, so the prompts come in one after the
+    other over several steps each, and every request still gives what it gives alone."""
     gate = Gate(at=1)
     alone = [engine.generate(p, adapter=a, max_new_tokens=12, **FREE).token_ids for p, a in zip(PROMPTS, MIX)]
     with Scheduler(engine, max_batch=8, prefill_budget=1, on_step=gate) as scheduler:
         tickets = [scheduler.submit(p, adapter=a, max_new_tokens=12, **FREE) for p, a in zip(PROMPTS, MIX)]
         gate.open()  # all six wait while the first decodes its first step
         assert [t.result().token_ids for t in tickets] == alone
-    assert gate.sizes[:6] == [1, 2, 3, 4, 5, 6]
+    sizes = gate.sizes
+    assert all(b - a <= 1 for a, b in zip(sizes, sizes[1:])) and max(sizes) > 1
+    assert sizes.count(1) > 3  # the second prompt took several steps to come in
 
 
 def test_per_request_sampling_settings_match_alone(engine):
@@ -237,3 +242,18 @@ def test_the_asyncio_front_gives_the_same_and_cancels_a_dropped_request(engine):
         assert [r.token_ids for r in results] == [a.token_ids for a in alone]
         assert [r.text for r in results] == [a.text for a in alone]
         assert stream.ticket.result(timeout=20).finish_reason == "cancelled"
+
+
+def test_a_scheduler_out_of_kv_room_preempts_and_every_request_matches_alone(make_engine):
+    """A cache of 100 slots: rows join holding what they use, outgrow the budget, and are
+    preempted to host memory and resumed; nothing is refused and every result equals the request
+    alone."""
+    probe = make_engine(adapters=False)
+    engine = make_engine(cache=CacheSettings(budget_mb=100 * slot_bytes(probe.manifest) / 2**20))
+    jobs = [(PROMPTS[i], f"tenant{i % 2}") for i in range(5)]
+    alone = [engine.generate(p, max_new_tokens=60, **FREE).token_ids for p, _ in jobs]
+    with Scheduler(engine, max_batch=8) as scheduler:
+        tickets = [scheduler.submit(p, max_new_tokens=60, tenant=t, **FREE) for p, t in jobs]
+        assert [t.result().token_ids for t in tickets] == alone
+    stats = scheduler.cache.stats()
+    assert stats.preemptions > 0 and stats.reallocations < 12  # not one per step near the budget
