@@ -2,8 +2,9 @@
 the machine, the JSON and Markdown written), summaries of repeated measurements, and process
 figures read from /proc (RSS, CPU seconds, the rest of the machine's load).
 
-The standard library alone at import: a script run in a scratch venv that lacks prefixport's
-dependencies (grammar_cost) can use it too.
+The standard library alone at import, and prefixport.bench.measure (standard library only too: the
+one percentile definition): a script run in a scratch venv that lacks prefixport's dependencies
+(grammar_cost) can use it too.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import os
 import platform
 import shlex
 import socket
-import statistics
 import sys
 import threading
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from prefixport.bench.measure import percentile as percentile  # the one definition, re-exported
+from prefixport.bench.measure import summary
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,21 +91,11 @@ def cell(value: float | None, spec: str = ".1f") -> str:
 
 # --- summaries of repeated measurements ------------------------------------------------------------
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank quantile `q` (0 to 1) of `values`: one of the values, never an interpolation
-    (the p95 of `prefixport.bench.measure.spread`)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def distribution(values: Sequence[float], scale: float = 1.0) -> dict[str, float] | None:
     """n, mean, min, median (p50), p95, p99 and max of `values` times `scale` (1000: seconds to ms),
-    p95 and p99 by nearest rank: `prefixport.bench.measure.spread` and more. None without values."""
-    if not values:
-        return None
-    return {"n": len(values), "mean": scale * sum(values) / len(values), "min": scale * min(values),
-            "p50": scale * statistics.median(values), "p95": scale * percentile(values, 0.95),
-            "p99": scale * percentile(values, 0.99), "max": scale * max(values)}
+    percentiles by `percentile` (prefixport.bench.measure's, linear between the nearest ranks, as
+    `spread` takes them). None without values."""
+    return summary(values, scale, (0.5, 0.95, 0.99))
 
 
 def slope_per_min(samples: Sequence[tuple[float, float]]) -> float | None:

@@ -1,11 +1,11 @@
 """`prefixport serve` under test, for serve_load, serve_vs_batch and soak: the server in a
-subprocess, the seeded chat workload, streamed clients that send it, and /metrics read back.
-Needs httpx (the `serve` extra)."""
+subprocess, the seeded chat workload, streamed clients that send it (over `prefixport bench
+serve`'s client, prefixport.bench.serve_client), and /metrics read back. Needs httpx (the `serve`
+extra)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import signal
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 import httpx
+
+from prefixport.bench.serve_client import api_url, new_client, request_body, stream_request
 
 # Open-ended instructions (every request of serve_load generates max_tokens anyway: ignore_eos).
 TASKS = [
@@ -178,50 +180,22 @@ def workload(models: list[str], n: int, seed: int) -> list[Request]:
 
 
 async def one_request(client: httpx.AsyncClient, base: str, req: Request, max_tokens: int) -> Outcome:
-    """One streamed, greedy chat request with `ignore_eos`, timed from sending to the last byte."""
-    body = {"model": req.model, "messages": req.messages(), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-    out, parts = Outcome(), []
-    start = time.perf_counter()
-    try:
-        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                out.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:500]}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        out.error = f"stream error: {json.dumps(chunk['error'])[:500]}"
-                        break
-                    for choice in chunk.get("choices") or []:
-                        if out.ttft_s is None:
-                            out.ttft_s = time.perf_counter() - start
-                        parts.append(choice.get("delta", {}).get("content") or "")
-                        out.finish_reason = choice.get("finish_reason") or out.finish_reason
-                    if chunk.get("usage"):
-                        out.completion_tokens = chunk["usage"]["completion_tokens"]
-                        out.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                else:
-                    out.error = out.error or "the stream ended without [DONE]"
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-    out.latency_s = time.perf_counter() - start
-    out.text = "".join(parts)
-    return out
+    """One streamed, greedy chat request with `ignore_eos`, timed from sending to the last byte: the
+    client of `prefixport bench serve` (prefixport.bench.serve_client), its result as an Outcome.
+    `client` may be anything with httpx.AsyncClient's `stream` (attacks.py's ChunkClock)."""
+    body = request_body("chat", req.model, req.prompt, max_tokens, ignore_eos=True)
+    r = await stream_request(client, api_url(base, "chat"), body)
+    usage = r.usage or {}
+    return Outcome(latency_s=r.latency_s, ttft_s=r.ttft_s, completion_tokens=usage.get("completion_tokens", 0),
+                   prompt_tokens=usage.get("prompt_tokens", 0), text=r.text, finish_reason=r.finish_reason,
+                   error=r.error)
 
 
 async def http_run(base: str, requests: list[Request], clients: int, max_tokens: int) -> tuple[float, list[Outcome]]:
     """`clients` workers pull requests from the shared list; the wall time and the outcomes by index."""
     outcomes: list[Outcome | None] = [None] * len(requests)
     queue = iter(requests)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    timeout = httpx.Timeout(connect=10, read=300, write=30, pool=None)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with new_client(clients + 4, timeout_s=300) as client:
         async def worker() -> None:
             for req in queue:  # one shared iterator: each request is taken once
                 outcomes[req.index] = await one_request(client, base, req, max_tokens)

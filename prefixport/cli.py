@@ -174,7 +174,22 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
               f"({r.prompt_tokens} prompt tokens), decode {r.timings['decode_tokens_per_s']:.1f} tok/s{accepted}]")
 
 
-@main.command()
+class _BenchGroup(click.Group):
+    """`prefixport bench suite|serve ...`, and `prefixport bench OUTDIR [OPTIONS]` as before: a first
+    argument that names no subcommand (an export folder, an option) goes to `suite`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in self.get_help_option_names(ctx):
+            args = ["suite", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_BenchGroup)
+def bench() -> None:
+    """Benchmark an export (`prefixport bench OUTDIR`: the suite) or a serving endpoint (`serve`)."""
+
+
+@bench.command("suite")
 @click.argument("outdir", type=click.Path(exists=True, file_okay=False))
 @click.option("--adapters", "adapters", multiple=True, metavar="NAME_OR_PATH",
               help="Bundles to use (repeatable; default: all under OUTDIR/adapters).")
@@ -184,9 +199,10 @@ def generate(outdir: str, prompt: str, max_new_tokens: int, chat: bool | None, t
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: OUTDIR/bench.")
 @_errors
 @_backend_flags
-def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], quick: bool, out: str | None,
-          settings: BackendSettings) -> None:
-    """Benchmark adapter swap, memory, latency and throughput against PEFT and the naive way.
+def bench_suite(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], quick: bool, out: str | None,
+                settings: BackendSettings) -> None:
+    """Benchmark adapter swap, memory, latency and throughput against PEFT and the naive way
+    (also `prefixport bench OUTDIR`).
 
     On a GPU (--device cuda, or a GPU backend) memory is the device's VRAM counter."""
     from .bench import run_bench
@@ -196,6 +212,101 @@ def bench(outdir: str, adapters: tuple[str, ...], peft_dirs: tuple[str, ...], qu
                                  say=progress.say)
     click.echo(written["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+def _parsed(name: str):
+    """A click callback: prefixport.bench's parser `name` of the option's value (None stays None),
+    its ValueError the option's usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        from .bench import serve_data, serve_metrics
+
+        parse = getattr(serve_data, name, None) or getattr(serve_metrics, name)
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return callback
+
+
+@bench.command("serve")
+@click.option("--base-url", required=True, help="The server, e.g. http://127.0.0.1:8000 (with or without /v1).")
+@click.option("--model", required=True, help="The model name to send (with --dataset adapters: the base model).")
+@click.option("--api-key", default=None, help="Sent as `Authorization: Bearer KEY`.")
+@click.option("--tokenizer", required=True, type=click.Path(exists=True),
+              help="An export folder (with tokenizer.json) or a tokenizer.json: makes prompts of exact token "
+                   "lengths and counts tokens where the server sends no usage.")
+@click.option("--dataset", type=click.Choice(["random", "shared-prefix", "adapters", "file"]), default="random",
+              show_default=True, help="random: lengths from --input-len/--output-len; shared-prefix: every prompt "
+              "starts with the same --prefix-len tokens; adapters: random, the models of --adapters in turn; "
+              "file: the lengths in --lengths.")
+@click.option("--input-len", default="100:1000", show_default=True, callback=_parsed("parse_range"),
+              help="Prompt tokens, N or LO:HI (uniform); shared-prefix: the part after the prefix.")
+@click.option("--output-len", default="64", show_default=True, callback=_parsed("parse_range"),
+              help="max_tokens per request, N or LO:HI (uniform).")
+@click.option("--prefix-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="shared-prefix: the tokens every prompt starts with.")
+@click.option("--adapters", default=None, metavar="A,B,...",
+              callback=_parsed("parse_names"),
+              help="--dataset adapters: the model names to cycle through, one per request.")
+@click.option("--lengths", "lengths_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--dataset file: JSON lines {\"input_len\": N, \"output_len\": M}, or CSV input_len,output_len.")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None,
+              help="Requests per sweep point (default 48; --dataset file: the file's rows).")
+@click.option("--concurrency", default=None, callback=_parsed("parse_concurrency"),
+              help="A sweep of fixed concurrencies (closed loop), e.g. 1,4,16 (the default without --rate).")
+@click.option("--rate", default=None, callback=_parsed("parse_rates"),
+              help="A sweep of Poisson request rates (req/s, open loop), e.g. 0.5,1,2,inf (inf: all at once).")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+              help="With --rate: the most requests in flight (later arrivals wait).")
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True,
+              help="completions sends the prompt text (exact lengths); chat one user message holding it.")
+@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+              help="Send ignore_eos, so every request generates its max_tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the lengths, texts and arrivals.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Requests sent before the sweep, not counted.")
+@click.option("--slo", default="", callback=_parsed("parse_slo"),
+              help="Goodput's bounds, e.g. ttft=2s,itl=200ms (keys ttft, itl: the request's p99 gap, tpot, e2e; "
+                   "units ms or s).")
+@click.option("--label", default=None, help="Names this side in the report (default: --model).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write DIR/serve.json, serve.md and serve.png (default: print the report only).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
+              help="Seconds a request may take before it counts as failed.")
+@_errors
+def bench_serve(base_url: str, model: str, api_key: str | None, tokenizer: str, dataset: str,
+                input_len: tuple[int, int], output_len: tuple[int, int], prefix_len: int,
+                adapters: tuple[str, ...] | None, lengths_file: str | None, num_prompts: int | None,
+                concurrency: list[int] | None, rate: list[float] | None, max_concurrency: int | None, endpoint: str,
+                ignore_eos: bool, seed: int, warmup: int, slo: dict[str, float], label: str | None, out: str | None,
+                timeout: float) -> None:
+    """Benchmark an OpenAI-compatible server (prefixport serve, llama-server, vLLM) under load.
+
+    Streamed requests at each concurrency or request rate of the sweep; per point: requests, duration,
+    throughputs, TTFT, inter-token latency, time per output token, end-to-end latency and goodput
+    (docs/benchmarks.md, "Serving benchmark")."""
+    from .bench.serve import ServeBenchConfig, run_serve_bench
+    from .bench.serve_report import markdown
+
+    if concurrency and rate:
+        raise click.UsageError("give --concurrency or --rate, not both")
+    config = ServeBenchConfig(base_url=base_url, model=model, tokenizer=tokenizer, dataset=dataset,
+                              input_len=input_len, output_len=output_len, prefix_len=prefix_len,
+                              adapters=adapters or (), lengths_file=lengths_file, num_prompts=num_prompts,
+                              concurrency=tuple(concurrency or (() if rate else (1, 4, 16))), rates=tuple(rate or ()),
+                              max_concurrency=max_concurrency, endpoint=endpoint, ignore_eos=ignore_eos, seed=seed,
+                              warmup=warmup, slo=slo, label=label, api_key=api_key, timeout_s=timeout)
+    progress = Progress(_echo_err)
+    result, written = run_serve_bench(config, out, say=progress.say)
+    click.echo(markdown(result))
+    if written:
+        click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+    if not any(point["requests"]["ok"] for point in result["points"]):
+        raise click.ClickException("no request was answered: the errors are in the report")
 
 
 @main.command()
