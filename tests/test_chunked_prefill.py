@@ -150,3 +150,43 @@ def test_the_default_model_chunked_is_bitwise_one_run(default_export, tmp_path):
     for (_, prompt, adapter, n), got in zip(plan, requests):
         assert_same(got, run(engine, prompt, adapter, n))
     engine.close()
+
+
+def test_default_chat_requests_without_max_tokens_are_all_served(tiny_export):
+    """A server whose KV budget holds about 600 slots: 8 concurrent chat requests without
+    max_tokens (each may reach the rest of the 256-position context) all run to the context's end,
+    none refused for room: rows hold what they use and are preempted and resumed as they outgrow
+    the budget; each answer equals the same request alone."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    from prefixport.runtime.kv_cache import slot_bytes
+    from prefixport.server import create_app
+
+    from .helpers import running
+
+    probe = Engine.load(tiny_export("llama"), prompt_cache_bytes=0)
+    per_slot = slot_bytes(probe.manifest)
+    probe.close()
+    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(budget_mb=600 * per_slot / 2**20))
+    questions = [f"Tell me about ship number {i} in the harbour ledger." for i in range(8)]
+
+    def ask(url: str, question: str) -> dict:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0,
+                "ignore_eos": True}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with running(create_app(engine, model_name="tiny", max_batch=8, prefill_budget=16)) as url:
+        with cf.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda q: ask(url, q), questions))
+        alone = [ask(url, q) for q in questions[:3]]
+        preemptions = sum(c.preemptions for c in engine.stats().kv_cache.caches)
+    engine.close()
+    assert all(r["choices"][0]["finish_reason"] == "length" for r in together)
+    assert all(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] == 256 for r in together)
+    assert [r["choices"][0]["message"]["content"] for r in together[:3]] == [
+        r["choices"][0]["message"]["content"] for r in alone]
+    assert preemptions > 0
