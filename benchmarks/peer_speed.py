@@ -4,7 +4,12 @@ Sides: prefixport's `Engine` (one per export folder given, labelled by precision
 onnxruntime-genai on the same model, built by its model builder for the CPU at fp32 and int4;
 transformers eager (the GGUF-loaded model, a greedy loop with cache) and PEFT eager (a
 PeftModel with a prompt-tuning adapter: PeftModel.forward prefills, the base model decodes from
-its cache, since PEFT's generate() is broken for these adapters on transformers 5).
+its cache, since PEFT's generate() is broken for these adapters on transformers 5); llama.cpp's
+`llama-bench` (benchmarks/llama_cpp.py: built once from source, outside the checkout) on the same
+model's GGUF at the precision of each quantised export given (Q8_0 beside int8, Q4_1 beside int4):
+batch-1 cases only, one `llama-bench -p 0 -n N -d C -r 1` per repetition, interleaved like the
+other sides, where the depth C is the case's prompt tokens (prefilled untimed; N decode steps
+timed), so its tok/s is decode alone as for the others; it reports no TTFT and no tokens.
 
 Every side gets the same prompt token ids (8 different raw-text prompts; batch 1 uses the first;
 with a context C > 0 each prompt is preceded by a long passage cut so that the row holds C
@@ -18,6 +23,7 @@ sets none, and genai then decoded at one-thread speed on a 2-core machine.
 
     python -m benchmarks.peer_speed --prefixport fp32=exports/smollm2-135m-instruct \\
         [--prefixport int4=exports/smollm2-int4] [--cases 1x0 1x1600 8x1100] [--quick] [--out benchmarks/results]
+        [--llama-gguf q8_0 q4_1 | --no-llama-cpp]
 
 A case BxC is B rows of C prompt tokens (C = 0: the short prompts as they are). Each side's
 slowdown from the short context to the longest one at batch 1 is reported beside the ratios.
@@ -49,7 +55,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, machine, rel, say, write_report
+from benchmarks.common import RESULTS, ROOT, cell, machine, rel, say, write_report
 from prefixport.bench.measure import spread
 from prefixport.manifest import Manifest
 from prefixport.runtime import Engine
@@ -68,12 +74,13 @@ PROMPTS = [  # raw text, different lengths; none holds the pad/EOS token, which 
 
 @dataclass
 class Run:
-    ttft_s: float
+    ttft_s: float | None  # None: the side does not report it (llama-bench)
     decode_tokens_per_s: float  # all rows together
     tokens: list[list[int]]  # new tokens, per row
 
 
-Side = Callable[[list[list[int]], int], Run]  # (prompt ids per row, new tokens) -> Run
+Side = Callable[[list[list[int]], int], "Run | None"]  # (prompt ids per row, new tokens) -> Run,
+# None where the side does not measure that case (llama-bench: batch 1 only)
 
 
 # --- prefixport ------------------------------------------------------------------------------
@@ -187,6 +194,29 @@ def genai_graph(folder: Path) -> dict[str, Any]:
             "search": config["search"]}
 
 
+# --- llama.cpp's llama-bench ------------------------------------------------------------------------
+
+def llama_bench_side(binary: Path, model: Path, threads: int, info: dict[str, Any]) -> Side:
+    """One `llama-bench` process per call: batch 1 only; the depth (-d) is the row's prompt tokens,
+    prefilled untimed, then n decode steps timed (-p 0 -n n), one repetition (the script repeats and
+    interleaves). `info` keeps the last run's settings as llama-bench reports them."""
+
+    def run(rows: list[list[int]], n: int) -> Run | None:
+        if len(rows) != 1:
+            return None
+        command = [str(binary), "-m", str(model), "-p", "0", "-n", str(n), "-d", str(len(rows[0])), "-r", "1",
+                   "-o", "json", *(["-t", str(threads)] if threads else [])]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"llama-bench failed ({out.returncode}): {' '.join(command)}\n{out.stderr[-2000:]}")
+        test = json.loads(out.stdout)[-1]
+        info.update({k: test.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "n_threads",
+                                              "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "model_type",
+                                              "model_size", "n_gen", "n_depth")})
+        return Run(None, float(test["avg_ts"]), [])
+    return run
+
+
 # --- transformers and PEFT eager ---------------------------------------------------------------
 
 def torch_side(model: Any, base: Any, pad_id: int, n_virtual: int = 0) -> Side:
@@ -258,6 +288,10 @@ def main() -> None:
     parser.add_argument("--peft-adapter", type=Path, default=ROOT / "demo" / "adapters" / "json-prompt",
                         help="a PEFT prompt-tuning checkpoint for the PEFT side ('' to skip PEFT)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers and PEFT sides")
+    parser.add_argument("--llama-gguf", nargs="*", choices=["q8_0", "q4_1"], metavar="KIND",
+                        help="llama-bench sides on the default model's GGUF at these precisions (q8_0, q4_1; "
+                             "default: those of the exports given, int8 -> q8_0, int4 -> q4_1)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama-bench sides")
     parser.add_argument("--tokens", type=int, help="new tokens per row (default 64, --quick 16)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 5, --quick 3)")
     parser.add_argument("--cases", nargs="*", default=["1x0", "8x0", "1x1600", "8x1100"], metavar="BxC",
@@ -295,6 +329,28 @@ def main() -> None:
         model_mb[f"onnxruntime-genai {precision}"] = folder_mb(folder)
         precision_of[f"onnxruntime-genai {precision}"] = precision
 
+    llama: dict[str, Any] = {}
+    kind_of = {"int8": "q8_0", "int4": "q4_1"}  # an export's precision -> the GGUF's (int4-rtn too)
+    kinds = [] if args.no_llama_cpp else args.llama_gguf if args.llama_gguf is not None else \
+        list(dict.fromkeys(kind_of[p[:4]] for p in exports if p[:4] in kind_of))
+    if kinds:
+        from benchmarks import llama_cpp  # serving.py's httpx: only where llama-bench runs
+
+        bench = llama_cpp.build()["llama-bench"]
+        llama = {"build": llama_cpp.record(), "ggufs": {}, "llama_bench": {}}
+        for kind in kinds:
+            model = llama_cpp.gguf(kind)
+            name = f"llama.cpp {kind.upper()} (llama-bench)"
+            wanted = {v: k for k, v in kind_of.items()}[kind]
+            precision_of[name] = wanted if wanted in engines else next(
+                (p for p in engines if p.startswith(wanted)), wanted)
+            llama["llama_bench"][name] = {}
+            sides[name] = llama_bench_side(bench, model, args.threads, llama["llama_bench"][name])
+            model_mb[name] = model.stat().st_size / 1e6
+            llama["ggufs"][kind] = llama_cpp.shown(model)
+        llama["command"] = (f"llama-bench -m GGUF -p 0 -n {n} -d C -r 1 -o json"
+                            + (f" -t {args.threads}" if args.threads else "") + ", C the case's prompt tokens")
+
     if not args.no_torch:
         import torch
 
@@ -325,7 +381,9 @@ def main() -> None:
         say(f"repetition {rep + 1}/{repeats} ...")
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             for case, case_input in inputs.items():
-                runs[name][case].append(sides[name](case_input, n))
+                done = sides[name](case_input, n)
+                if done is not None:
+                    runs[name][case].append(done)
 
     def reference(name: str) -> str:
         wanted = f"prefixport {precision_of[name]}"
@@ -336,13 +394,16 @@ def main() -> None:
         results[name] = {}
         for case in inputs:
             done = runs[name][case]
+            if not done:  # a case this side does not measure
+                continue
             ref = reference(name)
             tps = spread([r.decode_tokens_per_s for r in done])
             ref_tps = spread([r.decode_tokens_per_s for r in runs[ref][case]])["p50"]
+            ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
             results[name][case] = {
-                "decode_tokens_per_s": tps, "ttft_s": spread([r.ttft_s for r in done]),
+                "decode_tokens_per_s": tps, "ttft_s": spread(ttfts) if ttfts else None,
                 "ratio_vs": ref, "ratio": tps["p50"] / ref_tps,
-                "same_tokens_as_ratio_ref": None if name.startswith("peft") else
+                "same_tokens_as_ratio_ref": None if name.startswith("peft") or not done[-1].tokens else
                 agreement(runs[ref][case][-1].tokens, done[-1].tokens, eos)}
     ones = sorted(c for b, c in cases if b == 1)
     slowdown = {}
@@ -350,9 +411,11 @@ def main() -> None:
         short, longest = f"1x{ones[0]}", f"1x{ones[-1]}"
         slowdown = {"from": short, "to": longest, "by_side": {
             name: results[name][short]["decode_tokens_per_s"]["p50"] / results[name][longest]["decode_tokens_per_s"]["p50"]
-            for name in names}}
+            for name in names if short in results[name] and longest in results[name]}}
 
     threads: dict[str, Any] = {"intra_op_num_threads (prefixport, genai)": args.threads or "each runtime's default"}
+    if llama:
+        threads["llama-bench -t"] = args.threads or "llama-bench's default"
     if not args.no_torch:
         threads["torch"] = torch.get_num_threads()
     result = {
@@ -361,7 +424,7 @@ def main() -> None:
         "prompt_tokens": {case: [len(r) for r in rows] for case, rows in inputs.items()}, "prompts": PROMPTS,
         "slowdown_short_to_long_context": slowdown,
         "decode_tokens_per_s": "batch * (new_tokens - 1) / (last token time - first token time)",
-        "results": results, "model_mb": model_mb, "genai": genai, "threads": threads,
+        "results": results, "model_mb": model_mb, "genai": genai, "llama_cpp": llama, "threads": threads,
         "machine": machine("onnxruntime-genai", "peft", "onnx"),
         "seconds": time.perf_counter() - began,
     }
@@ -387,8 +450,14 @@ def markdown(result: dict[str, Any]) -> str:
         for batch, r in by_case.items():
             t = r["decode_tokens_per_s"]
             lines.append(f"| {name} | {batch} | {t['p50']:.1f} | {t['min']:.1f}-{t['max']:.1f} | "
-                         f"{1000 * r['ttft_s']['p50']:.0f} | {r['ratio_vs']} | {r['ratio']:.2f}x | "
+                         f"{cell(r['ttft_s'] and 1000 * r['ttft_s']['p50'], '.0f')} | {r['ratio_vs']} | {r['ratio']:.2f}x | "
                          f"{r['same_tokens_as_ratio_ref'] or '-'} |")
+    llama = result.get("llama_cpp") or {}
+    if llama:
+        build = llama["build"]
+        lines += ["", f"llama.cpp {build['binaries']['llama-bench']} (llama-cpp-python {build['llama_cpp_python']}'s "
+                  f"vendored source, built here: benchmarks/llama_cpp.py), batch 1 only: {llama['command']}; "
+                  "decode tok/s = its avg_ts over the n timed tokens; no TTFT."]
     sizes = result.get("model_mb") or {}
     if sizes:
         lines += ["", "Model on disk (graph and weights, tokenizer apart): "
