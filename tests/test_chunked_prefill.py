@@ -118,14 +118,17 @@ def test_a_long_prompt_never_holds_running_rows_back_more_than_the_budget(llama)
 
 
 def test_the_scheduler_keeps_decoding_while_a_long_prompt_comes_in(llama):
-    """Through the Scheduler: short requests submitted with a 200-token prompt finish their 12
-    tokens before its first token (it comes in 8 tokens a step), all as alone."""
+    """Through the Scheduler: two short requests decoding when a 200-token prompt arrives finish
+    their 12 tokens before its first token (it comes in 8 tokens a step), all as alone."""
     _, plain = llama
     long_ids = plain.encode(TEXT)[:200]
     jobs = [("Ships:", 12), ("Cargo: tea", 12), (long_ids, 4)]
     alone = [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids for p, n in jobs]
     with Scheduler(plain, max_batch=4, prefill_budget=8) as scheduler:
-        tickets = [scheduler.submit(p, max_new_tokens=n, stop_token_ids=[]) for p, n in jobs]
+        tickets = [scheduler.submit(p, max_new_tokens=n, stop_token_ids=[]) for p, n in jobs[:2]]
+        for ticket in tickets:
+            next(e for e in ticket.events() if e.token_ids)  # decoding
+        tickets.append(scheduler.submit(long_ids, max_new_tokens=4, stop_token_ids=[]))
         assert [t.result().token_ids for t in tickets] == alone
     assert max(t.token_times[-1] for t in tickets[:2]) <= tickets[2].token_times[0]
 

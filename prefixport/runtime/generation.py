@@ -59,23 +59,19 @@ def prefill(backend: Backend, cache: KVCache, start: int, rows: Sequence[Sequenc
     return logits if every else logits[:, 0]
 
 
-def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype,
-                live: np.ndarray | None = None) -> np.ndarray:
+def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: int, dtype: np.dtype) -> np.ndarray:
     """Feed one token to each of the cache's rows [0, len(tokens)) ([B] int64); returns logits
-    [B, vocab]. Only `live` rows ([B] bool; default: the rows in use) gain a slot. A free row takes
-    any token at slot 0 and stays empty; a row in use but not live (its prompt still being
-    prefilled in chunks) takes it at its next slot, which its next chunk overwrites, and keeps its
-    length. Their results are ignored."""
+    [B, vocab]. A free row among them takes any token at slot 0 and stays empty: its result is
+    ignored and its length stays 0, so it never needs capacity."""
     batch = len(tokens)
     used = cache.used(batch)
-    live = used if live is None else live & used
     past_lengths = np.where(used, cache.lengths[:batch], 0)
     cache.reserve(batch, int(past_lengths.max()) + 1)
     inputs = {"input_ids": tokens.reshape(batch, 1).astype(np.int64), "prompt_embeds": np.zeros((batch, 0, hidden), dtype),
               "past_lengths": past_lengths, "input_lengths": np.ones(batch, np.int64),
               "logits_index": np.zeros((batch, 1), np.int64)}
     logits = backend.run(inputs, *cache.bind(0, batch))
-    cache.lengths[:batch] = np.where(live, past_lengths + 1, past_lengths)
+    cache.lengths[:batch] = np.where(used, past_lengths + 1, 0)
     cache.commit(0, batch)
     return logits[:, -1]
 
@@ -186,7 +182,9 @@ class RowRequest:
         return (self.feed.n_virtual if self.feed else 0) + len(self.prompt_ids) + self.max_new_tokens
 
 
+_NONE = object()  # a record a row lacks (`DecodeBatch._relabel`)
 ADMIT_HEADROOM = 32  # slots of growth every row must have room for when a request joins (fewer preemptions)
+IDLE_PREFILL_BUDGET = 512  # rows a step prefills while no row decodes (larger runs prefill faster per token)
 
 
 @dataclass
@@ -337,9 +335,33 @@ class DecodeBatch:
             last = self.cache.active - 1
             if row < last:  # keep the rows packed: the last one moves down
                 self.cache.move(last, row)
-                self.rows[row], self._rngs[row] = self.rows.pop(last), self._rngs.pop(last)
-                if last in self._filling:
-                    self._filling[row] = self._filling.pop(last)
+                self._relabel(last, row)
+
+    def _pack(self) -> None:
+        """Keep the decoding rows in cache rows [0, D), so that a decode step runs over them alone
+        (rows still being prefilled would ride along, computing a dummy token each): a decoding row
+        above moves down into a free row below D, or trades places with a row being prefilled there."""
+        decoding = [r for r in self.rows if r not in self._filling]
+        d = len(decoding)
+        high = sorted((r for r in decoding if r >= d), reverse=True)
+        holes = sorted(r for r in range(d) if r not in self.rows or r in self._filling)
+        for src, dst in zip(high, holes):
+            if dst in self.rows:
+                self.cache.exchange(src, dst)
+                self._relabel(src, dst, swap=True)
+            else:
+                self.cache.move(src, dst)
+                self._relabel(src, dst)
+
+    def _relabel(self, src: int, dst: int, swap: bool = False) -> None:
+        """The batch's records of cache row `src` now belong to `dst` (and, with `swap`, `dst`'s to `src`)."""
+        for records in (self.rows, self._rngs, self._filling, self._logits, self._verify):
+            moved = records.pop(src, _NONE)
+            back = records.pop(dst, _NONE) if swap else _NONE
+            if moved is not _NONE:
+                records[dst] = moved  # type: ignore[index]
+            if back is not _NONE:
+                records[src] = back  # type: ignore[index]
 
     def take_preempted(self) -> list[RowRequest]:
         """The requests preempted since the last call, oldest first: queue them before any other."""
@@ -364,10 +386,13 @@ class DecodeBatch:
                                    request.prompt_ids[skip:], in_run, soft - in_run + skip, soft + len(request.prompt_ids))
 
     def _fill(self) -> None:
-        """Prefill the joined prompts in order, within the budget (at least one chunk): a chunk of
-        each, alone (a past with several new positions runs at batch 1), or fresh whole prompts
-        several per run. A row whose prefill fails fails alone (`error` and `done` set)."""
+        """Prefill the joined prompts in order, within the budget (at least one chunk; at least
+        IDLE_PREFILL_BUDGET rows while no row decodes): a chunk of each, alone (a past with several
+        new positions runs at batch 1), or fresh whole prompts several per run. A row whose prefill
+        fails fails alone (`error` and `done` set)."""
         left, plan = self.prefill_budget, {}
+        if left is not None and len(self._filling) == len(self.rows):  # nobody decodes: nobody to hold back
+            left = max(left, IDLE_PREFILL_BUDGET)
         for row, fill in self._filling.items():
             if left is not None and left <= 0:
                 break
@@ -493,13 +518,11 @@ class DecodeBatch:
                 request.proposer.finished(request)
         self.prefilled = 0
         self._preempt()
-        decoding = [row for row in sorted(self.rows) if row not in self._filling]
+        self._pack()
+        decoding = [row for row in sorted(self.rows) if row not in self._filling]  # rows [0, D): packed
         if decoding and not (len(decoding) <= self.speculate_rows and self._speculate(decoding)):
-            tokens = np.full(self.cache.active, self.pad_id, np.int64)
-            live = np.zeros(self.cache.active, bool)
-            for row in decoding:
-                tokens[row], live[row] = self.rows[row].tokens[-1], True
-            logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype, live)
+            tokens = np.array([self.rows[row].tokens[-1] for row in decoding], np.int64)
+            logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype)
             self._logits = {row: logits[row] for row in decoding}
         if self._filling:
             self._fill()

@@ -179,9 +179,19 @@ class KVCache:
         if arrays[0].shape[1]:
             self.write(row, [a[None] for a in arrays])
 
+    def exchange(self, a: int, b: int) -> None:
+        """Rows `a` and `b` (both in use) trade places: slots, lengths and bounds (one through a
+        host copy)."""
+        keep = [np.array(x) for x in self.read(a)]
+        need, hold = self._needs.pop(a), self._holds.pop(a)
+        self.move(b, a)
+        self._needs[b], self._holds[b] = need, hold
+        if keep[0].shape[1]:
+            self.write(b, [x[None] for x in keep])
+
     def move(self, src: int, dst: int) -> None:
-        """Row `src`'s request moves to the free row `dst` (its filled slots copied), so that the
-        rows in use stay packed from row 0 when one in the middle leaves."""
+        """Row `src`'s request moves to the free row `dst` (its filled slots copied): rows stay
+        packed from row 0 when one in the middle leaves, the decoding ones first."""
         n = int(self.lengths[src])
         if n:
             for buffer in self.buffers:

@@ -78,13 +78,17 @@ def test_max_batch_bounds_the_batch_and_queues_the_rest(engine):
 
 
 def test_a_tiny_prefill_budget_prefills_prompts_a_chunk_per_step(engine):
-    """Budget 1: each step prefills one chunk of two rows, so the prompts come in one after the
-    other over several steps each, and every request still gives what it gives alone."""
-    gate = Gate(at=1)
-    alone = [engine.generate(p, adapter=a, max_new_tokens=12, **FREE).token_ids for p, a in zip(PROMPTS, MIX)]
+    """Budget 1: while a row decodes, each step prefills one chunk of two rows, so the prompts
+    that arrive come in one after the other over several steps each, and every request still
+    gives what it gives alone. (The first came in whole: no row was decoding.)"""
+    gate = Gate(at=2)
+    alone = [engine.generate(p, adapter=a, max_new_tokens=24, **FREE).token_ids for p, a in zip(PROMPTS, MIX)]
     with Scheduler(engine, max_batch=8, prefill_budget=1, on_step=gate) as scheduler:
-        tickets = [scheduler.submit(p, adapter=a, max_new_tokens=12, **FREE) for p, a in zip(PROMPTS, MIX)]
-        gate.open()  # all six wait while the first decodes its first step
+        first = scheduler.submit(PROMPTS[0], adapter=MIX[0], max_new_tokens=24, **FREE)
+        _tokens_until(first, 2)  # decoding (held after its 2nd step) when the others arrive
+        tickets = [first] + [scheduler.submit(p, adapter=a, max_new_tokens=24, **FREE)
+                             for p, a in zip(PROMPTS[1:], MIX[1:])]
+        gate.open()
         assert [t.result().token_ids for t in tickets] == alone
     sizes = gate.sizes
     assert all(b - a <= 1 for a, b in zip(sizes, sizes[1:])) and max(sizes) > 1
