@@ -185,6 +185,7 @@ class RowRequest:
 _NONE = object()  # a record a row lacks (`DecodeBatch._relabel`)
 ADMIT_HEADROOM = 32  # slots of growth every row must have room for when a request joins (fewer preemptions)
 IDLE_PREFILL_BUDGET = 512  # rows a step prefills while no row decodes (larger runs prefill faster per token)
+BUDGET_ROWS = 4  # the prefill budget is per step of up to this many decoding rows; larger steps take more
 
 
 @dataclass
@@ -386,13 +387,17 @@ class DecodeBatch:
                                    request.prompt_ids[skip:], in_run, soft - in_run + skip, soft + len(request.prompt_ids))
 
     def _fill(self) -> None:
-        """Prefill the joined prompts in order, within the budget (at least one chunk; at least
-        IDLE_PREFILL_BUDGET rows while no row decodes): a chunk of each, alone (a past with several
-        new positions runs at batch 1), or fresh whole prompts several per run. A row whose prefill
-        fails fails alone (`error` and `done` set)."""
+        """Prefill the joined prompts in order, within the budget (at least one chunk; the budget
+        times D // BUDGET_ROWS with D rows decoding, whose step takes about that much longer; at
+        least IDLE_PREFILL_BUDGET rows while no row decodes): a chunk of each, alone (a past with
+        several new positions runs at batch 1), or fresh whole prompts several per run. A row whose
+        prefill fails fails alone (`error` and `done` set)."""
         left, plan = self.prefill_budget, {}
-        if left is not None and len(self._filling) == len(self.rows):  # nobody decodes: nobody to hold back
+        decoding = len(self.rows) - len(self._filling)
+        if left is not None and not decoding:  # nobody decodes: nobody to hold back
             left = max(left, IDLE_PREFILL_BUDGET)
+        elif left is not None:  # a larger batch's step takes longer anyway: prefill keeps its share of it
+            left = left * max(1, decoding // BUDGET_ROWS)
         for row, fill in self._filling.items():
             if left is not None and left <= 0:
                 break

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from ..errors import (AdapterError, BusyError, ContextLengthError, InputError, NumericsError, PrefixportError,
                       SchemaError)
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
+from ..runtime.scheduler import DEFAULT_PREFILL_BUDGET
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
 from .middleware import DEFAULT_MAX_BODY_BYTES, CountRequests, LimitBody, PenaltyBox
@@ -126,7 +127,7 @@ class Server:
     bounds on one request (`limits`)."""
 
     def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
-                 max_batch: int = 8, access: Access | None = None, prefill_budget: int = 512,
+                 max_batch: int = 8, access: Access | None = None, prefill_budget: int = DEFAULT_PREFILL_BUDGET,
                  max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
                  speculative: str | None = None, speculate_rows: int | None = None) -> None:
         self.engine, self.limits = engine, limits
@@ -419,7 +420,7 @@ def _sse(obj: dict[str, Any]) -> str:
 
 def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
                max_batch: int = 8, api_key: str | None = None, access: Access | None = None,
-               prefill_budget: int = 512, max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
+               prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, register_adapters: bool = True, speculative: str | None = None,
                speculate_rows: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is

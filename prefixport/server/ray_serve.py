@@ -53,6 +53,7 @@ from ..errors import AdapterError, PrefixportError
 from ..runtime import BackendSettings, CacheSettings, Engine
 from ..runtime.kv_cache import DEFAULT_BUDGET_MB
 from ..runtime.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from ..runtime.scheduler import DEFAULT_PREFILL_BUDGET
 from ..runtime.speculative import parse_method
 from .app import ApiError, Job, Server, as_api_error, check_supported, invalid_body
 from .metrics import merge as merge_metrics
@@ -175,7 +176,7 @@ class AdapterReplica:
     """The base model and an LRU of at most `max_adapters` adapters, registered on demand."""
 
     def __init__(self, outdir: str, adapters_dir: str | None, *, model_name: str | None = None,
-                 max_batch: int = 8, prefill_budget: int = 512, max_adapters: int = 8,
+                 max_batch: int = 8, prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_adapters: int = 8,
                  adapter_budget_bytes: int | None = None, settings: BackendSettings = BackendSettings(),
                  cache: CacheSettings = CacheSettings(), prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  speculative: str | None = None, limits: RequestLimits = RequestLimits()) -> None:
@@ -557,7 +558,7 @@ class OpenAIIngress:
 
 
 def build_app(outdir: str | Path, adapters_dir: str | Path | None = None, *, model_name: str | None = None,
-              max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
+              max_batch: int = 8, prefill_budget: int = DEFAULT_PREFILL_BUDGET, api_key: str | None = None,
               keys_file: str | Path | None = None, shared_prompt_cache: bool = False,
               private_ops: bool | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               limits: RequestLimits = RequestLimits(), replicas: int = 1,
@@ -612,7 +613,7 @@ class AppArgs(BaseModel):
     adapters_dir: str | None = None
     model_name: str | None = None
     max_batch: int = 8
-    prefill_budget: int = 512
+    prefill_budget: int = DEFAULT_PREFILL_BUDGET
     api_key: str | None = None
     keys_file: str | None = None  # on the ingress's node
     shared_prompt_cache: bool = False
@@ -660,7 +661,7 @@ def running_serve() -> ServeInstanceDetails | None:
 
 
 def run_ray(outdir: str | Path, *, adapters_dir: str | Path | None = None, host: str = "127.0.0.1",
-            port: int = 8000, max_batch: int = 8, prefill_budget: int = 512, api_key: str | None = None,
+            port: int = 8000, max_batch: int = 8, prefill_budget: int = DEFAULT_PREFILL_BUDGET, api_key: str | None = None,
             keys_file: str | Path | None = None, shared_prompt_cache: bool = False,
             private_ops: bool | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             limits: RequestLimits = RequestLimits(), model_name: str | None = None, replicas: int = 1, max_adapters: int = 8,

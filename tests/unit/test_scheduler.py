@@ -53,7 +53,7 @@ def test_requests_join_a_running_batch_and_match_alone(engine):
     lengths = [40, 12, 25, 5, 18, 30]
     alone = [engine.generate(p, adapter=a, max_new_tokens=n, **FREE) for p, a, n in zip(PROMPTS, MIX, lengths)]
     gate = Gate(at=2)
-    with Scheduler(engine, max_batch=8, on_step=gate) as scheduler:
+    with Scheduler(engine, max_batch=8, prefill_budget=512, on_step=gate) as scheduler:  # all five in one step
         first = scheduler.submit(PROMPTS[0], adapter=MIX[0], max_new_tokens=lengths[0], **FREE)
         head = _tokens_until(first, 2)  # the first request is decoding (held after its 2nd step)...
         later = [scheduler.submit(p, adapter=a, max_new_tokens=n, **FREE)
@@ -261,3 +261,12 @@ def test_a_scheduler_out_of_kv_room_preempts_and_every_request_matches_alone(mak
         assert [t.result().token_ids for t in tickets] == alone
     stats = scheduler.cache.stats()
     assert stats.preemptions > 0 and stats.reallocations < 12  # not one per step near the budget
+
+
+def test_the_cli_default_prefill_budget_is_the_schedulers():
+    """`prefixport serve --prefill-budget` states the scheduler's default (the CLI does not import the runtime to start)."""
+    from prefixport.cli import serve
+    from prefixport.runtime.scheduler import DEFAULT_PREFILL_BUDGET
+
+    option = next(p for p in serve.params if p.name == "prefill_budget")
+    assert option.default == DEFAULT_PREFILL_BUDGET
