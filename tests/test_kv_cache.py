@@ -49,7 +49,9 @@ def test_mixed_batch_is_bitwise_alone_on_the_sliding_window_model(mistral):
     assert_rows_bitwise_alone(mistral, PLAN, requests)
 
 
-def test_rows_leave_without_copying_and_their_row_is_reused(mistral):
+def test_a_row_that_leaves_takes_the_last_row_and_the_freed_row_is_reused(mistral):
+    """Rows stay packed from row 0 (design.md, "Chunked prefill"): the last row moves down into a
+    row that leaves, in the buffers already there, and decode steps run over the rows in use alone."""
     m = mistral.manifest
     cache = KVCache(mistral.backend, m, CacheSettings(), mistral.context_limit)
     batch = DecodeBatch(mistral.backend, cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0)
@@ -59,14 +61,15 @@ def test_rows_leave_without_copying_and_their_row_is_reused(mistral):
     for _ in range(2):
         batch.sample()
         batch.advance()
-    assert cache.in_use() == [1, 2]  # row 0 left; nothing moved
+    assert cache.in_use() == [0, 1]  # row 0 left; the last row moved down into it
+    assert batch.rows[0] is reqs[2] and batch.rows[1] is reqs[1]
     assert [id(b) for b in cache.buffers] == buffers
-    for _ in range(3):  # the free row rides along in decode steps, empty: it never needs capacity
+    for _ in range(3):  # the freed row is not computed: it never grows
         batch.sample()
         batch.advance()
-        assert cache.lengths[0] == 0
+        assert cache.lengths[2] == 0
     late = mistral.prepare(PROMPTS[3], max_new_tokens=3, stop_token_ids=[])
-    assert batch.join([late]) == 1 and cache.in_use() == [0, 1, 2]  # the free row is taken again
+    assert batch.join([late]) == 1 and cache.in_use() == [0, 1, 2]  # the freed row is taken again
 
 
 def test_cache_bytes_are_the_formula(mistral):

@@ -302,7 +302,7 @@ class DecodeBatch:
         """Slots a joining request takes: its prompt (after any prefix) and one token, or a
         preempted one's slots and one token."""
         if request.swapped is not None:
-            return request.swapped.arrays[0].shape[1] + 1
+            return int(request.swapped.arrays[0].shape[1]) + 1
         return (request.feed.n_virtual if request.feed else 0) + len(request.prompt_ids) + 1
 
     def _resume(self, row: int, request: RowRequest) -> None:
@@ -356,13 +356,14 @@ class DecodeBatch:
 
     def _relabel(self, src: int, dst: int, swap: bool = False) -> None:
         """The batch's records of cache row `src` now belong to `dst` (and, with `swap`, `dst`'s to `src`)."""
-        for records in (self.rows, self._rngs, self._filling, self._logits, self._verify):
+        tables: tuple[dict[int, Any], ...] = (self.rows, self._rngs, self._filling, self._logits, self._verify)
+        for records in tables:
             moved = records.pop(src, _NONE)
             back = records.pop(dst, _NONE) if swap else _NONE
             if moved is not _NONE:
-                records[dst] = moved  # type: ignore[index]
+                records[dst] = moved
             if back is not _NONE:
-                records[src] = back  # type: ignore[index]
+                records[src] = back
 
     def take_preempted(self) -> list[RowRequest]:
         """The requests preempted since the last call, oldest first: queue them before any other."""
