@@ -92,16 +92,20 @@ def main() -> None:
 @click.option("--check-adapter", "check_adapters", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="With --quantize: also report (and record in the manifest) greedy agreement with the float "
                    "graph through this adapter bundle, converted for the same base model. Repeatable.")
+@click.option("--kv-cache-dtype", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="The KV cache's dtype: float (the export's --dtype) or int8 (a quarter of float32's memory per "
+                   "token; per-channel scales calibrated at export, covering each --check-adapter's keys and values "
+                   "too; reports greedy agreement with the float cache, through each of them). Not with --no-optimize.")
 @_errors
 def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
-           optimize: bool, quantize: str | None, check_adapters: tuple[str, ...]) -> None:
+           optimize: bool, quantize: str | None, check_adapters: tuple[str, ...], kv_cache_dtype: str) -> None:
     """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
     from .exporter import export_model
 
     progress = Progress(_echo_err)
     report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset, verify_graph=not no_verify,
                           overwrite=overwrite, optimize=optimize, quantize=quantize,
-                          check_adapters=check_adapters, progress=progress)
+                          check_adapters=check_adapters, progress=progress, kv_cache_dtype=kv_cache_dtype)
     m = report.manifest
     click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
     click.echo(f"  time: {progress.elapsed():.1f}s ("
@@ -119,6 +123,10 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
     if report.agreement is not None:
         click.echo(f"  {quantize} weights vs float: {report.agreement.summary()}")
     for name, agreement in report.adapter_agreement.items():
+        click.echo(f"    through adapter {name}: {agreement.summary()}")
+    if report.kv_agreement is not None:
+        click.echo(f"  int8 KV cache vs float cache: {report.kv_agreement.summary()}")
+    for name, agreement in report.kv_adapter_agreement.items():
         click.echo(f"    through adapter {name}: {agreement.summary()}")
 
 

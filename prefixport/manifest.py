@@ -17,6 +17,10 @@ MODEL_NAME = "model.onnx"
 # "copy": present is a separate buffer of the same shape (plain ONNX ops write a copy).
 CACHE_MODES = ("shared", "copy")
 TOKENIZER_NAME = "tokenizer.json"
+# The KV cache's element type (`prefixport export --kv-cache-dtype`): the export's own float dtype, or
+# int8 (GroupQueryAttention's 8-bit cache with per-channel scales fixed at export: docs/design.md)
+KV_DTYPES = ("float32", "float16", "int8")
+KV_SCALES_NAME = "kv_scales.safetensors"  # an int8 cache's scales, for the runtime (prefix adapters)
 
 
 def past_key_name(layer: int) -> str:
@@ -74,6 +78,10 @@ class Manifest:
     cache: str = "shared"  # CACHE_MODES
     fused_ops: dict[str, int] = field(default_factory=dict)  # ONNX Runtime contrib ops in the graph
     quantization: dict[str, Any] | None = None  # weight-only quantisation and its agreement with float
+    # The cache's dtype: past/present (`dtype` where absent: manifests before the int8 cache). "int8":
+    # `kv_quantization` says how (scales in KV_SCALES_NAME, calibration, agreement with the float cache).
+    kv_dtype: str = ""
+    kv_quantization: dict[str, Any] | None = None
     opset: int = 18
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
@@ -85,6 +93,13 @@ class Manifest:
             self.inputs = input_names(self.num_layers)
         if not self.outputs:
             self.outputs = output_names(self.num_layers)
+        if not self.kv_dtype:
+            self.kv_dtype = self.dtype
+
+    @property
+    def kv_quantized(self) -> bool:
+        """Whether the cache holds integers (scaled per channel) rather than the export's floats."""
+        return self.kv_dtype == "int8"
 
     def save(self, folder: Path) -> None:
         (Path(folder) / MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -110,6 +125,9 @@ class Manifest:
                 f"{FORMAT_VERSION} (the slot KV cache, logits at the positions asked for); re-export the model with this version: "
                 f"prefixport export {Path(folder)} --overwrite"
             )
+        if data.get("kv_dtype") not in (None, "", *KV_DTYPES):
+            raise ExportFolderError(f"{path} has a KV cache of dtype {data['kv_dtype']!r}; this prefixport "
+                                    f"reads {', '.join(KV_DTYPES)}: re-export the model with this version")
         known = set(cls.__dataclass_fields__)
         try:
             return cls(**{k: v for k, v in data.items() if k in known})

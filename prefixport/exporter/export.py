@@ -13,12 +13,13 @@ from typing import Any, Sequence
 from .. import manifest as mf
 from ..errors import ExportError
 from ..progress import Progress
-from . import loading
+from . import kv_quant, loading
 from . import optimize as opt
 from .graph import GraphModule, weight_bytes, export_onnx
 from .verify import TOLERANCE, CaseResult, verify
 
 DTYPES = ("float32", "float16")
+KV_CACHE_DTYPES = ("float", "int8")  # float: the export's dtype; int8: kv_quant.py
 DEFAULT_OPSET = 18
 AGREEMENT_TOKENS = 32  # greedy tokens per prompt when judging a quantised graph
 MIN_OPSET = 18  # the oldest opset torch's dynamo exporter targets without a lossy down-conversion
@@ -34,6 +35,8 @@ class ExportReport:
     tolerance: float = 0.0
     agreement: Any = None  # runtime.agreement.Agreement of a quantised graph with the float one
     adapter_agreement: dict[str, Any] = field(default_factory=dict)  # adapter name -> its Agreement
+    kv_agreement: Any = None  # an int8 KV cache's Agreement with the float cache (same weights)
+    kv_adapter_agreement: dict[str, Any] = field(default_factory=dict)  # adapter name -> its Agreement
 
 
 def fingerprint(model: Any) -> str:
@@ -104,6 +107,7 @@ def export_model(
     quantize: str | None = None,
     check_adapters: Sequence[str | Path] = (),
     progress: Progress | None = None,
+    kv_cache_dtype: str = "float",
 ) -> ExportReport:
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
 
@@ -111,6 +115,9 @@ def export_model(
     (`optimize.py`); `quantize` (a name of `optimize.RECIPES`: "int8", "int4", "int4-rtn") then
     makes the weight MatMuls MatMulNBits and measures greedy agreement with the float graph,
     plain and through each bundle of `check_adapters` (converted for this base model).
+    `kv_cache_dtype` "int8" makes the KV cache 8-bit with per-channel scales calibrated here
+    (`kv_quant.py`; covering the keys and values of the `check_adapters` too) and measures its
+    agreement with the float cache the same way.
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -124,8 +131,19 @@ def export_model(
         raise ExportError(f"quantization {quantize!r} is not supported; choose one of {', '.join(opt.RECIPES)}")
     if quantize and dtype != "float32":
         raise ExportError("weight-only quantization starts from float32 weights; drop --dtype or --quantize")
-    if check_adapters and not quantize:
-        raise ExportError("adapters are checked against a quantised graph: add --quantize")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ExportError(f"KV cache dtype {kv_cache_dtype!r} is not supported; choose one of "
+                          f"{', '.join(KV_CACHE_DTYPES)}")
+    kv_int8 = kv_cache_dtype == "int8"
+    if kv_int8 and not optimize:
+        raise ExportError("an int8 KV cache needs the fused GroupQueryAttention (its kernel quantises the cache); "
+                          "a --no-optimize graph (TensorRT) keeps a float cache: drop --kv-cache-dtype int8 or "
+                          "--no-optimize")
+    if kv_int8 and dtype != "float32":
+        raise ExportError("an int8 KV cache needs a float32 export: ONNX Runtime 1.32's CPU GroupQueryAttention "
+                          "writes wrong values into an int8 cache from float16 (measured); drop --dtype float16")
+    if check_adapters and not quantize and not kv_int8:
+        raise ExportError("adapters are checked against a quantised graph: add --quantize or --kv-cache-dtype int8")
     missing = [str(p) for p in check_adapters if not Path(p).is_file()]
     if missing:
         raise ExportError(f"no adapter bundle at {', '.join(missing)}")
@@ -159,10 +177,18 @@ def export_model(
         if verify_graph:
             with progress.stage("verifying against PyTorch"):
                 results = verify(tmp, module, manifest)
+        calibration = None
+        if kv_int8:  # on the float weights: every weight recipe of a model gets the same scales
+            with progress.stage("calibrating the int8 KV cache"):
+                calibration = kv_quant.calibrate(tmp, adapters=[Path(p) for p in check_adapters])
         agreement, adapters = None, {}
         if quantize:
             with progress.stage(f"quantizing weights to {quantize}"):
                 agreement, adapters = _quantize(tmp, manifest, quantize, [Path(p) for p in check_adapters])
+        kv_agreement, kv_adapters = None, {}
+        if calibration is not None:
+            with progress.stage("making the KV cache int8"):
+                kv_agreement, kv_adapters = _kv_int8(tmp, manifest, calibration, [Path(p) for p in check_adapters])
         if outdir.exists():
             shutil.rmtree(outdir) if any(outdir.iterdir()) else outdir.rmdir()
         tmp.rename(outdir)
@@ -176,7 +202,7 @@ def export_model(
         raise
     sizes = {p.name: p.stat().st_size for p in sorted(outdir.iterdir()) if p.is_file()}
     return ExportReport(outdir, manifest, dict(progress.seconds), sizes, results, TOLERANCE[dtype], agreement,
-                        adapters)
+                        adapters, kv_agreement, kv_adapters)
 
 
 def _no_space(e: BaseException | None) -> bool:
@@ -219,6 +245,48 @@ def _quantize(folder: Path, manifest: mf.Manifest, recipe: str, adapters: list[P
                              "symmetric": algorithm == "rtn", "matmuls": matmuls,
                              "agreement_with_float": result.to_dict(),
                              "adapter_agreement_with_float": {n: a.to_dict() for n, a in by_adapter.items()}}
+    manifest.save(folder)
+    reference.close()
+    candidate.close()
+    return result, by_adapter
+
+
+def _kv_int8(folder: Path, manifest: mf.Manifest, calibration: kv_quant.Calibration, adapters: list[Path]):
+    """Make folder's KV cache int8 with the calibrated scales (graph, scales file, manifest) and
+    record its greedy agreement with the float cache on the same weights (held in memory meanwhile),
+    plain and through each adapter (a prefix's keys and values quantised by the runtime with the
+    same scales; the fraction of them clipped is recorded). Returns the plain Agreement and
+    {adapter name: Agreement}."""
+    import numpy as np
+
+    from ..adapters.bundle import load_bundle
+    from ..runtime import Engine
+    from ..runtime.agreement import PROMPTS, adapter_agreement, agreement
+    from ..runtime.kv_scales import KVScales
+
+    names = [path.stem for path in adapters]
+    if len(set(names)) < len(names):
+        raise ExportError(f"adapter bundles need different file names: {', '.join(names)}")
+    reference = Engine.load(folder)
+    for name, path in zip(names, adapters):
+        reference.add_adapter(name, path)
+    record = kv_quant.apply(folder, manifest, calibration)
+    candidate = Engine.load(folder)
+    scales = KVScales.load(folder, manifest)
+    assert scales is not None
+    clipped = {}
+    for name, path in zip(names, adapters):
+        candidate.add_adapter(name, path)
+        bundle = load_bundle(path, manifest)
+        if bundle.kind == "prefix":
+            clipped[name] = scales.clipped([t[None] for t in bundle.prefix(manifest.num_layers)])
+    prompts = [reference.encode(p, chat=True) for p in PROMPTS]
+    result = agreement(reference.backend, candidate.backend, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
+                       np.dtype(manifest.dtype))
+    by_adapter = {name: adapter_agreement(reference, candidate, name, PROMPTS, AGREEMENT_TOKENS) for name in names}
+    record["agreement_with_float_cache"] = result.to_dict()
+    record["adapter_agreement_with_float_cache"] = {n: a.to_dict() for n, a in by_adapter.items()}
+    record["prefix_values_clipped"] = clipped  # a prefix adapter's keys/values beyond its channels' int8 range
     manifest.save(folder)
     reference.close()
     candidate.close()

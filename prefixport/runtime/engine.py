@@ -28,6 +28,7 @@ from .generation import Proposer, RowRequest, generate_rows, prefill_new, score_
 from .grammar import CACHE_SIZE as GRAMMAR_CACHE_SIZE
 from .grammar import Grammar, GrammarVocab
 from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
+from .kv_scales import KVScales
 from .logprobs import TokenLogprob, check_top
 from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PromptCache
@@ -207,7 +208,8 @@ class Engine:
         self.generation_config = generation_config
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-        self.store = AdapterStore(backend, manifest, adapter_budget_bytes)
+        self.kv_scales = KVScales.load(folder, manifest)  # an int8 cache's (prefix adapters are quantised with them)
+        self.store = AdapterStore(backend, manifest, adapter_budget_bytes, self.kv_scales)
         # prompt prefixes' keys and values, shared by every call and scheduler (None: off)
         self.prompt_cache = PromptCache(manifest, prompt_cache_bytes) if prompt_cache_bytes else None
         # speculative decoding's proposers: `speculative="prompt-lookup"`, and "draft" if a draft export was loaded
@@ -281,7 +283,10 @@ class Engine:
         names = mf.past_names(m.num_layers)
         meta = {k: v for k, v in bundle.metadata.items() if k not in ("kind", "n_virtual", "dtype")}
         meta["baked_from"] = "prompt"
-        return make_bundle(kind="prefix", tensors=dict(zip(names, cache.read(0))), **meta)
+        arrays = cache.read(0)
+        if self.kv_scales is not None:  # an int8 cache: the values its attention reads (they quantise back exactly)
+            arrays = [a.astype(m.dtype) for a in self.kv_scales.dequantize(arrays)]
+        return make_bundle(kind="prefix", tensors=dict(zip(names, arrays)), **meta)
 
     @property
     def context_limit(self) -> int:

@@ -56,8 +56,9 @@ class CacheSettings:
 
 
 def slot_bytes(manifest: mf.Manifest) -> int:
-    """Bytes one slot (one position of one row) takes over every layer, keys and values."""
-    return 2 * manifest.num_layers * manifest.num_kv_heads * manifest.head_dim * np.dtype(manifest.dtype).itemsize
+    """Bytes one slot (one position of one row) takes over every layer, keys and values, in the
+    cache's dtype (`manifest.kv_dtype`: an int8 cache takes a quarter of a float32 one)."""
+    return 2 * manifest.num_layers * manifest.num_kv_heads * manifest.head_dim * np.dtype(manifest.kv_dtype).itemsize
 
 
 def row_bytes(manifest: mf.Manifest, slots: int) -> int:

@@ -139,7 +139,7 @@ class PromptCache:
                              f"{budget_bytes} and {block_tokens}")
         self.budget_bytes, self.block_tokens = budget_bytes, block_tokens
         self.slot_bytes = slot_bytes(manifest)
-        self._base = f"{manifest.fingerprint}:{manifest.dtype}".encode()
+        self._base = f"{manifest.fingerprint}:{manifest.dtype}:{manifest.kv_dtype}".encode()  # blocks in the cache's dtype
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # LRU order: oldest first
         self._lock = threading.Lock()
         self.nbytes = 0

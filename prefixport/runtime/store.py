@@ -8,6 +8,7 @@ never disturbs a request already in flight.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ from ..adapters.prompt_format import PromptFormat
 from ..errors import AdapterError
 from .backends import Backend
 from .feed import AdapterFeed
+from .kv_scales import KVScales
 from .stats import AdapterStats, StoreStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,7 +34,7 @@ class _Entry:
     path: Path | None  # None: registered from memory, so pinned (never evicted)
     kind: str
     n_virtual: int
-    nbytes: int  # resident, in the export's dtype (a float16 bundle on a float32 export: doubled)
+    nbytes: int  # resident: a soft prompt in the export's dtype, a prefix in the cache's (int8: a quarter)
     prompt_format: PromptFormat | None  # how its prompts were formatted in training; None: not recorded
     hits: int = 0
     misses: int = 0
@@ -38,10 +42,16 @@ class _Entry:
 
 
 class AdapterStore:
-    """Adapters by name; `budget_bytes=None` keeps every registered adapter resident."""
+    """Adapters by name; `budget_bytes=None` keeps every registered adapter resident. With an int8
+    KV cache (`kv_scales`), a prefix's keys and values are held quantised with the graph's scales,
+    once, as they are read: every request copies them into its cache row as they are."""
 
-    def __init__(self, backend: Backend, manifest: mf.Manifest, budget_bytes: int | None = None) -> None:
+    def __init__(self, backend: Backend, manifest: mf.Manifest, budget_bytes: int | None = None,
+                 kv_scales: KVScales | None = None) -> None:
         self.backend, self.manifest, self.budget_bytes = backend, manifest, budget_bytes
+        if manifest.kv_quantized and kv_scales is None:
+            raise AdapterError("an int8 KV cache needs its scales to hold prefix adapters (KVScales.load)")
+        self.kv_scales = kv_scales
         self._entries: dict[str, _Entry] = {}
         self._resident: OrderedDict[str, AdapterFeed] = OrderedDict()  # LRU order: oldest first
         self._lock = threading.Lock()
@@ -60,7 +70,14 @@ class AdapterStore:
             raise AdapterError(f"{name} has {bundle.n_virtual} virtual tokens, more than the TensorRT engine's "
                                f"max_virtual {limits.max_virtual}; rebuild it with a larger --max-virtual")
         feed = self._feed(name, bundle)
-        resident_bytes = sum(t.size for t in bundle.tensors.values()) * np.dtype(self.manifest.dtype).itemsize
+        if self.kv_scales is not None and bundle.kind == "prefix":
+            clipped = self.kv_scales.clipped([t[None] for t in bundle.prefix(self.manifest.num_layers)])
+            if clipped:  # the int8 range of some channels is too narrow for this prefix: it is clipped
+                log.warning("adapter %s: %.2f%% of its prefix keys and values lie beyond the int8 KV cache's "
+                            "range and are clipped (its outputs may change); export with --check-adapter for it "
+                            "so that the cache's scales cover it", name, 100 * clipped)
+        dtype = self.manifest.dtype if bundle.kind == "prompt" else self.manifest.kv_dtype
+        resident_bytes = sum(t.size for t in bundle.tensors.values()) * np.dtype(dtype).itemsize
         entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, resident_bytes,
                        bundle.prompt_format)
         with self._lock:
@@ -142,7 +159,11 @@ class AdapterStore:
             embeds = np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype)
             return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual, name=name,
                                digest=digest)
-        past = [self.backend.upload(np.ascontiguousarray(t[None], dtype)) for t in bundle.prefix(self.manifest.num_layers)]
+        arrays = [t[None] for t in bundle.prefix(self.manifest.num_layers)]
+        if self.kv_scales is None:
+            past = [self.backend.upload(np.ascontiguousarray(a, dtype)) for a in arrays]
+        else:  # the cache's int8, with the graph's own scales and rounding
+            past = [self.backend.upload(a, np.dtype(np.int8)) for a in self.kv_scales.quantize(arrays)]
         return AdapterFeed(past=past, past_len=bundle.n_virtual, name=name, digest=digest)
 
     def _evict(self, keep: str) -> None:

@@ -37,13 +37,15 @@ class Backend(Protocol):
         on the host (K: `logits_index`'s width)."""
         ...
 
-    def upload(self, array: np.ndarray) -> Any:
-        """A buffer holding `array` where the backend computes (an adapter's soft prompt or
-        prefix): `run` and `copy_into` take it in place of the array."""
+    def upload(self, array: np.ndarray, dtype: Any = None) -> Any:
+        """A buffer holding `array` in `dtype` (default: the export's float dtype) where the backend
+        computes (an adapter's soft prompt, or a prefix in the cache's dtype): `run` and `copy_into`
+        take it in place of the array."""
         ...
 
-    def allocate(self, shape: tuple[int, ...]) -> Any:
-        """A zeroed buffer of the export's dtype (a "copy" graph reads every slot: no garbage)."""
+    def allocate(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        """A zeroed buffer of `dtype`, default the KV cache's (`manifest.kv_dtype`: the export's
+        float dtype, or int8). A "copy" graph reads every slot: no garbage."""
         ...
 
     def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None, at: int = 0,

@@ -119,7 +119,8 @@ class OnnxRuntimeBackend:
             raise DeviceError(f"ONNX Runtime could not start {_EP[provider]} (running with "
                               f"{', '.join(self.session.get_providers())}); its log above names the missing library")
         self.manifest = manifest
-        self.np_dtype = np.dtype(manifest.dtype)
+        self.np_dtype = np.dtype(manifest.dtype)  # prompt_embeds and logits
+        self.kv_dtype = np.dtype(manifest.kv_dtype)  # the cache: np_dtype, or int8 (docs/design.md)
         self._outputs = list(manifest.outputs)
         self._past_names = mf.past_names(manifest.num_layers)
         self._device_buffers: Any = None
@@ -153,7 +154,7 @@ class OnnxRuntimeBackend:
         for names, values in ((self._past_names, past), (self._outputs[1:], present)):
             bind = binding.bind_input if names is self._past_names else binding.bind_output
             for name, value in zip(names, values):
-                bind(name, *self._where(value), self.np_dtype, value.shape, _pointer(value))
+                bind(name, *self._where(value), self.kv_dtype, value.shape, _pointer(value))
         self._bindings.held = (past, present, binding)
         return binding
 
@@ -163,13 +164,15 @@ class OnnxRuntimeBackend:
     def _on_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
-    def upload(self, array: np.ndarray) -> Any:
-        return np.ascontiguousarray(array, self.np_dtype) if self.device == "cpu" else self._gpu().from_numpy(array)
+    def upload(self, array: np.ndarray, dtype: Any = None) -> Any:
+        host = np.ascontiguousarray(array, self.np_dtype if dtype is None else dtype)
+        return host if self.device == "cpu" else self._gpu().from_numpy(host)
 
-    def allocate(self, shape: tuple[int, ...]) -> Any:
+    def allocate(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        dtype = np.dtype(self.kv_dtype if dtype is None else dtype)
         if self.device != "cpu":
-            return self._gpu().zeros(shape, self.np_dtype)
-        buffer = np.empty(shape, self.np_dtype)
+            return self._gpu().zeros(shape, dtype)
+        buffer = np.empty(shape, dtype)
         buffer.fill(0)  # written now, not page by page as slots fill: the memory is held from the start
         return buffer
 

@@ -118,11 +118,11 @@ class TensorRTBackend:
                               f"(profile {self.profiles[self._profile].name})")
         self.context.set_tensor_address(name, value.ptr)
 
-    def upload(self, array: np.ndarray) -> Any:
-        return DeviceArray.from_numpy(array, self.stream, self.np_dtype)
+    def upload(self, array: np.ndarray, dtype: Any = None) -> Any:
+        return DeviceArray.from_numpy(array, self.stream, self.np_dtype if dtype is None else dtype)
 
-    def allocate(self, shape: tuple[int, ...]) -> Any:
-        return DeviceArray(shape, self.np_dtype, self.stream).zero()
+    def allocate(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        return DeviceArray(shape, self.np_dtype if dtype is None else dtype, self.stream).zero()
 
     def copy_into(self, dst: Any, src: Any, row: int = 0, slots: int | None = None, at: int = 0,
                   src_at: int = 0) -> None:
