@@ -147,6 +147,20 @@ def llama_engine(tiny_export, tiny_adapters):
 
 
 @pytest.fixture(scope="module")
+def llama_cache_pair(tiny_export, tiny_adapters):
+    """The tiny Llama export twice, with and without a prompt cache, every adapter variant registered."""
+    from prefixport.runtime import Engine
+
+    engines = (Engine.load(tiny_export("llama")), Engine.load(tiny_export("llama"), prompt_cache_bytes=0))
+    for engine in engines:
+        for name in ADAPTER_VARIANTS:
+            engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
+    yield engines
+    for engine in engines:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
 def served(tiny_export, tiny_adapters, tmp_path_factory):
     """A server over the tiny Llama export with all four adapter kinds: (engine, url, folder, Server)."""
     import shutil

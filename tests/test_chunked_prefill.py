@@ -23,16 +23,10 @@ TEXT = ("The harbour master kept a ledger of every ship that came into port: its
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_export, tiny_adapters):
+def llama(llama_cache_pair):
     """The tiny Llama export (its attention rounds the last row of a run of 32k + 1 rows otherwise),
-    every adapter variant registered; and the same export without a prompt cache."""
-    engines = (Engine.load(tiny_export("llama")), Engine.load(tiny_export("llama"), prompt_cache_bytes=0))
-    for engine in engines:
-        for name in ADAPTER_VARIANTS:
-            engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
-    yield engines
-    for engine in engines:
-        engine.close()
+    with and without a prompt cache."""
+    return llama_cache_pair
 
 
 def test_the_chunk_rule_keeps_runs_ending_alike():

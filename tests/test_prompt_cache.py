@@ -27,15 +27,9 @@ QUESTIONS = ["Where is parcel 12?", "Wo ist mein Paket?", "Où est le colis 7 ?"
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_export, tiny_adapters):
-    """The tiny Llama export twice, with and without a prompt cache, every adapter variant registered."""
-    engines = (Engine.load(tiny_export("llama")), Engine.load(tiny_export("llama"), prompt_cache_bytes=0))
-    for engine in engines:
-        for name in ADAPTER_VARIANTS:
-            engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
-    yield engines
-    for engine in engines:
-        engine.close()
+def pair(llama_cache_pair):
+    """The tiny Llama export twice, with and without a prompt cache (conftest.py)."""
+    return llama_cache_pair
 
 
 @pytest.mark.parametrize("adapter", [None, *ADAPTER_VARIANTS])
