@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # prompt tokens a step prefills (per BUDGET_ROWS decoding rows): measured on 2 cores, the int8 export at
-# 4 concurrent users keeps its inter-token p99 under 250 ms (docs/benchmarks.md, "Chunked prefill")
+# 4 concurrent users keeps its inter-token p99 under 250 ms (docs/design.md, "Chunked prefill")
 DEFAULT_PREFILL_BUDGET = 32
 
 
