@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import manifest as mf
 from ..errors import ExportError
@@ -214,24 +214,23 @@ def _no_space(e: BaseException | None) -> bool:
     return False
 
 
-def _quantize(folder: Path, manifest: mf.Manifest, recipe: str, adapters: list[Path]):
-    """Quantise folder's graph in place; record the method and its greedy agreement with the
-    float graph (held in memory meanwhile) in the manifest, plain and through each adapter
-    (checked against the float export first, so a bundle of another model fails early).
-    Returns the plain Agreement and {adapter name: Agreement}."""
+def _against_before(folder: Path, manifest: mf.Manifest, adapters: list[Path], change: Callable[[], Any]):
+    """Run `change()` on folder's graph in place and measure the greedy agreement of the graph after
+    it with the graph before it (held in memory meanwhile), plain and through each adapter (checked
+    against the export before the change first, so a bundle of another model fails early).
+    Returns what `change` returned, the plain Agreement and {adapter name: Agreement}."""
     import numpy as np
 
     from ..runtime import Engine
     from ..runtime.agreement import PROMPTS, adapter_agreement, agreement
 
-    reference = Engine.load(folder)
     names = [path.stem for path in adapters]
     if len(set(names)) < len(names):
         raise ExportError(f"adapter bundles need different file names: {', '.join(names)}")
+    reference = Engine.load(folder)
     for name, path in zip(names, adapters):
         reference.add_adapter(name, path)
-    kind, algorithm = opt.RECIPES[recipe]
-    matmuls = opt.quantize(folder / mf.MODEL_NAME, kind, algorithm=algorithm)
+    changed = change()
     candidate = Engine.load(folder)
     prompts = [reference.encode(p, chat=True) for p in PROMPTS]
     result = agreement(reference.backend, candidate.backend, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
@@ -240,54 +239,45 @@ def _quantize(folder: Path, manifest: mf.Manifest, recipe: str, adapters: list[P
     for name, path in zip(names, adapters):
         candidate.add_adapter(name, path)
         by_adapter[name] = adapter_agreement(reference, candidate, name, PROMPTS, AGREEMENT_TOKENS)
+    reference.close()
+    candidate.close()
+    return changed, result, by_adapter
+
+
+def _quantize(folder: Path, manifest: mf.Manifest, recipe: str, adapters: list[Path]):
+    """Quantise folder's graph in place; record the method and its greedy agreement with the
+    float graph in the manifest, plain and through each adapter (`_against_before`).
+    Returns the plain Agreement and {adapter name: Agreement}."""
+    kind, algorithm = opt.RECIPES[recipe]
+    matmuls, result, by_adapter = _against_before(
+        folder, manifest, adapters, lambda: opt.quantize(folder / mf.MODEL_NAME, kind, algorithm=algorithm))
     manifest.quantization = {"method": "MatMulNBits", "recipe": recipe, "algorithm": algorithm,
                              "bits": opt.QUANTIZATIONS[kind], "block_size": opt.QUANT_BLOCK_SIZE,
                              "symmetric": algorithm == "rtn", "matmuls": matmuls,
                              "agreement_with_float": result.to_dict(),
                              "adapter_agreement_with_float": {n: a.to_dict() for n, a in by_adapter.items()}}
     manifest.save(folder)
-    reference.close()
-    candidate.close()
     return result, by_adapter
 
 
 def _kv_int8(folder: Path, manifest: mf.Manifest, calibration: kv_quant.Calibration, adapters: list[Path]):
     """Make folder's KV cache int8 with the calibrated scales (graph, scales file, manifest) and
-    record its greedy agreement with the float cache on the same weights (held in memory meanwhile),
+    record its greedy agreement with the float cache on the same weights (`_against_before`),
     plain and through each adapter (a prefix's keys and values quantised by the runtime with the
     same scales; the fraction of them clipped is recorded). Returns the plain Agreement and
     {adapter name: Agreement}."""
-    import numpy as np
-
     from ..adapters.bundle import load_bundle
-    from ..runtime import Engine
-    from ..runtime.agreement import PROMPTS, adapter_agreement, agreement
     from ..runtime.kv_scales import KVScales
 
-    names = [path.stem for path in adapters]
-    if len(set(names)) < len(names):
-        raise ExportError(f"adapter bundles need different file names: {', '.join(names)}")
-    reference = Engine.load(folder)
-    for name, path in zip(names, adapters):
-        reference.add_adapter(name, path)
-    record = kv_quant.apply(folder, manifest, calibration)
-    candidate = Engine.load(folder)
-    scales = KVScales.load(folder, manifest)
-    assert scales is not None
-    clipped = {}
-    for name, path in zip(names, adapters):
-        candidate.add_adapter(name, path)
+    record, result, by_adapter = _against_before(folder, manifest, adapters,
+                                                 lambda: kv_quant.apply(folder, manifest, calibration))
+    scales, clipped = KVScales(calibration.scales), {}
+    for path in adapters:
         bundle = load_bundle(path, manifest)
         if bundle.kind == "prefix":
-            clipped[name] = scales.clipped([t[None] for t in bundle.prefix(manifest.num_layers)])
-    prompts = [reference.encode(p, chat=True) for p in PROMPTS]
-    result = agreement(reference.backend, candidate.backend, prompts, AGREEMENT_TOKENS, manifest.hidden_size,
-                       np.dtype(manifest.dtype))
-    by_adapter = {name: adapter_agreement(reference, candidate, name, PROMPTS, AGREEMENT_TOKENS) for name in names}
+            clipped[path.stem] = scales.clipped([t[None] for t in bundle.prefix(manifest.num_layers)])
     record["agreement_with_float_cache"] = result.to_dict()
     record["adapter_agreement_with_float_cache"] = {n: a.to_dict() for n, a in by_adapter.items()}
     record["prefix_values_clipped"] = clipped  # a prefix adapter's keys/values beyond its channels' int8 range
     manifest.save(folder)
-    reference.close()
-    candidate.close()
     return result, by_adapter
