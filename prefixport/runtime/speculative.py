@@ -204,13 +204,12 @@ def check_draft(target: Path, target_manifest: mf.Manifest, draft: Path, draft_m
                          f"{target_manifest.dtype}; export the draft with --dtype {target_manifest.dtype}")
     # The draft's cache takes the target's prefix adapters as the target holds them: the same dtype
     # and, for int8, the same scales (calibrated on the float model: equal for every weight recipe).
+    draft_kv, target_kv = draft_manifest.kv_dtype, target_manifest.kv_dtype
     scales = [(m.kv_quantization or {}).get("scales_sha256") for m in (draft_manifest, target_manifest)]
-    if draft_manifest.kv_dtype != target_manifest.kv_dtype or scales[0] != scales[1]:
-        raise InputError(f"the draft export {draft} has a {draft_manifest.kv_dtype} KV cache, the target a "
-                         f"{target_manifest.kv_dtype} one" + (" with other scales" if scales[0] != scales[1]
-                                                              and draft_manifest.kv_dtype == target_manifest.kv_dtype
-                                                              else "")
-                         + f"; export the draft with --kv-cache-dtype {target_manifest.kv_dtype} from the same model")
+    if draft_kv != target_kv or scales[0] != scales[1]:
+        other = " with other scales" if draft_kv == target_kv else ""
+        raise InputError(f"the draft export {draft} has a {draft_kv} KV cache, the target a {target_kv} one{other}; "
+                         f"export the draft with --kv-cache-dtype {target_kv} from the same model")
     if _tokenizer(draft) != _tokenizer(target):
         raise InputError(f"the draft export {draft} has another tokenizer than {target}: its token ids would not "
                          "be the target's")
