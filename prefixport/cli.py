@@ -14,6 +14,7 @@ from .errors import PrefixportError
 from .progress import Progress
 
 if TYPE_CHECKING:
+    from .adapters import Bundle
     from .runtime import BackendSettings
 
 
@@ -96,16 +97,34 @@ def main() -> None:
               help="The KV cache's dtype: float (the export's --dtype) or int8 (a quarter of float32's memory per "
                    "token; per-channel scales calibrated at export, covering each --check-adapter's keys and values "
                    "too; reports greedy agreement with the float cache, through each of them). Not with --no-optimize.")
+@click.option("--lora", is_flag=True,
+              help="Take LoRA and IA3 tensors per row at run time (any LoRA up to --lora-max-rank on the "
+                   "--lora-targets modules, any IA3 on the --ia3-targets ones), mixed per row with the other adapters.")
+@click.option("--lora-targets", default="", metavar="NAMES",
+              help="With --lora: the modules of a decoder layer taking LoRA, comma-separated PEFT-style names "
+                   "(e.g. q_proj,v_proj). Default: every linear module (PEFT's all-linear).")
+@click.option("--ia3-targets", default=None, metavar="NAMES",
+              help="With --lora: the modules taking IA3, comma-separated, or 'none'. Default: PEFT's IA3 targets "
+                   "for the architecture (Llama: k_proj, v_proj, down_proj).")
+@click.option("--lora-max-rank", type=click.IntRange(min=1), default=16, show_default=True,
+              help="With --lora: the largest LoRA rank the export takes (lower ranks are zero-padded to it).")
 @_errors
 def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
-           optimize: bool, quantize: str | None, check_adapters: tuple[str, ...], kv_cache_dtype: str) -> None:
+           optimize: bool, quantize: str | None, check_adapters: tuple[str, ...], kv_cache_dtype: str,
+           lora: bool, lora_targets: str, ia3_targets: str | None, lora_max_rank: int) -> None:
     """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
-    from .exporter import export_model
+    from .exporter import LoraOptions, export_model
 
+    if not lora and (lora_targets or ia3_targets is not None or lora_max_rank != 16):
+        raise click.UsageError("--lora-targets, --ia3-targets and --lora-max-rank go with --lora")
+    names = lambda text: tuple(n.strip() for n in text.split(",") if n.strip())  # noqa: E731
+    options = LoraOptions(names(lora_targets), None if ia3_targets is None else
+                          () if ia3_targets.strip() == "none" else names(ia3_targets), lora_max_rank) if lora else None
     progress = Progress(_echo_err)
     report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset, verify_graph=not no_verify,
                           overwrite=overwrite, optimize=optimize, quantize=quantize,
-                          check_adapters=check_adapters, progress=progress, kv_cache_dtype=kv_cache_dtype)
+                          check_adapters=check_adapters, progress=progress, kv_cache_dtype=kv_cache_dtype,
+                          lora=options)
     m = report.manifest
     click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
     click.echo(f"  time: {progress.elapsed():.1f}s ("
@@ -120,6 +139,9 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
         click.echo("  not verified (--no-verify)")
     if m.fused_ops:
         click.echo("  fused: " + ", ".join(f"{n} x{k}" for n, k in m.fused_ops.items()))
+    if m.weights:
+        click.echo(f"  LoRA (rank <= {m.weights.max_rank}) on {', '.join(m.weights.lora)}; IA3 on "
+                   + (", ".join(f"{p} ({side})" for p, side in m.weights.ia3.items()) or "none"))
     if report.agreement is not None:
         click.echo(f"  {quantize} weights vs float: {report.agreement.summary()}")
     for name, agreement in report.adapter_agreement.items():
@@ -554,7 +576,7 @@ def adapter() -> None:
 @_errors
 def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int | None, bake_prefix: bool,
                     prompt_format: str | None, out: str | None) -> None:
-    """Convert a PEFT prompt-tuning, p-tuning, multitask or prefix-tuning checkpoint to a bundle."""
+    """Convert a PEFT prompt-tuning, p-tuning, multitask, prefix-tuning, LoRA or IA3 checkpoint to a bundle."""
     from pathlib import Path
 
     from .adapters import bundle_path, convert_for_export, save_bundle
@@ -570,8 +592,12 @@ def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int 
         finally:
             engine.close()
     path = save_bundle(bundle, path)
+    if bundle.kind in ("lora", "ia3"):  # weight adapters: no virtual tokens
+        size = (f"rank {bundle.rank}, " if bundle.kind == "lora" else "") + f"{len(bundle.modules)} modules"
+    else:
+        size = f"{bundle.n_virtual} virtual tokens"
     click.echo(f"wrote {path}: {bundle.kind} adapter {bundle.name!r} ({bundle.metadata['peft_type']}), "
-               f"{bundle.n_virtual} virtual tokens, {bundle.nbytes:,} bytes"
+               f"{size}, {bundle.nbytes:,} bytes"
                + (f", prompt format {prompt_format!r}" if prompt_format is not None else ""))
 
 
@@ -593,7 +619,8 @@ def adapter_inspect(adapter_file: str, export_dir: str | None) -> None:
         b = load_bundle(path, Manifest.load(export_dir))
     meta = b.metadata
     rows = [("name", b.name), ("kind", b.kind), ("source PEFT type", meta["peft_type"]),
-            ("n_virtual", str(b.n_virtual)), ("dtype", meta["dtype"]), ("bytes", f"{b.nbytes:,}"),
+            *(_weight_rows(b) if b.kind in ("lora", "ia3") else [("n_virtual", str(b.n_virtual))]),
+            ("dtype", meta["dtype"]), ("bytes", f"{b.nbytes:,}"),
             ("tensors", str(len(b.tensors))), ("base fingerprint", meta["fingerprint"]),
             ("format version", meta["format_version"])]
     rows += [(k, v) for k, v in meta.items() if k in ("task", "source", "baked_from") and v]
@@ -602,6 +629,33 @@ def adapter_inspect(adapter_file: str, export_dir: str | None) -> None:
         rows.append(("fits", f"{export_dir} (its base model and shapes)"))
     for key, value in rows:
         click.echo(f"{key:>17}: {value}")
+
+
+def _weight_rows(b: Bundle) -> list[tuple[str, str]]:
+    """inspect's rows for a lora or ia3 bundle: its rank, modules, layers, scalings or sides."""
+    paths = sorted({path for _, path in b.modules})
+    layers = sorted({layer for layer, _ in b.modules})
+    runs: list[list[int]] = []
+    for layer in layers:  # consecutive layers as one run, "0-29"
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    spans = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+    rows = [("targets", ", ".join(paths)), ("layers", spans)]
+    if b.kind == "ia3":
+        return rows + [("scale inputs", ", ".join(b.feedforward) or "none (every vector scales its output)")]
+    scalings = b.scalings
+    by_path = {p: {s for key, s in scalings.items() if key.split(".", 1)[1] == p} for p in paths}
+    if len(set(scalings.values())) == 1:
+        scaling = ("scaling", f"{next(iter(scalings.values())):g}")
+    elif all(len(values) == 1 for values in by_path.values()):
+        scaling = ("scalings", ", ".join(f"{p} {next(iter(v)):g}" for p, v in by_path.items()))
+    else:
+        scaling = ("scalings", f"{min(scalings.values()):g} to {max(scalings.values()):g}, per module (the "
+                               "bundle's `scalings` metadata)")
+    rule = " (alpha / sqrt(r): rsLoRA)" if b.metadata.get("use_rslora") == "true" else ""
+    return [("rank", str(b.rank))] + rows + [(scaling[0], scaling[1] + rule)]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from typing import Any
 
 from .errors import ExportFolderError
 
-FORMAT_VERSION = 3  # 2: the slot cache (per-row lengths, one buffer for past and present); 3: logits_index
+# 2: the slot cache (per-row lengths, one buffer for past and present); 3: logits_index; 4: LoRA and IA3
+# tables per row (`weight_adapters`, absent from an export made without --lora)
+FORMAT_VERSION = 4
 MANIFEST_NAME = "prefixport.json"
 MODEL_NAME = "model.onnx"
 # "shared": the runtime binds one buffer as past and present (GroupQueryAttention writes in place);
@@ -44,8 +46,61 @@ def past_names(num_layers: int) -> list[str]:
     return [n for i in range(num_layers) for n in (past_key_name(i), past_value_name(i))]
 
 
-def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "prompt_embeds", "past_lengths", "input_lengths", "logits_index", *past_names(num_layers)]
+def lora_a_name(layer: int, path: str) -> str:
+    """A LoRA's A of decoder layer `layer`'s linear module `path` (e.g. "self_attn.q_proj"): PEFT's
+    lora_A.weight [r, in], in a bundle; as a graph input [batch, rank, in]."""
+    return f"lora.{layer}.{path}.a"
+
+
+def lora_b_name(layer: int, path: str) -> str:
+    """A LoRA's B: as a graph input [batch, rank, out] (B transposed, times the scaling); in a bundle
+    PEFT's lora_B.weight [out, r]."""
+    return f"lora.{layer}.{path}.b"
+
+
+def ia3_name(layer: int, path: str) -> str:
+    """An IA3 vector of layer `layer`'s module `path`: [batch, dim] as a graph input, [dim] in a bundle."""
+    return f"ia3.{layer}.{path}"
+
+
+@dataclass(frozen=True)
+class WeightAdapters:
+    """What an export made with `--lora` takes per row beside the soft prompt and the prefix
+    (docs/design.md, "LoRA and IA3"): for each decoder layer, a LoRA's A and B for every module of
+    `lora` (rank up to `max_rank`, zero-padded) and an IA3 vector for every module of `ia3`, which
+    scales the module's input ("input": PEFT's feedforward modules) or its output ("output").
+    `shapes`: each module's [in, out] features; `layers_path`: where the model keeps its decoder
+    layers (as PEFT's checkpoint keys name them, e.g. "model.layers")."""
+
+    max_rank: int
+    shapes: dict[str, list[int]]
+    lora: list[str]
+    ia3: dict[str, str]
+    layers_path: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WeightAdapters":
+        return cls(int(data["max_rank"]), {k: list(v) for k, v in data["shapes"].items()}, list(data["lora"]),
+                   dict(data["ia3"]), str(data["layers_path"]))
+
+    def ia3_dim(self, path: str) -> int:
+        """An IA3 vector's length: the module's input features where it scales the input, else its output's."""
+        features_in, features_out = self.shapes[path]
+        return features_in if self.ia3[path] == "input" else features_out
+
+    def input_names(self, num_layers: int) -> list[str]:
+        """The graph inputs in graph order: per layer, each LoRA module's A and B, then each IA3 vector."""
+        names = []
+        for layer in range(num_layers):
+            for path in self.lora:
+                names += [lora_a_name(layer, path), lora_b_name(layer, path)]
+            names += [ia3_name(layer, path) for path in self.ia3]
+        return names
+
+
+def input_names(num_layers: int, weights: WeightAdapters | None = None) -> list[str]:
+    return ["input_ids", "prompt_embeds", "past_lengths", "input_lengths", "logits_index", *past_names(num_layers),
+            *(weights.input_names(num_layers) if weights else [])]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -82,6 +137,8 @@ class Manifest:
     # `kv_quantization` says how (scales in KV_SCALES_NAME, calibration, agreement with the float cache).
     kv_dtype: str = ""
     kv_quantization: dict[str, Any] | None = None
+    # LoRA and IA3 inputs (`export --lora`): WeightAdapters as a dict; None: the export takes none
+    weight_adapters: dict[str, Any] | None = None
     opset: int = 18
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
@@ -90,11 +147,16 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if not self.inputs:
-            self.inputs = input_names(self.num_layers)
+            self.inputs = input_names(self.num_layers, self.weights)
         if not self.outputs:
             self.outputs = output_names(self.num_layers)
         if not self.kv_dtype:
             self.kv_dtype = self.dtype
+
+    @property
+    def weights(self) -> WeightAdapters | None:
+        """The LoRA and IA3 inputs the graph takes, or None (an export without --lora)."""
+        return WeightAdapters.from_dict(self.weight_adapters) if self.weight_adapters else None
 
     @property
     def kv_quantized(self) -> bool:
@@ -122,7 +184,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise ExportFolderError(
                 f"{path} has graph contract version {version!r}, this prefixport reads version "
-                f"{FORMAT_VERSION} (the slot KV cache, logits at the positions asked for); re-export the model with this version: "
+                f"{FORMAT_VERSION} (the slot KV cache, logits at the positions asked for, LoRA and IA3 inputs); re-export the model with this version: "
                 f"prefixport export {Path(folder)} --overwrite"
             )
         if data.get("kv_dtype") not in (None, "", *KV_DTYPES):

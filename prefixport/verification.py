@@ -52,9 +52,15 @@ def cases(manifest: mf.Manifest, rng: np.random.Generator, embed_std: float = 0.
     def cache(batch: int) -> list[np.ndarray]:
         return [rng.standard_normal((batch, *shape)).astype(dt) for _ in range(2 * manifest.num_layers)]
 
-    def call(lengths: list[int], past: list[int], virtual: int = 0, every: bool = False) -> dict[str, np.ndarray]:
+    weights = manifest.weights
+
+    def call(lengths: list[int], past: list[int], virtual: int = 0, every: bool = False,
+             rank: int = 4) -> dict[str, np.ndarray]:
         rows = [rng.integers(0, vocab, n).tolist() for n in lengths]
-        return graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past), every=every)
+        inputs = graph_inputs(rows, soft(len(lengths), virtual), virtual, np.array(past), every=every)
+        if weights is not None:  # LoRA of `rank` (0: none) and IA3 per row, random: the adapted path is checked
+            inputs |= weight_tables(weights, manifest.num_layers, len(lengths), rank, dt, rng)
+        return inputs
 
     yield "prefill", call([7], [0]), cache(1)
     yield "prefill after a prefix", call([4], [7], virtual=2), None
@@ -63,6 +69,23 @@ def cases(manifest: mf.Manifest, rng: np.random.Generator, embed_std: float = 0.
     yield "prefill batch 2, right padding, every position", call([8, 3], [0, 0], every=True), cache(2)
     yield "decode, rows of different lengths", call([1, 1], [8, 3]), None
     yield "soft prompt alone", call([0], [0], virtual=5), cache(1)
+    if weights is not None:
+        yield "decode without LoRA (rank 0)", call([1], [5], rank=0), None
+
+
+def weight_tables(weights: mf.WeightAdapters, num_layers: int, batch: int, rank: int, dtype: np.dtype,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random LoRA tables of `rank` (A and B small) and IA3 vectors (near 1), by input name."""
+    out = {}
+    for name in weights.input_names(num_layers):
+        path = name.split(".", 2)[2]
+        if name.startswith("ia3."):
+            out[name] = (1 + 0.1 * rng.standard_normal((batch, weights.ia3_dim(path)))).astype(dtype)
+            continue
+        features_in, features_out = weights.shapes[path.rsplit(".", 1)[0]]
+        shape = (batch, rank, features_in if name.endswith(".a") else features_out)
+        out[name] = (0.05 * rng.standard_normal(shape)).astype(dtype)
+    return out
 
 
 def run_cases(candidate: Runner, reference: Runner, manifest: mf.Manifest, seed: int = SEED,
@@ -93,7 +116,9 @@ def backend_runner(backend: Backend) -> Runner:
             backend.copy_into(buffer, array)
             past.append(buffer)
         present = past if backend.manifest.cache == "shared" else [backend.allocate(a.shape) for a in arrays]
-        logits = backend.run(inputs, past, present)
+        names = backend.manifest.weights.input_names(backend.manifest.num_layers) if backend.manifest.weights else []
+        weights = [inputs[n] for n in names]
+        logits = backend.run({k: v for k, v in inputs.items() if k not in names}, past, present, weights)
         return np.asarray(logits, np.float32), [backend.to_numpy(b) for b in present]
 
     return run

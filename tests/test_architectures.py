@@ -41,7 +41,7 @@ def test_graph_contract(case):
     assert shapes["past_lengths"] == (I, ["batch"])
     assert shapes["input_lengths"] == (I, ["batch"])
     assert shapes["logits_index"] == (I, ["batch", "scored"])
-    assert m.format_version == mf.FORMAT_VERSION == 3 and m.cache == "shared"
+    assert m.format_version == mf.FORMAT_VERSION == 4 and m.cache == "shared"
     for i in range(m.num_layers):
         assert shapes[mf.past_key_name(i)] == (F, ["batch", m.num_kv_heads, "capacity", m.head_dim])
         assert shapes[mf.past_value_name(i)] == (F, ["batch", m.num_kv_heads, "capacity", m.head_dim])

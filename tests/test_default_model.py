@@ -41,7 +41,7 @@ def test_export_folder_and_manifest(default_export):
     # rotary inside the attention and q/k/v packed into one MatMul per layer (exporter.optimize)
     assert m["fused_ops"] == {"GroupQueryAttention": 30, "SkipSimplifiedLayerNormalization": 60}
     assert "logits" not in m and m["quantization"] is None  # logits_index (contract 3) replaced it
-    assert m["format_version"] == 3 and m["cache"] == "shared"
+    assert m["format_version"] == 4 and m["cache"] == "shared"
     import onnx
 
     graph = onnx.load(str(default_export / "model.onnx"), load_external_data=False).graph

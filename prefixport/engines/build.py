@@ -36,6 +36,10 @@ def check_buildable(manifest: mf.Manifest, folder: Path) -> None:
     if manifest.quantization:
         raise EngineError(f"{folder} has weight-only quantised MatMulNBits, an ONNX Runtime op TensorRT "
                           "cannot parse; export without --quantize (and with --no-optimize) for TensorRT")
+    if manifest.weights:
+        raise EngineError(f"{folder} takes LoRA and IA3 tables (--lora), for which no TensorRT optimisation "
+                          "profile is planned yet (their rank axis); build from an export without --lora, or "
+                          "serve this one on ONNX Runtime (its CUDA provider included)")
 
 
 def float16_graph(source: Path, target: Path) -> Path:

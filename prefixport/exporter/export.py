@@ -6,7 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,6 +16,7 @@ from ..progress import Progress
 from . import kv_quant, loading
 from . import optimize as opt
 from .graph import GraphModule, weight_bytes, export_onnx
+from .weights import LoraOptions, plan
 from .verify import TOLERANCE, CaseResult, verify
 
 DTYPES = ("float32", "float16")
@@ -108,6 +109,7 @@ def export_model(
     check_adapters: Sequence[str | Path] = (),
     progress: Progress | None = None,
     kv_cache_dtype: str = "float",
+    lora: LoraOptions | None = None,
 ) -> ExportReport:
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
 
@@ -117,7 +119,8 @@ def export_model(
     plain and through each bundle of `check_adapters` (converted for this base model).
     `kv_cache_dtype` "int8" makes the KV cache 8-bit with per-channel scales calibrated here
     (`kv_quant.py`; covering the keys and values of the `check_adapters` too) and measures its
-    agreement with the float cache the same way.
+    agreement with the float cache the same way. `lora` makes the graph take LoRA and IA3 tensors
+    per row (`weights.py`); without it the graph is what it was.
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -159,7 +162,11 @@ def export_model(
             loaded.model.to(torch.float16)
     manifest = _manifest(loaded, dtype, opset, digest)
     manifest.cache = "shared" if optimize else "copy"
-    module = GraphModule(loaded.model, loaded.arch, fused=optimize)
+    weights = plan(loaded.model, loaded.arch, lora) if lora is not None else None
+    if weights is not None:
+        manifest.weight_adapters = asdict(weights)
+        manifest.inputs = mf.input_names(manifest.num_layers, weights)
+    module = GraphModule(loaded.model, loaded.arch, fused=optimize, weights=weights)
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outdir.parent / f".{outdir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,12 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
 from .. import manifest as mf
 from ..errors import ExportError
-from . import attention
+from ..verification import weight_tables
+from . import attention, weights as weight_inputs
 from .specs import ArchSpec
 
 
@@ -27,13 +29,18 @@ class GraphModule(torch.nn.Module):
     position to score a prompt), so the vocabulary projection runs only where it is needed.
     """
 
-    def __init__(self, model: Any, arch: ArchSpec, fused: bool = False) -> None:
+    def __init__(self, model: Any, arch: ArchSpec, fused: bool = False,
+                 weights: mf.WeightAdapters | None = None) -> None:
         super().__init__()
         self.model = model
         self.num_layers = arch.num_layers(model.config)
         self.softcap = arch.final_logit_softcap(model.config)
         self.fused = fused
+        self.weights = weights
         model.config._attn_implementation = attention.register(fused)
+        # LoRA and IA3 per row (weights.py): the wrapped modules read the call's tensors from here
+        self.tables = weight_inputs.install(model, arch, weights) if weights else weight_inputs.Tables()
+        self.weight_names = weights.input_names(self.num_layers) if weights else []
 
     def forward(
         self,
@@ -43,7 +50,9 @@ class GraphModule(torch.nn.Module):
         input_lengths: torch.Tensor,  # [B] int64: this call's positions of each row, 1..V+S
         logits_index: torch.Tensor,  # [B, K] int64: this call's positions whose logits are returned
         past: list[torch.Tensor],  # 2L x [B, kv_heads, capacity, head_dim]: key, value per layer
+        weights: list[torch.Tensor] | None = None,  # LoRA A/B and IA3 per row, in `weight_names` order
     ) -> tuple[torch.Tensor, ...]:
+        self.tables.by_name = dict(zip(self.weight_names, weights or []))
         token_embeds = self.model.get_input_embeddings()(input_ids)
         inputs_embeds = torch.cat([prompt_embeds.to(token_embeds.dtype), token_embeds], dim=1)  # [B, Q, H]
         query = inputs_embeds.shape[1]
@@ -70,9 +79,11 @@ class GraphModule(torch.nn.Module):
 def sample_inputs(
     arch: ArchSpec, config: Any, dtype: torch.dtype, batch: int, virtual: int, seq: int, past: int,
     capacity: int | None = None, generator: torch.Generator | None = None, scored: int | None = None,
+    weights: mf.WeightAdapters | None = None, rank: int = 3,
 ) -> dict[str, Any]:
     """Random inputs of the given sizes: every row `past` filled slots, `virtual + seq` new ones;
-    logits at the last `scored` positions (default: every position)."""
+    logits at the last `scored` positions (default: every position); with `weights`, LoRA tables
+    of `rank` and IA3 vectors (random, so that the adapted path is checked too)."""
     kv, hd, hidden = arch.num_kv_heads(config), arch.head_dim(config), config.hidden_size
     capacity = capacity or past + virtual + seq
     g = generator
@@ -86,6 +97,9 @@ def sample_inputs(
             torch.randn(batch, kv, capacity, hd, generator=g).to(dtype)
             for _ in range(2 * arch.num_layers(config))
         ],
+        **({"weights": [torch.from_numpy(t).to(dtype) for t in weight_tables(
+            weights, arch.num_layers(config), batch, rank, np.dtype(np.float32), np.random.default_rng(0)).values()]}
+           if weights else {}),
     }
 
 
@@ -93,9 +107,11 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
     """torch.onnx.export (dynamo) with every axis of the contract symbolic."""
     dtype = next(module.parameters()).dtype
     # Sizes >= 2 and all different: dynamo turns a sample axis of size 0 or 1 into a constant.
-    inputs = sample_inputs(arch, config, dtype, batch=2, virtual=3, seq=5, past=7, capacity=19, scored=4)
+    inputs = sample_inputs(arch, config, dtype, batch=2, virtual=3, seq=5, past=7, capacity=19, scored=4,
+                           weights=module.weights, rank=6)
     batch, seq, scored = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("scored")
     virtual, capacity = torch.export.Dim("n_virtual"), torch.export.Dim("capacity")
+    rank = torch.export.Dim("lora_rank", min=0)
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "prompt_embeds": {0: batch, 1: virtual},
@@ -104,6 +120,9 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
         "logits_index": {0: batch, 1: scored},
         "past": [{0: batch, 2: capacity}] * len(inputs["past"]),
     }
+    if module.weights:
+        dynamic_shapes["weights"] = [{0: batch} if n.startswith("ia3.") else {0: batch, 1: rank}
+                                     for n in module.weight_names]
     n = arch.num_layers(config)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -114,7 +133,7 @@ def export_onnx(module: GraphModule, arch: ArchSpec, config: Any, path: Path, op
                 (),
                 str(path),
                 kwargs=inputs,
-                input_names=mf.input_names(n),
+                input_names=mf.input_names(n, module.weights),
                 output_names=mf.output_names(n),
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,

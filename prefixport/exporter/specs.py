@@ -20,6 +20,7 @@ class ArchSpec:
 
     model_type: str
     kv_heads_attr: str = "num_key_value_heads"
+    layers_path: str = "model.layers"  # the decoder layers under the CausalLM (PEFT's checkpoint keys name them so)
     notes: str = ""
 
     def num_layers(self, config: Any) -> int:
@@ -72,6 +73,7 @@ register(
     ArchSpec(
         "gpt2",
         kv_heads_attr="n_head",
+        layers_path="transformer.h",
         notes="learned absolute positions added inside the model from position_ids; no GQA",
     )
 )

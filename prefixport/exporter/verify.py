@@ -28,9 +28,10 @@ __all__ = ["TOLERANCE", "CaseResult", "verify"]
 def verify(folder: Path, module: GraphModule, manifest: mf.Manifest, seed: int = SEED) -> list[CaseResult]:
     """Run each case through ONNX Runtime and PyTorch; raise VerificationError past TOLERANCE."""
     def torch_run(inputs: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        weights = [torch.from_numpy(inputs[n]) for n in module.weight_names]
         with torch.no_grad():
-            out = module(**{k: torch.from_numpy(v) for k, v in inputs.items()},
-                         past=[torch.from_numpy(p.copy()) for p in past])
+            out = module(**{k: torch.from_numpy(v) for k, v in inputs.items() if k not in module.weight_names},
+                         past=[torch.from_numpy(p.copy()) for p in past], weights=weights)
         return out[0].float().numpy(), [t.numpy() for t in out[1:]]
 
     embed_std = float(module.model.get_input_embeddings().weight.detach().float().std())

@@ -126,6 +126,12 @@ class DeviceArray:
         return DeviceArray((stop - start, *self.shape[1:]), self.dtype, self.stream, base=self,
                            ptr=self.ptr + start * row_bytes)
 
+    def reshape(self, shape: tuple[int, ...]) -> "DeviceArray":
+        """A view of the same bytes with another shape of as many elements."""
+        if int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize != self.nbytes:
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return DeviceArray(shape, self.dtype, self.stream, base=self, ptr=self.ptr)
+
     @classmethod
     def from_numpy(cls, array: np.ndarray, stream: Stream, dtype: np.dtype | str | None = None) -> "DeviceArray":
         """A device copy of `array` (synchronised before returning, so `array` may be freed)."""

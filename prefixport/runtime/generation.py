@@ -102,6 +102,7 @@ def score_row(backend: Backend, cache: KVCache, row: int, ids: Sequence[int], fe
     feed = feed or AdapterFeed()
     m = backend.manifest
     none = np.zeros((1, 0, m.hidden_size), np.dtype(m.dtype))
+    cache.set_adapter(row, feed)
     if feed.past is not None:
         cache.write(row, feed.past)
     scores: list[TokenLogprob | None] = [None]
@@ -309,6 +310,7 @@ class DecodeBatch:
         """A preempted request back in a row: its slots as they were; it decodes from its last token."""
         assert request.swapped is not None
         self.cache.swap_in(row, request.swapped.arrays)
+        self.cache.set_adapter(row, request.feed)
         self.rows[row], self._rngs[row] = request, request.swapped.rng
         request.swapped = None
 
@@ -374,6 +376,7 @@ class DecodeBatch:
         """The row's prefix adapter and cached prompt start into its slots; the rest to prefill."""
         feed = request.feed or AdapterFeed()
         prefix = feed.past_len if feed.past is not None else 0
+        self.cache.set_adapter(row, request.feed)  # a LoRA's or IA3's tables, where it has them
         if feed.past is not None:  # a prefix: its keys and values into the row's first slots
             self.cache.write(row, feed.past)
         if hit is not None and hit.slots:

@@ -19,16 +19,18 @@ after each run (`"copy"`: `--no-optimize` and TensorRT graphs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..errors import PrefixportError
 from .stats import KVCacheStats
+from .weight_rows import WeightRows
 
 if TYPE_CHECKING:
     from .. import manifest as mf
     from .backends import Backend
+    from .feed import AdapterFeed
 
 MIN_CAPACITY = 64  # slots a fresh buffer holds at least
 DEFAULT_BUDGET_MB = 2048
@@ -94,6 +96,8 @@ class KVCache:
         self._needs: dict[int, int] = {}  # row in use -> slots it may reach (its worst case)
         self._holds: dict[int, int] = {}  # row in use -> slots it has room for now (KV taken as used)
         self._views: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}  # bind()'s, until the buffers change
+        # an export with --lora: each row's LoRA and IA3 tables, which move with the row (weight_rows.py)
+        self.weight_rows = WeightRows(backend, manifest.weights, manifest.num_layers) if manifest.weights else None
         self.grows = 0  # buffer allocations (for stats and tests)
         self.swaps = 0  # rows preempted to host memory (`swap_out`)
 
@@ -166,6 +170,17 @@ class KVCache:
         self._needs.pop(row, None)
         self._holds.pop(row, None)
         self.lengths[row] = 0
+        if self.weight_rows is not None:
+            self.weight_rows.clear(row)
+
+    def set_adapter(self, row: int, feed: AdapterFeed | None) -> None:
+        """The row's LoRA and IA3 tables become those of its request's adapter (an export with
+        --lora; other adapters and none leave the row without)."""
+        if self.weight_rows is not None:
+            self.weight_rows.write(row, feed)
+        elif feed is not None and feed.weights:
+            raise PrefixportError(f"adapter {feed.name} is a LoRA or IA3, and this export takes none: "
+                                  "re-export with `prefixport export --lora`")
 
     def swap_out(self, row: int) -> list[np.ndarray]:
         """Preempt the row: its filled slots copied to host memory (one [kv_heads, length,
@@ -185,14 +200,21 @@ class KVCache:
         host copy)."""
         keep = [np.array(x) for x in self.read(a)]
         need, hold = self._needs.pop(a), self._holds.pop(a)
-        self.move(b, a)
+        if self.weight_rows is not None:
+            self.weight_rows.exchange(a, b)
+        self._move(b, a)
         self._needs[b], self._holds[b] = need, hold
         if keep[0].shape[1]:
             self.write(b, [x[None] for x in keep])
 
     def move(self, src: int, dst: int) -> None:
-        """Row `src`'s request moves to the free row `dst` (its filled slots copied): rows stay
-        packed from row 0 when one in the middle leaves, the decoding ones first."""
+        """Row `src`'s request moves to the free row `dst` (its filled slots copied, and its LoRA and
+        IA3 tables): rows stay packed from row 0 when one in the middle leaves, the decoding ones first."""
+        if self.weight_rows is not None:
+            self.weight_rows.move(src, dst)
+        self._move(src, dst)
+
+    def _move(self, src: int, dst: int) -> None:
         n = int(self.lengths[src])
         if n:
             for buffer in self.buffers:
@@ -222,6 +244,8 @@ class KVCache:
                 cap = max(capacity, min(self.budget // (n * self._slot_cost), self.max_context))
         if cap:  # rows admitted before their first token need no slots yet: nothing to allocate
             self._allocate((n, self.heads, cap, self.head_dim))
+        if self.weight_rows is not None:
+            self.weight_rows.grow(n, keep=self.active)
         lengths = np.zeros(n, np.int64)
         m = min(n, len(self.lengths))
         lengths[:m] = self.lengths[:m]
@@ -258,14 +282,16 @@ class KVCache:
             self.backend.copy_into(out, buffer[row : row + 1], row=t, slots=n, src_at=start)
         return out
 
-    def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any]]:
-        """(past, present) views of rows [start, stop) to run the graph on: the same lists while the
-        buffers stay (a backend may keep its binding for them)."""
+    def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any], Sequence[Any]]:
+        """(past, present, weights) views of rows [start, stop) to run the graph on (weights: their
+        LoRA and IA3 tables, an export with --lora): the same lists while the buffers stay (a
+        backend may keep its binding for them)."""
         views = self._views.get((start, stop))
         if views is None:
             past = [b[start:stop] for b in self.buffers]
             views = self._views[(start, stop)] = (past, past if self.shared else [s[: stop - start] for s in self._scratch])
-        return views
+        weights = self.weight_rows.bind(start, stop) if self.weight_rows is not None else ()
+        return views[0], views[1], weights
 
     def commit(self, start: int, stop: int) -> None:
         """After a run on rows [start, stop) (lengths updated): a "copy" graph's present becomes the

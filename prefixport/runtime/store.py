@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class AdapterStore:
                 log.warning("adapter %s: %.2f%% of its prefix keys and values lie beyond the int8 KV cache's "
                             "range and are clipped (its outputs may change); export with --check-adapter for it "
                             "so that the cache's scales cover it", name, 100 * clipped)
-        dtype = self.manifest.dtype if bundle.kind == "prompt" else self.manifest.kv_dtype
+        dtype = self.manifest.kv_dtype if bundle.kind == "prefix" else self.manifest.dtype
         resident_bytes = sum(t.size for t in bundle.tensors.values()) * np.dtype(dtype).itemsize
         entry = _Entry(name, Path(path) if path is not None else None, bundle.kind, bundle.n_virtual, resident_bytes,
                        bundle.prompt_format)
@@ -159,6 +160,8 @@ class AdapterStore:
             embeds = np.ascontiguousarray(bundle.tensors["prompt_embeds"][None], dtype)
             return AdapterFeed(prompt_embeds=self.backend.upload(embeds), virtual=bundle.n_virtual, name=name,
                                digest=digest)
+        if bundle.kind in ("lora", "ia3"):
+            return AdapterFeed(weights=weight_tables(bundle, dtype, self.backend.upload), name=name, digest=digest)
         arrays = [t[None] for t in bundle.prefix(self.manifest.num_layers)]
         if self.kv_scales is None:
             past = [self.backend.upload(np.ascontiguousarray(a, dtype)) for a in arrays]
@@ -180,6 +183,21 @@ class AdapterStore:
             del self._resident[name]
             entry.evictions += 1
             used -= entry.nbytes
+
+
+def weight_tables(bundle: Bundle, dtype: np.dtype, upload: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+    """A LoRA's or IA3's tensors as one row of the graph's tables (`weight_rows.py`), by input name,
+    each [1, 1, n, dim]: A as PEFT saved it [r, in], B transposed and times its module's scaling
+    [r, out] (as many bytes as the bundle's), an IA3 vector [1, dim]."""
+    scalings = bundle.scalings
+    tables = {}
+    for name, tensor in bundle.tensors.items():
+        if name.endswith(".b"):  # lora.{layer}.{path}.b
+            tensor = tensor.astype(np.float32).T * np.float32(scalings[name[len("lora."): -len(".b")]])
+        elif name.startswith("ia3."):
+            tensor = tensor[None]
+        tables[name] = upload(np.ascontiguousarray(tensor[None, None], dtype))
+    return tables
 
 
 def tensors_digest(bundle: Bundle) -> str:

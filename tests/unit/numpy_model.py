@@ -150,7 +150,8 @@ class NumpyBackend:
     calls: list[Call] = field(default_factory=list)
     closed: bool = False
 
-    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
+            weights: Sequence[Any] = ()) -> np.ndarray:
         if self.closed:
             raise RuntimeError("the backend is closed")
         m = self.manifest

@@ -30,11 +30,13 @@ class Backend(Protocol):
         """The shapes a TensorRT engine (or provider) accepts; None: the model's own."""
         ...
 
-    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
-        """Feed `input_ids`, `prompt_embeds`, `past_lengths`, `input_lengths`, `logits_index` and
-        the cache rows (`past`: key, value per layer); the graph writes the present into `present`
-        (the same buffers as `past` for a "shared" export). Returns the logits [batch, K, vocab]
-        on the host (K: `logits_index`'s width)."""
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
+            weights: Sequence[Any] = ()) -> np.ndarray:
+        """Feed `input_ids`, `prompt_embeds`, `past_lengths`, `input_lengths`, `logits_index`, the
+        cache rows (`past`: key, value per layer) and, for an export with --lora, the rows' LoRA and
+        IA3 tables (`weights`, in `WeightAdapters.input_names` order); the graph writes the present
+        into `present` (the same buffers as `past` for a "shared" export). Returns the logits
+        [batch, K, vocab] on the host (K: `logits_index`'s width)."""
         ...
 
     def upload(self, array: np.ndarray, dtype: Any = None) -> Any:

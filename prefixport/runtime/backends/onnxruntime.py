@@ -123,14 +123,17 @@ class OnnxRuntimeBackend:
         self.kv_dtype = np.dtype(manifest.kv_dtype)  # the cache: np_dtype, or int8 (docs/design.md)
         self._outputs = list(manifest.outputs)
         self._past_names = mf.past_names(manifest.num_layers)
+        self._weight_names = manifest.weights.input_names(manifest.num_layers) if manifest.weights else []
         self._device_buffers: Any = None
         self._bindings = threading.local()
 
-    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
+            weights: Sequence[Any] = ()) -> np.ndarray:
         """Bind the inputs, the cache rows as past and present (the same buffers where the graph
-        writes in place) and a fresh logits array; run; return the logits [B, L, vocab]."""
+        writes in place), the rows' LoRA and IA3 tables (`weights`, an export with --lora) and a
+        fresh logits array; run; return the logits [B, L, vocab]."""
         logits = np.empty((*inputs["logits_index"].shape, self.manifest.vocab_size), self.np_dtype)
-        binding = self._cache_binding(past, present)
+        binding = self._cache_binding(past, present, weights)
         for name, value in inputs.items():
             if self.device == "cpu":
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -142,20 +145,25 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(binding)
         return logits
 
-    def _cache_binding(self, past: Sequence[Any], present: Sequence[Any]) -> ort.IOBinding:
-        """An IO binding with the cache rows bound (by pointer), reused by this thread while the same
-        row views come again (`KVCache.bind` hands out the same lists until its buffers change, and
-        the binding holds them, so they cannot be freed and their ids reused): only the four small
-        inputs and the logits are bound per call. One per thread: an Engine serves many."""
-        held = getattr(self._bindings, "held", None)  # this thread's (past, present, binding)
-        if held is not None and held[0] is past and held[1] is present:
-            return held[2]
+    def _cache_binding(self, past: Sequence[Any], present: Sequence[Any], weights: Sequence[Any]) -> ort.IOBinding:
+        """An IO binding with the cache rows and the weight tables bound (by pointer), reused by this
+        thread while the same row views come again (`KVCache.bind` hands out the same lists until
+        its buffers change, and the binding holds them, so they cannot be freed and their ids
+        reused): only the small inputs and the logits are bound per call. One per thread: an
+        Engine serves many."""
+        held = getattr(self._bindings, "held", None)  # this thread's (past, present, weights, binding)
+        if held is not None and held[0] is past and held[1] is present and held[2] is weights:
+            return held[3]
+        if len(weights) != len(self._weight_names):
+            raise PrefixportError(f"this export takes {len(self._weight_names)} LoRA/IA3 tables, {len(weights)} given")
         binding = self.session.io_binding()
         for names, values in ((self._past_names, past), (self._outputs[1:], present)):
             bind = binding.bind_input if names is self._past_names else binding.bind_output
             for name, value in zip(names, values):
                 bind(name, *self._where(value), self.kv_dtype, value.shape, _pointer(value))
-        self._bindings.held = (past, present, binding)
+        for name, value in zip(self._weight_names, weights):
+            binding.bind_input(name, *self._where(value), self.np_dtype, value.shape, _pointer(value))
+        self._bindings.held = (past, present, weights, binding)
         return binding
 
     def _where(self, value: Any) -> tuple[str, int]:

@@ -41,6 +41,9 @@ class TensorRTBackend:
                  device_id: int = 0, device: str = "cuda") -> None:
         if device != "cuda":
             raise DeviceError(f"the tensorrt backend runs on an NVIDIA GPU (device 'cuda'), not {device!r}")
+        if manifest.weights:  # `build-engine` refuses such an export (engines/build.py: check_buildable)
+            raise EngineError(f"{folder} takes LoRA and IA3 tables (--lora): no TensorRT engine is built for it; "
+                              "serve it on ONNX Runtime")
         trt = tensorrt_module()
         gpu = cuda.device_info(device_id)
         self.record = find_engine(folder, manifest, gpu.slug, gpu.name, gpu.compute_capability, trt.__version__,
@@ -71,7 +74,8 @@ class TensorRTBackend:
 
     # --- the protocol --------------------------------------------------------------------------
 
-    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any]) -> np.ndarray:
+    def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
+            weights: Sequence[Any] = ()) -> np.ndarray:
         with self._lock:
             try:
                 return self._run(inputs, past, present)
