@@ -63,7 +63,7 @@ def test_convert_records_the_format_and_reads_it_back(llama, tmp_path, spec):
     bundle, path = convert_checkpoint(peft / "prefix", export, out=tmp_path / "a.safetensors", prompt_format=spec)
     assert bundle.prompt_format == PromptFormat(spec)
     read = load_bundle(path)
-    assert read.metadata["format_version"] == "2" and read.metadata["prompt_format"] == spec
+    assert read.metadata["format_version"] == "3" and read.metadata["prompt_format"] == spec
     assert read.prompt_format == PromptFormat(spec)
 
 

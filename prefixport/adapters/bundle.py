@@ -2,15 +2,25 @@
 
     kind "prompt": prompt_embeds [n_virtual, hidden]
     kind "prefix": past_key_values.{i}.key / .value [kv_heads, n_virtual, head_dim] per layer
+    kind "lora":   lora.{layer}.{path}.a [r, in] and .b [out, r] (PEFT's lora_A / lora_B weights as saved)
+                   per adapted module; metadata `rank` (the largest r) and `scalings` (JSON
+                   {"{layer}.{path}": float}, what PEFT multiplies B·A·x by)
+    kind "ia3":    ia3.{layer}.{path} [dim] per adapted module; metadata `feedforward` (JSON list of
+                   the paths whose vector scales the module's input; the others scale its output)
 
+`path` is a module path inside a decoder layer, e.g. "self_attn.q_proj" (manifest.WeightAdapters).
 Format version 2 adds the optional `prompt_format` (raw, chat or a template: `prompt_format.py`);
-version 1 bundles, without it, are still read (their prompt format is unknown).
-Only safetensors is ever read: no pickle, no code.
+version 3 the kinds lora and ia3 (n_virtual "0": they add no virtual tokens). Versions 1 and 2 are
+still read (a version 1 bundle's prompt format is unknown). Only safetensors is ever read: no
+pickle, no code.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +32,11 @@ from .. import manifest as mf
 from ..errors import AdapterError
 from .prompt_format import PromptFormat
 
-FORMAT_VERSION = "2"  # written
-READ_VERSIONS = ("1", "2")  # read: 2 adds the optional prompt_format
-KINDS = ("prompt", "prefix")
+FORMAT_VERSION = "3"  # written
+READ_VERSIONS = ("1", "2", "3")  # read: 2 adds the optional prompt_format, 3 the kinds lora and ia3
+KINDS = ("prompt", "prefix", "lora", "ia3")
+WEIGHT_KINDS = ("lora", "ia3")  # adapters of the layers' weights: no virtual tokens (n_virtual "0")
+KIND_METADATA = {"lora": ("rank", "scalings"), "ia3": ("feedforward",)}  # required beside REQUIRED_METADATA
 DTYPES = ("float32", "float16")
 REQUIRED_METADATA = ("format", "format_version", "kind", "name", "n_virtual", "dtype", "fingerprint", "peft_type")
 # safetensors dtypes that safetensors' numpy path can return; for the others (BF16, F8_*, F6_*, F4) it
@@ -34,6 +46,10 @@ NUMPY_READABLE = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", 
 # tensor, or two per layer): a 100 MB header of a million tiny tensors takes seconds and GBs to read.
 MAX_HEADER_BYTES = 8 << 20
 MAX_TENSORS = 4096
+# lora.{layer}.{path}.a / .b and ia3.{layer}.{path}: `path` is dotted names inside one decoder layer
+_PATH = r"([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)"
+LORA_NAME = re.compile(rf"lora\.(0|[1-9][0-9]*)\.{_PATH}\.([ab])")
+IA3_NAME = re.compile(rf"ia3\.(0|[1-9][0-9]*)\.{_PATH}")
 
 
 @dataclass
@@ -53,7 +69,29 @@ class Bundle:
 
     @property
     def n_virtual(self) -> int:
-        return int(self.metadata["n_virtual"])
+        """Virtual tokens (prompt, prefix); 0 for the weight adapters (lora, ia3)."""
+        return 0 if self.kind in WEIGHT_KINDS else int(self.metadata["n_virtual"])
+
+    @property
+    def rank(self) -> int:
+        """A LoRA's rank (the largest of its modules'; each module's is its A's rows); 0 for other kinds."""
+        return int(self.metadata["rank"]) if self.kind == "lora" else 0
+
+    @property
+    def scalings(self) -> dict[str, float]:
+        """A LoRA's scaling per module, {"{layer}.{path}": s}: a module's output gains s · B·A·x. {} for other kinds."""
+        return _json_scalings(self.metadata["scalings"], self.name) if self.kind == "lora" else {}
+
+    @property
+    def feedforward(self) -> list[str]:
+        """An IA3's paths whose vector scales the module's input (PEFT's feedforward modules); the
+        others scale its output. [] for other kinds."""
+        return _json_paths(self.metadata["feedforward"], self.name) if self.kind == "ia3" else []
+
+    @property
+    def modules(self) -> list[tuple[int, str]]:
+        """The (layer, path) pairs a lora or ia3 bundle adapts, sorted; [] for other kinds."""
+        return weight_modules(self.tensors, self.kind)
 
     @property
     def prompt_format(self) -> PromptFormat | None:
@@ -75,7 +113,7 @@ def make_bundle(*, name: str, kind: str, tensors: dict[str, np.ndarray], fingerp
                 **extra: str) -> Bundle:
     """A bundle with complete metadata (n_virtual and dtype read from the tensors)."""
     first = next(iter(tensors.values()))
-    n_virtual = first.shape[0] if kind == "prompt" else first.shape[1]
+    n_virtual = 0 if kind in WEIGHT_KINDS else first.shape[0] if kind == "prompt" else first.shape[1]
     metadata = {
         "format": "prefixport-adapter",
         "format_version": FORMAT_VERSION,
@@ -177,19 +215,31 @@ def check_bundle(bundle: Bundle, where: str = "adapter") -> None:
                            f"reads versions {', '.join(READ_VERSIONS)}; convert the PEFT checkpoint again")
     if "prompt_format" in meta:
         PromptFormat.parse(meta["prompt_format"], f"{where}: prompt_format")
-    if meta["kind"] not in KINDS:
-        raise AdapterError(f"{where} has kind {meta['kind']!r}; expected one of {', '.join(KINDS)}")
+    kind = meta["kind"]
+    if kind not in KINDS:
+        raise AdapterError(f"{where} has kind {kind!r}; expected one of {', '.join(KINDS)}")
     if meta["dtype"] not in DTYPES:
         raise AdapterError(f"{where} has dtype {meta['dtype']!r}; expected one of {', '.join(DTYPES)}")
     try:
         n_virtual = int(meta["n_virtual"])
     except ValueError:
         raise AdapterError(f"{where}: n_virtual {meta['n_virtual']!r} is not a number") from None
-    if n_virtual < 1:
+    if kind in WEIGHT_KINDS:
+        if n_virtual != 0:
+            raise AdapterError(f"{where}: a bundle of kind {kind!r} adds no virtual tokens, so its n_virtual is 0; "
+                               f"this one says {n_virtual}: convert the PEFT checkpoint again")
+        lacking = [k for k in KIND_METADATA[kind] if k not in meta]
+        if lacking:
+            raise AdapterError(f"{where}: a bundle of kind {kind!r} records {', '.join(KIND_METADATA[kind])} in its "
+                               f"metadata; this one lacks {', '.join(lacking)}: convert the PEFT checkpoint again")
+    elif n_virtual < 1:
         raise AdapterError(f"{where}: n_virtual must be >= 1, got {n_virtual}")
     if not bundle.tensors:
         raise AdapterError(f"{where} holds no tensors")
-    _check_layout(bundle.tensors, meta["kind"], n_virtual, where)
+    if kind in WEIGHT_KINDS:
+        _check_weight_layout(bundle, where)
+    else:
+        _check_layout(bundle.tensors, kind, n_virtual, where)
     for name, t in bundle.tensors.items():
         if str(t.dtype) != meta["dtype"]:
             raise AdapterError(f"{where}: tensor {name} is {t.dtype}, the metadata says {meta['dtype']}")
@@ -226,6 +276,139 @@ def _check_layout(tensors: dict[str, np.ndarray], kind: str, n_virtual: int, whe
                            f"each is [kv_heads, n_virtual, head_dim]{again}")
 
 
+def weight_modules(tensors: dict[str, np.ndarray], kind: str) -> list[tuple[int, str]]:
+    """The (layer, path) pairs of a lora or ia3 bundle's tensor names, sorted (names that are not its
+    kind's are left out: _check_weight_layout refuses them)."""
+    pattern = LORA_NAME if kind == "lora" else IA3_NAME if kind == "ia3" else None
+    if pattern is None:
+        return []
+    matches = (pattern.fullmatch(name) for name in tensors)
+    return sorted({(int(m.group(1)), m.group(2)) for m in matches if m})
+
+
+def _json_scalings(text: str, where: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value.values()):
+        raise AdapterError(f"{where}: the metadata `scalings` must be a JSON object of finite numbers, one per "
+                           "\"{layer}.{path}\"; convert the PEFT checkpoint again")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def _json_paths(text: str, where: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterError(f"{where}: the metadata `feedforward` must be a JSON list of module paths; convert "
+                           "the PEFT checkpoint again")
+    return list(value)
+
+
+def _check_weight_layout(bundle: Bundle, where: str) -> None:
+    """A lora bundle: an A [r, in] and a B [out, r] per module, `rank` their largest r, one scaling per
+    module; an ia3 bundle: one vector [dim] per module, `feedforward` naming some of its paths."""
+    again = "; convert the PEFT checkpoint again with `prefixport adapter convert`"
+    kind, tensors, meta = bundle.kind, bundle.tensors, bundle.metadata
+    pattern, form = (LORA_NAME, "lora.{layer}.{path}.a / .b") if kind == "lora" else (IA3_NAME, "ia3.{layer}.{path}")
+    strays = sorted(name for name in tensors if not pattern.fullmatch(name))
+    if strays:
+        raise AdapterError(f"{where}: a {kind} bundle holds {form} tensors only; this one also holds "
+                           f"{strays[:4]}{again}")
+    modules = weight_modules(tensors, kind)
+    if kind == "ia3":
+        for layer, path in modules:
+            shape = tensors[mf.ia3_name(layer, path)].shape
+            if len(shape) != 1 or shape[0] < 1:
+                raise AdapterError(f"{where}: {mf.ia3_name(layer, path)} has shape {list(shape)}; an IA3 vector is "
+                                   f"[dim]{again}")
+        paths = {path for _, path in modules}
+        unknown = [p for p in _json_paths(meta["feedforward"], where) if p not in paths]
+        if unknown:
+            raise AdapterError(f"{where}: the metadata `feedforward` names {unknown[:4]}, which the bundle has no "
+                               f"IA3 vector for{again}")
+        return
+    ranks = []
+    for layer, path in modules:
+        a_name, b_name = mf.lora_a_name(layer, path), mf.lora_b_name(layer, path)
+        if a_name not in tensors or b_name not in tensors:
+            raise AdapterError(f"{where}: module {layer}.{path} has {'an A' if a_name in tensors else 'a B'} but "
+                               f"no {'B' if a_name in tensors else 'A'}; a LoRA module holds both{again}")
+        a, b = tensors[a_name].shape, tensors[b_name].shape
+        if len(a) != 2 or len(b) != 2 or a[0] < 1 or b[1] != a[0]:
+            raise AdapterError(f"{where}: module {layer}.{path} has A {list(a)} and B {list(b)}; a LoRA of rank r "
+                               f"has A [r, in] and B [out, r]{again}")
+        ranks.append(a[0])
+    try:
+        rank = int(meta["rank"])
+    except ValueError:
+        raise AdapterError(f"{where}: rank {meta['rank']!r} is not a number{again}") from None
+    if rank != max(ranks):
+        raise AdapterError(f"{where}: the metadata says rank {rank}, its largest module has rank {max(ranks)}{again}")
+    scalings = _json_scalings(meta["scalings"], where)
+    keys = {f"{layer}.{path}" for layer, path in modules}
+    if set(scalings) != keys:
+        raise AdapterError(f"{where}: `scalings` must hold one value per module; missing "
+                           f"{sorted(keys - set(scalings))[:4]}, unexpected {sorted(set(scalings) - keys)[:4]}{again}")
+
+
+def _check_weights_fit(bundle: Bundle, manifest: mf.Manifest, where: str) -> None:
+    """A lora or ia3 bundle fits the export's LoRA and IA3 inputs (manifest.WeightAdapters)."""
+    kind = "LoRA" if bundle.kind == "lora" else "IA3"
+    weights = manifest.weights
+    if weights is None:
+        raise AdapterError(f"{where} is an {kind} adapter, and this export takes no LoRA or IA3 inputs (it was made "
+                           "without --lora): re-export the model with `prefixport export --lora`")
+    modules = bundle.modules
+    for layer, path in modules:
+        if layer >= manifest.num_layers:
+            raise AdapterError(f"{where} adapts decoder layer {layer}; this export's model has {manifest.num_layers} "
+                               f"layers (0..{manifest.num_layers - 1}): was it trained for another base model?")
+    paths = sorted({path for _, path in modules})
+    if bundle.kind == "lora":
+        lacking = [p for p in paths if p not in weights.lora]
+        if lacking:
+            raise AdapterError(f"{where} adapts {', '.join(lacking)} with LoRA; this export takes LoRA on "
+                               f"{', '.join(weights.lora) or 'no module'} only (`prefixport export --lora "
+                               "--lora-targets` chooses them): re-export with targets that include these")
+        if bundle.rank > weights.max_rank:
+            raise AdapterError(f"{where} has LoRA rank {bundle.rank}; this export takes ranks up to "
+                               f"{weights.max_rank}: re-export with `prefixport export --lora --lora-max-rank "
+                               f"{bundle.rank}`")
+        for layer, path in modules:
+            features_in, features_out = weights.shapes[path]
+            a = bundle.tensors[mf.lora_a_name(layer, path)].shape
+            b = bundle.tensors[mf.lora_b_name(layer, path)].shape
+            if a[1] != features_in or b[0] != features_out:
+                raise AdapterError(f"{where}: module {layer}.{path} has A {list(a)} and B {list(b)}; this export's "
+                                   f"{path} has {features_in} inputs and {features_out} outputs, so A [r, "
+                                   f"{features_in}] and B [{features_out}, r]: was it trained for another base model?")
+        return
+    feedforward = set(bundle.feedforward)
+    for path in paths:
+        side = "input" if path in feedforward else "output"
+        if path not in weights.ia3:
+            raise AdapterError(f"{where} adapts {path} with IA3; this export takes IA3 on "
+                               f"{', '.join(weights.ia3) or 'no module'} only (`prefixport export --lora "
+                               "--ia3-targets` chooses them): re-export with targets that include it")
+        if weights.ia3[path] != side:
+            listed = "lists" if side == "input" else "leaves out"
+            raise AdapterError(f"{where}: its IA3 vector on {path} scales the module's {side} (its "
+                               f"feedforward_modules {listed} {path}); this export's IA3 on {path} scales the "
+                               f"{weights.ia3[path]}: the two do not compute the same thing. Retrain the IA3 with "
+                               f"{path} {'left out of' if side == 'input' else 'in'} feedforward_modules")
+    for layer, path in modules:
+        shape, dim = bundle.tensors[mf.ia3_name(layer, path)].shape, weights.ia3_dim(path)
+        if shape != (dim,):
+            raise AdapterError(f"{where}: {mf.ia3_name(layer, path)} has shape {list(shape)}, this export needs "
+                               f"[{dim}] (the {path}'s {weights.ia3[path]} features): was it trained for another "
+                               "base model?")
+
+
 def expected_shapes(kind: str, n_virtual: int, manifest: mf.Manifest) -> dict[str, tuple[int, ...]]:
     if kind == "prompt":
         return {"prompt_embeds": (n_virtual, manifest.hidden_size)}
@@ -241,6 +424,9 @@ def check_fits(bundle: Bundle, manifest: mf.Manifest, where: str = "adapter") ->
             f"this export is {manifest.fingerprint[:19]}… from {manifest.source}); convert the PEFT "
             "checkpoint against this export, or use the export of the model it was trained on"
         )
+    if bundle.kind in WEIGHT_KINDS:
+        _check_weights_fit(bundle, manifest, where)
+        return
     expected = expected_shapes(bundle.kind, bundle.n_virtual, manifest)
     if set(bundle.tensors) != set(expected):
         extra, lacking = sorted(set(bundle.tensors) - set(expected)), sorted(set(expected) - set(bundle.tensors))

@@ -7,6 +7,8 @@ Semantics (docs/design.md, peft 0.21):
 - PREFIX_TUNING: prompt_embeddings [n_virtual, num_layers * 2 * kv_heads * head_dim] (after the
   projection MLP when prefix_projection was on), viewed as [n_virtual, 2 * num_layers, kv_heads,
   head_dim]; index 2l is layer l's key, 2l + 1 its value.
+- LORA, IA3: the saved lora_A / lora_B weights and ia3_l vectors per module of the decoder layers
+  (`lora.py`, which also says what is refused and why).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import numpy as np
 from .. import manifest as mf
 from ..errors import AdapterError
 from .bundle import Bundle, check_bundle, check_fits, make_bundle, read_safetensors
+from .lora import convert_ia3, convert_lora
 from .prompt_format import PromptFormat
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
-SUPPORTED = (*PROMPT_TYPES, "PREFIX_TUNING")
+WEIGHT_TYPES = {"LORA": "lora", "IA3": "ia3"}  # PEFT type -> bundle kind
+SUPPORTED = (*PROMPT_TYPES, "PREFIX_TUNING", *WEIGHT_TYPES)
 WEIGHTS = "adapter_model.safetensors"
 PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
@@ -109,8 +113,8 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
     if config.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{peft_dir}: an encoder-decoder adapter (num_transformer_submodules="
                            f"{_show(config['num_transformer_submodules'])}); only decoder-only models are supported")
-    n_virtual = _int_field(config, "num_virtual_tokens", peft_dir)
-    if n_virtual < 1:
+    n_virtual = 0 if peft_type in WEIGHT_TYPES else _int_field(config, "num_virtual_tokens", peft_dir)
+    if n_virtual < 1 and peft_type not in WEIGHT_TYPES:
         raise AdapterError(f"{peft_dir}: num_virtual_tokens must be >= 1, got {n_virtual}")
     weights = read_weights(peft_dir)
     if peft_type != "MULTITASK_PROMPT_TUNING" and task is not None:
@@ -118,7 +122,11 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
     extra = {"source": str(config.get("base_model_name_or_path") or "")}
     if prompt_format is not None:
         extra["prompt_format"] = prompt_format
-    if peft_type in PROMPT_TYPES:
+    if peft_type in WEIGHT_TYPES:
+        kind = WEIGHT_TYPES[peft_type]
+        tensors, more = (convert_lora if kind == "lora" else convert_ia3)(config, weights, manifest, peft_dir)
+        extra.update(more)
+    elif peft_type in PROMPT_TYPES:
         token_dim = _int_field(config, "token_dim", peft_dir)
         if token_dim != manifest.hidden_size:
             raise AdapterError(f"{peft_dir}: token_dim {token_dim} does not match this export's hidden size "

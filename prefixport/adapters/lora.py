@@ -1,0 +1,249 @@
+"""PEFT LoRA and IA3 checkpoints -> the tensors and metadata of a lora or ia3 bundle (numpy only).
+
+Semantics (peft 0.21, `peft/tuners/lora/layer.py`, `peft/tuners/ia3/layer.py`), for a module at
+`base_model.model.{layers_path}.{layer}.{path}`:
+- LoRA: y = W·x + s · B·(A·x), A = `lora_A.weight` [r, in], B = `lora_B.weight` [out, r] (nn.Linear
+  weights whatever the base module, GPT-2's Conv1D included), s = alpha / r, or alpha / sqrt(r) with
+  use_rslora; r and alpha per module from rank_pattern / alpha_pattern, whose keys match the module's
+  name (`peft.utils.other.get_pattern_key`: the first key K, in the file's order, such that the name
+  matches `(.*\\.)?(K)$`), else `r` and `lora_alpha`.
+- IA3: `ia3_l` [1, in] scales the module's input (a feedforward module: `feedforward_modules` lists a
+  suffix of its name, or a regex matching the whole name), [out, 1] its output.
+
+What changes the forward beyond that is refused (`refuse_lora_options`): docs/adapters.md lists it and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import manifest as mf
+from ..errors import AdapterError
+
+PREFIX = "base_model.model."  # PEFT's checkpoint keys: the tuner's wrapper, then the model's module names
+LORA_LEAVES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
+# Tensors that only training uses (VeLoRA's compressed-activation projection, MonteCLoRA's sampler):
+# at inference both variants compute plain LoRA, so these are skipped.
+TRAINING_ONLY = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")
+# init_lora_weights that rewrite the base weights at initialisation (W - s·B0·A0, or W quantised):
+# the trained A and B only make sense on that rewritten base
+REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# LoraConfig fields (peft 0.21) whose variant changes what the layer computes at inference, and why
+# the graph's LoRA inputs (one A and one B per module and row) cannot hold it
+VARIANTS = {
+    "use_dora": "DoRA (use_dora) divides the adapted weight W + s·B·A by its column norms and scales it by a learned "
+                "magnitude vector: that needs the base weight at run time, which a row's A and B do not carry",
+    "lora_bias": "lora_bias adds a learned bias to B's output, which the graph's LoRA inputs have no place for",
+    "use_qalora": "QALoRA (use_qalora) pools the input in groups before A, so its A is not [r, in]",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the adapter only from its invocation "
+                               "tokens on, which the graph cannot tell",
+    "use_bdlora": "BD-LoRA (use_bdlora) stores A or B block-diagonal, not as the dense [r, in] / [out, r] the graph takes",
+    "arrow_config": "Arrow (arrow_config) routes each token among several LoRA experts",
+    "kasa_config": "KaSA (kasa_config) truncates the base weight's smallest singular components and puts a learned "
+                   "diagonal between A and B",
+    "layer_replication": "layer_replication stacks copies of decoder layers into a deeper model than the export's",
+    "target_parameters": "target_parameters adapts raw parameters (e.g. mixture-of-experts weights), not linear modules",
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(config: dict[str, Any], name: str, where: Path, default: Any = None, whole: bool = False) -> Any:
+    value = config.get(name, default)
+    ok = isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok:
+        raise AdapterError(f"{where}/adapter_config.json: {name} is {_show(value)}, not a "
+                           f"{'whole number' if whole else 'finite number'}; re-save the adapter with PEFT")
+    return value
+
+
+def _patterns(config: dict[str, Any], name: str, where: Path, whole: bool) -> dict[str, Any]:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{where}/adapter_config.json: {name} is {_show(patterns)}, not a JSON object; re-save "
+                           "the adapter with PEFT")
+    for key in patterns:
+        _number(patterns, key, where, whole=whole)
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise AdapterError(f"{where}/adapter_config.json: {name} key {_show(key)} is not a regular "
+                               f"expression ({e}); re-save the adapter with PEFT") from None
+    return patterns
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key K (in order) such that `module`
+    matches `(.*\\.)?(K)$`, else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def weights_of(manifest: mf.Manifest, kind: str) -> mf.WeightAdapters:
+    weights = manifest.weights
+    if weights is None:
+        raise AdapterError(f"this is an {kind} adapter, and the export ({manifest.source}) takes no LoRA or IA3 "
+                           "inputs (it was made without --lora): re-export the model with `prefixport export --lora`")
+    return weights
+
+
+def refuse_lora_options(config: dict[str, Any], weights: dict[str, np.ndarray], where: Path) -> None:
+    """An AdapterError for any LoraConfig option that makes the checkpoint more than y = W·x + s·B·A·x
+    on the export's frozen base weights."""
+    for name, why in VARIANTS.items():
+        if config.get(name):
+            raise AdapterError(f"{where} is a LoRA variant prefixport cannot serve: {why}. Train a plain LoRA, "
+                               "or merge this one into the base model (PEFT's merge_and_unload) and export that")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(REWRITING_INITS):
+        how = ("replaces the base weights by quantised ones, which the adapter was trained to correct"
+               if init.lower() == "loftq" else "subtracts the initial B·A from the base weights")
+        fix = ("train a plain LoRA on the base model, or merge this one into its quantised base and export that"
+               if init.lower() == "loftq" else
+               "have PEFT save it as a plain LoRA of twice the rank, which needs no change to the base model: "
+               "`model.save_pretrained(DIR, path_initial_model_for_weight_conversion=INIT_DIR)` (INIT_DIR: the "
+               "adapter saved right after get_peft_model, before training), then convert DIR")
+        raise AdapterError(f"{where} was initialised with init_lora_weights={init!r}, which {how}: its A and B only "
+                           f"hold on that modified base model, not on the export's. To convert it, {fix}")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save:
+        raise AdapterError(f"{where} also trained whole modules (modules_to_save: {_show(modules_to_save)}), saved "
+                           "beside the LoRA; the export's weights are frozen and take LoRA only. Train without "
+                           "modules_to_save, or merge the adapter into the base model (merge_and_unload) and export that")
+    tokens = config.get("trainable_token_indices")
+    if tokens:
+        raise AdapterError(f"{where} also trained some token embeddings (trainable_token_indices: {_show(tokens)}); "
+                           "the export's embeddings are frozen and take LoRA only. Train without them, or merge the "
+                           "adapter into the base model (merge_and_unload) and export that")
+    biases = sorted(k for k in weights if k.endswith(".bias"))
+    if config.get("bias", "none") != "none" and biases:
+        raise AdapterError(f"{where} was trained with bias={config['bias']!r}, which trains the base model's own "
+                           f"biases ({biases[0]}, ...); the export's biases are frozen and a LoRA row carries A and B "
+                           "only. Train with bias='none', or merge the adapter into the base model and export that")
+
+
+def _module(key: str, leaf: str, layers_path: str, where: Path) -> tuple[int, str]:
+    """(layer, path) of the checkpoint key `base_model.model.{layers_path}.{layer}.{path}{leaf}`."""
+    name = key[len(PREFIX):-len(leaf)] if key.startswith(PREFIX) else ""
+    head = layers_path + "."
+    layer, _, path = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
+    if not (re.fullmatch(r"[0-9]+", layer) and path):
+        raise AdapterError(f"{where} adapts {_show(name or key)}, outside the decoder layers ({layers_path}.N...): "
+                           "prefixport takes LoRA and IA3 on the modules of the decoder layers only (not the "
+                           "embeddings or lm_head). Train the adapter on decoder-layer modules only")
+    return int(layer), path
+
+
+def convert_lora(config: dict[str, Any], weights: dict[str, np.ndarray], manifest: mf.Manifest,
+                 where: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A LORA checkpoint's bundle tensors and metadata (rank, scalings, ...); fit to the export is
+    check_fits'."""
+    layers_path = weights_of(manifest, "LoRA").layers_path
+    refuse_lora_options(config, weights, where)
+    r_default = _number(config, "r", where, whole=True)
+    alpha_default = _number(config, "lora_alpha", where)
+    rank_pattern = _patterns(config, "rank_pattern", where, whole=True)
+    alpha_pattern = _patterns(config, "alpha_pattern", where, whole=False)
+    rslora = bool(config.get("use_rslora", False))
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[tuple[int, str], str] = {}  # (layer, path) -> its module name, as PEFT's patterns see it
+    for key, t in weights.items():
+        if TRAINING_ONLY.search(key):
+            continue
+        leaf = next((leaf for leaf in LORA_LEAVES if key.endswith(leaf)), None)
+        if leaf is None:
+            raise AdapterError(f"{where} holds {_show(key)}, which is no LoRA A or B of a linear module; "
+                               "prefixport converts plain LoRA on linear modules (lora_A.weight, lora_B.weight)")
+        layer, path = _module(key, leaf, layers_path, where)
+        modules[(layer, path)] = key[len(PREFIX):-len(leaf)]
+        name = (mf.lora_a_name if LORA_LEAVES[leaf] == "a" else mf.lora_b_name)(layer, path)
+        tensors[name] = _float(t, key, where)
+    if not tensors:
+        raise AdapterError(f"{where} holds no LoRA tensors (lora_A.weight, lora_B.weight); re-save it with PEFT")
+    scalings = {}
+    for (layer, path), module in sorted(modules.items()):
+        a = tensors.get(mf.lora_a_name(layer, path))
+        b = tensors.get(mf.lora_b_name(layer, path))
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            shapes = [None if t is None else list(t.shape) for t in (a, b)]
+            raise AdapterError(f"{where}: {module} has lora_A {shapes[0]} and lora_B {shapes[1]}; a LoRA of rank r "
+                               "has both, [r, in] and [out, r]. Re-save the adapter with PEFT")
+        r = pattern_value(rank_pattern, module, r_default)
+        if a.shape[0] != r:
+            raise AdapterError(f"{where}: {module} has rank {a.shape[0]}, while adapter_config.json gives it rank "
+                               f"{r} (r, rank_pattern), so its scaling is unknown; re-save the adapter with PEFT")
+        alpha = pattern_value(alpha_pattern, module, alpha_default)
+        scalings[f"{layer}.{path}"] = alpha / math.sqrt(r) if rslora else alpha / r
+    paths = sorted({path for _, path in modules})
+    extra = {"rank": str(max(a.shape[0] for name, a in tensors.items() if name.endswith(".a"))),
+             "scalings": json.dumps(scalings), "lora_alpha": str(alpha_default), "use_rslora": str(rslora).lower(),
+             "fan_in_fan_out": str(bool(config.get("fan_in_fan_out", False))).lower(),
+             "target_modules": json.dumps(paths)}
+    return _one_dtype(tensors), extra
+
+
+def convert_ia3(config: dict[str, Any], weights: dict[str, np.ndarray], manifest: mf.Manifest,
+                where: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """An IA3 checkpoint's bundle tensors (each vector flattened) and metadata (feedforward)."""
+    layers_path = weights_of(manifest, "IA3").layers_path
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save:
+        raise AdapterError(f"{where} also trained whole modules (modules_to_save: {_show(modules_to_save)}), saved "
+                           "beside the IA3 vectors; the export's weights are frozen. Train without modules_to_save, "
+                           "or merge the adapter into the base model (merge_and_unload) and export that")
+    feedforward_modules = config.get("feedforward_modules") or []
+    if not isinstance(feedforward_modules, (str, list)) or (
+            isinstance(feedforward_modules, list) and not all(isinstance(m, str) for m in feedforward_modules)):
+        raise AdapterError(f"{where}/adapter_config.json: feedforward_modules is {_show(feedforward_modules)}, "
+                           "neither a list of names nor a regular expression; re-save the adapter with PEFT")
+    tensors: dict[str, np.ndarray] = {}
+    paths, feedforward = set(), set()
+    for key, t in weights.items():
+        if not key.endswith(".ia3_l"):
+            raise AdapterError(f"{where} holds {_show(key)}, which is no IA3 vector (ia3_l) of a linear module")
+        layer, path = _module(key, ".ia3_l", layers_path, where)
+        module = key[len(PREFIX):-len(".ia3_l")]
+        try:  # PEFT's IA3Model._check_target_module_feedforward
+            is_ff = (bool(re.fullmatch(feedforward_modules, module)) if isinstance(feedforward_modules, str)
+                     else any(module.endswith(m) for m in feedforward_modules))
+        except re.error as e:
+            raise AdapterError(f"{where}/adapter_config.json: feedforward_modules is not a regular expression ({e}); "
+                               "re-save the adapter with PEFT") from None
+        if t.ndim != 2 or (t.shape[0] != 1 if is_ff else t.shape[1] != 1):
+            kind, shape = ("a feedforward", "[1, in]") if is_ff else ("a non-feedforward", "[out, 1]")
+            raise AdapterError(f"{where}: {key} has shape {list(t.shape)}; on {kind} module (feedforward_modules) "
+                               f"PEFT's IA3 vector is {shape}. Was it saved for another module type, or was "
+                               "adapter_config.json edited? Re-save the adapter with PEFT")
+        tensors[mf.ia3_name(layer, path)] = _float(t, key, where).reshape(-1)
+        paths.add(path)
+        if is_ff:
+            feedforward.add(path)
+    if not tensors:
+        raise AdapterError(f"{where} holds no IA3 vectors (ia3_l); re-save it with PEFT")
+    return _one_dtype(tensors), {"feedforward": json.dumps(sorted(feedforward)),
+                                 "target_modules": json.dumps(sorted(paths))}
+
+
+def _float(t: np.ndarray, key: str, where: Path) -> np.ndarray:
+    if t.dtype not in (np.float32, np.float16):
+        raise AdapterError(f"{where}: {key} has dtype {t.dtype}; expected float32 or float16 (bfloat16: re-save the "
+                           "adapter in float32)")
+    return t
+
+
+def _one_dtype(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All float16 stay float16; a mix is float32 (a bundle holds one dtype)."""
+    if len({t.dtype for t in tensors.values()}) == 1:
+        return tensors
+    return {k: t.astype(np.float32) for k, t in tensors.items()}
