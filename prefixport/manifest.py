@@ -59,7 +59,7 @@ def lora_b_name(layer: int, path: str) -> str:
 
 
 def ia3_name(layer: int, path: str) -> str:
-    """An IA3 vector of layer `layer`'s module `path`: [batch, dim] as a graph input, [dim] in a bundle."""
+    """An IA3 vector of layer `layer`'s module `path`: [batch, 1, dim] as a graph input, [dim] in a bundle."""
     return f"ia3.{layer}.{path}"
 
 

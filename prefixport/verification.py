@@ -80,7 +80,7 @@ def weight_tables(weights: mf.WeightAdapters, num_layers: int, batch: int, rank:
     for name in weights.input_names(num_layers):
         path = name.split(".", 2)[2]
         if name.startswith("ia3."):
-            out[name] = (1 + 0.1 * rng.standard_normal((batch, weights.ia3_dim(path)))).astype(dtype)
+            out[name] = (1 + 0.1 * rng.standard_normal((batch, 1, weights.ia3_dim(path)))).astype(dtype)
             continue
         features_in, features_out = weights.shapes[path.rsplit(".", 1)[0]]
         shape = (batch, rank, features_in if name.endswith(".a") else features_out)

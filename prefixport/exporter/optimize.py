@@ -135,6 +135,8 @@ def rotary_into_attention(graph: ir.Graph) -> int:
         positions, cos, sin = q_rot.inputs[1:4]
         q, k, v = q_rot.inputs[0], k_rot.inputs[0], _through_reshapes(node.inputs[2])
         packed = _pack(graph, node, [q, k, v])
+        if packed is None:  # an export with --lora: each projection then gains its row's LoRA and IA3
+            _pack_bases(graph, [q, k, v])
         qkv = [packed, None, None] if packed is not None else [q, k, v]
         attributes = [a for a in node.attributes.values() if a.name not in ("do_rotary", "rotary_interleaved")]
         attributes += [ir.AttrInt64("do_rotary", 1),
@@ -179,6 +181,44 @@ def _pack(graph: ir.Graph, before: ir.Node, values: list[ir.Value]) -> ir.Value 
     matmul = ir.Node("", "MatMul", [activation, weight], name=name)
     graph.insert_before(before, matmul)
     return matmul.outputs[0]
+
+
+def _base_matmul(value: ir.Value) -> ir.Node | None:
+    """The weight MatMul under a projection's per-row LoRA (`y + delta`) and IA3 (`y * scale`)
+    (exporter/weights.py): the first input of each Add and Mul, up to a MatMul; None otherwise."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Add", "Mul") and node.domain == "":
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node if node is not None and node.op_type == "MatMul" and node.domain == "" else None
+
+
+def _pack_bases(graph: ir.Graph, values: list[ir.Value]) -> bool:
+    """Where q, k and v are LoRA/IA3-adapted projections of one activation, their three weight
+    MatMuls become one over the concatenated weights and a Split (the same packed GEMM as the export
+    without --lora, so a row without an adapter computes the same bits). Returns whether it did."""
+    nodes = [_base_matmul(v) for v in values]
+    if not all(n is not None for n in nodes) or len({id(n) for n in nodes}) < 3:
+        return False
+    activation = nodes[0].inputs[0]
+    weights = [n.inputs[1].const_value for n in nodes]
+    if any(n.inputs[0] is not activation for n in nodes) or any(w is None or len(w.shape) != 2 for w in weights):
+        return False
+    order = {id(n): i for i, n in enumerate(graph)}
+    first = min(nodes, key=lambda n: order[id(n)])
+    name = f"{nodes[0].name}.qkv"
+    weight = ir.Value(name=f"{name}.weight", const_value=ir.tensor(np.concatenate([w.numpy() for w in weights], 1)))
+    sizes = ir.Value(name=f"{name}.sizes", const_value=ir.tensor(np.array([w.shape[1] for w in weights], np.int64)))
+    graph.register_initializer(weight)
+    graph.register_initializer(sizes)
+    matmul = ir.Node("", "MatMul", [activation, weight], name=name)
+    split = ir.Node("", "Split", [matmul.outputs[0], sizes], attributes=[ir.AttrInt64("axis", -1)], num_outputs=3,
+                    name=f"{name}.split")
+    graph.insert_before(first, [matmul, split])
+    for old, new in zip(nodes, split.outputs):
+        new.shape, new.type = old.outputs[0].shape, old.outputs[0].type
+        ir.convenience.replace_all_uses_with(old.outputs[0], new)
+        graph.remove(old, safe=True)
+    return True
 
 
 def _fused_counts(model: ir.Model) -> dict[str, int]:

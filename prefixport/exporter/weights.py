@@ -116,7 +116,7 @@ class RowAdapted(torch.nn.Module):
         self.base, self.tables, self.lora, self.ia3, self.side = base, tables, lora, ia3, side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.tables[self.ia3][:, None, :] if self.ia3 else None  # [B, 1, dim]
+        scale = self.tables[self.ia3] if self.ia3 else None  # [B, 1, dim]
         y = self.base(x * scale if scale is not None and self.side == "input" else x)
         if scale is not None and self.side == "output":
             y = y * scale

@@ -116,7 +116,8 @@ class _Row:
 class DraftModel(Counters):
     """Proposes up to `tokens` tokens: the greedy continuation of a draft export of the target's
     base model (`check_draft`), run with each row's adapter inputs as the target's backend holds
-    them. Each speculating request keeps a row of the draft's own KV cache (bounded by `cache`:
+    them (a LoRA or IA3 only where the draft was exported with the same --lora; a draft without
+    proposes from the base model for such rows: still exact, fewer accepted). Each speculating request keeps a row of the draft's own KV cache (bounded by `cache`:
     8 rows and 2 GB by default; the least recently used row is dropped for a new one and rebuilt
     if it comes back; a request that does not fit gets no proposals), holding its prompt and
     tokens; a pass feeds what the row gained since (the accepted proposals and the target's token)
@@ -145,6 +146,8 @@ class DraftModel(Counters):
             keep = min(_common(state.fed, seq), len(seq) - 1)  # at least the last token runs: its logits
             if keep == 0 and feed is not None and feed.past is not None:  # a fresh row: the prefix first
                 cache.write(state.row, feed.past)
+            if keep == 0 and cache.weight_rows is not None:  # a LoRA's or IA3's tables (a draft made with --lora)
+                cache.set_adapter(state.row, feed)
             soft = keep == 0 and feed is not None and feed.prompt_embeds is not None
             base = feed.n_virtual if feed is not None else 0
             cache.lengths[state.row] = (0 if soft else base) + keep
@@ -193,7 +196,7 @@ class DraftModel(Counters):
 
 def check_draft(target: Path, target_manifest: mf.Manifest, draft: Path, draft_manifest: mf.Manifest) -> None:
     """Refuse a draft export that cannot propose for the target with the target's adapters: another
-    base model (fingerprint), another dtype, or another tokenizer."""
+    base model (fingerprint), another dtype, other LoRA/IA3 tables, or another tokenizer."""
     if draft_manifest.fingerprint != target_manifest.fingerprint:
         raise InputError(f"the draft export {draft} is of another base model (fingerprint "
                          f"{draft_manifest.fingerprint[:19]}, the target's {target_manifest.fingerprint[:19]}): "
@@ -210,6 +213,10 @@ def check_draft(target: Path, target_manifest: mf.Manifest, draft: Path, draft_m
         other = " with other scales" if draft_kv == target_kv else ""
         raise InputError(f"the draft export {draft} has a {draft_kv} KV cache, the target a {target_kv} one{other}; "
                          f"export the draft with --kv-cache-dtype {target_kv} from the same model")
+    if draft_manifest.weight_adapters and draft_manifest.weight_adapters != target_manifest.weight_adapters:
+        raise InputError(f"the draft export {draft} takes other LoRA/IA3 tables than the target ({draft_manifest.weights}"
+                         f" against {target_manifest.weights}); export the draft with the target's --lora options, "
+                         "or without --lora (its proposals then leave the LoRA out)")
     if _tokenizer(draft) != _tokenizer(target):
         raise InputError(f"the draft export {draft} has another tokenizer than {target}: its token ids would not "
                          "be the target's")

@@ -138,8 +138,7 @@ class WeightRows:
             views = []
             for name in self.names:
                 table = self.tables[name] if name.startswith("ia3.") or key[2] else self._empty[name]
-                view = table[start:stop]  # [B, 1, n, dim] -> the graph's [B, n, dim], or [B, dim] for IA3
-                views.append(view.reshape((stop - start, view.shape[3]) if name.startswith("ia3.")
-                                          else (stop - start, *view.shape[2:])))
+                view = table[start:stop]  # [B, 1, n, dim] -> the graph's [B, n, dim] (IA3: n = 1)
+                views.append(view.reshape((stop - start, *view.shape[2:])))
             self._views[key] = views
         return views
