@@ -18,11 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes on th
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory) -> Path:
-    """The default model (SmolLM2-135M-Instruct GGUF), exported and verified."""
-    from prefixport.exporter import export_model
+    """The default model (SmolLM2-135M-Instruct GGUF), exported with LoRA and IA3 inputs (`--lora`:
+    every default-model test then runs on a graph that takes them; a row without one computes what
+    the plain export does, bit for bit: tests/test_lora.py) and verified."""
+    from prefixport.exporter import LoraOptions, export_model
 
     out = tmp_path_factory.mktemp("default") / "export"
-    export_model(out)
+    export_model(out, lora=LoraOptions())
     return out
 
 

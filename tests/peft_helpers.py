@@ -82,5 +82,5 @@ def peft_greedy_choices(model: PeftModel, ids: list[int], tokens: list[int], tas
 def runtime_adapter_logits(engine: Engine, name: str, ids: list[int]) -> np.ndarray:
     """Last-position logits of one prefill with the registered adapter `name`."""
     feed = engine.store.acquire(name)
-    logits, _ = prefill_new(engine.backend, [ids], feed.prompt_embeds, prefix=feed.past)
+    logits, _ = prefill_new(engine.backend, [ids], feed.prompt_embeds, prefix=feed.past, weights=feed)
     return logits[0]

@@ -77,10 +77,12 @@ def decode_step(backend: Backend, cache: KVCache, tokens: np.ndarray, hidden: in
 
 
 def prefill_new(backend: Backend, rows: Sequence[Sequence[int]], prompt_embeds: Any = None,
-                prefix: list[Any] | None = None, extra: int = 64, every: bool = False) -> tuple[np.ndarray, KVCache]:
+                prefix: list[Any] | None = None, extra: int = 64, every: bool = False,
+                weights: AdapterFeed | None = None) -> tuple[np.ndarray, KVCache]:
     """A fresh cache with one row per prompt, prefilled in one run (after a prefix adapter's keys
-    and values, for a single row); room for `extra` more tokens per row. Returns the logits as
-    `prefill` does and the cache, for `decode_step`. For checks, tests and benchmarks."""
+    and values, for a single row; with a LoRA's or IA3's tables, `weights`, in every row); room for
+    `extra` more tokens per row. Returns the logits as `prefill` does and the cache, for
+    `decode_step`. For checks, tests and benchmarks."""
     m = backend.manifest
     dtype = np.dtype(m.dtype)
     embeds = np.zeros((len(rows), 0, m.hidden_size), dtype) if prompt_embeds is None else prompt_embeds
@@ -88,7 +90,9 @@ def prefill_new(backend: Backend, rows: Sequence[Sequence[int]], prompt_embeds: 
     need = (prefix[0].shape[2] if prefix else 0) + virtual + max(len(r) for r in rows) + extra
     cache = KVCache(backend, m, CacheSettings(max_rows=len(rows), budget_mb=None), need)
     for _ in rows:
-        cache.admit(need)
+        row = cache.admit(need)
+        assert row is not None  # the cache is sized for these rows
+        cache.set_adapter(row, weights)
     if prefix is not None:
         cache.write(0, prefix)
     return prefill(backend, cache, 0, rows, embeds, virtual, m.pad_token_id or 0, every), cache

@@ -1,0 +1,200 @@
+"""LoRA and IA3 fed per row at run time (`export --lora`) on tiny models: PEFT's own forward is the
+reference; a row without an adapter is bit for bit the export without --lora; a batch mixing every
+adapter kind gives each row what it gives alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+
+from prefixport.adapters import convert_checkpoint
+from prefixport.errors import AdapterError
+from prefixport.runtime import CacheSettings, Engine
+
+from . import peft_helpers as ph
+from .conftest import ADAPTER_VARIANTS
+from .unit.runs import assert_same, run
+
+LOGITS_ATOL = 1e-4  # float32, tiny models: ONNX Runtime's kernels against PyTorch's
+PROMPTS = ["The quick brown fox jumps over", "def add(a, b):", "Numbers: 0 1 2 3"]
+LORAS = {  # name -> (config, architectures)
+    "lora-all": lambda: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+    "lora-qv-rs": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                                     init_lora_weights=False),
+    "lora-pattern": lambda: LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                       rank_pattern={"down_proj": 16}, alpha_pattern={"down_proj": 32},
+                                       init_lora_weights=False),
+    "ia3": lambda: IA3Config(init_ia3_weights=False),
+}
+
+
+def _peft(base, config, out):
+    """A real PEFT checkpoint of `config` on `base`, its weights moved off their initialisation."""
+    torch.manual_seed(0)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_llama(tmp_path_factory, tiny_model, tiny_export, tiny_adapters):
+    """(engine on the tiny Llama exported with --lora, engine on the plain export, folder of the PEFT
+    checkpoints, base model folder); every LORAS adapter and every prompt/prefix variant registered."""
+    from prefixport.exporter import LoraOptions, export_model
+
+    folder = tiny_model("llama")
+    out = tmp_path_factory.mktemp("lora-llama") / "export"
+    export_model(out, model=str(folder), lora=LoraOptions())
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path_factory.mktemp("lora-peft")
+    engine, plain = Engine.load(out), Engine.load(tiny_export("llama"))
+    for name, config in LORAS.items():
+        _peft(AutoModelForCausalLM.from_pretrained(folder), config(), work / name)
+        _, path = convert_checkpoint(work / name, out, name=name, out=work / f"{name}.safetensors")
+        engine.add_adapter(name, path)
+    for name in ADAPTER_VARIANTS:  # the soft prompts and prefixes of the plain export fit this one too
+        engine.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
+        plain.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
+    yield engine, plain, work, folder
+    engine.close()
+    plain.close()
+
+
+def _reference(folder, checkpoint) -> PeftModel:
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), checkpoint).eval()
+
+
+@pytest.mark.parametrize("name", list(LORAS))
+def test_lora_and_ia3_equal_peft(lora_llama, name):
+    engine, _, work, folder = lora_llama
+    reference = _reference(folder, work / name)
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt, chat=False)
+        np.testing.assert_allclose(ph.runtime_adapter_logits(engine, name, ids), ph.peft_logits(reference, ids),
+                                   atol=LOGITS_ATOL, rtol=0)
+        ours = engine.generate(ids, adapter=name, max_new_tokens=12, stop_token_ids=[]).token_ids
+        assert ours == ph.peft_greedy_choices(reference, ids, ours)
+        base = engine.generate(ids, max_new_tokens=12, stop_token_ids=[]).token_ids
+        assert ours != base  # the adapter changes what the model says
+
+
+def test_rows_without_an_adapter_are_the_plain_export_bit_for_bit(lora_llama):
+    """No adapter, a soft prompt, a prefix: tokens and every step's logits equal the export without --lora."""
+    engine, plain, _, _ = lora_llama
+    for adapter in (None, "prompt", "prefix"):
+        for prompt in PROMPTS:
+            assert_same(run(engine, prompt, adapter, n=8), run(plain, prompt, adapter, n=8))
+
+
+def test_a_batch_mixing_every_kind_gives_each_row_what_it_gives_alone(lora_llama):
+    """Rows of no adapter, prompt, p-tuning, prefix, three LoRAs and an IA3 in one batch (prefilled
+    together and in chunks, decoding together): each row's tokens and logits bitwise as alone."""
+    engine, _, _, _ = lora_llama
+    kinds = [None, "prompt", "ptuning-lstm", "prefix", *LORAS, "lora-all", None]
+    alone = [run(engine, PROMPTS[i % len(PROMPTS)], kind, n=10) for i, kind in enumerate(kinds)]
+    requests = [engine.prepare(PROMPTS[i % len(PROMPTS)], adapter=kind, max_new_tokens=10, stop_token_ids=[])
+                for i, kind in enumerate(kinds)]
+    for request in requests:
+        request.logits = []
+    for _ in engine.run_rows(requests):
+        pass
+    for got, want in zip(requests, alone, strict=True):
+        assert_same(got, want)
+
+
+def test_rows_keep_their_lora_when_preempted_and_packed(lora_llama, tiny_export):
+    """A KV budget so small that rows are swapped out and the rest packed down: each LoRA row's
+    tables move with it, and every row still equals itself alone."""
+    engine, _, work, _ = lora_llama
+    from prefixport.runtime.generation import DecodeBatch
+    from prefixport.runtime.kv_cache import KVCache, row_bytes
+
+    m = engine.manifest
+    kinds = ["lora-all", None, "ia3", "lora-qv-rs", "lora-pattern", "lora-all"]
+    alone = [run(engine, PROMPTS[i % 3], kind, n=24) for i, kind in enumerate(kinds)]
+    budget = row_bytes(m, 100) / 2**20  # about three rows' worth of what they reach
+    cache = KVCache(engine.backend, m, CacheSettings(budget_mb=budget), m.max_positions)
+    batch = DecodeBatch(engine.backend, cache, m.hidden_size, np.dtype(m.dtype), prefill_budget=8, headroom=0)
+    requests = [engine.prepare(PROMPTS[i % 3], adapter=kind, max_new_tokens=24, stop_token_ids=[])
+                for i, kind in enumerate(kinds)]
+    for request in requests:
+        request.logits = []
+    waiting = list(requests)
+    while waiting or len(batch):
+        waiting = waiting[batch.join(waiting):]
+        batch.sample()
+        batch.advance()
+        waiting = batch.take_preempted() + waiting
+    assert cache.swaps > 0  # rows were preempted and resumed
+    for got, want in zip(requests, alone, strict=True):
+        assert_same(got, want)
+
+
+def test_prompt_cache_keys_a_lora_by_its_digest(lora_llama):
+    """A LoRA row never starts from the base model's cached blocks of the same prompt (its keys and
+    values differ in every layer); its own repeat hits, with the same output."""
+    engine, _, _, _ = lora_llama
+    prompt = "Prefix tuning learns keys and values for every layer; prompt tuning learns input embeddings. " * 3
+    base = engine.generate(prompt, max_new_tokens=6, stop_token_ids=[], chat=False)
+    first = engine.generate(prompt, adapter="lora-all", max_new_tokens=6, stop_token_ids=[], chat=False)
+    again = engine.generate(prompt, adapter="lora-all", max_new_tokens=6, stop_token_ids=[], chat=False)
+    assert first.cached_tokens == 0 and again.cached_tokens > 0
+    assert first.token_ids == again.token_ids != base.token_ids
+
+
+def test_speculative_decoding_and_scoring_with_a_lora(lora_llama):
+    engine, _, work, folder = lora_llama
+    prompt = "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Numbers: 0 1 2 3"
+    want = engine.generate(prompt, adapter="lora-all", max_new_tokens=16, stop_token_ids=[], chat=False)
+    got = engine.generate(prompt, adapter="lora-all", max_new_tokens=16, stop_token_ids=[], chat=False,
+                          speculative="prompt-lookup")
+    assert got.token_ids == want.token_ids
+    ids = engine.encode(prompt, chat=False)
+    scores = engine.score(ids, adapter="lora-all")
+    reference = ph.peft_forward(_reference(folder, work / "lora-all"), ids)
+    shifted = reference - reference.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected = [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    np.testing.assert_allclose([s.logprob for s in scores.logprobs[1:]], expected, atol=1e-3)
+
+
+def test_a_lora_on_an_export_without_lora_inputs_is_refused(lora_llama, tiny_export):
+    _, plain, work, _ = lora_llama
+    with pytest.raises(AdapterError, match="--lora"):
+        plain.add_adapter("lora-all", work / "lora-all.safetensors")
+
+
+def test_gpt2_conv1d_lora_equals_peft(tmp_path_factory, tiny_model):
+    """GPT-2's Conv1D modules (fan_in_fan_out) with LoRA on c_attn and the MLP, and IA3."""
+    from transformers import AutoModelForCausalLM
+
+    from prefixport.exporter import LoraOptions, export_model
+
+    folder = tiny_model("gpt2")
+    out = tmp_path_factory.mktemp("lora-gpt2") / "export"
+    export_model(out, model=str(folder), lora=LoraOptions())
+    work = tmp_path_factory.mktemp("lora-gpt2-peft")
+    engine = Engine.load(out)
+    configs = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                  init_lora_weights=False),
+               "ia3": IA3Config(init_ia3_weights=False)}
+    for name, config in configs.items():
+        _peft(AutoModelForCausalLM.from_pretrained(folder), config, work / name)
+        _, path = convert_checkpoint(work / name, out, name=name, out=work / f"{name}.safetensors")
+        engine.add_adapter(name, path)
+        reference = _reference(folder, work / name)
+        ids = engine.encode(PROMPTS[0], chat=False)
+        np.testing.assert_allclose(ph.runtime_adapter_logits(engine, name, ids), ph.peft_logits(reference, ids),
+                                   atol=LOGITS_ATOL, rtol=0)
+        ours = engine.generate(ids, adapter=name, max_new_tokens=8, stop_token_ids=[]).token_ids
+        assert ours == ph.peft_greedy_choices(reference, ids, ours)
+    engine.close()
