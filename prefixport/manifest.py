@@ -139,6 +139,10 @@ class Manifest:
     kv_quantization: dict[str, Any] | None = None
     # LoRA and IA3 inputs (`export --lora`): WeightAdapters as a dict; None: the export takes none
     weight_adapters: dict[str, Any] | None = None
+    # One PEFT LoRA folded into the weights at export (`export --merge-lora`; exporter/merge.py): its
+    # source folder, the sha256 of its adapter_model.safetensors, rank, targets. None: the base weights
+    # as loaded. `fingerprint` is then the merged weights'.
+    merged_lora: dict[str, Any] | None = None
     opset: int = 18
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
