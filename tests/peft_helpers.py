@@ -3,11 +3,14 @@ as PEFT saves them, and PEFT's own forward as the reference."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import (
+    IA3Config,
+    LoraConfig,
     MultitaskPromptTuningConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -33,14 +36,24 @@ VARIANTS = {
     "prefix": lambda: PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=7),
     "prefix-projection": lambda: PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=3, prefix_projection=True,
                                                     encoder_hidden_size=32),
+    # adapters of the weights (run-time tables: `export --lora`); get_peft_model wraps a copy of the base
+    "lora-all": lambda: LoraConfig(task_type=CAUSAL, r=8, lora_alpha=16, target_modules="all-linear"),
+    "lora-qv-rs": lambda: LoraConfig(task_type=CAUSAL, r=16, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     use_rslora=True),
+    "lora-attn-r4": lambda: LoraConfig(task_type=CAUSAL, r=4, lora_alpha=32,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "ia3": lambda: IA3Config(task_type=CAUSAL),
 }
+WEIGHT_VARIANTS = ("lora-all", "lora-qv-rs", "lora-attn-r4", "ia3")  # need an export with --lora
+PROMPT_VARIANTS = tuple(v for v in VARIANTS if v not in WEIGHT_VARIANTS)  # any export
 TRAIN_TEXT = "Answer in JSON. Input: the cat sat on the mat. Output: {\"animal\": \"cat\", \"place\": \"mat\"}"
 
 
 def train(base, variant: str, tokenizer, out: Path, steps: int = 4, lr: float = 0.05) -> Path:
-    """Train a PEFT adapter of `variant` on `base` for a few steps and save it to `out`."""
+    """Train a PEFT adapter of `variant` on `base` for a few steps and save it to `out` (`base`
+    itself is left as it was: a LoRA or IA3 wraps a copy's modules)."""
     torch.manual_seed(0)
-    model = get_peft_model(base, VARIANTS[variant]())
+    model = get_peft_model(copy.deepcopy(base) if variant in WEIGHT_VARIANTS else base, VARIANTS[variant]())
     model.train()
     ids = torch.tensor([tokenizer.encode(TRAIN_TEXT)])
     kwargs = {"task_ids": torch.tensor([1])} if variant == "multitask" else {}
@@ -58,7 +71,12 @@ def train(base, variant: str, tokenizer, out: Path, steps: int = 4, lr: float = 
 
 
 def load_reference(base, folder: Path) -> PeftModel:
-    return PeftModel.from_pretrained(base, folder).eval()
+    """PEFT's model of the checkpoint in `folder` on `base` (a copy of it for a LoRA or IA3, whose
+    layers PEFT wraps in place)."""
+    import json
+
+    weights = json.loads((folder / "adapter_config.json").read_text())["peft_type"] in ("LORA", "IA3")
+    return PeftModel.from_pretrained(copy.deepcopy(base) if weights else base, folder).eval()
 
 
 def peft_forward(model: PeftModel, ids: list[int], task: int | None = None) -> np.ndarray:

@@ -27,7 +27,7 @@ LOGITS_ATOL = 1e-4
 
 
 def _cases():
-    for variant in ph.VARIANTS:
+    for variant in ph.PROMPT_VARIANTS:  # LoRA and IA3: tests/test_lora.py (an export with --lora)
         yield variant, False
         if variant == "prompt":
             yield variant, True  # the soft prompt baked into a prefix
@@ -41,7 +41,7 @@ def arch_setup(request, tiny_model, tiny_export, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine.load(tiny_export(arch))
     work = tmp_path_factory.mktemp(f"peft-{arch}")
-    for variant in ph.VARIANTS:
+    for variant in ph.PROMPT_VARIANTS:
         ph.train(AutoModelForCausalLM.from_pretrained(folder), variant, tokenizer, work / variant)
     yield arch, folder, engine, work
     engine.close()

@@ -51,17 +51,19 @@ def test_default_model_equals_peft(setup, variant, bake):
 
 
 def test_default_model_mixed_batch_rows_equal_rows_alone(setup):
-    """8 rows on the real model: no adapter, soft prompts and prefixes of different lengths."""
+    """11 rows on the real model: no adapter, soft prompts and prefixes of different lengths, two
+    LoRAs and an IA3."""
     _, engine, work = setup
-    for variant in ("prompt", "ptuning-lstm", "prefix", "prefix-projection"):
+    for variant in ("prompt", "ptuning-lstm", "prefix", "prefix-projection", "lora-all", "lora-qv-rs", "ia3"):
         _, path = convert_checkpoint(work / variant, engine.folder, name=f"mix-{variant}",
                                      out=work / f"mix-{variant}.safetensors")
         engine.add_adapter(f"mix-{variant}", path)
     prompts = ["Extract the city: Alice lives in Paris.", "def fibonacci(n):", "The history of the Roman Empire",
                "Hi", "Here is a list of fruits:\n1.", "Translate to French: good morning", "Q: 2+2=?\nA:",
-               "Once upon a time, in a small village by the sea, there lived"]
+               "Once upon a time, in a small village by the sea, there lived", "Write a haiku about the sea.",
+               "List three colours:", "The capital of Japan is"]
     adapters = [None, "mix-prompt", "mix-prefix", "mix-ptuning-lstm", "mix-prefix-projection", None,
-                "mix-prefix", "mix-prompt"]
+                "mix-prefix", "mix-prompt", "mix-lora-all", "mix-ia3", "mix-lora-qv-rs"]
     batch = engine.generate_batch(prompts, adapters=adapters, max_new_tokens=24, stop_token_ids=[])
     for prompt, adapter, got in zip(prompts, adapters, batch):
         assert got.token_ids == engine.generate(prompt, adapter=adapter, max_new_tokens=24,

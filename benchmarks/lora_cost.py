@@ -1,0 +1,217 @@
+"""What LoRA served per row costs (docs/benchmarks.md, "LoRA and IA3"), side by side in one process:
+
+1. the LoRA and IA3 inputs when no row uses them: decode of the export made with --lora against the
+   export without, batch 1 and 8, no adapters (goal: at most 3% slower);
+2. 8 rows with 8 different rank-16 LoRAs on every linear module against the same 8 rows without
+   an adapter (goal: at most 35% slower), and against PEFT generating the same 8 requests one after
+   another with `set_adapter` per request (goal: at least 3x its tokens/s);
+3. memory per resident LoRA (the store's count and the process RSS, `--adapters` of them, against
+   their tensors' bytes);
+4. swapping LoRAs: requests alternating between two LoRAs against requests of one (at the noise floor).
+
+    python -m benchmarks.lora_cost --plain exports/smollm2-135m-instruct --lora exports/smollm2-lora \\
+        [--rounds 5] [--threads 2] [--adapters 100] [--no-peft]
+
+The LoRAs are real PEFT checkpoints of the default model (LoraConfig r=16, all-linear, random A and
+B: init_lora_weights=False), converted; the 100 for memory are copies of one with new values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+
+from benchmarks.common import RESULTS, command, machine, machine_line, rel, say, vm_rss, write_report
+from prefixport.adapters import Bundle, convert_checkpoint, save_bundle
+from prefixport.runtime import Engine
+from prefixport.runtime.generation import decode_step, prefill_new
+
+PROMPT_TOKENS, STEPS, ROWS, NEW = 64, 32, 8, 48
+
+
+def decode_ms(engine: Engine, batch: int, rng: np.random.Generator) -> float:
+    """Mean ms of a decode step of `batch` rows without adapters after 64-token prompts."""
+    m = engine.manifest
+    rows = [rng.integers(100, 20000, PROMPT_TOKENS).tolist() for _ in range(batch)]
+    _, cache = prefill_new(engine.backend, rows, extra=STEPS + 2)
+    tokens = np.full(batch, 5, np.int64)
+    decode_step(engine.backend, cache, tokens, m.hidden_size, np.dtype(m.dtype))
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        decode_step(engine.backend, cache, tokens, m.hidden_size, np.dtype(m.dtype))
+    return (time.perf_counter() - start) / STEPS * 1e3
+
+
+def peft_loras(work: Path, n: int) -> list[Path]:
+    """n PEFT LoRA checkpoints (r 16, all-linear, random A and B) of the default model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from prefixport.exporter.loading import default_gguf
+
+    gguf = default_gguf()
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = None
+    out = []
+    for i in range(n):
+        torch.manual_seed(i)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"lora{i}")
+        else:
+            model.add_adapter(f"lora{i}", config)
+        with torch.no_grad():  # small: the base model's text stays text
+            for name, p in model.named_parameters():
+                if f".lora{i}." in name and "lora_B" in name:
+                    p.mul_(0.02)
+        model.save_pretrained(work / "peft", selected_adapters=[f"lora{i}"])
+        out.append(work / "peft" / f"lora{i}")  # PEFT saves a named adapter in a folder of its name
+    return out
+
+
+def peft_side(checkpoints: list[Path], prompts: list[str], threads: int) -> float:
+    """PEFT: the requests one after another, `set_adapter` to each request's LoRA first; tokens/s."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefixport.exporter.loading import default_gguf
+
+    torch.set_num_threads(threads)
+    gguf = default_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    model = PeftModel.from_pretrained(base, checkpoints[0], adapter_name="lora0")
+    for i, path in enumerate(checkpoints[1:], 1):
+        model.load_adapter(path, adapter_name=f"lora{i}")
+    start, tokens = time.perf_counter(), 0
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            model.set_adapter(f"lora{i}")
+            ids = torch.tensor([tok.encode(prompt)])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                 min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+            tokens += out.shape[1] - ids.shape[1]
+    return tokens / (time.perf_counter() - start)
+
+
+def batch_tok_s(engine: Engine, prompts: list[str], adapters: list[str | None]) -> float:
+    start = time.perf_counter()
+    results = engine.generate_batch(prompts, adapters, max_new_tokens=NEW, stop_token_ids=[], chat=False)
+    return sum(len(r.token_ids) for r in results) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plain", required=True, help="the export without --lora")
+    parser.add_argument("--lora", required=True, help="the same model exported with --lora")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "lora_cost"))
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    result: dict = {"command": command("lora_cost"), "machine": machine("peft", "torch"),
+                    "plain": rel(args.plain), "lora": rel(args.lora)}
+    plain = Engine.load(args.plain, threads=args.threads, prompt_cache_bytes=0)
+    lora = Engine.load(args.lora, threads=args.threads, prompt_cache_bytes=0)
+
+    say("1. the inputs unused: decode, plain export against --lora export")
+    unused = {}
+    for batch in (1, 8):
+        times: dict[str, list[float]] = {"plain": [], "lora": []}
+        for r in range(args.rounds):
+            for side in (("plain", "lora") if r % 2 == 0 else ("lora", "plain")):
+                times[side].append(decode_ms(plain if side == "plain" else lora, batch, rng))
+        p, q = statistics.median(times["plain"]), statistics.median(times["lora"])
+        unused[batch] = {"plain_ms": p, "lora_ms": q, "ratio": q / p, "rounds": times}
+        say(f"   batch {batch}: {p:.2f} ms / {q:.2f} ms = {q / p:.3f}")
+    result["unused"] = unused
+
+    with TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        say("2. 8 rows with 8 rank-16 LoRAs: making PEFT checkpoints")
+        checkpoints = peft_loras(work, ROWS)
+        names = []
+        for i, path in enumerate(checkpoints):
+            bundle, file = convert_checkpoint(path, args.lora, name=f"lora{i}", out=work / f"lora{i}.safetensors")
+            lora.add_adapter(f"lora{i}", file)
+            names.append(f"lora{i}")
+        prompts = [f"Write a short story about a {w} who finds a map." for w in
+                   ("cat", "pilot", "baker", "robot", "child", "sailor", "teacher", "fox")]
+        lora.generate_batch(prompts[:2], names[:2], max_new_tokens=2, chat=False)  # warm
+        rates: dict[str, list[float]] = {"none": [], "loras": []}
+        for r in range(args.rounds):
+            for side in (("none", "loras") if r % 2 == 0 else ("loras", "none")):
+                rates[side].append(batch_tok_s(lora, prompts, [None] * ROWS if side == "none" else names))
+        none, loras = statistics.median(rates["none"]), statistics.median(rates["loras"])
+        result["eight_loras"] = {"none_tok_s": none, "loras_tok_s": loras, "slowdown": none / loras,
+                                 "rounds": rates, "bytes_per_lora": bundle.nbytes}
+        say(f"   8 rows: {none:.1f} tok/s without adapters, {loras:.1f} with 8 LoRAs ({none / loras:.3f}x slower)")
+        if not args.no_peft:
+            peft = peft_side(checkpoints, prompts, args.threads)
+            result["eight_loras"]["peft_tok_s"] = peft
+            say(f"   PEFT, set_adapter per request: {peft:.1f} tok/s; prefixport {loras / peft:.2f}x")
+
+        say(f"3. memory: {args.adapters} resident LoRAs")
+        source = Bundle(dict(bundle.tensors), dict(bundle.metadata))
+        rss_before, stats_before = vm_rss(), lora.store.stats().resident_bytes
+        for i in range(args.adapters):
+            tensors = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * 1e-3) for k, v in source.tensors.items()}
+            path = save_bundle(Bundle(tensors, {**source.metadata, "name": f"m{i}"}), work / f"m{i}.safetensors")
+            lora.add_adapter(f"m{i}", path)
+        rss_after, stats_after = vm_rss(), lora.store.stats().resident_bytes
+        per_rss = (rss_after - rss_before) / args.adapters if rss_before and rss_after else None
+        per_store = (stats_after - stats_before) / args.adapters
+        result["memory"] = {"adapters": args.adapters, "tensor_bytes": bundle.nbytes, "store_bytes_per_adapter": per_store,
+                            "rss_bytes_per_adapter": per_rss}
+        say(f"   per adapter: tensors {bundle.nbytes / 1e6:.2f} MB, store {per_store / 1e6:.2f} MB, "
+            f"RSS {per_rss / 1e6 if per_rss else float('nan'):.2f} MB")
+
+        say("4. swapping: requests alternating between two LoRAs against one LoRA")
+        swap: dict[str, list[float]] = {"same": [], "alternating": []}
+        for r in range(args.rounds * 4):
+            for side in (("same", "alternating") if r % 2 == 0 else ("alternating", "same")):
+                adapter = "lora0" if side == "same" or r % 2 == 0 else "lora1"
+                start = time.perf_counter()
+                lora.generate(prompts[0], adapter=adapter, max_new_tokens=16, stop_token_ids=[], chat=False)
+                swap[side].append((time.perf_counter() - start) * 1e3)
+        same, alternating = statistics.median(swap["same"]), statistics.median(swap["alternating"])
+        result["swap"] = {"same_ms": same, "alternating_ms": alternating, "ratio": alternating / same, "requests": swap}
+        say(f"   16-token request: {same:.1f} ms with one LoRA, {alternating:.1f} ms alternating")
+    plain.close()
+    lora.close()
+
+    e = result["eight_loras"]
+    md = [f"# LoRA served per row ({machine_line(result['machine'])})", "",
+          f"Command: `{result['command']}`", "",
+          "| measure | value | goal |", "|---|---|---|"]
+    for batch, u in unused.items():
+        md.append(f"| decode, batch {batch}, no adapter: --lora / plain | {u['lora_ms']:.2f} / {u['plain_ms']:.2f} ms = "
+                  f"{u['ratio']:.3f} | ≤ 1.03 |")
+    md.append(f"| 8 rows, 8 rank-16 all-linear LoRAs / none | {e['loras_tok_s']:.1f} / {e['none_tok_s']:.1f} tok/s "
+              f"({e['slowdown']:.3f}x slower) | ≤ 1.35x |")
+    if "peft_tok_s" in e:
+        md.append(f"| the same 8 requests, PEFT set_adapter per request | {e['peft_tok_s']:.1f} tok/s "
+                  f"(prefixport {e['loras_tok_s'] / e['peft_tok_s']:.2f}x) | ≥ 3x |")
+    mem = result["memory"]
+    md.append(f"| memory per resident LoRA ({mem['adapters']}) | tensors {mem['tensor_bytes'] / 1e6:.2f} MB, store "
+              f"{mem['store_bytes_per_adapter'] / 1e6:.2f} MB, RSS "
+              f"{(mem['rss_bytes_per_adapter'] or 0) / 1e6:.2f} MB | = tensors |")
+    s = result["swap"]
+    md.append(f"| 16-token request, alternating two LoRAs / one | {s['alternating_ms']:.1f} / {s['same_ms']:.1f} ms = "
+              f"{s['ratio']:.3f} | noise |")
+    text = "\n".join(md) + "\n"
+    print(text)
+    write_report(Path(args.out), "lora_cost", result, text)
+
+
+if __name__ == "__main__":
+    main()
