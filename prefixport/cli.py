@@ -108,10 +108,16 @@ def main() -> None:
                    "for the architecture (Llama: k_proj, v_proj, down_proj).")
 @click.option("--lora-max-rank", type=click.IntRange(min=1), default=16, show_default=True,
               help="With --lora: the largest LoRA rank the export takes (lower ranks are zero-padded to it).")
+@click.option("--merge-lora", "merge_lora", default=None, metavar="PEFT_DIR",
+              type=click.Path(exists=True, file_okay=False),
+              help="Fold this PEFT LoRA checkpoint (adapter_model.safetensors) into the base weights before export: "
+                   "the graph computes base + LoRA at no run-time cost. Adapters are then converted against this "
+                   "export (its fingerprint is the merged weights'); --lora still takes LoRA per row on top.")
 @_errors
 def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool, overwrite: bool,
            optimize: bool, quantize: str | None, check_adapters: tuple[str, ...], kv_cache_dtype: str,
-           lora: bool, lora_targets: str, ia3_targets: str | None, lora_max_rank: int) -> None:
+           lora: bool, lora_targets: str, ia3_targets: str | None, lora_max_rank: int,
+           merge_lora: str | None) -> None:
     """Export a causal LM to OUTDIR: ONNX graph, manifest, tokenizer."""
     from .exporter import LoraOptions, export_model
 
@@ -124,7 +130,7 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
     report = export_model(outdir, model=model_spec, dtype=dtype, opset=opset, verify_graph=not no_verify,
                           overwrite=overwrite, optimize=optimize, quantize=quantize,
                           check_adapters=check_adapters, progress=progress, kv_cache_dtype=kv_cache_dtype,
-                          lora=options)
+                          lora=options, merge_lora=merge_lora)
     m = report.manifest
     click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
     click.echo(f"  time: {progress.elapsed():.1f}s ("
@@ -137,6 +143,10 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
             click.echo(f"    {c.name}: logits {c.logits_max_abs_diff:.2e}, KV (relative) {c.present_max_rel_diff:.2e}")
     else:
         click.echo("  not verified (--no-verify)")
+    if m.merged_lora:
+        ml = m.merged_lora
+        click.echo(f"  merged LoRA {ml['source']} (rank {ml['rank']}{', DoRA' if ml['use_dora'] else ''}, "
+                   f"{ml['modules']} modules: {', '.join(ml['targets'])}); fingerprint {m.fingerprint[:19]}...")
     if m.fused_ops:
         click.echo("  fused: " + ", ".join(f"{n} x{k}" for n, k in m.fused_ops.items()))
     if m.weights:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from .. import manifest as mf
 from ..errors import ExportError
 from ..progress import Progress
-from . import kv_quant, loading
+from . import kv_quant, loading, merge
 from . import optimize as opt
 from .graph import GraphModule, weight_bytes, export_onnx
 from .weights import LoraOptions, plan
@@ -110,6 +110,7 @@ def export_model(
     progress: Progress | None = None,
     kv_cache_dtype: str = "float",
     lora: LoraOptions | None = None,
+    merge_lora: str | Path | None = None,
 ) -> ExportReport:
     """Export `model` (a spec, see `loading.resolve`) to `outdir`.
 
@@ -120,7 +121,9 @@ def export_model(
     `kv_cache_dtype` "int8" makes the KV cache 8-bit with per-channel scales calibrated here
     (`kv_quant.py`; covering the keys and values of the `check_adapters` too) and measures its
     agreement with the float cache the same way. `lora` makes the graph take LoRA and IA3 tensors
-    per row (`weights.py`); without it the graph is what it was.
+    per row (`weights.py`); without it the graph is what it was. `merge_lora` (a PEFT LoRA checkpoint
+    folder) is folded into the base weights before anything else (`merge.py`): the fingerprint is
+    then the merged weights', so adapters are converted against this export, not the plain base.
 
     Everything is written to a temporary sibling folder that is renamed into place only once the
     export and its verification succeeded: a failed or interrupted export leaves no folder that
@@ -155,12 +158,18 @@ def export_model(
     progress = progress or Progress()
     outdir = Path(outdir).resolve()
     _check_outdir(outdir, overwrite)
+    checkpoint = merge.read_lora(merge_lora) if merge_lora is not None else None  # refused before loading
     with progress.stage(f"loading {model}"):
         loaded = loading.load(model)
-        digest = fingerprint(loaded.model)
-        if dtype == "float16":
-            loaded.model.to(torch.float16)
+    merged = None
+    if checkpoint is not None:  # in float32, before the fingerprint: the export's weights are base + LoRA
+        with progress.stage(f"merging LoRA {checkpoint.folder}"):
+            merged = merge.merge_lora(loaded.model, checkpoint, loaded.arch.layers_path)
+    digest = fingerprint(loaded.model)
+    if dtype == "float16":
+        loaded.model.to(torch.float16)
     manifest = _manifest(loaded, dtype, opset, digest)
+    manifest.merged_lora = merged
     manifest.cache = "shared" if optimize else "copy"
     weights = plan(loaded.model, loaded.arch, lora) if lora is not None else None
     if weights is not None:
