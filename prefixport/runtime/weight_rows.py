@@ -45,11 +45,6 @@ class WeightRows:
         self._ia3 = np.zeros(0, bool)  # per row: whether it holds IA3 vectors
         self._views: dict[tuple[int, int, bool], list[Any]] = {}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(self.rows * n * dim * self.dtype.itemsize for name, (n, dim) in self.shapes.items()
-                   if name in self.tables)
-
     def grow(self, rows: int, keep: int) -> None:
         """Room for `rows` rows, rows [0, keep) copied over."""
         if rows <= self.rows:
@@ -70,11 +65,9 @@ class WeightRows:
         self.rows, self._rank, self._ia3, self._views = rows, rank, ia3, {}
 
     def _table(self, name: str, rows: int, ones: bool = False) -> Any:
-        n, dim = self.shapes[name]
-        if not ones:
-            return self.backend.allocate((rows, 1, n, dim), self.dtype)
-        table = self.backend.allocate((rows, 1, n, dim), self.dtype)
-        for row in range(rows):
+        """A zeroed table of `rows` rows (IA3: ones)."""
+        table = self.backend.allocate((rows, 1, *self.shapes[name]), self.dtype)
+        for row in range(rows) if ones else ():
             self.backend.copy_into(table, self._ones[name], row=row)
         return table
 
