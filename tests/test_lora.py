@@ -198,3 +198,35 @@ def test_gpt2_conv1d_lora_equals_peft(tmp_path_factory, tiny_model):
         ours = engine.generate(ids, adapter=name, max_new_tokens=8, stop_token_ids=[]).token_ids
         assert ours == ph.peft_greedy_choices(reference, ids, ours)
     engine.close()
+
+
+def test_server_loads_and_serves_loras_mixed_with_other_adapters(lora_llama):
+    """The server's adapter admin registers a LoRA bundle from its folder (kind "lora"), and
+    concurrent completions through a LoRA, an IA3, a prefix and the base model each give what the
+    engine gives alone."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefixport.server import create_app
+    from prefixport.server.tenants import Access
+
+    from .helpers import running
+
+    engine, _, work, _ = lora_llama
+    app = create_app(engine, model_name="tiny", adapters_dir=work, max_batch=8, access=Access(adapter_admin=True))
+    with running(app) as url:
+        r = httpx.post(url + "/v1/adapters", json={"name": "served-lora", "path": "lora-pattern.safetensors"})
+        assert r.status_code == 200 and r.json()["kind"] == "lora", r.text
+        jobs = [("served-lora", PROMPTS[0]), ("ia3", PROMPTS[1]), ("prefix", PROMPTS[2]), ("tiny", PROMPTS[0]),
+                ("lora-all", PROMPTS[1]), ("lora-qv-rs", PROMPTS[2])]
+
+        def complete(job):
+            body = {"model": job[0], "prompt": job[1], "max_tokens": 8, "temperature": 0}
+            return httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            texts = list(pool.map(complete, jobs))
+        for (model, prompt), text in zip(jobs, texts):
+            adapter = None if model == "tiny" else model
+            assert text == engine.generate(prompt, adapter=adapter, max_new_tokens=8, chat=False).text, model
+        assert httpx.delete(url + "/v1/adapters/served-lora").status_code == 200

@@ -22,7 +22,7 @@ class _Stats:
 class AdapterStats(_Stats):
     """One registered adapter."""
 
-    kind: str  # "prompt" or "prefix"
+    kind: str  # "prompt", "prefix", "lora" or "ia3"
     n_virtual: int
     bytes: int  # its tensors in the engine's dtype
     resident: bool  # held in memory now
