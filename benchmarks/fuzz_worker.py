@@ -44,7 +44,7 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
                            "peft_type") if k not in meta]
     if missing:
         return [f"metadata lacks {missing}"]
-    if meta["format"] != "prefixport-adapter" or meta["format_version"] not in ("1", "2"):
+    if meta["format"] != "prefixport-adapter" or meta["format_version"] not in ("1", "2", "3"):
         problems.append(f"format {meta['format']!r} version {meta['format_version']!r}")
     if "prompt_format" in meta and not _prompt_format_ok(meta["prompt_format"]):
         problems.append(f"prompt_format {meta['prompt_format'][:40]!r}")

@@ -48,8 +48,15 @@ def test_export_folder_and_manifest(default_export):
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     for node in attention:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs["do_rotary"] == 1 and node.input[1] == node.input[2] == ""  # packed QKV
-    assert sum(n.op_type == "MatMul" for n in graph.node) == 30 * 5 + 1  # qkv, o, gate, up, down; lm_head
+        assert attrs["do_rotary"] == 1 and node.input[1] and node.input[2]  # q, k, v each gain a row's LoRA/IA3
+    # the session export takes --lora: the base weights keep one packed q/k/v MatMul per layer, split
+    # under the adapters (exporter.optimize._pack_bases), beside each module's two LoRA MatMuls
+    splits = [n for n in graph.node if n.op_type == "Split"]
+    producers = {out: n for n in graph.node for out in n.output}
+    assert len(splits) == 30 and all(producers[s.input[0]].op_type == "MatMul" for s in splits)
+    assert sum(n.op_type == "MatMul" for n in graph.node) == 30 * (5 + 2 * 7) + 1  # qkv, o, gate, up, down; lm_head
+    assert m["weight_adapters"]["lora"] == [f"self_attn.{p}_proj" for p in "qkvo"] + [
+        f"mlp.{p}_proj" for p in ("gate", "up", "down")]
 
 
 @pytest.mark.parametrize("chat,prompt", [(False, p) for p in RAW] + [(True, p) for p in CHAT])

@@ -109,9 +109,9 @@ def test_profiles_hold_every_call_real_generation_makes(plain_export, tiny_adapt
     calls = []
     run = engine.backend.run
 
-    def recording(inputs, past, present):
+    def recording(inputs, past, present, weights=()):
         calls.append(({n: tuple(np.shape(v)) for n, v in inputs.items()}, tuple(past[0].shape)))
-        return run(inputs, past, present)
+        return run(inputs, past, present, weights)
 
     engine.backend.run = recording
     engine.bake_prefix(load_bundle(work / "prompt.safetensors"))  # seq 0: the soft prompt alone
