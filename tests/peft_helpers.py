@@ -70,6 +70,20 @@ def train(base, variant: str, tokenizer, out: Path, steps: int = 4, lr: float = 
     return out
 
 
+def random_checkpoint(base, config, out: Path) -> Path:
+    """A real PEFT checkpoint of `config` (a LoRA or IA3) on `base`, its weights moved off their
+    initialisation by seeded noise (faster than training; the conversion and the forward are what
+    is tested)."""
+    torch.manual_seed(0)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
 def load_reference(base, folder: Path) -> PeftModel:
     """PEFT's model of the checkpoint in `folder` on `base` (a copy of it for a LoRA or IA3, whose
     layers PEFT wraps in place)."""

@@ -30,18 +30,6 @@ LORAS = {  # name -> (config, architectures)
 }
 
 
-def _peft(base, config, out):
-    """A real PEFT checkpoint of `config` on `base`, its weights moved off their initialisation."""
-    torch.manual_seed(0)
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def lora_llama(tmp_path_factory, tiny_model, tiny_export, tiny_adapters):
     """(engine on the tiny Llama exported with --lora, engine on the plain export, folder of the PEFT
@@ -56,7 +44,7 @@ def lora_llama(tmp_path_factory, tiny_model, tiny_export, tiny_adapters):
     work = tmp_path_factory.mktemp("lora-peft")
     engine, plain = Engine.load(out), Engine.load(tiny_export("llama"))
     for name, config in LORAS.items():
-        _peft(AutoModelForCausalLM.from_pretrained(folder), config(), work / name)
+        ph.random_checkpoint(AutoModelForCausalLM.from_pretrained(folder), config(), work / name)
         _, path = convert_checkpoint(work / name, out, name=name, out=work / f"{name}.safetensors")
         engine.add_adapter(name, path)
     for name in ADAPTER_VARIANTS:  # the soft prompts and prefixes of the plain export fit this one too
@@ -188,7 +176,7 @@ def test_gpt2_conv1d_lora_equals_peft(tmp_path_factory, tiny_model):
                                   init_lora_weights=False),
                "ia3": IA3Config(init_ia3_weights=False)}
     for name, config in configs.items():
-        _peft(AutoModelForCausalLM.from_pretrained(folder), config, work / name)
+        ph.random_checkpoint(AutoModelForCausalLM.from_pretrained(folder), config, work / name)
         _, path = convert_checkpoint(work / name, out, name=name, out=work / f"{name}.safetensors")
         engine.add_adapter(name, path)
         reference = _reference(folder, work / name)

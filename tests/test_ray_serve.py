@@ -31,6 +31,8 @@ from prefixport.server.ray_serve import (APP_NAME, INGRESS, REFRESH_S, REPLICA, 
 
 from .conftest import ADAPTER_VARIANTS  # noqa: E402
 
+RAY_ADAPTERS = (*ADAPTER_VARIANTS, "lora", "ia3")  # the export takes --lora: a LoRA and an IA3 beside them
+
 REPLICAS, MAX_ADAPTERS = 2, 1  # 4 adapters, 2 replicas holding at most 1 each: the LRU must evict
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京"]
 BIN = Path(sys.executable).parent  # ray, serve and prefixport of this environment
@@ -101,15 +103,31 @@ def _wait_running(env: dict, dashboard: str, app: str, timeout: float = 300) -> 
 
 
 @pytest.fixture(scope="module")
-def ray_served(tiny_export, tiny_adapters, tmp_path_factory, cluster):
-    """The application over the tiny Llama export and its four adapters, deployed with `serve deploy`
+def ray_served(tiny_model, tiny_adapters, tmp_path_factory, cluster):
+    """The application over the tiny Llama exported with --lora and its six adapters (the four prompt
+    and prefix variants, a LoRA, an IA3), deployed with `serve deploy`
     CONFIG on the cluster: (engine, url, adapters folder). `engine` is a plain Engine in this process, the reference.
     Its ingress has the KEYS with /metrics and /health public (`private_ops: false`) and a MAX_BODY
     limit. This process joins the cluster too (with the token), to ask the replicas what they hold."""
+    from peft import IA3Config, LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from prefixport.adapters import convert_checkpoint
+    from prefixport.exporter import LoraOptions, export_model
+
+    from . import peft_helpers as ph
+
     env, dashboard, gcs = cluster
+    export = tmp_path_factory.mktemp("ray-export") / "export"
+    export_model(export, model=str(tiny_model("llama")), lora=LoraOptions())
     folder = tmp_path_factory.mktemp("ray-adapters")
-    for name in ADAPTER_VARIANTS:
+    for name in ADAPTER_VARIANTS:  # converted for the plain export: the same base model, so they fit
         shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
+    peft = tmp_path_factory.mktemp("ray-peft")
+    for name, config in (("lora", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)),
+                         ("ia3", IA3Config(init_ia3_weights=False))):
+        ph.random_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_model("llama")), config, peft / name)
+        convert_checkpoint(peft / name, export, name=name, out=folder / f"{name}.safetensors")
     port = _free_port()
     config = tmp_path_factory.mktemp("ray-config") / "serve.yaml"
     keys = config.with_name("keys.toml")
@@ -121,7 +139,7 @@ applications:
   - name: {APP_NAME}
     route_prefix: /
     import_path: prefixport.server.ray_serve:app_builder
-    args: {{outdir: "{tiny_export('llama')}", adapters_dir: "{folder}", model_name: tiny, max_batch: 4,
+    args: {{outdir: "{export}", adapters_dir: "{folder}", model_name: tiny, max_batch: 4,
             replicas: {REPLICAS}, max_adapters: {MAX_ADAPTERS}, replica_cpus: 1, threads: 1,
             keys_file: "{keys}", private_ops: false, max_body_mb: {MAX_BODY / 1e6}, max_stops: 5}}
 """)
@@ -132,8 +150,8 @@ applications:
     _reread_ray_config()  # a fresh process (the CLI, a driver) reads them at start; this one has started
     ray.init(address=gcs, log_to_driver=False)
     try:
-        engine = Engine.load(tiny_export("llama"), threads=1)
-        for name in ADAPTER_VARIANTS:
+        engine = Engine.load(export, threads=1)
+        for name in RAY_ADAPTERS:
             engine.add_adapter(name, folder / f"{name}.safetensors")
         yield engine, f"http://127.0.0.1:{port}", folder
         engine.close()
@@ -187,7 +205,7 @@ def _check_lru(state: dict[str, dict]) -> None:
     for replica, info in state.items():
         assert info["max_adapters"] == MAX_ADAPTERS
         assert len(info["registered"]) <= MAX_ADAPTERS, (replica, info["registered"])
-        assert set(info["registered"]) <= set(ADAPTER_VARIANTS)
+        assert set(info["registered"]) <= set(RAY_ADAPTERS)
 
 
 def _loads(state: dict[str, dict]) -> int:
@@ -195,7 +213,7 @@ def _loads(state: dict[str, dict]) -> int:
 
 
 def test_models_lists_the_base_and_every_adapter_in_the_folder(client):
-    assert {m.id for m in client.models.list()} == {"tiny", *ADAPTER_VARIANTS}
+    assert {m.id for m in client.models.list()} == {"tiny", *RAY_ADAPTERS}
     assert client.models.retrieve("prefix").parent == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("missing")
@@ -204,7 +222,7 @@ def test_models_lists_the_base_and_every_adapter_in_the_folder(client):
 def test_completions_for_the_base_and_each_adapter_equal_the_engine_alone(ray_served, client):
     engine = ray_served[0]
     # every adapter twice, the first ones again after the LRU evicted them
-    models = ["tiny", *ADAPTER_VARIANTS, "tiny", *ADAPTER_VARIANTS]
+    models = ["tiny", *RAY_ADAPTERS, "tiny", *RAY_ADAPTERS]
     for i, model in enumerate(models):
         prompt, n = PROMPTS[i % len(PROMPTS)], 5 + i % 4
         got = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
@@ -235,7 +253,7 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(client):
 def test_concurrent_requests_across_adapters_equal_each_alone(ray_served, client):
     """Requests for more adapters than a replica keeps, at once: evictions never break a running one."""
     engine = ray_served[0]
-    jobs = [(PROMPTS[i % 3], ["tiny", *ADAPTER_VARIANTS][i % 5], 4 + i % 5) for i in range(15)]
+    jobs = [(PROMPTS[i % 3], ["tiny", *RAY_ADAPTERS][i % 7], 4 + i % 5) for i in range(21)]
 
     def call(job):
         prompt, model, n = job
@@ -335,7 +353,7 @@ def test_ingress_metrics_gather_every_replica(ray_served, client):
     assert "prefixport_kv_cache_bytes{" in body and "prefixport_adapter_hits_total{" in body
 
 
-def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_export, tmp_path):
+def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tmp_path):
     """`prefixport serve --ray` on a cluster where Serve runs: the cluster's port is used and said,
     the same application name is refused, another name and route prefix deploy beside the first;
     stopping it (SIGTERM) deletes it alone."""
@@ -343,7 +361,7 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tiny_e
     engine, url, folder = ray_served
     port = url.rsplit(":", 1)[1]
     cli = {**env, "RAY_ADDRESS": gcs}
-    base = [BIN / "prefixport", "serve", tiny_export("llama"), "--ray", "--model-name", "tiny", "--adapters", folder, "--replicas", "1",
+    base = [BIN / "prefixport", "serve", engine.folder, "--ray", "--model-name", "tiny", "--adapters", folder, "--replicas", "1",
             "--max-adapters", "1", "--threads", "1"]
     refused = subprocess.run([str(a) for a in base], env=cli, capture_output=True, text=True, timeout=180)
     assert refused.returncode == 1
