@@ -27,11 +27,12 @@ from tempfile import TemporaryDirectory
 import numpy as np
 
 from benchmarks.common import RESULTS, command, machine, machine_line, rel, say, vm_rss, write_report
+from benchmarks.lora_workload import NEW, PROMPTS, ROWS, peft_loras
 from prefixport.adapters import Bundle, convert_checkpoint, save_bundle
 from prefixport.runtime import Engine
 from prefixport.runtime.generation import decode_step, prefill_new
 
-PROMPT_TOKENS, STEPS, ROWS, NEW = 64, 32, 8, 48
+PROMPT_TOKENS, STEPS = 64, 32
 
 
 def decode_ms(engine: Engine, batch: int, rng: np.random.Generator) -> float:
@@ -45,34 +46,6 @@ def decode_ms(engine: Engine, batch: int, rng: np.random.Generator) -> float:
     for _ in range(STEPS):
         decode_step(engine.backend, cache, tokens, m.hidden_size, np.dtype(m.dtype))
     return (time.perf_counter() - start) / STEPS * 1e3
-
-
-def peft_loras(work: Path, n: int) -> list[Path]:
-    """n PEFT LoRA checkpoints (r 16, all-linear, random A and B) of the default model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from prefixport.exporter.loading import default_gguf
-
-    gguf = default_gguf()
-    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = None
-    out = []
-    for i in range(n):
-        torch.manual_seed(i)
-        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-        if model is None:
-            model = get_peft_model(base, config, adapter_name=f"lora{i}")
-        else:
-            model.add_adapter(f"lora{i}", config)
-        with torch.no_grad():  # small: the base model's text stays text
-            for name, p in model.named_parameters():
-                if f".lora{i}." in name and "lora_B" in name:
-                    p.mul_(0.02)
-        model.save_pretrained(work / "peft", selected_adapters=[f"lora{i}"])
-        out.append(work / "peft" / f"lora{i}")  # PEFT saves a named adapter in a folder of its name
-    return out
 
 
 def peft_side(checkpoints: list[Path], prompts: list[str], threads: int) -> float:
@@ -144,19 +117,17 @@ def main() -> None:
             bundle, file = convert_checkpoint(path, args.lora, name=f"lora{i}", out=work / f"lora{i}.safetensors")
             lora.add_adapter(f"lora{i}", file)
             names.append(f"lora{i}")
-        prompts = [f"Write a short story about a {w} who finds a map." for w in
-                   ("cat", "pilot", "baker", "robot", "child", "sailor", "teacher", "fox")]
-        lora.generate_batch(prompts[:2], names[:2], max_new_tokens=2, chat=False)  # warm
+        lora.generate_batch(PROMPTS[:2], names[:2], max_new_tokens=2, chat=False)  # warm
         rates: dict[str, list[float]] = {"none": [], "loras": []}
         for r in range(args.rounds):
             for side in (("none", "loras") if r % 2 == 0 else ("loras", "none")):
-                rates[side].append(batch_tok_s(lora, prompts, [None] * ROWS if side == "none" else names))
+                rates[side].append(batch_tok_s(lora, PROMPTS, [None] * ROWS if side == "none" else names))
         none, loras = statistics.median(rates["none"]), statistics.median(rates["loras"])
         result["eight_loras"] = {"none_tok_s": none, "loras_tok_s": loras, "slowdown": none / loras,
                                  "rounds": rates, "bytes_per_lora": bundle.nbytes}
         say(f"   8 rows: {none:.1f} tok/s without adapters, {loras:.1f} with 8 LoRAs ({none / loras:.3f}x slower)")
         if not args.no_peft:
-            peft = peft_side(checkpoints, prompts, args.threads)
+            peft = peft_side(checkpoints, PROMPTS, args.threads)
             result["eight_loras"]["peft_tok_s"] = peft
             say(f"   PEFT, set_adapter per request: {peft:.1f} tok/s; prefixport {loras / peft:.2f}x")
 
@@ -181,7 +152,7 @@ def main() -> None:
             for side in (("same", "alternating") if r % 2 == 0 else ("alternating", "same")):
                 adapter = "lora0" if side == "same" or r % 2 == 0 else "lora1"
                 start = time.perf_counter()
-                lora.generate(prompts[0], adapter=adapter, max_new_tokens=16, stop_token_ids=[], chat=False)
+                lora.generate(PROMPTS[0], adapter=adapter, max_new_tokens=16, stop_token_ids=[], chat=False)
                 swap[side].append((time.perf_counter() - start) * 1e3)
         same, alternating = statistics.median(swap["same"]), statistics.median(swap["alternating"])
         result["swap"] = {"same_ms": same, "alternating_ms": alternating, "ratio": alternating / same, "requests": swap}

@@ -1,38 +1,36 @@
 """8 concurrent requests, each through another rank-16 LoRA, served by `prefixport serve` (the int8
 export made with --lora) and by llama.cpp's `llama-server` (Q8_0, the same LoRAs converted by its
 own convert_lora_to_gguf.py, given with `--lora` and chosen per request by `"lora": [{"id", "scale"}]`),
-one server at a time, the same streamed-less completions client (docs/benchmarks.md, "LoRA and IA3").
+one server at a time, driven by `prefixport bench serve`'s streamed client (docs/benchmarks.md,
+"LoRA and IA3").
 
     python -m benchmarks.lora_vs_llama --export EXPORT_INT8_LORA [--rounds 3] [--threads 2]
 
 EXPORT_INT8_LORA: `prefixport export DIR --lora --quantize int8`. The LoRAs: real PEFT checkpoints
 (r 16, all-linear, random A and B; `benchmarks.lora_cost.peft_loras`). llama.cpp's converter needs
-the base model's config and tokenizer only; they are saved from the GGUF.
+the base model's config and tokenizer only; they are saved from the GGUF. The workload:
+benchmarks/lora_workload.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-import httpx
-
 from benchmarks.common import RESULTS, command, free_port, machine, machine_line, rel, say, write_report
 from benchmarks.llama_cpp import LlamaServer, build, gguf
-from benchmarks.lora_cost import NEW, ROWS, peft_loras
+from benchmarks.lora_workload import NEW, PROMPTS, ROWS, peft_loras
 from benchmarks.serving import ServerProcess
 from prefixport.adapters import convert_checkpoint
-
-PROMPTS = [f"Write a short story about a {w} who finds a map." for w in
-           ("cat", "pilot", "baker", "robot", "child", "sailor", "teacher", "fox")]
+from prefixport.bench.serve_client import api_url, closed_loop, new_client, request_body, stream_request
 
 
 def llama_loras(work: Path, checkpoints: list[Path]) -> list[Path]:
@@ -59,16 +57,19 @@ def llama_loras(work: Path, checkpoints: list[Path]) -> list[Path]:
 
 
 def run_round(url: str, bodies: list[dict]) -> tuple[float, int]:
-    """All bodies at once (one thread each); (seconds, completion tokens)."""
-    def one(body: dict) -> int:
-        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
-        r.raise_for_status()
-        return int(r.json()["usage"]["completion_tokens"])
+    """All bodies at once, streamed; (seconds, completion tokens)."""
+    async def run() -> list:
+        async with new_client(len(bodies) + 2, timeout_s=600) as client:
+            return await closed_loop(lambda body: stream_request(client, api_url(url, "completions"), body), bodies,
+                                     len(bodies))
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        tokens = sum(pool.map(one, bodies))
-    return time.perf_counter() - start, tokens
+    results = asyncio.run(run())
+    seconds = time.perf_counter() - start
+    failed = [r.error for r in results if r.error or not r.usage]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed: {failed[0]}")
+    return seconds, sum(int(r.usage["completion_tokens"]) for r in results)
 
 
 def main() -> None:
@@ -96,8 +97,7 @@ def main() -> None:
                         ["serve", str(args.export), "--host", "127.0.0.1", "--port", str(port), "--threads",
                          str(args.threads), "--max-batch", str(ROWS), "--adapters", str(adapters),
                          "--model-name", "smollm2-135m-instruct"], work / "prefixport.log")
-                    bodies = [{"model": p.name, "prompt": prompt, "max_tokens": NEW, "temperature": 0,
-                               "ignore_eos": True} for p, prompt in zip(checkpoints, PROMPTS)]
+                    bodies = [request_body("completions", p.name, prompt, NEW) for p, prompt in zip(checkpoints, PROMPTS)]
                     with server:
                         url = f"http://127.0.0.1:{port}"
                         server.wait_healthy(url, 300)
@@ -105,9 +105,8 @@ def main() -> None:
                         seconds, tokens = run_round(url, bodies)
                 else:
                     extra = [a for g in ggufs for a in ("--lora", str(g))] + ["--lora-init-without-apply"]
-                    bodies = [{"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": NEW,
-                               "temperature": 0, "ignore_eos": True, "lora": [{"id": i, "scale": 1.0}]}
-                              for i, prompt in enumerate(PROMPTS)]
+                    bodies = [request_body("completions", "smollm2-135m-instruct", prompt, NEW)
+                              | {"lora": [{"id": i, "scale": 1.0}]} for i, prompt in enumerate(PROMPTS)]
                     with LlamaServer(gguf("q8_0"), work / "llama.log", threads=args.threads, parallel=ROWS,
                                      slot_ctx=256, extra=extra) as llama:
                         run_round(llama.base_url, bodies[:2])
