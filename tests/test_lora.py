@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig
+from transformers import AutoModelForCausalLM
 
 from prefixport.adapters import convert_checkpoint
 from prefixport.errors import AdapterError
@@ -39,8 +40,6 @@ def lora_llama(tmp_path_factory, tiny_model, tiny_export, tiny_adapters):
     folder = tiny_model("llama")
     out = tmp_path_factory.mktemp("lora-llama") / "export"
     export_model(out, model=str(folder), lora=LoraOptions())
-    from transformers import AutoModelForCausalLM
-
     work = tmp_path_factory.mktemp("lora-peft")
     engine, plain = Engine.load(out), Engine.load(tiny_export("llama"))
     for name, config in LORAS.items():
@@ -55,16 +54,10 @@ def lora_llama(tmp_path_factory, tiny_model, tiny_export, tiny_adapters):
     plain.close()
 
 
-def _reference(folder, checkpoint) -> PeftModel:
-    from transformers import AutoModelForCausalLM
-
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), checkpoint).eval()
-
-
 @pytest.mark.parametrize("name", list(LORAS))
 def test_lora_and_ia3_equal_peft(lora_llama, name):
     engine, _, work, folder = lora_llama
-    reference = _reference(folder, work / name)
+    reference = ph.load_reference(AutoModelForCausalLM.from_pretrained(folder), work / name)
     for prompt in PROMPTS:
         ids = engine.encode(prompt, chat=False)
         np.testing.assert_allclose(ph.runtime_adapter_logits(engine, name, ids), ph.peft_logits(reference, ids),
@@ -148,7 +141,8 @@ def test_speculative_decoding_and_scoring_with_a_lora(lora_llama):
     assert got.token_ids == want.token_ids
     ids = engine.encode(prompt, chat=False)
     scores = engine.score(ids, adapter="lora-all")
-    reference = ph.peft_forward(_reference(folder, work / "lora-all"), ids)
+    reference = ph.peft_forward(ph.load_reference(AutoModelForCausalLM.from_pretrained(folder), work / "lora-all"),
+                                ids)
     shifted = reference - reference.max(-1, keepdims=True)
     logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     expected = [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
@@ -163,8 +157,6 @@ def test_a_lora_on_an_export_without_lora_inputs_is_refused(lora_llama, tiny_exp
 
 def test_gpt2_conv1d_lora_equals_peft(tmp_path_factory, tiny_model):
     """GPT-2's Conv1D modules (fan_in_fan_out) with LoRA on c_attn and the MLP, and IA3."""
-    from transformers import AutoModelForCausalLM
-
     from prefixport.exporter import LoraOptions, export_model
 
     folder = tiny_model("gpt2")
@@ -179,7 +171,7 @@ def test_gpt2_conv1d_lora_equals_peft(tmp_path_factory, tiny_model):
         ph.random_checkpoint(AutoModelForCausalLM.from_pretrained(folder), config, work / name)
         _, path = convert_checkpoint(work / name, out, name=name, out=work / f"{name}.safetensors")
         engine.add_adapter(name, path)
-        reference = _reference(folder, work / name)
+        reference = ph.load_reference(AutoModelForCausalLM.from_pretrained(folder), work / name)
         ids = engine.encode(PROMPTS[0], chat=False)
         np.testing.assert_allclose(ph.runtime_adapter_logits(engine, name, ids), ph.peft_logits(reference, ids),
                                    atol=LOGITS_ATOL, rtol=0)
