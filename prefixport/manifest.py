@@ -88,6 +88,15 @@ class WeightAdapters:
         features_in, features_out = self.shapes[path]
         return features_in if self.ia3[path] == "input" else features_out
 
+    def row_shape(self, name: str, rank: int) -> tuple[int, int]:
+        """One row's shape of the input `name` at LoRA rank `rank`: [rank, in] for an A, [rank, out]
+        for a B, [1, dim] for an IA3 vector."""
+        path = name.split(".", 2)[2]  # lora.{layer}.{path}.a|b, ia3.{layer}.{path}
+        if name.startswith("ia3."):
+            return 1, self.ia3_dim(path)
+        features_in, features_out = self.shapes[path.rsplit(".", 1)[0]]
+        return rank, features_in if name.endswith(".a") else features_out
+
     def input_names(self, num_layers: int) -> list[str]:
         """The graph inputs in graph order: per layer, each LoRA module's A and B, then each IA3 vector."""
         names = []

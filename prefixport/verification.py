@@ -78,13 +78,8 @@ def weight_tables(weights: mf.WeightAdapters, num_layers: int, batch: int, rank:
     """Random LoRA tables of `rank` (A and B small) and IA3 vectors (near 1), by input name."""
     out = {}
     for name in weights.input_names(num_layers):
-        path = name.split(".", 2)[2]
-        if name.startswith("ia3."):
-            out[name] = (1 + 0.1 * rng.standard_normal((batch, 1, weights.ia3_dim(path)))).astype(dtype)
-            continue
-        features_in, features_out = weights.shapes[path.rsplit(".", 1)[0]]
-        shape = (batch, rank, features_in if name.endswith(".a") else features_out)
-        out[name] = (0.05 * rng.standard_normal(shape)).astype(dtype)
+        noise = rng.standard_normal((batch, *weights.row_shape(name, rank)))
+        out[name] = (1 + 0.1 * noise if name.startswith("ia3.") else 0.05 * noise).astype(dtype)
     return out
 
 

@@ -25,17 +25,11 @@ class WeightRows:
     """The tables of a KV cache's rows; `grow` follows the cache's rows."""
 
     def __init__(self, backend: Backend, weights: mf.WeightAdapters, num_layers: int) -> None:
-        self.backend, self.weights = backend, weights
+        self.backend = backend
         self.dtype = np.dtype(backend.manifest.dtype)
         self.names = weights.input_names(num_layers)
-        self.shapes: dict[str, tuple[int, int]] = {}  # name -> (n, dim) of one row's table
-        for name in self.names:
-            path = name.split(".", 2)[2]
-            if name.startswith("ia3."):
-                self.shapes[name] = (1, weights.ia3_dim(path))
-            else:
-                features_in, features_out = weights.shapes[path[: -len(".a")]]
-                self.shapes[name] = (weights.max_rank, features_in if name.endswith(".a") else features_out)
+        # name -> (n, dim) of one row's table
+        self.shapes = {name: weights.row_shape(name, weights.max_rank) for name in self.names}
         self.lora_names = [n for n in self.names if n.startswith("lora.")]
         self.rows = 0
         self.tables: dict[str, Any] = {}  # name -> [rows, 1, n, dim]; LoRA ones only once a row holds one
