@@ -1,5 +1,13 @@
 """The exception types users catch. Every message says what is wrong and how to fix it."""
 
+from typing import Any
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut to 60 characters (a file's field may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 class PrefixportError(Exception):
     """Base class of every error prefixport raises on purpose."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
-from ..errors import AdapterError
+from ..errors import AdapterError, shown
 
 PREFIX = "base_model.model."  # PEFT's checkpoint keys: the tuner's wrapper, then the model's module names
 LORA_LEAVES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
@@ -52,16 +52,11 @@ VARIANTS = {
 }
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _number(config: dict[str, Any], name: str, where: Path, default: Any = None, whole: bool = False) -> Any:
     value = config.get(name, default)
     ok = isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
     if isinstance(value, bool) or not ok:
-        raise AdapterError(f"{where}/adapter_config.json: {name} is {_show(value)}, not a "
+        raise AdapterError(f"{where}/adapter_config.json: {name} is {shown(value)}, not a "
                            f"{'whole number' if whole else 'finite number'}; re-save the adapter with PEFT")
     return value
 
@@ -69,14 +64,14 @@ def _number(config: dict[str, Any], name: str, where: Path, default: Any = None,
 def _patterns(config: dict[str, Any], name: str, where: Path, whole: bool) -> dict[str, Any]:
     patterns = config.get(name) or {}
     if not isinstance(patterns, dict):
-        raise AdapterError(f"{where}/adapter_config.json: {name} is {_show(patterns)}, not a JSON object; re-save "
+        raise AdapterError(f"{where}/adapter_config.json: {name} is {shown(patterns)}, not a JSON object; re-save "
                            "the adapter with PEFT")
     for key in patterns:
         _number(patterns, key, where, whole=whole)
         try:
             re.compile(key)
         except re.error as e:
-            raise AdapterError(f"{where}/adapter_config.json: {name} key {_show(key)} is not a regular "
+            raise AdapterError(f"{where}/adapter_config.json: {name} key {shown(key)} is not a regular "
                                f"expression ({e}); re-save the adapter with PEFT") from None
     return patterns
 
@@ -118,12 +113,12 @@ def refuse_lora_options(config: dict[str, Any], weights: dict[str, np.ndarray], 
                            f"hold on that modified base model, not on the export's. To convert it, {fix}")
     modules_to_save = config.get("modules_to_save")
     if modules_to_save:
-        raise AdapterError(f"{where} also trained whole modules (modules_to_save: {_show(modules_to_save)}), saved "
+        raise AdapterError(f"{where} also trained whole modules (modules_to_save: {shown(modules_to_save)}), saved "
                            "beside the LoRA; the export's weights are frozen and take LoRA only. Train without "
                            "modules_to_save, or merge the adapter into the base model (merge_and_unload) and export that")
     tokens = config.get("trainable_token_indices")
     if tokens:
-        raise AdapterError(f"{where} also trained some token embeddings (trainable_token_indices: {_show(tokens)}); "
+        raise AdapterError(f"{where} also trained some token embeddings (trainable_token_indices: {shown(tokens)}); "
                            "the export's embeddings are frozen and take LoRA only. Train without them, or merge the "
                            "adapter into the base model (merge_and_unload) and export that")
     biases = sorted(k for k in weights if k.endswith(".bias"))
@@ -139,7 +134,7 @@ def _module(key: str, leaf: str, layers_path: str, where: Path) -> tuple[int, st
     head = layers_path + "."
     layer, _, path = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
     if not (re.fullmatch(r"[0-9]+", layer) and path):
-        raise AdapterError(f"{where} adapts {_show(name or key)}, outside the decoder layers ({layers_path}.N...): "
+        raise AdapterError(f"{where} adapts {shown(name or key)}, outside the decoder layers ({layers_path}.N...): "
                            "prefixport takes LoRA and IA3 on the modules of the decoder layers only (not the "
                            "embeddings or lm_head). Train the adapter on decoder-layer modules only")
     return int(layer), path
@@ -163,7 +158,7 @@ def convert_lora(config: dict[str, Any], weights: dict[str, np.ndarray], manifes
             continue
         leaf = next((leaf for leaf in LORA_LEAVES if key.endswith(leaf)), None)
         if leaf is None:
-            raise AdapterError(f"{where} holds {_show(key)}, which is no LoRA A or B of a linear module; "
+            raise AdapterError(f"{where} holds {shown(key)}, which is no LoRA A or B of a linear module; "
                                "prefixport converts plain LoRA on linear modules (lora_A.weight, lora_B.weight)")
         layer, path = _module(key, leaf, layers_path, where)
         modules[(layer, path)] = key[len(PREFIX):-len(leaf)]
@@ -199,19 +194,19 @@ def convert_ia3(config: dict[str, Any], weights: dict[str, np.ndarray], manifest
     layers_path = weights_of(manifest, "IA3").layers_path
     modules_to_save = config.get("modules_to_save")
     if modules_to_save:
-        raise AdapterError(f"{where} also trained whole modules (modules_to_save: {_show(modules_to_save)}), saved "
+        raise AdapterError(f"{where} also trained whole modules (modules_to_save: {shown(modules_to_save)}), saved "
                            "beside the IA3 vectors; the export's weights are frozen. Train without modules_to_save, "
                            "or merge the adapter into the base model (merge_and_unload) and export that")
     feedforward_modules = config.get("feedforward_modules") or []
     if not isinstance(feedforward_modules, (str, list)) or (
             isinstance(feedforward_modules, list) and not all(isinstance(m, str) for m in feedforward_modules)):
-        raise AdapterError(f"{where}/adapter_config.json: feedforward_modules is {_show(feedforward_modules)}, "
+        raise AdapterError(f"{where}/adapter_config.json: feedforward_modules is {shown(feedforward_modules)}, "
                            "neither a list of names nor a regular expression; re-save the adapter with PEFT")
     tensors: dict[str, np.ndarray] = {}
     paths, feedforward = set(), set()
     for key, t in weights.items():
         if not key.endswith(".ia3_l"):
-            raise AdapterError(f"{where} holds {_show(key)}, which is no IA3 vector (ia3_l) of a linear module")
+            raise AdapterError(f"{where} holds {shown(key)}, which is no IA3 vector (ia3_l) of a linear module")
         layer, path = _module(key, ".ia3_l", layers_path, where)
         module = key[len(PREFIX):-len(".ia3_l")]
         try:  # PEFT's IA3Model._check_target_module_feedforward

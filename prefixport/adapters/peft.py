@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
-from ..errors import AdapterError
+from ..errors import AdapterError, shown
 from .bundle import Bundle, check_bundle, check_fits, make_bundle, read_safetensors
 from .lora import convert_ia3, convert_lora
 from .prompt_format import PromptFormat
@@ -57,14 +57,9 @@ def _int_field(config: dict[str, Any], name: str, where: Path) -> int:
     """A whole-number field (PEFT writes JSON integers; anything else is refused, not truncated)."""
     value = _field(config, name, where)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise AdapterError(f"{where}/adapter_config.json: {name} is {_show(value)}, not a whole number; re-save the "
+        raise AdapterError(f"{where}/adapter_config.json: {name} is {shown(value)}, not a whole number; re-save the "
                            "adapter with PEFT")
     return value
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_weights(peft_dir: Path) -> dict[str, np.ndarray]:
@@ -109,10 +104,10 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
     config = read_config(peft_dir)
     peft_type = _field(config, "peft_type", peft_dir)
     if peft_type not in SUPPORTED:
-        raise AdapterError(f"PEFT type {_show(peft_type)} is not supported; supported: {', '.join(SUPPORTED)}")
+        raise AdapterError(f"PEFT type {shown(peft_type)} is not supported; supported: {', '.join(SUPPORTED)}")
     if config.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{peft_dir}: an encoder-decoder adapter (num_transformer_submodules="
-                           f"{_show(config['num_transformer_submodules'])}); only decoder-only models are supported")
+                           f"{shown(config['num_transformer_submodules'])}); only decoder-only models are supported")
     n_virtual = 0 if peft_type in WEIGHT_TYPES else _int_field(config, "num_virtual_tokens", peft_dir)
     if n_virtual < 1 and peft_type not in WEIGHT_TYPES:
         raise AdapterError(f"{peft_dir}: num_virtual_tokens must be >= 1, got {n_virtual}")

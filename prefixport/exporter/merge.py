@@ -30,7 +30,7 @@ import numpy as np
 
 from ..adapters.lora import REWRITING_INITS, VARIANTS
 from ..adapters.peft import WEIGHTS, read_config, read_weights
-from ..errors import AdapterError
+from ..errors import AdapterError, shown
 
 MERGEABLE_VARIANTS = ("use_dora",)  # of lora.VARIANTS: PEFT merges DoRA exactly (checked in the tests)
 # What PEFT's merge of these module types computes is checked against its unmerged forward in the tests
@@ -52,11 +52,6 @@ class LoraCheckpoint:
     digest: str
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def read_lora(peft_dir: str | Path) -> LoraCheckpoint:
     """Read and check a PEFT LoRA checkpoint folder for merging (without a model): an AdapterError for
     any checkpoint that is not a LoRA --merge-lora can fold into the base weights exactly."""
@@ -72,7 +67,7 @@ def read_lora(peft_dir: str | Path) -> LoraCheckpoint:
                 f"only. Serve it per request instead: `prefixport adapter convert {folder} --export OUTDIR`"
                 + (" (IA3 needs an export made with --lora; its vectors cost one multiply per module)"
                    if peft_type == "IA3" else " (any export takes it)"))
-        raise AdapterError(f"{folder} is not a LoRA but {_show(peft_type)} (adapter_config.json's peft_type); "
+        raise AdapterError(f"{folder} is not a LoRA but {shown(peft_type)} (adapter_config.json's peft_type); "
                            "--merge-lora merges LoRA only")
     for name, why in VARIANTS.items():
         if name not in MERGEABLE_VARIANTS and config.get(name):
@@ -89,7 +84,7 @@ def read_lora(peft_dir: str | Path) -> LoraCheckpoint:
               "`model.save_pretrained(DIR, path_initial_model_for_weight_conversion=INIT_DIR)`, then merge DIR")
     for name, what in (("modules_to_save", "whole modules"), ("trainable_token_indices", "some token embeddings")):
         if config.get(name):
-            raise AdapterError(f"{folder} also trained {what} ({name}: {_show(config[name])}), saved beside the LoRA; "
+            raise AdapterError(f"{folder} also trained {what} ({name}: {shown(config[name])}), saved beside the LoRA; "
                                f"{WHY_NOT}. Train without {name}, or {DIY}")
     weights = read_weights(folder)
     biases = sorted(k for k in weights if k.endswith(".bias"))
@@ -166,7 +161,7 @@ def merge_lora(model: Any, peft_dir: str | Path | LoraCheckpoint, layers_path: s
         result = set_peft_model_state_dict(wrapped, {k: torch.from_numpy(np.ascontiguousarray(checkpoint.weights[k]))
                                                      for k in keys})
         if getattr(result, "unexpected_keys", None):
-            raise AdapterError(f"{folder}: PEFT did not place {_show(sorted(result.unexpected_keys))}; was the adapter "
+            raise AdapterError(f"{folder}: PEFT did not place {shown(sorted(result.unexpected_keys))}; was the adapter "
                                "trained for another model?")
         ranks = [int(m.r["default"]) for m in layers.values()]
     except BaseException:
