@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import manifest as mf
-from ..adapters.bundle import load_bundle
+from ..adapters.bundle import KINDS, load_bundle
 from ..runtime import Engine
 from ..runtime.backends import Backend, load_backend
 from ..runtime.generation import prefill_new
@@ -115,15 +115,18 @@ class Suite:
     # --- the PEFT side -------------------------------------------------------------------------
 
     _peft_reason = ""
+    _torch_base: Any = None  # the base model the PEFT columns wrap (transformers eager runs it)
 
     def _peft(self) -> Any:
-        """{adapter name: the PeftModel holding it} over one base model, or None with
-        `_peft_reason` set. PEFT cannot hold adapters of different types in one PeftModel, so
-        there is one PeftModel per type, all wrapping the same base model."""
+        """{adapter name: the PeftModel holding it}, or None with `_peft_reason` set. PEFT cannot
+        hold adapters of different types in one PeftModel, so there is one PeftModel per type: the
+        soft-prompt types wrap the base model itself, LoRA and IA3 (which replace its layers) a copy each."""
         if not self.peft_dirs:
             self._peft_reason = "no PEFT checkpoints given (--peft)"
             return None
         try:
+            import copy
+
             import torch  # noqa: F401
             from peft import PeftModel
 
@@ -131,7 +134,7 @@ class Suite:
         except ImportError as e:
             self._peft_reason = f"needs the export extra ({e})"
             return None
-        base = load(self.manifest.source).model.to("cuda" if self.device == "cuda" else "cpu")
+        base = self._torch_base = load(self.manifest.source).model.to("cuda" if self.device == "cuda" else "cpu")
         by_type: dict[str, Any] = {}
         models: dict[str, Any] = {}
         for d in self.peft_dirs:
@@ -139,7 +142,8 @@ class Suite:
             if peft_type in by_type:
                 by_type[peft_type].load_adapter(d, adapter_name=name)
             else:
-                by_type[peft_type] = PeftModel.from_pretrained(base, d, adapter_name=name).eval()
+                wraps = copy.deepcopy(base) if peft_type in ("LORA", "IA3") else base
+                by_type[peft_type] = PeftModel.from_pretrained(wraps, d, adapter_name=name).eval()
             models[name] = by_type[peft_type]
         self._peft_reason = ""
         return models
@@ -222,12 +226,12 @@ class Suite:
                "note": "measured in a fresh process (no freed heap to absorb growth); naive = N exported "
                        "models: the loaded model's footprint there times N (extrapolated)"}
         if peft is not None:
-            name = Path(self.peft_dirs[-1]).name
-            params = sum(p.numel() * p.element_size() for p in peft[name].prompt_encoder[name].parameters())
+            name = Path(path).stem if Path(path).stem in peft else Path(self.peft_dirs[-1]).name  # the same adapter
+            params = _peft_adapter_bytes(peft[name], name)
             out["peft_per_adapter_bytes"] = params
             out["peft_extrapolated"] = [{"adapters": n, "bytes": n * params} for n in counts]
-            out["peft_note"] = ("PEFT holds each adapter's prompt encoder: its parameter bytes times N "
-                                "(extrapolated)")
+            out["peft_note"] = (f"PEFT holds each adapter's parameters ({name}'s: its prompt encoder, or its "
+                                "LoRA/IA3 tensors): their bytes times N (extrapolated)")
         return out
 
     # --- 3. latency ------------------------------------------------------------------------------
@@ -240,7 +244,7 @@ class Suite:
 
     def latency(self, plan: Plan, peft: Any) -> dict[str, Any]:
         configs = {"base": None}
-        for kind in ("prompt", "prefix"):
+        for kind in KINDS:
             name = next((n for n in self.names if self.kinds[n] == kind), None)
             if name:
                 configs[f"{kind} ({name})"] = name
@@ -265,7 +269,7 @@ class Suite:
         """transformers eager (base, with cache) and PEFT eager (first token with an adapter)."""
         import torch
 
-        base = next(iter(peft.values())).get_base_model()
+        base = self._torch_base  # the base model itself: LoRA and IA3 wrap copies
         ttft, itl = [], []
         for _ in range(plan.repeats):
             with torch.no_grad():
@@ -322,3 +326,13 @@ class Suite:
                 "decode_step_p50_s": measured, "measured_over_floor": measured / floor_s,
                 "beaten": bool(measured < floor_s)}
 
+
+
+def _peft_adapter_bytes(model: Any, name: str) -> int:
+    """The bytes of adapter `name`'s parameters in a PeftModel: its prompt encoder (soft prompts,
+    prefixes), or its LoRA A/B and IA3 vectors (parameters named `...lora_A.{name}.weight`,
+    `...ia3_l.{name}`)."""
+    if name in getattr(model, "prompt_encoder", {}):
+        return sum(p.numel() * p.element_size() for p in model.prompt_encoder[name].parameters())
+    return sum(p.numel() * p.element_size() for key, p in model.named_parameters()
+               if f".{name}." in f"{key}." and ("lora_" in key or "ia3_" in key))
