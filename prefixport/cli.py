@@ -132,7 +132,9 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
                           check_adapters=check_adapters, progress=progress, kv_cache_dtype=kv_cache_dtype,
                           lora=options, merge_lora=merge_lora)
     m = report.manifest
-    click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {m.dtype}) to {report.folder}")
+    dtypes = (f"{quantize} weights, {m.dtype} activations" if quantize else m.dtype) \
+        + (", int8 KV cache" if m.kv_quantized else "")
+    click.echo(f"exported {m.source} ({m.architecture}, {m.num_layers} layers, {dtypes}) to {report.folder}")
     click.echo(f"  time: {progress.elapsed():.1f}s ("
                + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()) + ")")
     click.echo("  files: " + ", ".join(f"{k} {_mb(v)}" for k, v in report.file_bytes.items()))
@@ -160,6 +162,15 @@ def export(outdir: str, model_spec: str, dtype: str, opset: int, no_verify: bool
         click.echo(f"  int8 KV cache vs float cache: {report.kv_agreement.summary()}")
     for name, agreement in report.kv_adapter_agreement.items():
         click.echo(f"    through adapter {name}: {agreement.summary()}")
+    measured = {**({f"{quantize} weights": report.agreement} if report.agreement is not None else {}),
+                **{f"through {n}": a for n, a in report.adapter_agreement.items()},
+                **({"int8 KV cache": report.kv_agreement} if report.kv_agreement is not None else {}),
+                **{f"int8 KV cache through {n}": a for n, a in report.kv_adapter_agreement.items()}}
+    if measured:
+        from .runtime.agreement import MEANING, verdict
+
+        click.echo(f"  ({MEANING})")
+        click.echo(f"  verdict: {verdict(measured)}")
 
 
 @main.command()
@@ -551,6 +562,9 @@ def build_engine(outdir: str, fp16: bool, max_batch: int, max_seq: int | None, m
         if not found:
             click.echo(f"no engines in {outdir}; build one with `prefixport build-engine {outdir}`")
         return
+@click.option("--force", is_flag=True,
+              help="Convert even though the checkpoint's base_model_name_or_path names another model than the "
+                   "export's (refused otherwise: its outputs would be wrong). For the same model under another name.")
     from .engines.build import build_engine as build
 
     progress = Progress(_echo_err)
@@ -585,13 +599,15 @@ def adapter() -> None:
               help="Output file (default: EXPORT/adapters/NAME.safetensors).")
 @_errors
 def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int | None, bake_prefix: bool,
-                    prompt_format: str | None, out: str | None) -> None:
+                    prompt_format: str | None, out: str | None, force: bool) -> None:
     """Convert a PEFT prompt-tuning, p-tuning, multitask, prefix-tuning, LoRA or IA3 checkpoint to a bundle."""
     from pathlib import Path
 
+    from .adapters.base_model import model_name
     from .adapters import bundle_path, convert_for_export, save_bundle
 
-    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task, prompt_format=prompt_format)
+    bundle = convert_for_export(peft_dir, export_dir, name=name, task=task, prompt_format=prompt_format,
+                                force=force)
     path = Path(out) if out else bundle_path(export_dir, bundle.name)
     if bake_prefix:  # the graph runs once over the virtual tokens: the runtime's work
         from .runtime import Engine
@@ -633,7 +649,8 @@ def adapter_inspect(adapter_file: str, export_dir: str | None) -> None:
             ("dtype", meta["dtype"]), ("bytes", f"{b.nbytes:,}"),
             ("tensors", str(len(b.tensors))), ("base fingerprint", meta["fingerprint"]),
             ("format version", meta["format_version"])]
-    rows += [(k, v) for k, v in meta.items() if k in ("task", "source", "baked_from") and v]
+    rows += [(k, model_name(v) if k == "source" else v) for k, v in meta.items()  # a name, not a path
+             if k in ("task", "source", "baked_from") and v]
     rows.append(("prompt format", repr(meta["prompt_format"]) if "prompt_format" in meta else "not recorded"))
     if export_dir is not None:
         rows.append(("fits", f"{export_dir} (its base model and shapes)"))

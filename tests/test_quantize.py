@@ -16,6 +16,7 @@ from prefixport import manifest as mf
 from prefixport.adapters import convert_checkpoint
 from prefixport.cli import main
 from prefixport.runtime import Engine
+from prefixport.runtime.agreement import MIN_TOP1 as MIN_TOP1_BAR
 from prefixport.runtime.agreement import PROMPTS, agreement
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -130,11 +131,16 @@ def test_export_quantize_option_records_agreement(tiny_model, tiny_adapters, tmp
     result = CliRunner().invoke(main, ["export", str(out), "--model", str(tiny_model("llama")), "--quantize", recipe,
                                        *[a for b in bundles for a in ("--check-adapter", str(b))]])
     assert result.exit_code == 0, result.output
+    assert f"(llama, 2 layers, {recipe} weights, float32 activations) to" in result.output  # what is float32
     assert f"{recipe} weights vs float: top-1 agreement" in result.output
     for name in ("prompt", "prefix"):
         assert f"through adapter {name}: top-1 agreement" in result.output
     m = json.loads((out / mf.MANIFEST_NAME).read_text())
     q = m["quantization"]
+    assert "top-1 agreement: how often the quantised graph picks the float graph's next token" in result.output
+    low = [a["top1"] for a in (q["agreement_with_float"], *q["adapter_agreement_with_float"].values())
+           if a["top1"] < MIN_TOP1_BAR]
+    assert ("verdict: below the 90% bar" if low else "verdict: fit to use: top-1 agreement >= 90%") in result.output
     assert (q["method"], q["recipe"], q["algorithm"], q["bits"], q["block_size"], q["symmetric"]) == (
         "MatMulNBits", recipe, algorithm, bits, 32, algorithm == "rtn")
     for a in (q["agreement_with_float"], *q["adapter_agreement_with_float"].values()):
@@ -144,6 +150,18 @@ def test_export_quantize_option_records_agreement(tiny_model, tiny_adapters, tmp
     engine = Engine.load(out)
     engine.add_adapter("prefix", bundles[1])  # bundles converted for the float export fit the quantised one
     engine.generate("hello", max_new_tokens=4, adapter="prefix")
+
+
+def test_the_verdict_holds_every_agreement_to_the_bar():
+    """`prefixport export --quantize` ends with a verdict: fit to use only if the plain agreement and
+    every adapter's reach `MIN_TOP1` (90%); else it names those below and says to measure the task."""
+    from prefixport.runtime.agreement import Agreement, verdict
+
+    good, low = Agreement(4, 32, 0.93, [1, 0, 2, 7]), Agreement(4, 32, 0.879, [None, 3, None, 5])
+    assert MIN_TOP1_BAR == 0.90 and verdict({"int8 weights": good}).startswith("fit to use: top-1 agreement >= 90%")
+    text = verdict({"int8 weights": good, "through date-prefix": low})
+    assert text.startswith("below the 90% bar (through date-prefix 87.9%)") and "accuracy" in text
+    assert good.summary().endswith("0/4 greedy continuations identical, the others part at token 1, 0, 2, 7 (of 32)")
 
 
 def test_adapter_agreement_is_complete_for_the_same_graph(llama_engine):

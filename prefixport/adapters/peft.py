@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import AdapterError, shown
+from .base_model import model_name, same_model
 from .bundle import Bundle, check_bundle, check_fits, make_bundle, read_safetensors
 from .lora import convert_ia3, convert_lora
 from .prompt_format import PromptFormat
@@ -92,10 +93,12 @@ def _tensor(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...], w
 
 
 def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None,
-            task: int | None = None, prompt_format: str | None = None) -> Bundle:
+            task: int | None = None, prompt_format: str | None = None, force: bool = False) -> Bundle:
     """Convert a PEFT checkpoint folder to a bundle for the export described by `manifest`;
     `prompt_format` (raw, chat or a template with one {prompt}) records how its prompts were
-    formatted in training (None: not recorded)."""
+    formatted in training (None: not recorded). A checkpoint whose `base_model_name_or_path`
+    names another model than the export's `source` is refused (`check_base_model`) unless `force`.
+    The bundle records the base model's name (`source`), never a local path."""
     peft_dir = Path(peft_dir)
     if prompt_format is not None:
         PromptFormat.parse(prompt_format, "--prompt-format")
@@ -114,7 +117,7 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
     weights = read_weights(peft_dir)
     if peft_type != "MULTITASK_PROMPT_TUNING" and task is not None:
         raise AdapterError(f"--task applies to multitask prompt tuning only; this adapter is {peft_type}")
-    extra = {"source": str(config.get("base_model_name_or_path") or "")}
+    extra = {"source": model_name(config.get("base_model_name_or_path"))}
     if prompt_format is not None:
         extra["prompt_format"] = prompt_format
     if peft_type in WEIGHT_TYPES:
@@ -147,7 +150,21 @@ def convert(peft_dir: str | Path, manifest: mf.Manifest, name: str | None = None
                          fingerprint=manifest.fingerprint, peft_type=peft_type, **extra)
     check_bundle(bundle, str(peft_dir))
     check_fits(bundle, manifest, str(peft_dir))
+    if not force:
+        check_base_model(config.get("base_model_name_or_path"), manifest, peft_dir)
     return bundle
+
+
+def check_base_model(base: object, manifest: mf.Manifest, where: Path) -> None:
+    """Refuse a checkpoint trained on another model than the export's (by name: `same_model`;
+    an unknown or empty name passes). Shapes can match across models of one family (a base and
+    its instruct tune): the adapter would then convert and run, with wrong outputs."""
+    if same_model(base, manifest.source) is False:
+        raise AdapterError(
+            f"{where} was trained on {shown(model_name(base))} (adapter_config.json's base_model_name_or_path), "
+            f"but this export is of {shown(model_name(manifest.source))}: its shapes fit, but its outputs on "
+            "this model would be wrong. Convert it for an export of the model it was trained on, or pass "
+            "--force (force=True) if both name the same model")
 
 
 def _task_prompt(config: dict[str, Any], weights: dict[str, np.ndarray], prompt: np.ndarray,

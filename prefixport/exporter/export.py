@@ -59,8 +59,9 @@ def _check_outdir(outdir: Path, overwrite: bool) -> None:
     if not outdir.is_dir():
         raise ExportError(f"{outdir} exists and is not a folder; choose another output folder")
     if (outdir / mf.MANIFEST_NAME).is_file():
-        if not overwrite:
-            raise ExportError(f"{outdir} already holds an export; pass --overwrite to replace it")
+        if not overwrite:  # (scripts/main.sh makes the README tour's export: the tour says to use it)
+            raise ExportError(f"{outdir} already holds an export: use it as it is (generate, serve, adapter "
+                              "convert take the folder), or pass --overwrite to export again")
         return
     if any(outdir.iterdir()):
         raise ExportError(

@@ -19,6 +19,15 @@ import numpy as np
 from .backends import Backend
 from .generation import decode_step, prefill_new
 
+# The bar for calling a quantised export fit to use: the teacher-forced top-1 agreement the tests
+# hold int8 and int4 weights to on the default model (measured 93-94.5%; round-to-nearest int4, at
+# 65.6%, broke the demo adapters: docs/export.md, "Quantisation").
+MIN_TOP1 = 0.90
+# What the figures mean, as `prefixport export` prints it under them.
+MEANING = ("top-1 agreement: how often the quantised graph picks the float graph's next token, given the float "
+           "text; greedy texts of a quantised model part early on long free text, one different token changing "
+           "all after it: expected, not a fault")
+
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
     "Explain how a refrigerator works, step by step.",
@@ -45,7 +54,18 @@ class Agreement:
         diverged = [d for d in self.first_divergence if d is not None]
         return (f"top-1 agreement {self.top1:.1%} over {self.prompts} prompts x {self.tokens} tokens; "
                 f"{self.identical}/{self.prompts} greedy continuations identical"
-                + (f", others part at token {', '.join(map(str, diverged))}" if diverged else ""))
+                + (f", the others part at token {', '.join(map(str, diverged))} (of {self.tokens})"
+                   if diverged else ""))
+
+
+def verdict(agreements: dict[str, Agreement], threshold: float = MIN_TOP1) -> str:
+    """Whether a quantised export is fit to use, by its agreements (a label -> Agreement: plain and
+    through each adapter) against `threshold`."""
+    low = [f"{name} {a.top1:.1%}" for name, a in agreements.items() if a.top1 < threshold]
+    if not low:
+        return f"fit to use: top-1 agreement >= {threshold:.0%} (the bar the tests hold int8 and int4 to)"
+    return (f"below the {threshold:.0%} bar ({', '.join(low)}): measure your task's accuracy on this export "
+            "before using it")
 
 
 def _greedy(backend: Backend, ids: list[int], n: int, hidden: int, dtype: np.dtype,
