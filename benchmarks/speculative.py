@@ -66,10 +66,10 @@ def side_by_side(engine: Engine, requests: list[tuple[object, str | None]], new_
 
 def batch_effect(engine: Engine, prompts: list[str], adapter: str, sizes: tuple[int, ...], new_tokens: int) -> list[dict]:
     """Decode tokens/s of batches of `size` json-prompt requests: plain (one decode step for all
-    rows) against prompt lookup with every row verifying alone (`speculate_rows` = size)."""
-    out, default = [], engine.speculate_rows
+    rows) against prompt lookup with every row verifying alone (`speculate_max_batch` = size)."""
+    out, default = [], engine.speculate_max_batch
     for size in sizes:
-        engine.speculate_rows = size
+        engine.speculate_max_batch = size
         times = {"plain": 0.0, "speculative": 0.0}
         tokens, identical = 0, True
         for start in range(0, len(prompts) - size + 1, size):
@@ -86,7 +86,7 @@ def batch_effect(engine: Engine, prompts: list[str], adapter: str, sizes: tuple[
                     "speculative_tokens_per_s": tokens / times["speculative"],
                     "speedup": times["plain"] / times["speculative"]})
         print(json.dumps(out[-1]), flush=True)
-    engine.speculate_rows = default
+    engine.speculate_max_batch = default
     return out
 
 

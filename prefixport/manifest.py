@@ -182,13 +182,9 @@ class Manifest:
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
         path = Path(folder) / MANIFEST_NAME
-        if not Path(folder).is_dir():
-            raise ExportFolderError(f"{folder} is not a folder; create one with `prefixport export {folder}`")
-        if not path.is_file():
-            raise ExportFolderError(
-                f"{folder} has no {MANIFEST_NAME}, so it is not a prefixport export; "
-                f"create one with `prefixport export {folder}`"
-            )
+        if not path.is_file():  # a wrong path, most often: never suggest exporting into it
+            what = f"holds no prefixport export (no {MANIFEST_NAME})" if Path(folder).is_dir() else "is not a folder"
+            raise ExportFolderError(f"{folder} {what}; check the path, or make an export with `prefixport export OUTDIR`")
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -129,6 +129,38 @@ def test_ticket_result_timeout_and_text_stream_close(llama_engine, aengine):
     assert llama_engine.generate("hello", max_new_tokens=3).token_ids  # the cache row came back
 
 
+def test_async_stream_result_after_aclose_and_after_a_timeout(llama_engine, aengine):
+    """As the sync stream: after `aclose()` `.result` holds what was made ("cancelled"), and a
+    stream that runs out of time ends without an error, `.result.finish_reason` "timeout"."""
+    async def closed_early():
+        async with aengine.stream("a long story", **LONG) as stream:
+            async for _ in stream:
+                break
+        unread = aengine.stream("a long story", **LONG)
+        await unread.aclose()  # before any delta was read
+        return stream.result, unread.result
+
+    read, unread = asyncio.run(closed_early())
+    with llama_engine.stream("a long story", **LONG) as sync:
+        next(iter(sync))
+    for result in (read, unread, sync.result):
+        assert result is not None and result.finish_reason == "cancelled"
+        assert len(result.token_ids) < LONG["max_new_tokens"]
+    assert read.token_ids and read.text
+    assert until(lambda: aengine.scheduler.running == 0)
+
+    async def timed_out():
+        stream = aengine.stream("a long story", timeout=0.02, **LONG)
+        text = "".join([delta async for delta in stream])
+        ticket = aengine.submit("hello", max_new_tokens=3)
+        return text, stream.result, await ticket.aresult(), ticket
+
+    text, result, awaited, ticket = asyncio.run(timed_out())
+    assert result is not None and result.finish_reason == "timeout" and result.text == text
+    assert 1 <= len(result.token_ids) < LONG["max_new_tokens"]
+    assert awaited is ticket.result(timeout=10) and len(awaited.token_ids) <= 3
+
+
 def test_unknown_settings_are_input_errors_naming_the_right_one(llama_engine, aengine):
     for call in (lambda: llama_engine.generate("x", max_tokens=5), lambda: llama_engine.stream("x", max_tokens=5),
                  lambda: llama_engine.generate_batch(["x"], max_tokens=5),

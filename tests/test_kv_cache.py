@@ -106,18 +106,18 @@ def test_load_over_the_budget_waits_and_still_matches(mistral):
 
 
 def test_generate_batch_beyond_max_rows(tiny_export):
-    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(max_rows=2))
+    engine = Engine.load(tiny_export("llama"), cache_settings=CacheSettings(max_rows=2))
     batch = engine.generate_batch(PROMPTS, max_new_tokens=6)
     assert [r.token_ids for r in batch] == [engine.generate(p, max_new_tokens=6).token_ids for p in PROMPTS]
     assert all(c.rows <= 2 for c in engine.stats().kv_cache.caches)
 
 
 def test_a_request_over_the_budget_is_refused_before_any_work(tiny_export):
-    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(budget_mb=0.01))  # 10 KB: ~20 slots here
+    engine = Engine.load(tiny_export("llama"), cache_settings=CacheSettings(budget_mb=0.01))  # 10 KB: ~20 slots here
     with pytest.raises(ContextLengthError, match="KV cache"):
         engine.generate(PROMPTS[0], max_new_tokens=100)
     assert engine.stats().kv_cache.bytes == 0
-    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(max_context=16))
+    engine = Engine.load(tiny_export("llama"), cache_settings=CacheSettings(max_context=16))
     with pytest.raises(ContextLengthError, match="KV cache's context of 16"):
         engine.generate(PROMPTS[0], max_new_tokens=100)
 

@@ -121,10 +121,15 @@ def test_bad_requests_are_refused_before_any_work(engine):
 
 
 def test_loading_a_folder_that_is_not_an_export(tmp_path, tiny_export):
-    with pytest.raises(ExportFolderError, match="prefixport export"):
-        Engine.load(tmp_path)
-    with pytest.raises(ExportFolderError, match="not a folder"):
-        Engine.load(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("not an export")
+    hint = "; check the path, or make an export with `prefixport export OUTDIR`"
+    for path, says in ((tmp_path, " holds no prefixport export (no prefixport.json)"),
+                       (tmp_path / "missing", " is not a folder"), (tmp_path / "notes.txt", " is not a folder")):
+        with pytest.raises(ExportFolderError) as error:
+            Engine.load(path)
+        assert str(error.value) == f"{path}{says}{hint}"  # not "export into it": the path may be wrong
+    with pytest.raises(ExportFolderError, match="holds no prefixport export"):
+        Engine.load(tiny_export("llama"), draft=tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "prefixport.json").write_text("{not json")

@@ -13,7 +13,7 @@ from prefixport.runtime.settings import GenerationSettings
 
 
 def sync_service(folder: str) -> list[str]:
-    with Engine.load(folder, adapter_budget_bytes=64 << 20, cache=CacheSettings(max_rows=8)) as engine:
+    with Engine.load(folder, adapter_budget_bytes=64 << 20, cache_settings=CacheSettings(max_rows=8)) as engine:
         engine.add_adapter("date", f"{folder}/adapters/date-prefix.safetensors")
         result: GenerationResult = engine.generate("Date: 4 August 2008\nISO:", adapter="date", max_new_tokens=16,
                                                    temperature=0.7, top_p=0.9, seed=1, stop=["\n"], timeout=5.0)

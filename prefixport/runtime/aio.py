@@ -12,14 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, AsyncIterator, Unpack
 
-from .engine import Engine, GenerationResult, Prompt
+from .engine import Engine
+from .requests import Prompt
+from .results import GenerationResult
 from .scheduler import Scheduler, Ticket
 from .settings import GenerationSettings
 
 
 class AsyncTextStream:
-    """Text deltas of one request, `async for delta in stream`; `.result` once exhausted.
-    `aclose()` (or leaving `async with`) cancels it; so does cancelling the iterating task."""
+    """Text deltas of one request, `async for delta in stream`; `.result` once exhausted (its
+    `finish_reason` says why it ended: a stream that runs out of time just ends, "timeout").
+    `aclose()` (or leaving `async with`) cancels it, and `.result` then holds what was made
+    ("cancelled"), as `TextStream.close` does; cancelling the iterating task cancels it too."""
 
     def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
@@ -39,10 +43,17 @@ class AsyncTextStream:
                 yield event.text
 
     async def aclose(self) -> None:
-        """Cancel the request if it is still running (finish reason "cancelled")."""
+        """Cancel the request if it is still running; `.result` then holds what it made, finish
+        reason "cancelled" (it waits for the row to leave the batch: the scheduler's next step).
+        Where the request failed instead, `.result` stays None (iterating raises the error)."""
         if self.result is None:
             self.ticket.cancel()
         await self._events.aclose()  # type: ignore[attr-defined]
+        if self.result is None:
+            try:
+                self.result = await self.ticket.aresult()
+            except Exception:  # noqa: BLE001 - the request's own error, not the closing's
+                pass
 
     async def __aenter__(self) -> "AsyncTextStream":
         return self
@@ -60,7 +71,7 @@ class AsyncEngine:
                 print(delta, end="")
 
     Settings are `Engine.generate`'s (`timeout` included). `scheduler` options: `max_batch`,
-    `prefill_budget`, `max_waiting`, `speculative`, `speculate_rows` (`Scheduler`).
+    `prefill_budget`, `max_waiting`, `speculative`, `speculate_max_batch` (`Scheduler`).
     """
 
     def __init__(self, engine: Engine, **scheduler: Any) -> None:

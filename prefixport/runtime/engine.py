@@ -1,4 +1,6 @@
-"""`Engine`: an export folder opened for generation (manifest + tokenizer + backend + adapter store).
+"""`Engine`: an export folder opened for generation (manifest + tokenizer + backend + adapter store),
+the facade over the runtime's parts: requests checked (`requests.py`), rows generated
+(`generation.py`) in KV caches (`kv_cache.py`), text and results (`text.py`, `results.py`).
 
 Thread-safe: many threads may call `generate`, `generate_batch` and `stream` on one Engine and
 register or unregister adapters meanwhile; each request keeps the adapter it started with.
@@ -6,15 +8,11 @@ register or unregister adapters meanwhile; each request keeps the adapter it sta
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, Unpack, cast
+from typing import Any, Iterator, Sequence, Unpack, cast
 
 import numpy as np
 
@@ -27,169 +25,22 @@ from .backends import Backend, load_backend
 from .generation import Proposer, RowRequest, generate_rows, prefill_new, score_row
 from .grammar import CACHE_SIZE as GRAMMAR_CACHE_SIZE
 from .grammar import Grammar, GrammarVocab
-from .kv_cache import CacheSettings, KVCache, row_bytes, slot_limit
+from .kv_cache import CachePool, CacheSettings, KVCache, slot_limit
 from .kv_scales import KVScales
 from .logprobs import TokenLogprob, check_top
 from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PromptCache
+from .requests import Message, Prompt, check_fits, check_settings
+from .results import GenerationResult, Score
 from .sampling import SamplingParams
-from .settings import GenerationSettings, Speculative
+from .settings import SPECULATIVE, EngineSettings, GenerationSettings, Speculative
 from .speculative import DraftModel, PromptLookup, check_draft
 from .stats import EngineStats, KVStats, LRUStats, SpeculationStats
 from .store import AdapterStore
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .text import RowText, TextStream
+from .tokenizer import Tokenizer
 
-Message = dict[str, Any]  # a chat message: {"role": ..., "content": ...}
-Prompt = str | Sequence[int] | Sequence[Message]
-# "stop": a stop token, stop string or finished structured document; "length": max_new_tokens;
-# "cancelled": the consumer cancelled or closed it; "timeout": its `timeout` passed
-FinishReason = Literal["stop", "length", "cancelled", "timeout"]
-SPECULATIVE = (None, "prompt-lookup", "draft")  # speculative decoding methods (docs/runtime.md)
-SPECULATE_ROWS = 2  # speculate while at most this many rows decode (measured: docs/benchmarks.md, "Speculative decoding")
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # new tokens only (a final stop token included)
-    text: str  # decoded new tokens, special tokens skipped, cut before a stop string
-    prompt_tokens: int
-    finish_reason: FinishReason  # see FinishReason
-    adapter: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)  # seconds; and decode tokens/s
-    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
-    cached_tokens: int = 0  # prompt tokens served from the prompt cache (no prefill)
-
-
-@dataclass
-class Score:
-    """A text scored by the model (`Engine.score`): each token's logprob given those before it."""
-
-    token_ids: list[int]  # the prompt's tokens, then the continuation's
-    logprobs: list[TokenLogprob | None]  # one per token; None for the first (nothing predicts it)
-    continuation_start: int  # index of the continuation's first token (len(token_ids): none)
-
-    @property
-    def continuation_logprob(self) -> float:
-        """log P(continuation | prompt): the sum over the continuation's tokens."""
-        return float(sum(lp.logprob for lp in self.logprobs[self.continuation_start:] if lp is not None))
-
-    @property
-    def greedy(self) -> bool:
-        """Whether greedy decoding from the prompt would have produced the continuation."""
-        return all(lp is not None and lp.top[0][0] == lp.token for lp in self.logprobs[self.continuation_start:])
-
-
-class RowText:
-    """One row's text: incremental detokenization, then stop strings.
-
-    Text that could still turn into a stop string is held back, so the deltas never contain
-    (part of) a stop string and always join to `.text`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
-        self._decoder = IncrementalDecoder(tokenizer)
-        self._stops = [s for s in stop_strings if s]
-        self._hold = max((len(s) for s in self._stops), default=1) - 1
-        self.text = ""
-        self.stopped = False  # a stop string was found
-        self._emitted = 0
-
-    def push(self, token: int) -> str:
-        if not self.stopped:
-            self._add(self._decoder.push(token))
-        return self._flush(final=self.stopped)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self._add(self._decoder.finish())
-        return self._flush(final=True)
-
-    def _add(self, new: str) -> None:
-        """Append new text and cut at the first stop string. Only a stop ending in the new text can
-        be new, so each stop is searched in the new text and the `_hold` characters before it: a
-        token costs O(stops x (new text + longest stop)), never the text so far."""
-        if not new:
-            return
-        start = max(0, len(self.text) - self._hold)
-        self.text += new
-        hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-
-    def _flush(self, final: bool) -> str:
-        end = len(self.text) if final else max(self._emitted, len(self.text) - self._hold)
-        delta, self._emitted = self.text[self._emitted : end], end
-        return delta
-
-
-class TextStream:
-    """Iterates text deltas as tokens are produced; `.result` is set once it is exhausted."""
-
-    def __init__(self, events: Iterator[tuple[int, int]], request: RowRequest, text: RowText) -> None:
-        self._events, self._request, self._text = events, request, text
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        start = time.perf_counter()
-        first = None
-        request = self._request
-        for _, token in self._events:
-            first = first or time.perf_counter()
-            delta = self._text.push(token)
-            if self._text.stopped:
-                request.done = True
-            if delta:
-                yield delta
-        end = time.perf_counter()
-        tail = self._text.finish()
-        if tail:
-            yield tail
-        self.result = make_result(request, self._text, start, first or end, end)
-
-    def close(self) -> None:
-        """Stop generating (finish reason "cancelled"): the row leaves at once, its KV cache row
-        freed. `.result` then holds what was generated; iterating again yields nothing."""
-        if self.result is None:
-            self._request.done, self._request.ended = True, self._request.ended or "cancelled"
-            self._events.close()  # type: ignore[attr-defined]  # a generator: returns the cache now
-            end = time.perf_counter()
-            self._text.finish()
-            self.result = make_result(self._request, self._text, end, end, end)
-
-    def __enter__(self) -> "TextStream":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def make_result(request: RowRequest, text: RowText, start: float, first: float, end: float) -> GenerationResult:
-    """The result of a finished row: its tokens and text, why it stopped, and its timings (perf_counter
-    seconds: submitted at `start`, first token at `first`, last at `end`)."""
-    ids = request.tokens
-    n_decode, decode_s = max(len(ids) - 1, 0), end - first
-    # a stop string beats a consumer's end (the text ended on its own); a cancel beats a stop id
-    reason = "stop" if text.stopped else request.ended or ("stop" if request.completed else "length")
-    return GenerationResult(
-        token_ids=list(ids), text=text.text, prompt_tokens=len(request.prompt_ids),
-        finish_reason=reason, adapter=request.adapter,
-        logprobs=list(request.logprobs) if request.top_logprobs is not None else None,
-        cached_tokens=request.cached_tokens,
-        timings={"prefill_s": first - start, "decode_s": decode_s,
-                 "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0},
-    )
-
-
-def check_settings(settings: GenerationSettings) -> GenerationSettings:
-    """`settings` if every key is a generation setting (`SETTINGS`); else an InputError naming the
-    closest one (`max_tokens` -> max_new_tokens)."""
-    unknown = [k for k in settings if k not in SETTINGS]
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, SETTINGS, n=1, cutoff=0.5) for k in unknown}
-        raise InputError("unknown setting " + ", ".join(
-            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            + f"; the settings are: {', '.join(SETTINGS)}")
-    return settings
+SPECULATE_MAX_BATCH = 2  # speculate while at most this many rows decode (measured: docs/benchmarks.md, "Speculative decoding")
 
 
 class Engine:
@@ -198,13 +49,12 @@ class Engine:
 
     def __init__(self, folder: Path, manifest: mf.Manifest, tokenizer: Tokenizer, backend: Backend,
                  generation_config: dict[str, Any], adapter_budget_bytes: int | None = None,
-                 cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 cache_settings: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  draft: DraftModel | None = None) -> None:
         self.folder, self.manifest, self.tokenizer, self.backend = folder, manifest, tokenizer, backend
-        self.cache_settings = cache or CacheSettings()
-        self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # every cache alive, for stats()
-        self._idle: KVCache | None = None  # one cache kept for the next direct call; others are freed
-        self._cache_lock = threading.Lock()
+        self.cache_settings = cache_settings or CacheSettings()
+        # every KV cache this engine makes (counted in stats()), one kept for the next direct call
+        self.kv_caches = CachePool(backend, manifest, self.cache_settings, self.context_limit)
         self.generation_config = generation_config
         eos = generation_config.get("eos_token_id", manifest.eos_token_ids)
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
@@ -214,21 +64,29 @@ class Engine:
         self.prompt_cache = PromptCache(manifest, prompt_cache_bytes) if prompt_cache_bytes else None
         # speculative decoding's proposers: `speculative="prompt-lookup"`, and "draft" if a draft export was loaded
         self.prompt_lookup, self.draft = PromptLookup(), draft
-        self.speculate_rows = SPECULATE_ROWS  # direct calls speculate while at most this many rows decode
+        self.speculate_max_batch = SPECULATE_MAX_BATCH  # direct calls speculate while at most this many rows decode
         self._grammar_vocab: GrammarVocab | None = None  # built on the first structured request (~1 s)
-        self._grammar_lock = threading.Lock()  # not the cache lock: stats() must not wait for that build
+        self._grammar_lock = threading.Lock()  # its own: stats() must not wait for that build
         self.closed = False
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", adapter_budget_bytes: int | None = None,
-             cache: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-             draft: str | Path | None = None, **options: Any) -> "Engine":
+             cache_settings: CacheSettings | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+             draft: str | Path | None = None, settings: EngineSettings | None = None, **options: Any) -> "Engine":
         """Open an export folder with `backend` "onnxruntime" or "tensorrt". `adapter_budget_bytes`
-        caps the adapters kept resident (LRU); `cache` bounds each KV cache (rows, slots per row,
-        MB; default: a 2 GB budget); `prompt_cache_bytes` caps the prompt cache (default 512 MB;
+        caps the adapters kept resident (LRU); `cache_settings` bound each KV cache (rows, slots per row,
+        MiB; default: a 2 GiB budget); `prompt_cache_bytes` caps the prompt cache (default 512 MiB;
         0 turns it off); `draft`, another export of the same base model (int8, int4), opened
         alike for `speculative="draft"`; `options` go to the backend: ONNX Runtime takes
-        `provider="cpu"|"cuda"|"tensorrt"` and `threads=N`; TensorRT takes `precision="fp32"|"fp16"`."""
+        `provider="cpu"|"cuda"|"tensorrt"` and `threads=N`; TensorRT takes `precision="fp32"|"fp16"`.
+        Or all of them as one `settings` (`EngineSettings`, what the CLI and the server pass), alone."""
+        if settings is not None:
+            if options or backend != "onnxruntime" or adapter_budget_bytes is not None or cache_settings is not None \
+                    or prompt_cache_bytes != DEFAULT_PROMPT_CACHE_BYTES or draft is not None:
+                raise PrefixportError("give Engine.load settings or its keywords, not both")
+            backend, options = settings.backend.load_kwargs()
+            return cls.load(folder, backend, settings.adapter_budget_bytes, settings.cache_settings,
+                            settings.prompt_cache_bytes, settings.draft, **options)
         folder = Path(folder)
         manifest = mf.Manifest.load(folder)
         tokenizer = Tokenizer(folder)
@@ -243,7 +101,7 @@ class Engine:
                 options = {**options, "spinning": "run"}
             proposer = DraftModel(load_backend(backend, draft, draft_manifest, **options))
         return cls(folder, manifest, tokenizer, load_backend(backend, folder, manifest, **options),
-                   generation_config, adapter_budget_bytes, cache, prompt_cache_bytes, proposer)
+                   generation_config, adapter_budget_bytes, cache_settings, prompt_cache_bytes, proposer)
 
     # --- adapters ---------------------------------------------------------------------------
 
@@ -309,8 +167,7 @@ class Engine:
         """Adapter store counters (per adapter: bytes, resident, hits, misses, evictions), the KV
         caches (bytes in all, and each cache's rows and capacity), the prompt cache (None: off),
         the speculative proposers and memory; `.to_dict()` for JSON (`runtime/stats.py`)."""
-        with self._cache_lock:
-            caches = [c.stats() for c in list(self._caches)]
+        caches = self.kv_caches.stats()
         kv = KVStats(bytes=sum(c.bytes for c in caches), budget_bytes_each=self.cache_settings.budget_bytes,
                      caches=caches)
         speculative = SpeculationStats(prompt_lookup=self.prompt_lookup.stats(),
@@ -327,22 +184,7 @@ class Engine:
     def new_cache(self) -> KVCache:
         """A KV cache of its own under this engine's settings (a scheduler keeps one for its life);
         counted in `stats()`."""
-        cache = KVCache(self.backend, self.manifest, self.cache_settings, self.context_limit)
-        with self._cache_lock:
-            self._caches.add(cache)
-        return cache
-
-    def _borrow_cache(self) -> KVCache:
-        """A cache for one direct call: the idle one, or a new one when calls run concurrently."""
-        with self._cache_lock:
-            cache, self._idle = self._idle, None
-        return cache or self.new_cache()
-
-    def _return_cache(self, cache: KVCache) -> None:
-        """Keep the larger of this cache and the idle one for the next call; the other is freed."""
-        with self._cache_lock:
-            if self._idle is None or cache.nbytes > self._idle.nbytes:
-                self._idle = cache
+        return self.kv_caches.new()
 
     # --- generation -------------------------------------------------------------------------
 
@@ -409,29 +251,8 @@ class Engine:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         feed = self.store.acquire(adapter) if adapter is not None else None
         n_virtual = feed.n_virtual if feed else 0
-        virtual = f"the adapter's virtual tokens ({n_virtual}) plus " if n_virtual else ""
-        limit, limits = self.context_limit, self.backend.limits
-        need, budget = n_virtual + len(ids) + max_new_tokens, self.cache_settings.budget_bytes
-        if budget is not None and row_bytes(self.manifest, need) > budget:
-            mb = row_bytes(self.manifest, need) / 2**20 if need < 2**40 else math.inf  # a JSON int may have 400 digits
-            raise ContextLengthError(
-                f"{virtual}the prompt ({len(ids)} tokens) plus max_new_tokens "
-                f"({max_new_tokens}) need {mb:.1f} MB of KV cache, over the "
-                f"budget of {budget / 2**20:.1f} MB; shorten the prompt, lower max_new_tokens or raise the budget"
-            )
-        if self.cache_settings.max_context is not None and need > self.cache_settings.max_context:
-            limit = min(limit, self.cache_settings.max_context)
-        if n_virtual + len(ids) + max_new_tokens > limit:
-            owner = ("model's" if limit == self.manifest.max_positions else "KV cache's" if
-                     limit == self.cache_settings.max_context else "TensorRT engine's")
-            raise ContextLengthError(
-                f"{virtual}the prompt ({len(ids)} tokens) plus "
-                f"max_new_tokens ({max_new_tokens}) exceed the {owner} context of {limit} positions; "
-                "shorten the prompt or lower max_new_tokens"
-            )
-        if limits and len(ids) > limits.max_seq:
-            raise ContextLengthError(f"the prompt ({len(ids)} tokens) exceeds the TensorRT engine's max_seq "
-                                     f"{limits.max_seq}; shorten it, or rebuild the engine with a larger --max-seq")
+        check_fits(self.manifest, self.cache_settings, self.context_limit, self.backend.limits, n_virtual, len(ids),
+                   max_new_tokens)
         stop_ids = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return RowRequest(ids, max_new_tokens, params, stop_ids, feed, top_logprobs=logprobs,
                           grammar=grammar.matcher() if grammar is not None else None, proposer=proposer,
@@ -441,8 +262,8 @@ class Engine:
 
     def proposer(self, speculative: Speculative | None) -> Proposer | None:
         """The proposer of a speculative decoding method (`SPECULATIVE`); None for None."""
-        if speculative not in SPECULATIVE:
-            raise InputError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {speculative!r}")
+        if speculative is not None and speculative not in SPECULATIVE:
+            raise InputError(f"speculative must be None or one of {', '.join(SPECULATIVE)}, got {speculative!r}")
         if speculative == "draft" and self.draft is None:
             raise InputError('speculative="draft" needs a draft export: Engine.load(..., draft=EXPORT_DIR) '
                              "(prefixport generate --speculative draft:EXPORT_DIR)")
@@ -468,7 +289,7 @@ class Engine:
         """Score a prepared request's prompt (`prepare(ids, max_new_tokens=1)` holds its adapter):
         each token's logprob given those before it, None for the first; at least one alternative."""
         limits, m = self.backend.limits, self.manifest
-        cache = self._borrow_cache()
+        cache = self.kv_caches.borrow()
         try:
             row = cache.admit(request.need)
             if row is None:
@@ -480,17 +301,17 @@ class Engine:
             finally:
                 cache.release(row)
         finally:
-            self._return_cache(cache)
+            self.kv_caches.give_back(cache)
 
     def run_rows(self, requests: list[RowRequest]) -> Iterator[tuple[int, int]]:
         """Generate for prepared requests together; yields (index in `requests`, token) as produced."""
         m = self.manifest
-        cache = self._borrow_cache()
+        cache = self.kv_caches.borrow()
         try:
             yield from generate_rows(self.backend, cache, requests, m.hidden_size, np.dtype(m.dtype),
-                                     m.pad_token_id or 0, self.prompt_cache, self.speculate_rows)
+                                     m.pad_token_id or 0, self.prompt_cache, self.speculate_max_batch)
         finally:
-            self._return_cache(cache)
+            self.kv_caches.give_back(cache)
 
     def stream(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> TextStream:
         """Like `generate`, but iterate it for text deltas; the result is on `.result` after.
@@ -508,7 +329,7 @@ class Engine:
         strings, cut from the text), adapter (a registered name), logprobs (alternatives per token:
         fills `.logprobs`), response_format (OpenAI's: JSON output constrained by a grammar),
         speculative ("prompt-lookup", or "draft" with a draft export loaded: while at most
-        `speculate_rows` rows decode, each verifies proposed tokens several per pass; greedy rows
+        `speculate_max_batch` rows decode, each verifies proposed tokens several per pass; greedy rows
         give the same tokens, sampled rows the tokens their seed gives), timeout (seconds: the
         row ends at the first token after it, finish reason "timeout"), cache_salt (the prompt
         cache and prompt lookup share only between requests of the same salt: a tenant's).
@@ -551,7 +372,7 @@ class Engine:
                 last[i] = now
         for t in texts:
             t.finish()
-        return [make_result(r, t, start, f or l, l) for r, t, f, l in zip(requests, texts, first, last)]
+        return [t.result(r, start, f or l, l) for r, t, f, l in zip(requests, texts, first, last)]
 
     def close(self) -> None:
         """Free the sessions; the engine then refuses every request. Idempotent; `with
@@ -572,6 +393,3 @@ class Engine:
     def _check_open(self) -> None:
         if self.closed:
             raise PrefixportError("this engine is closed; load the export again (Engine.load)")
-
-
-SETTINGS = tuple(GenerationSettings.__annotations__)  # generate's keywords: prepare's (a test checks)

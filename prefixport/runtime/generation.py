@@ -230,17 +230,17 @@ class DecodeBatch:
     "Chunked prefill"), a step prefills at most about that many prompt rows, in chunks, so a long
     prompt joins over several steps while the running rows go on decoding; without it, `join`
     prefills each newcomer whole at once (fresh prompts of one soft-prompt length several per run).
-    While at most `speculate_rows` rows decode and one of them has proposals (a row's `proposer`),
+    While at most `speculate_max_batch` rows decode and one of them has proposals (a row's `proposer`),
     each row runs alone instead, verifying its proposals (docs/design.md, "Speculative decoding").
     """
 
     def __init__(self, backend: Backend, cache: KVCache, hidden: int, dtype: np.dtype, pad_id: int = 0,
-                 prompt_cache: PromptCache | None = None, speculate_rows: int = 1,
+                 prompt_cache: PromptCache | None = None, speculate_max_batch: int = 1,
                  prefill_budget: int | None = None, headroom: int = ADMIT_HEADROOM) -> None:
         if prefill_budget is not None and prefill_budget < 1:
             raise PrefixportError(f"prefill_budget must be >= 1 token (or None: whole prompts), got {prefill_budget}")
         self.backend, self.cache, self.hidden, self.dtype, self.pad_id = backend, cache, hidden, dtype, pad_id
-        self.prompt_cache, self.speculate_rows, self.prefill_budget = prompt_cache, speculate_rows, prefill_budget
+        self.prompt_cache, self.speculate_max_batch, self.prefill_budget = prompt_cache, speculate_max_batch, prefill_budget
         self.headroom = headroom
         self.preempted: list[RowRequest] = []  # swapped out for room: the caller queues them first
         self.rows: dict[int, RowRequest] = {}  # cache row -> request
@@ -533,7 +533,7 @@ class DecodeBatch:
         self._preempt()
         self._pack()
         decoding = [row for row in sorted(self.rows) if row not in self._filling]  # rows [0, D): packed
-        if decoding and not (len(decoding) <= self.speculate_rows and self._speculate(decoding)):
+        if decoding and not (len(decoding) <= self.speculate_max_batch and self._speculate(decoding)):
             tokens = np.array([self.rows[row].tokens[-1] for row in decoding], np.int64)
             logits = decode_step(self.backend, self.cache, tokens, self.hidden, self.dtype)
             self._logits = {row: logits[row] for row in decoding}
@@ -597,14 +597,14 @@ def _ends_alike(requests: list[RowRequest]) -> bool:
 
 def generate_rows(backend: Backend, cache: KVCache, requests: list[RowRequest], hidden: int, dtype: np.dtype,
                   pad_id: int = 0, prompt_cache: PromptCache | None = None,
-                  speculate_rows: int = 1) -> Iterator[tuple[int, int]]:
+                  speculate_max_batch: int = 1) -> Iterator[tuple[int, int]]:
     """Yield (row index, token) as each row produces tokens; every row gives what it gives alone.
 
     Rows join as the cache has room (all at once unless its bounds say otherwise) and leave once
     done (a stop id, max_new_tokens, or `done` set by the consumer between yields). Rows with a
-    proposer speculate while at most `speculate_rows` rows decode.
+    proposer speculate while at most `speculate_max_batch` rows decode.
     """
-    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id, prompt_cache, speculate_rows)
+    batch = DecodeBatch(backend, cache, hidden, dtype, pad_id, prompt_cache, speculate_max_batch)
     index = {id(r): i for i, r in enumerate(requests)}
     waiting = list(requests)
     try:

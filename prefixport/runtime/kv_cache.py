@@ -18,6 +18,8 @@ after each run (`"copy"`: `--no-optimize` and TensorRT graphs).
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -310,3 +312,39 @@ class KVCache:
         return KVCacheStats(bytes=self.nbytes, rows=self.rows, capacity=self.capacity, rows_in_use=len(self._needs),
                             slot_bytes=self.slot_bytes, budget_bytes=self.budget, reallocations=self.grows,
                             preemptions=self.swaps)
+
+
+class CachePool:
+    """An Engine's KV caches under one `CacheSettings`: each made here is counted while it lives
+    (`stats`), and the larger of those handed back stays for the next direct call. Thread-safe."""
+
+    def __init__(self, backend: Backend, manifest: mf.Manifest, settings: CacheSettings, context: int) -> None:
+        self.backend, self.manifest, self.settings, self.context = backend, manifest, settings, context
+        self._alive: weakref.WeakSet[KVCache] = weakref.WeakSet()
+        self._idle: KVCache | None = None  # kept for the next direct call; others are freed
+        self._lock = threading.Lock()
+
+    def new(self) -> KVCache:
+        """A cache of its own (a scheduler keeps one for its life)."""
+        cache = KVCache(self.backend, self.manifest, self.settings, self.context)
+        with self._lock:
+            self._alive.add(cache)
+        return cache
+
+    def borrow(self) -> KVCache:
+        """A cache for one direct call: the idle one, or a new one when calls run concurrently."""
+        with self._lock:
+            cache, self._idle = self._idle, None
+        return cache or self.new()
+
+    def give_back(self, cache: KVCache) -> None:
+        """Keep the larger of this cache and the idle one for the next call; the other is freed."""
+        with self._lock:
+            if self._idle is None or cache.nbytes > self._idle.nbytes:
+                self._idle = cache
+
+    def stats(self) -> list[KVCacheStats]:
+        """Each live cache's."""
+        with self._lock:
+            caches = list(self._alive)
+        return [c.stats() for c in caches]

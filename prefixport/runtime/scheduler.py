@@ -15,17 +15,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence, Unpack
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence, Unpack
 
 import numpy as np
 
 from ..errors import BusyError, InputError, PrefixportError
+from .engine import Engine
 from .generation import DecodeBatch, RowRequest
 from .logprobs import TokenLogprob
+from .requests import Prompt, check_settings
+from .results import GenerationResult
 from .settings import GenerationSettings, Speculative
-
-if TYPE_CHECKING:
-    from .engine import Engine, GenerationResult, Prompt, RowText
+from .text import RowText
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Ticket:
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Event]]] = []  # `aresult`'s
 
     def cancel(self) -> None:
         """Make the request leave the batch at the next step (finish reason "cancelled")."""
@@ -111,19 +113,34 @@ class Ticket:
                 raise TimeoutError(f"no result within {timeout} s; the request goes on (Ticket.cancel() stops it)")
         final = self._final
         assert final is not None
-        if final.error is not None:
-            raise final.error
-        assert final.result is not None  # the last event carries the result or the error
-        return final.result
+        return _outcome(final)
+
+    async def aresult(self) -> GenerationResult:
+        """`result` for asyncio: wait for the end without blocking the loop (independent of
+        `aevents`; cancelling the waiting task does not cancel the request)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Event] = loop.create_future()
+        with self._cond:
+            final = self._final
+            if final is None:
+                self._waiters.append((loop, future))
+        return _outcome(final if final is not None else await future)
 
     # --- called by the scheduler thread -----------------------------------------------------
 
     def _put(self, event: Event) -> None:
+        waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Event]]] = []
         with self._cond:
             self._queue.append(event)
             if event.final:
                 self._final = event
+                waiters, self._waiters = self._waiters, []
             self._cond.notify_all()
+        for waiter_loop, future in waiters:
+            try:
+                waiter_loop.call_soon_threadsafe(_settle, future, event)
+            except RuntimeError:  # that loop is closed
+                pass
         loop, ready = self._loop, self._ready
         if loop is not None and ready is not None:
             try:
@@ -154,17 +171,28 @@ class Ticket:
 
     def _finish(self, delta: str = "", tokens: Sequence[int] = (), now: float | None = None,
                 logprobs: Sequence[TokenLogprob] = ()) -> None:
-        from .engine import make_result
-
         end = now or time.perf_counter()
         delta += self._text.finish()
         first = self.token_times[0] if self.token_times else end
-        result = make_result(self.request, self._text, self.submitted, first, end)
+        result = self._text.result(self.request, self.submitted, first, end)
         self.finish_reason = result.finish_reason
         self._put(Event(delta, list(tokens), list(logprobs), result=result))
 
     def _fail(self, error: Exception) -> None:
         self._put(Event(error=error))
+
+
+def _outcome(final: Event) -> GenerationResult:
+    """A final event's result, or its error raised."""
+    if final.error is not None:
+        raise final.error
+    assert final.result is not None  # the last event carries the result or the error
+    return final.result
+
+
+def _settle(future: asyncio.Future[Event], event: Event) -> None:
+    if not future.done():  # not cancelled meanwhile
+        future.set_result(event)
 
 
 class Scheduler:
@@ -180,14 +208,14 @@ class Scheduler:
     prompt cache's tokens are free), so a long prompt or a burst of arrivals delays the running
     rows by a bounded amount per step instead of stalling them until all are prefilled.
     With `speculative` (a method of `Engine.prepare`), every request speculates while at most
-    `speculate_rows` rows decode; above that the batch decodes normally.
+    `speculate_max_batch` rows decode; above that the batch decodes normally.
     `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
     stops the thread and fails what is still queued or running.
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_waiting: int | None = None,
                  on_step: Callable[[int], None] | None = None, speculative: Speculative | None = None,
-                 speculate_rows: int | None = None) -> None:
+                 speculate_max_batch: int | None = None) -> None:
         if max_batch < 1:
             raise PrefixportError(f"max_batch must be >= 1, got {max_batch}")
         if engine.max_batch is not None and max_batch > engine.max_batch:
@@ -200,7 +228,7 @@ class Scheduler:
         self.engine, self.max_batch, self.prefill_budget, self.on_step = engine, max_batch, prefill_budget, on_step
         engine.proposer(speculative)  # refuses an unknown method, or "draft" without a draft export
         self.speculative = speculative
-        self.speculate_rows = engine.speculate_rows if speculate_rows is None else speculate_rows
+        self.speculate_max_batch = engine.speculate_max_batch if speculate_max_batch is None else speculate_max_batch
         self.max_waiting = max_waiting  # None: unbounded
         self._waiting: deque[Ticket] = deque()
         self._cond = threading.Condition()
@@ -222,8 +250,6 @@ class Scheduler:
 
     def submit(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> Ticket:
         """Queue a request (settings as `Engine.generate`); raises at once if it is invalid."""
-        from .engine import RowText, check_settings
-
         if settings.get("speculative") is not None:
             raise InputError("speculative decoding is set per scheduler (Scheduler(speculative=...), prefixport serve "
                              "--speculative), not per request")
@@ -261,7 +287,7 @@ class Scheduler:
     def _new_batch(self) -> DecodeBatch:
         m = self.engine.manifest
         return DecodeBatch(self.engine.backend, self.cache, m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0,
-                           self.engine.prompt_cache, self.speculate_rows, self.prefill_budget)
+                           self.engine.prompt_cache, self.speculate_max_batch, self.prefill_budget)
 
     def _admit(self, batch: DecodeBatch, tickets: dict[int, Ticket]) -> bool:
         """Wait for work; prefill newcomers into the batch. False once closed."""

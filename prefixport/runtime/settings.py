@@ -1,14 +1,18 @@
-"""`BackendSettings`: which backend runs an export, and how; one value from the command line to
-`Engine.load` (the CLI builds it once; the bench and Ray Serve pass it along).
-`GenerationSettings`: the keyword settings of one request."""
+"""`BackendSettings`: which backend runs an export, and how; `EngineSettings`: that and what an
+Engine holds beside the export (KV cache bounds, byte budgets, a draft export). Each is one value
+from the command line to `Engine.load` (the CLI builds it once; the bench and Ray Serve pass it
+along). `GenerationSettings`: the keyword settings of one request."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Sequence, TypedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypedDict, get_args
 
 from ..errors import DeviceError, PrefixportError
 from .backends import BACKENDS
+from .kv_cache import CacheSettings
+from .prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,28 @@ class BackendSettings:
         return self.kind == "tensorrt" or self._provider() != "cpu"
 
 
-Speculative = Literal["prompt-lookup", "draft"]  # speculative decoding methods
+@dataclass(frozen=True)
+class EngineSettings:
+    """What `Engine.load(folder, settings=...)` opens an export with: the `backend`, the KV cache's
+    bounds (`cache_settings`), the bytes of adapters kept resident (`adapter_budget_bytes`, LRU; None: all),
+    the prompt cache's bytes (0: off) and a `draft` export of the same base model (for
+    `speculative="draft"`)."""
+
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    cache_settings: CacheSettings = field(default_factory=CacheSettings)
+    adapter_budget_bytes: int | None = None
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
+    draft: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter_budget_bytes is not None and self.adapter_budget_bytes < 0:
+            raise PrefixportError(f"the adapter budget must be >= 0 bytes, got {self.adapter_budget_bytes}")
+        if self.prompt_cache_bytes < 0:
+            raise PrefixportError(f"the prompt cache budget must be >= 0 bytes, got {self.prompt_cache_bytes}")
+
+
+Speculative = Literal["prompt-lookup", "draft"]  # speculative decoding methods (docs/runtime.md)
+SPECULATIVE: tuple[str, ...] = get_args(Speculative)  # the same, as values
 
 
 class GenerationSettings(TypedDict, total=False):

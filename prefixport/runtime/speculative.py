@@ -117,17 +117,17 @@ class DraftModel(Counters):
     """Proposes up to `tokens` tokens: the greedy continuation of a draft export of the target's
     base model (`check_draft`), run with each row's adapter inputs as the target's backend holds
     them (a LoRA or IA3 only where the draft was exported with the same --lora; a draft without
-    proposes from the base model for such rows: still exact, fewer accepted). Each speculating request keeps a row of the draft's own KV cache (bounded by `cache`:
+    proposes from the base model for such rows: still exact, fewer accepted). Each speculating request keeps a row of the draft's own KV cache (bounded by `cache_settings`:
     8 rows and 2 GB by default; the least recently used row is dropped for a new one and rebuilt
     if it comes back; a request that does not fit gets no proposals), holding its prompt and
     tokens; a pass feeds what the row gained since (the accepted proposals and the target's token)
     and decodes `tokens` - 1 more. Thread-safe (one pass at a time)."""
 
-    def __init__(self, backend: Backend, tokens: int = 4, cache: CacheSettings | None = None) -> None:
+    def __init__(self, backend: Backend, tokens: int = 4, cache_settings: CacheSettings | None = None) -> None:
         super().__init__()
         self.backend, self.manifest, self.tokens = backend, backend.manifest, tokens
         m = self.manifest
-        self.cache = KVCache(backend, m, cache or CacheSettings(max_rows=8), m.max_positions)
+        self.cache = KVCache(backend, m, cache_settings or CacheSettings(max_rows=8), m.max_positions)
         self._rows: OrderedDict[int, _Row] = OrderedDict()  # id(request) -> its row, least recent first
         self._none = np.zeros((1, 0, m.hidden_size), np.dtype(m.dtype))
         self._pad = m.pad_token_id or 0

@@ -34,12 +34,12 @@ def test_a_request_at_the_context_generates_to_its_end(engine):
 
 
 def test_the_kv_cache_bounds_refuse_before_any_work(make_engine, manifest):
-    engine = make_engine(adapters=False, cache=CacheSettings(budget_mb=50 * slot_bytes(manifest) / 2**20))
+    engine = make_engine(adapters=False, cache_settings=CacheSettings(budget_mb=50 * slot_bytes(manifest) / 2**20))
     assert engine.room(len(engine.encode(PROMPT))) == 50 - len(engine.encode(PROMPT))
     with pytest.raises(ContextLengthError, match=r"need [0-9.]+ MB of KV cache, over the budget"):
         engine.generate(PROMPT, max_new_tokens=60)
     assert engine.stats().kv_cache.bytes == 0 and engine.backend.calls == []
-    engine = make_engine(adapters=False, cache=CacheSettings(max_context=16))
+    engine = make_engine(adapters=False, cache_settings=CacheSettings(max_context=16))
     with pytest.raises(ContextLengthError, match="exceed the KV cache's context of 16 positions"):
         engine.generate(PROMPT, max_new_tokens=16)
     assert engine.backend.calls == []

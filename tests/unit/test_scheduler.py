@@ -253,7 +253,7 @@ def test_a_scheduler_out_of_kv_room_preempts_and_every_request_matches_alone(mak
     preempted to host memory and resumed; nothing is refused and every result equals the request
     alone."""
     probe = make_engine(adapters=False)
-    engine = make_engine(cache=CacheSettings(budget_mb=100 * slot_bytes(probe.manifest) / 2**20))
+    engine = make_engine(cache_settings=CacheSettings(budget_mb=100 * slot_bytes(probe.manifest) / 2**20))
     jobs = [(PROMPTS[i], f"tenant{i % 2}") for i in range(5)]
     alone = [engine.generate(p, max_new_tokens=60, **FREE).token_ids for p, _ in jobs]
     with Scheduler(engine, max_batch=8) as scheduler:

@@ -1,12 +1,12 @@
 """Text from tokens: incremental detokenization (`tokenizer.IncrementalDecoder`: split UTF-8
-characters held until whole) and stop strings (`engine.RowText`: cut across token boundaries,
+characters held until whole) and stop strings (`text.RowText`: cut across token boundaries,
 never emitted), alone and through `Engine.generate` / `stream`."""
 
 from __future__ import annotations
 
 import pytest
 
-from prefixport.runtime.engine import RowText
+from prefixport.runtime.text import RowText
 from prefixport.runtime.tokenizer import IncrementalDecoder
 
 from .runs import stop_string_in

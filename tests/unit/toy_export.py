@@ -64,7 +64,7 @@ def toy_model(tokenizer: HFTokenizer, seed: int = 0) -> ToyModel:
 
 def open_engine(folder: Path, model: ToyModel, *, limits: Limits | None = None, **options: Any) -> Engine:
     """What `Engine.load` does, with a `NumpyBackend` in place of ONNX Runtime; `options` are the
-    Engine's (adapter_budget_bytes, cache, prompt_cache_bytes)."""
+    Engine's (adapter_budget_bytes, cache_settings, prompt_cache_bytes)."""
     manifest = mf.Manifest.load(folder)
     config = json.loads((folder / "generation_config.json").read_text())
     return Engine(folder, manifest, Tokenizer(folder), NumpyBackend(manifest, model, limits), config, **options)
