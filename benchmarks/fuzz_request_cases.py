@@ -61,7 +61,7 @@ CHURN = tuple(f"fuzz-{i}" for i in range(6))  # adapter names the cases register
 DECOYS = {"empty.safetensors": b"", "text.safetensors": b"not a bundle\n", "notes.txt": b"hello\n",
           "zeros.safetensors": b"\0" * 4096}  # files the harness puts in the adapters folder, never valid
 DECOY_DIR = "folder.safetensors"  # a folder named like a bundle (the harness makes it)
-BODY_LIMIT = 4_000_000  # the server's --max-body-mb 4
+BODY_LIMIT = 4 << 20  # the server's --max-body-mb 4 (MiB)
 
 
 @dataclass(frozen=True)

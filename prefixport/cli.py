@@ -6,7 +6,7 @@ import functools
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -376,7 +376,7 @@ def bench_serve(base_url: str, model: str, api_key: str | None, tokenizer: str, 
 @click.option("--max-waiting", type=int, default=256, show_default=True,
               help="Most requests queued for the batch; more are refused with 503 and Retry-After.")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,
-              help="Largest request body accepted (413 beyond).")
+              help="Largest request body accepted, in MiB (413 beyond).")
 @click.option("--api-key", envvar="PREFIXPORT_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on /v1/* (or set PREFIXPORT_API_KEY): one admin key.")
 @click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -398,14 +398,14 @@ def bench_serve(base_url: str, model: str, api_key: str | None, tokenizer: str, 
                    "narrows further).")
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the export's model).")
 @click.option("--adapter-budget-mb", type=float, default=None,
-              help="Keep at most this many MB of adapters in memory (LRU); default: all.")
+              help="Keep at most this many MiB of adapters in memory (LRU); default: all.")
 @click.option("--kv-cache-mb", type=float, default=2048, show_default=True,
-              help="Most MB the KV cache may hold (rows x capacity x 2 x layers x kv_heads x head_dim x dtype "
+              help="Most MiB the KV cache may hold (rows x capacity x 2 x layers x kv_heads x head_dim x dtype "
                    "size); a request that cannot fit yet waits, one that never can is refused (400).")
 @click.option("--max-context", type=int, default=None,
               help="Most positions per request (virtual tokens + prompt + new tokens); default: the model's.")
 @click.option("--prompt-cache-mb", type=click.FloatRange(min=0), default=512, show_default=True,
-              help="Most MB of prompt prefixes' keys and values kept for reuse by adapter (LRU); 0 turns "
+              help="Most MiB of prompt prefixes' keys and values kept for reuse by adapter (LRU); 0 turns "
                    "the prompt cache off.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--speculative", default=None, metavar="prompt-lookup|draft:EXPORT_DIR",
@@ -419,6 +419,10 @@ def bench_serve(base_url: str, model: str, api_key: str | None, tokenizer: str, 
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option("--max-adapters", type=int, default=8, show_default=True,
               help="Adapters each Ray Serve replica keeps registered, least recently used dropped (with --ray).")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=None,
+              help="CPUs each Ray Serve replica reserves (with --ray; default: --threads, or 1).")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), default=0,
+              help="GPUs each Ray Serve replica reserves (with --ray; at least 1 where the backend runs on a GPU).")
 @click.option("--app-name", default="prefixport", show_default=True,
               help="The Ray Serve application's name (with --ray); one of that name already running is refused "
                    "unless --replace.")
@@ -428,74 +432,38 @@ def bench_serve(base_url: str, model: str, api_key: str | None, tokenizer: str, 
 @click.option("--replace", is_flag=True, help="Redeploy over a running application of the same --app-name.")
 @_errors
 @_backend_flags
-def serve(outdir: str, adapters_dir: str | None, host: str, port: int, max_batch: int, prefill_budget: int,
-          max_waiting: int, max_body_mb: float, api_key: str | None, keys_file: str | None,
-          allow_adapter_admin: bool, private_metrics: bool | None, max_refused_per_minute: int | None, max_stops: int,
-          shared_prompt_cache: bool,
-          model_name: str | None,
-          adapter_budget_mb: float | None, kv_cache_mb: float, max_context: int | None, prompt_cache_mb: float,
-          speculative: str | None, speculate_max_batch: int | None, use_ray: bool, replicas: int, max_adapters: int,
-          app_name: str, route_prefix: str, replace: bool, settings: BackendSettings) -> None:
+def serve(outdir: str, host: str, port: int, use_ray: bool, settings: BackendSettings, **options: Any) -> None:
     """Serve the export in OUTDIR and its adapters with an OpenAI-compatible API."""
-    from pathlib import Path
+    from .server.settings import ServeSettings
 
-    from .runtime.kv_cache import CacheSettings
-    from .runtime.speculative import parse_method
-    from .server.protocol import RequestLimits
-
-    method, draft = parse_method(speculative)
-    if keys_file is not None and api_key is not None:
-        raise click.UsageError("give --keys or --api-key, not both")
-    _audit_to_stderr()
-
-    cache = CacheSettings(max_rows=max_batch, max_context=max_context, budget_mb=kv_cache_mb)
-    adapters_dir = adapters_dir or str(Path(outdir) / "adapters")
-    budget = int(adapter_budget_mb * 1e6) if adapter_budget_mb is not None else None
-    prompt_cache_bytes = int(prompt_cache_mb * 2**20)
-    ray_only = {"--app-name": app_name != "prefixport", "--route-prefix": route_prefix != "/", "--replace": replace}
+    options["private_ops"] = options.pop("private_metrics")
+    serving = ServeSettings.from_options(outdir, backend=settings, **options)
+    ray_only = {"--app-name": options["app_name"] != "prefixport", "--route-prefix": options["route_prefix"] != "/",
+                "--replace": options["replace"], "--replica-cpus": options["replica_cpus"] is not None,
+                "--replica-gpus": bool(options["replica_gpus"]), "--replicas": options["replicas"] != 1,
+                "--max-adapters": options["max_adapters"] != 8}
     if not use_ray and any(ray_only.values()):
         raise click.UsageError(f"{', '.join(k for k, v in ray_only.items() if v)} go with --ray")
+    _audit_to_stderr()
     if use_ray:
         from .server.ray_serve import run_ray
 
-        if speculate_max_batch is not None:
-            raise click.UsageError("--speculate-max-batch is not passed to Ray replicas yet; they speculate at the "
-                                   "default batch size")
-        if allow_adapter_admin:
-            raise click.UsageError("--allow-adapter-admin: under Ray adapters come from the adapters folder only")
-        if max_refused_per_minute is not None:
-            raise click.UsageError("--max-refused-per-minute: the Ray ingress has no penalty box yet")
-
-        run_ray(outdir, adapters_dir=adapters_dir, host=host, port=port, max_batch=max_batch,
-                prefill_budget=prefill_budget, api_key=api_key, model_name=model_name, replicas=replicas,
-                max_adapters=max_adapters, adapter_budget_bytes=budget, settings=settings, cache=cache,
-                prompt_cache_bytes=prompt_cache_bytes, speculative=speculative, app_name=app_name,
-                route_prefix=route_prefix, replace=replace, keys_file=keys_file,
-                shared_prompt_cache=shared_prompt_cache, max_body_bytes=int(max_body_mb * 1e6),
-                limits=RequestLimits(max_stops=max_stops), private_ops=private_metrics)
+        run_ray(outdir, serving, host=host, port=port)
         return
     import uvicorn
 
     from .runtime import Engine
     from .server import create_app
-    from .server.tenants import DEFAULT_MAX_REFUSED, Access, KeyRing, Penalties
 
-    keys = KeyRing(keys_file, api_key)  # a bad keys file: one clear error before anything loads
-    access = Access(keys, adapter_admin=allow_adapter_admin, private_ops=private_metrics,
-                    shared_prompt_cache=shared_prompt_cache, penalties=Penalties(max_refused_per_minute or DEFAULT_MAX_REFUSED))
+    access = serving.server.access.build()  # a bad keys file: one clear error before anything loads
     sock = _bind(host, port)  # before loading anything: a busy port is one clear error, nothing claimed
-    backend, options = settings.load_kwargs()
-    engine = Engine.load(outdir, backend=backend, adapter_budget_bytes=budget, cache=cache,
-                         prompt_cache_bytes=prompt_cache_bytes, draft=draft, **options)
-    app = create_app(engine, model_name=model_name, adapters_dir=adapters_dir, max_batch=max_batch,
-                     prefill_budget=prefill_budget, max_waiting=max_waiting, max_body_bytes=int(max_body_mb * 1e6),
-                     access=access, limits=RequestLimits(max_stops=max_stops), speculative=method,
-                     speculate_rows=speculate_max_batch)
+    engine = Engine.load(outdir, settings=serving.engine)
+    app = create_app(engine, serving.server, access=access)
     server = app.state.server
     _echo_err(f"serving {server.model_name} and {len(engine.adapters)} adapters "
-              f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch {max_batch}, "
-              f"{engine.backend.name} on {engine.backend.device})")
-    signal.signal(signal.SIGHUP, lambda *_: keys.reload())  # new keys without dropping a request
+              f"({', '.join(engine.adapters) or 'none'}) on http://{host}:{port}/v1 (max batch "
+              f"{serving.server.max_batch}, {engine.backend.name} on {engine.backend.device})")
+    signal.signal(signal.SIGHUP, lambda *_: access.keys.reload())  # new keys without dropping a request
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
@@ -562,9 +530,6 @@ def build_engine(outdir: str, fp16: bool, max_batch: int, max_seq: int | None, m
         if not found:
             click.echo(f"no engines in {outdir}; build one with `prefixport build-engine {outdir}`")
         return
-@click.option("--force", is_flag=True,
-              help="Convert even though the checkpoint's base_model_name_or_path names another model than the "
-                   "export's (refused otherwise: its outputs would be wrong). For the same model under another name.")
     from .engines.build import build_engine as build
 
     progress = Progress(_echo_err)
@@ -597,13 +562,15 @@ def adapter() -> None:
                    "recorded.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (default: EXPORT/adapters/NAME.safetensors).")
+@click.option("--force", is_flag=True,
+              help="Convert even though the checkpoint's base_model_name_or_path names another model than the "
+                   "export's (refused otherwise: its outputs would be wrong). For the same model under another name.")
 @_errors
 def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int | None, bake_prefix: bool,
                     prompt_format: str | None, out: str | None, force: bool) -> None:
     """Convert a PEFT prompt-tuning, p-tuning, multitask, prefix-tuning, LoRA or IA3 checkpoint to a bundle."""
     from pathlib import Path
 
-    from .adapters.base_model import model_name
     from .adapters import bundle_path, convert_for_export, save_bundle
 
     bundle = convert_for_export(peft_dir, export_dir, name=name, task=task, prompt_format=prompt_format,
@@ -636,6 +603,7 @@ def adapter_convert(peft_dir: str, export_dir: str, name: str | None, task: int 
 def adapter_inspect(adapter_file: str, export_dir: str | None) -> None:
     """Show what an adapter bundle holds (and, with --export, that it fits that export)."""
     from .adapters import load_bundle, resolve_adapter
+    from .adapters.base_model import model_name
     from .manifest import Manifest
 
     if export_dir is None:

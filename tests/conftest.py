@@ -97,6 +97,24 @@ def tiny_export(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_lora_export(tmp_path_factory, tiny_model):
+    """arch -> export folder of its tiny model made with `--lora` (LoRA and IA3 inputs, the default
+    targets and max rank; exported and verified once per arch). Read it, do not change it."""
+    from prefixport.exporter import LoraOptions, export_model
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            out = tmp_path_factory.mktemp(f"lora-export-{arch}") / "export"
+            export_model(out, model=str(tiny_model(arch)), lora=LoraOptions())
+            built[arch] = out
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def plain_export(tmp_path_factory, tiny_model) -> Path:
     """The tiny Llama exported with plain ONNX ops only (`--no-optimize`): what TensorRT parses, and
     a "copy" KV export (its present is a scratch copied back). Copy it before changing it."""
@@ -168,7 +186,7 @@ def served(tiny_export, tiny_adapters, tmp_path_factory):
     import shutil
 
     from prefixport.runtime import Engine
-    from prefixport.server import create_app
+    from prefixport.server import ServerSettings, create_app
     from prefixport.server.tenants import Access
 
     from .helpers import running
@@ -178,7 +196,8 @@ def served(tiny_export, tiny_adapters, tmp_path_factory):
         shutil.copy(tiny_adapters("llama") / f"{name}.safetensors", folder)
     engine = Engine.load(tiny_export("llama"))
     # adapter admin on (no keys: every caller is an admin): the tests register and delete adapters
-    app = create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=8, access=Access(adapter_admin=True))
+    app = create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder, max_batch=8),
+                     access=Access(adapter_admin=True))
     with running(app) as url:
         yield engine, url, folder, app.state.server
     engine.close()

@@ -19,7 +19,7 @@ from prefixport.adapters.bundle import load_bundle, make_bundle, save_bundle
 from prefixport.errors import ContextLengthError, InputError, NumericsError
 from prefixport.runtime import Engine, Scheduler
 from prefixport.runtime.sampling import MAX_SEED, MAX_TOP_K, PENALTY_RANGE, SamplingParams
-from prefixport.server import create_app
+from prefixport.server import ServerSettings, create_app
 from prefixport.server.app import Server, as_api_error
 from prefixport.server.protocol import AdapterLoad, ApiError, RequestLimits
 from prefixport.server.tenants import Access, KeyRing, Penalties, digest
@@ -54,8 +54,8 @@ def attacked(tiny_export, tiny_adapters, tmp_path_factory):
     keys_file.write_text(KEYS_FILE)
     engine = Engine.load(tiny_export("llama"), threads=1)
     access = Access(KeyRing(keys_file), penalties=Penalties(max_refused=10_000))  # the box: its own test
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access,
-                            speculative="prompt-lookup", max_batch=8)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder, speculative="prompt-lookup", max_batch=8),
+                            access=access)) as url:
         yield engine, url, folder, keys_file
     engine.close()
 
@@ -147,8 +147,8 @@ def test_stops_choices_and_schemas_are_bounded_before_any_work(attacked):
 
 def test_a_settable_stop_bound(attacked):
     engine, _, folder = attacked[:3]
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, register_adapters=False,
-                            limits=RequestLimits(max_stops=6))) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder, limits=RequestLimits(max_stops=6)),
+                            register_adapters=False)) as url:
         ok = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
                                                        "stop": list("abcdef")})
         over = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
@@ -241,14 +241,15 @@ def test_with_keys_metrics_and_health_need_an_admin_key_by_default(attacked):
         assert httpx.get(url + path, headers={"Authorization": f"Bearer {KEYS['a']}"}).status_code == 403
         assert httpx.get(url + path, headers={"Authorization": f"Bearer {KEYS['admin']}"}).status_code == 200
     public = Access(KeyRing(keys_file), private_ops=False)  # --public-metrics
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=public,
-                            register_adapters=False)) as open_url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder),
+                            access=public, register_adapters=False)) as open_url:
         assert httpx.get(open_url + "/health").status_code == 200
 
 
 def test_adapter_paths_the_file_system_refuses_are_400s(attacked):
     engine, _, folder = attacked[:3]
-    server = Server(engine, "tiny", folder)  # what POST /v1/adapters calls once an admin key is checked
+    # the server POST /v1/adapters calls once an admin key is checked
+    server = Server(engine, ServerSettings(model_name="tiny", adapters_dir=folder))
     try:
         for path in ("a" * 300 + ".safetensors", "é" * 200):  # over the file system's 255 bytes a name
             with pytest.raises(ApiError) as e:
@@ -287,8 +288,8 @@ def test_a_key_that_keeps_sending_bad_requests_is_boxed_before_its_bodies_are_re
     access = Access(KeyRing(keys_file), penalties=Penalties(max_refused=5, delay_s=0.05))
     bad = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "repetition_penalty": 1e-300}
     good = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0}
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access,
-                            register_adapters=False)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder),
+                            access=access, register_adapters=False)) as url:
         assert [_post(url, "/v1/completions", "a", bad).status_code for _ in range(6)] == [400] * 6
         boxed = _post(url, "/v1/completions", "a", bad)
         assert boxed.status_code == 429 and boxed.json()["error"]["code"] == "too_many_refused"

@@ -24,7 +24,7 @@ from prefixport.bench.serve_metrics import parse_concurrency, parse_rates, parse
 from prefixport.cli import main
 from prefixport.errors import PrefixportError
 from prefixport.runtime import Engine
-from prefixport.server import create_app
+from prefixport.server import ServerSettings, create_app
 
 from .helpers import running
 from .unit.toy_export import soft_prompt
@@ -42,7 +42,7 @@ def server(tiny_export, tmp_path_factory):
     for seed, name in enumerate(ADAPTERS):
         save_bundle(soft_prompt(manifest, 3, seed, name), folder / f"{name}.safetensors")
     engine = Engine.load(export, threads=1)
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, max_batch=4)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder, max_batch=4))) as url:
         yield url, export
     engine.close()
 

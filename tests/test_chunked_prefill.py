@@ -159,14 +159,14 @@ def test_default_chat_requests_without_max_tokens_are_all_served(tiny_export):
     import httpx
 
     from prefixport.runtime.kv_cache import slot_bytes
-    from prefixport.server import create_app
+    from prefixport.server import ServerSettings, create_app
 
     from .helpers import running
 
     probe = Engine.load(tiny_export("llama"), prompt_cache_bytes=0)
     per_slot = slot_bytes(probe.manifest)
     probe.close()
-    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(budget_mb=600 * per_slot / 2**20))
+    engine = Engine.load(tiny_export("llama"), cache_settings=CacheSettings(budget_mb=600 * per_slot / 2**20))
     questions = [f"Tell me about ship number {i} in the harbour ledger." for i in range(8)]
 
     def ask(url: str, question: str) -> dict:
@@ -176,7 +176,7 @@ def test_default_chat_requests_without_max_tokens_are_all_served(tiny_export):
         assert response.status_code == 200, response.text
         return response.json()
 
-    with running(create_app(engine, model_name="tiny", max_batch=8, prefill_budget=16)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", max_batch=8, prefill_budget=16))) as url:
         with cf.ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda q: ask(url, q), questions))
         alone = [ask(url, q) for q in questions[:3]]

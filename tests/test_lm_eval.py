@@ -22,7 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from prefixport.adapters import convert_checkpoint  # noqa: E402
 from prefixport.runtime import Engine  # noqa: E402
-from prefixport.server import create_app  # noqa: E402
+from prefixport.server import ServerSettings, create_app  # noqa: E402
 
 from .helpers import running  # noqa: E402
 
@@ -70,7 +70,7 @@ def served(default_export, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("lm-eval-adapters")
     convert_checkpoint(DATE_PREFIX, default_export, name="date-prefix", out=adapters / "date-prefix.safetensors")
     engine = Engine.load(default_export)
-    app = create_app(engine, adapters_dir=adapters)
+    app = create_app(engine, ServerSettings(adapters_dir=adapters))
     assert "date-prefix" in engine.adapters
     with running(app) as url:
         yield url, app.state.server.model_name

@@ -187,13 +187,14 @@ def test_server_loads_and_serves_loras_mixed_with_other_adapters(lora_llama):
     import httpx
     from concurrent.futures import ThreadPoolExecutor
 
-    from prefixport.server import create_app
+    from prefixport.server import ServerSettings, create_app
     from prefixport.server.tenants import Access
 
     from .helpers import running
 
     engine, _, work, _ = lora_llama
-    app = create_app(engine, model_name="tiny", adapters_dir=work, max_batch=8, access=Access(adapter_admin=True))
+    app = create_app(engine, ServerSettings(model_name="tiny", adapters_dir=work, max_batch=8),
+                     access=Access(adapter_admin=True))
     with running(app) as url:
         r = httpx.post(url + "/v1/adapters", json={"name": "served-lora", "path": "lora-pattern.safetensors"})
         assert r.status_code == 200 and r.json()["kind"] == "lora", r.text

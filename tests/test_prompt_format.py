@@ -235,13 +235,13 @@ def served(formatted, llama):
     from openai import OpenAI
 
     from prefixport.runtime import Engine
-    from prefixport.server import create_app
+    from prefixport.server import ServerSettings, create_app
 
     from .helpers import running
 
     _, folder = formatted
     engine = Engine.load(llama[0])
-    app = create_app(engine, model_name="tiny", adapters_dir=folder)
+    app = create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder))
     with running(app) as url:
         yield app.state.server, OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     engine.close()
@@ -302,7 +302,7 @@ def test_the_demo_date_adapter_answers_through_chat(default_export, tmp_path):
     from openai import OpenAI
 
     from prefixport.runtime import Engine
-    from prefixport.server import create_app
+    from prefixport.server import ServerSettings, create_app
 
     from .helpers import running
 
@@ -318,7 +318,7 @@ def test_the_demo_date_adapter_answers_through_chat(default_export, tmp_path):
                                     out=tmp_path / "unknown.safetensors")
     engine = Engine.load(default_export)
     engine.add_adapter("unknown", unknown)
-    app = create_app(engine, adapters_dir=folder)  # registers date-prefix
+    app = create_app(engine, ServerSettings(adapters_dir=folder))  # registers date-prefix
     _, test = tasks.split("date")
     system = {"role": "system", "content": "You are a helpful assistant."}
     with running(app) as url:

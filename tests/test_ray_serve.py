@@ -26,8 +26,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from prefixport.runtime import Engine  # noqa: E402
-from prefixport.server.ray_serve import (APP_NAME, INGRESS, REFRESH_S, REPLICA, AppArgs, app_builder,  # noqa: E402
-                                         push_metrics)
+from prefixport.server.ray_metrics import push_metrics  # noqa: E402
+from prefixport.server.ray_serve import APP_NAME, INGRESS, REFRESH_S, REPLICA, AppArgs, app_builder  # noqa: E402
 
 from .conftest import ADAPTER_VARIANTS  # noqa: E402
 
@@ -36,7 +36,7 @@ RAY_ADAPTERS = (*ADAPTER_VARIANTS, "lora", "ia3")  # the export takes --lora: a 
 REPLICAS, MAX_ADAPTERS = 2, 1  # 4 adapters, 2 replicas holding at most 1 each: the LRU must evict
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京"]
 BIN = Path(sys.executable).parent  # ray, serve and prefixport of this environment
-MAX_BODY = 50_000  # the first application's max_body_mb: 0.05
+MAX_BODY = 1 << 16  # the first application's max_body_mb (MiB): 0.0625
 # Both applications' keys: `user` may use every model, `acme` its own, `capped` one token a minute.
 KEYS = """\
 [[key]]
@@ -141,7 +141,7 @@ applications:
     import_path: prefixport.server.ray_serve:app_builder
     args: {{outdir: "{export}", adapters_dir: "{folder}", model_name: tiny, max_batch: 4,
             replicas: {REPLICAS}, max_adapters: {MAX_ADAPTERS}, replica_cpus: 1, threads: 1,
-            keys_file: "{keys}", private_ops: false, max_body_mb: {MAX_BODY / 1e6}, max_stops: 5}}
+            keys_file: "{keys}", private_ops: false, max_body_mb: {MAX_BODY / 2**20}, max_stops: 5}}
 """)
     _run([BIN / "serve", "deploy", f"--address={dashboard}", config], env)
     _wait_running(env, dashboard, APP_NAME)
@@ -374,7 +374,7 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tmp_pa
     with log.open("w") as out:  # with --keys, /metrics and /health are private unless --public-metrics
         second = subprocess.Popen([str(a) for a in base + ["--port", str(_free_port()), "--app-name", "second",
                                                            "--route-prefix", "/second", "--keys", keys,
-                                                           "--max-body-mb", "0.01"]], env=cli, stderr=out)
+                                                           "--max-body-mb", "0.01"]], env=cli, stderr=out)  # 10,485 bytes
     try:
         deadline = time.monotonic() + 300
         while "serving application" not in (said := log.read_text()):
@@ -396,9 +396,9 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tmp_pa
                              timeout=60).status_code == 403
             assert httpx.get(f"{url}/second/{route}", headers={"Authorization": "Bearer ops-key"},
                              timeout=60).status_code == 200
-        big = httpx.post(f"{url}/second/v1/completions", content=b"x" * 10_001, timeout=60,
-                         headers={"Authorization": "Bearer acme-key"})  # --max-body-mb counts 10^6 bytes
-        assert big.status_code == 413 and "over 10000 bytes" in big.json()["error"]["message"]
+        big = httpx.post(f"{url}/second/v1/completions", content=b"x" * 10_486, timeout=60,
+                         headers={"Authorization": "Bearer acme-key"})  # --max-body-mb counts MiB (2^20 bytes)
+        assert big.status_code == 413 and "over 10485 bytes" in big.json()["error"]["message"]
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=120)
@@ -479,7 +479,7 @@ def test_the_metrics_thread_outlives_any_error(monkeypatch, caplog):
     import threading
     from types import SimpleNamespace
 
-    from prefixport.server import ray_serve
+    from prefixport.server import ray_metrics
 
     pushed: list[str] = []
     errors = iter([RuntimeError("GCS unreachable"), RuntimeError("GCS unreachable"), ValueError("no board")])
@@ -501,8 +501,8 @@ def test_the_metrics_thread_outlives_any_error(monkeypatch, caplog):
             self.rounds += 1
             return self.rounds >= 5
 
-    monkeypatch.setattr(ray_serve.ray, "get_actor", get_actor)
-    with caplog.at_level("ERROR", logger=ray_serve.log.name):
+    monkeypatch.setattr(ray_metrics.ray, "get_actor", get_actor)
+    with caplog.at_level("ERROR", logger=ray_metrics.log.name):
         push_metrics("metrics:app", "r1", lambda: b"m 1\n", FivePushes())
     assert pushed == ["m 1\n", "m 1\n"]  # the two rounds after the errors
     assert [r.exc_info[1].args[0] for r in caplog.records] == ["GCS unreachable"]

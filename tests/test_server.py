@@ -18,7 +18,7 @@ import pytest
 from openai import OpenAI
 
 from prefixport.runtime import Engine
-from prefixport.server import create_app
+from prefixport.server import AccessSettings, ServerSettings, create_app
 
 from .conftest import ADAPTER_VARIANTS
 from .helpers import running
@@ -274,7 +274,7 @@ def test_metrics_report_requests_tokens_latency_batches_adapters_memory(served, 
 
 def test_api_key(tiny_export):
     engine = Engine.load(tiny_export("llama"))
-    with running(create_app(engine, model_name="tiny", api_key="s3cret")) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", access=AccessSettings(api_key="s3cret")))) as url:
         with pytest.raises(openai.AuthenticationError) as e:
             OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         assert e.value.body["code"] == "invalid_api_key"
@@ -320,7 +320,7 @@ def test_cli_serve(tiny_export, tiny_adapters):
 
 def test_bodies_over_the_limit_are_refused(tiny_export):
     engine = Engine.load(tiny_export("llama"))
-    with running(create_app(engine, model_name="tiny", max_body_bytes=1000)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", max_body_bytes=1000))) as url:
         big = json.dumps({"model": "tiny", "prompt": "x" * 2000})
         r = httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -365,7 +365,7 @@ def test_a_full_queue_answers_503_and_the_others_go_on(default_export):
     """max_batch 1 and max_waiting 1 on the real model (seconds per request): a third concurrent
     request is refused with 503 and Retry-After; the two admitted ones finish."""
     engine = Engine.load(default_export)
-    app = create_app(engine, max_batch=1, max_waiting=1)
+    app = create_app(engine, ServerSettings(max_batch=1, max_waiting=1))
     server = app.state.server
     body = {"model": server.model_name, "prompt": "Once", "max_tokens": 40, "ignore_eos": True}
     with running(app) as url, ThreadPoolExecutor(2) as pool:
@@ -392,8 +392,8 @@ def test_a_load_over_the_kv_cache_budget_waits_and_an_impossible_request_is_a_40
     plain = Engine.load(tiny_export("llama"))
     need = max(len(plain.encode(p)) for p in PROMPTS) + 24
     budget_mb = 2 * need * slot_bytes(plain.manifest) / 2**20
-    engine = Engine.load(tiny_export("llama"), cache=CacheSettings(budget_mb=budget_mb))
-    app = create_app(engine, model_name="tiny", max_batch=8)
+    engine = Engine.load(tiny_export("llama"), cache_settings=CacheSettings(budget_mb=budget_mb))
+    app = create_app(engine, ServerSettings(model_name="tiny", max_batch=8))
     with running(app) as url:
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         jobs = [PROMPTS[i % 4] for i in range(8)]
@@ -409,3 +409,26 @@ def test_a_load_over_the_kv_cache_budget_waits_and_an_impossible_request_is_a_40
     assert 0 < float(line.split()[1]) <= budget_mb * 2**20
     assert app.state.server.scheduler.cache.rows <= 2
     engine.close()
+
+
+def test_context_length_errors_name_the_requests_field(served, client):
+    """Over the context, the 400 names the field the request sent (`max_tokens`, or chat's
+    `max_completion_tokens`) in `param` and in the message; the library keeps its `max_new_tokens`."""
+    engine = served[0]
+    too_many = engine.context_limit
+    calls = {"max_tokens": lambda: client.completions.create(model="prefix", prompt="x", max_tokens=too_many),
+             "max_completion_tokens": lambda: client.chat.completions.create(
+                 model="tiny", messages=[{"role": "user", "content": "x"}], max_completion_tokens=too_many)}
+    for field, call in calls.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        body = e.value.body
+        assert (body["code"], body["param"]) == ("context_length_exceeded", field)
+        assert f"plus {field} ({too_many})" in body["message"] and "max_new_tokens" not in body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # chat's max_tokens: named as sent
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=too_many)
+    assert e.value.body["param"] == "max_tokens" and f"max_tokens ({too_many})" in e.value.body["message"]
+    from prefixport.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match=rf"plus max_new_tokens \({too_many}\)"):
+        engine.prepare("x", max_new_tokens=too_many)

@@ -105,7 +105,7 @@ def test_sampled_rows_give_their_seeds_tokens(engine, method):
 
 
 def test_bad_methods_and_drafts_are_refused(engine, tiny_export, tmp_path):
-    with pytest.raises(InputError, match="speculative must be one of"):
+    with pytest.raises(InputError, match="speculative must be None or one of"):
         engine.generate(PROMPTS[0], speculative="medusa")
     plain = Engine.load(tiny_export("llama"))
     with pytest.raises(InputError, match="needs a draft export"):
@@ -133,10 +133,10 @@ def test_bad_methods_and_drafts_are_refused(engine, tiny_export, tmp_path):
 @pytest.mark.parametrize("method", ["prompt-lookup", "draft"])
 def test_the_scheduler_speculates_while_the_batch_is_small(engine, method):
     """Every request of a speculating scheduler gives its plain tokens: alone (speculating), in a
-    batch of two (each row alone, speculating), above `speculate_rows` (decoding normally); a stop
+    batch of two (each row alone, speculating), above `speculate_max_batch` (decoding normally); a stop
     string inside an accepted run ends it there, streamed events carry several tokens."""
     want = [engine.generate(p, max_new_tokens=24, stop_token_ids=[]) for p in PROMPTS]
-    with Scheduler(engine, speculative=method, speculate_rows=2) as scheduler:
+    with Scheduler(engine, speculative=method, speculate_max_batch=2) as scheduler:
         before = passes(engine, method)
         ticket = scheduler.submit(PROMPTS[0], max_new_tokens=24, stop_token_ids=[])
         events = list(ticket.events())
@@ -157,12 +157,12 @@ def test_a_speculating_server_streams_the_plain_tokens(engine, tiny_export, int8
     where proposals were kept) join to the plain text, with a stop string; /metrics counts passes."""
     import httpx
 
-    from prefixport.server import create_app
+    from prefixport.server import ServerSettings, create_app
 
     from .helpers import running
 
     served = Engine.load(tiny_export("llama"), draft=int8_draft)
-    app = create_app(served, model_name="tiny", adapters_dir=tmp_path, speculative="draft")
+    app = create_app(served, ServerSettings(model_name="tiny", adapters_dir=tmp_path, speculative="draft"))
     want = engine.generate(PROMPTS[1], max_new_tokens=24, chat=False)
     stop = engine.tokenizer.decode(want.token_ids[9:12])
     cut = engine.generate(PROMPTS[1], max_new_tokens=24, chat=False, stop=[stop])

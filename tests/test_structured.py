@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from prefixport.errors import SchemaError
 from prefixport.runtime import Engine
-from prefixport.server import create_app
+from prefixport.server import ServerSettings, create_app
 
 from .helpers import running
 
@@ -82,7 +82,7 @@ def test_bad_schemas_are_refused_before_any_work(engine):
 @pytest.fixture(scope="module")
 def url(engine, tmp_path_factory):
     folder = tmp_path_factory.mktemp("structured-adapters")
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, register_adapters=False)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder), register_adapters=False)) as url:
         yield url
 
 
@@ -143,7 +143,7 @@ def test_the_default_model_fills_a_schema_through_the_clients(default_export, tm
 
     engine = Engine.load(default_export)
     shutil.rmtree(tmp_path / "adapters", ignore_errors=True)
-    with running(create_app(engine, model_name="smol", register_adapters=False)) as base:
+    with running(create_app(engine, ServerSettings(model_name="smol"), register_adapters=False)) as base:
         client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         text = "Extract the person as JSON: Alice is 30 years old and lives in Paris."
         r = client.chat.completions.parse(model="smol", messages=[{"role": "user", "content": text}],

@@ -23,7 +23,7 @@ from openai import OpenAI
 
 from prefixport.errors import PrefixportError
 from prefixport.runtime import Engine
-from prefixport.server import create_app
+from prefixport.server import ServerSettings, create_app
 from prefixport.server.tenants import Access, KeyRing, digest, parse_keys
 
 from .conftest import ADAPTER_VARIANTS
@@ -70,7 +70,7 @@ def tenants(tiny_export, tiny_adapters, tmp_path_factory):
     keys_file.write_text(KEYS_FILE)
     engine = Engine.load(tiny_export("llama"), threads=1)
     access = Access(KeyRing(keys_file), adapter_admin=True)
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder), access=access)) as url:
         yield engine, url, keys_file, folder
     engine.close()
 
@@ -140,7 +140,7 @@ def test_adapter_admin_needs_an_admin_key_and_is_audited(tenants, audited, tiny_
     assert not any(k in json.dumps(e) for e in audited for k in KEYS.values())  # ids, never keys
 
     # off unless enabled: even an admin key (or, without keys, anyone) gets 403
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, register_adapters=False)) as bare:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder), register_adapters=False)) as bare:
         r = httpx.post(bare + "/v1/adapters", json={"name": "fresh"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "adapter_admin_disabled"
         assert httpx.get(bare + "/metrics").status_code == 200  # open unless private_ops
@@ -259,7 +259,7 @@ def test_bad_keys_files_are_refused_naming_the_entry(tmp_path):
 def test_private_metrics_and_a_shared_prompt_cache(tenants):
     engine, _, keys_file, folder = tenants
     access = Access(KeyRing(keys_file), private_ops=True, shared_prompt_cache=True)
-    with running(create_app(engine, model_name="tiny", adapters_dir=folder, access=access)) as url:
+    with running(create_app(engine, ServerSettings(model_name="tiny", adapters_dir=folder), access=access)) as url:
         for path in ("/metrics", "/health"):
             assert httpx.get(url + path).status_code == 401
             assert httpx.get(url + path, headers={"Authorization": f"Bearer {KEYS['acme']}"}).status_code == 403

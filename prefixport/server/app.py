@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -21,69 +20,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import (AdapterError, BusyError, ContextLengthError, InputError, NumericsError, PrefixportError,
-                      SchemaError)
+from ..errors import ContextLengthError, PrefixportError
 from ..runtime import Engine, GenerationResult, Scheduler, Ticket, TokenLogprob
-from ..runtime.scheduler import DEFAULT_PREFILL_BUDGET
 from ..runtime.generation import RowRequest
 from .metrics import Metrics
-from .middleware import DEFAULT_MAX_BODY_BYTES, CountRequests, LimitBody, PenaltyBox
-from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest, LimitError,
-                       RequestLimits, chat_logprobs, cached_tokens, completion_logprobs, error_body, new_id, usage)
-from .tenants import OPEN, Access, Key, KeyRing, Quotas, audit
+from .middleware import CountRequests, LimitBody, PenaltyBox
+from .protocol import (AdapterLoad, ApiError, ChatRequest, CompletionRequest, Envelope, GenerationRequest,
+                       chat_logprobs, cached_tokens, completion_logprobs, error_body, usage)
+from .responses import (as_api_error, check_supported, context_error, error_response, invalid_body, model_not_found,
+                        render_sse)
+from .settings import ServerSettings
+from .tenants import OPEN, Access, Key, Quotas, audit
 from .tokenizing import tokenizer_router
 
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-
-
-def as_api_error(e: Exception) -> ApiError:
-    """Any error as the API error it is answered with: the library's errors by kind (input: 400,
-    context length: 400 `context_length_exceeded`, a bound of `RequestLimits`: 400 `limit_exceeded`,
-    busy: 503, ...), anything else a 500 that says "internal error" and a request id, the detail
-    logged under that id (never in the body)."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, LimitError):
-        return ApiError(400, str(e), param=e.param, code=e.code)
-    if isinstance(e, NumericsError):
-        return ApiError(500, str(e), "server_error", code="non_finite_logits")
-    if isinstance(e, ContextLengthError):
-        return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
-    if isinstance(e, SchemaError):
-        return ApiError(400, str(e), param="response_format")
-    if isinstance(e, (InputError, AdapterError)):
-        return ApiError(400, str(e))
-    if isinstance(e, BusyError):
-        return ApiError(503, str(e), "server_error", code="overloaded")
-    if isinstance(e, PrefixportError):
-        return ApiError(503, str(e), "server_error", code="unavailable")
-    request_id = new_id("req")
-    log.error("internal error (request id %s)", request_id, exc_info=e)
-    return ApiError(500, f"internal error (request id {request_id}); the server's log has the detail", "server_error",
-                    code="internal_error", headers={"X-Request-Id": request_id, "Connection": "close"})
-    # (Connection: close, since Starlette re-raises the exception after this answer and the server
-    # then drops the connection: a client that kept it alive would lose its next request.)
-
-
-def invalid_body(errors: list[dict]) -> ApiError:
-    """pydantic's validation errors as one 400 error naming the first bad field."""
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":  # its loc is [body, character offset], not a field
-        at = first.get("loc", ("body", "?"))[-1]
-        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-        return ApiError(400, f"the request body is not valid JSON: {reason} at character {at}", code="invalid_json")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
-
-
-def check_supported(body: GenerationRequest, limits: RequestLimits = RequestLimits()) -> None:
-    """400 for the first field set to something prefixport cannot do (tools, penalties, ...) or
-    over one of `limits` (stop strings, choices, schema size): before any work."""
-    for name, reason in body.unsupported().items():
-        raise ApiError(400, reason, param=name, code="unsupported_parameter")
-    limits.check(body)
 
 
 @dataclass
@@ -126,18 +78,15 @@ class Server:
     """State behind the routes: the engine, its scheduler, metrics, the adapters folder, the
     bounds on one request (`limits`)."""
 
-    def __init__(self, engine: Engine, model_name: str | None = None, adapters_dir: str | Path | None = None,
-                 max_batch: int = 8, access: Access | None = None, prefill_budget: int = DEFAULT_PREFILL_BUDGET,
-                 max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
-                 speculative: str | None = None, speculate_rows: int | None = None) -> None:
-        self.engine, self.limits = engine, limits
+    def __init__(self, engine: Engine, settings: ServerSettings = ServerSettings(), access: Access | None = None) -> None:
+        self.engine, self.settings, self.limits = engine, settings, settings.limits
         self.access, self.quotas = access or Access(), Quotas()
-        self.model_name = model_name or default_model_name(engine)
-        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
+        self.model_name = settings.model_name or default_model_name(engine)
+        self.adapters_dir = Path(settings.adapters_dir).resolve() if settings.adapters_dir is not None else None
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting,
-                                   on_step=self.metrics.batch_size.observe, speculative=speculative,
-                                   speculate_rows=speculate_rows)
+        self.scheduler = Scheduler(engine, settings.max_batch, settings.prefill_budget, settings.max_waiting,
+                                   on_step=self.metrics.batch_size.observe, speculative=settings.speculative,
+                                   speculate_max_batch=settings.speculate_max_batch)
         self.metrics.watch(engine, self.scheduler)
         self.fingerprint = f"prefixport-{engine.manifest.fingerprint[:12]}"
         self.created = int(time.time())
@@ -159,8 +108,7 @@ class Server:
             return None
         if key.may_use(model) and model in self.engine.adapters:
             return model
-        raise ApiError(404, f"The model `{model}` does not exist (the models: {', '.join(self.visible(key)) or 'none'})",
-                       param="model", code="model_not_found")
+        raise model_not_found(model, self.visible(key))
 
     def check(self, body: GenerationRequest, key: Key = OPEN) -> str | None:
         """Refuse what prefixport cannot do or what is over the limits; the adapter the request
@@ -226,9 +174,11 @@ class Server:
                     tickets.append(self.scheduler.submit(prompt, adapter=adapter, max_new_tokens=limit,
                                                          stop=body.stops(), logprobs=body.top_logprobs_asked(),
                                                          cache_salt=salt, tenant=tenant, **body.sampling(choice)))
-        except Exception:
+        except Exception as e:
             for t in tickets:
                 t.cancel()
+            if isinstance(e, ContextLengthError):
+                raise context_error(e, body) from e
             raise
         return tickets
 
@@ -254,9 +204,13 @@ class Server:
             for t in tickets:
                 t.cancel()
 
-    async def stream(self, job: Job, include_usage: bool, model: str) -> AsyncIterator[str]:
-        """Server-sent events: the echoed prompts, a chunk per text delta (or token, with logprobs)
-        per choice, the usage, then [DONE]."""
+    def stream(self, job: Job, include_usage: bool, model: str) -> AsyncIterator[str]:
+        """Server-sent events of `events`: the usage chunk only if `include_usage`, then [DONE]."""
+        return render_sse(self.events(job, model), include_usage)
+
+    async def events(self, job: Job, model: str) -> AsyncIterator[dict[str, Any]]:
+        """A streamed request's event objects: the echoed prompts, a chunk per text delta (or
+        token, with logprobs) per choice, and the usage chunk; or an error object, last."""
         envelope, n = job.envelope, job.body.n
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -274,13 +228,13 @@ class Server:
             for i in range(choices) if echoes else ():
                 echo, finish = echoes[i // n], None if job.tickets else "length"
                 logprobs = self.choice_logprobs(job, echo.ids, echo.logprobs)
-                yield _sse(envelope.chunk([envelope.choice(i, echo.text, finish, stream=True, logprobs=logprobs)]))
+                yield envelope.chunk([envelope.choice(i, echo.text, finish, stream=True, logprobs=logprobs)])
                 first[i], offsets[i] = False, sum(len(self.token_text(t)) for t in echo.ids)
             left = len(job.tickets)
             while left:
                 index, ticket, event = await queue.get()
                 if event.error is not None:
-                    yield _sse(as_api_error(event.error).body)
+                    yield as_api_error(event.error).body
                     return
                 result = event.result
                 if event.text or event.logprobs or result is not None or first[index]:
@@ -288,7 +242,7 @@ class Server:
                     logprobs = self.choice_logprobs(job, event.token_ids, event.logprobs, offsets[index])
                     choice = envelope.choice(index, event.text, finish, first=first[index], stream=True,
                                              logprobs=logprobs)
-                    yield _sse(envelope.chunk([choice]))
+                    yield envelope.chunk([choice])
                     first[index] = False
                     offsets[index] += len("".join(map(self.token_text, event.token_ids)))
                 if result is not None:
@@ -296,10 +250,7 @@ class Server:
                     results[index] = result
                     completion_tokens += len(result.token_ids)
                     self.metrics.finished(model, ticket, result)
-            if include_usage:
-                cached = cached_tokens(results, n)
-                yield _sse(envelope.chunk([], usage(prompt_tokens, completion_tokens, cached)))
-            yield "data: [DONE]\n\n"
+            yield envelope.chunk([], usage(prompt_tokens, completion_tokens, cached_tokens(results, n)))
         finally:  # the client may have gone: its rows leave the batch
             for t in job.tickets:
                 t.cancel()
@@ -409,33 +360,14 @@ class Server:
         return names
 
 
-def _error_response(e: ApiError) -> JSONResponse:
-    headers = e.headers or ({"Retry-After": "1"} if e.status == 503 else None)
-    return JSONResponse(e.body, status_code=e.status, headers=headers)
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: str | Path | None = None,
-               max_batch: int = 8, api_key: str | None = None, access: Access | None = None,
-               prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_waiting: int | None = 256, limits: RequestLimits = RequestLimits(),
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, register_adapters: bool = True, speculative: str | None = None,
-               speculate_rows: int | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`. With `register_adapters`, every bundle in `adapters_dir` is
-    registered now, named after its file. `access` says who may call it (keys, adapter admin,
-    private /metrics, a shared prompt cache: `tenants.Access`); `api_key` is its short form, one
-    admin key required on /v1/*. `max_batch`, `prefill_budget`, `max_waiting` (more: 503),
-    `speculative` and `speculate_rows` go to the `Scheduler`; a request is held to `limits`
-    (completions, stop strings, schema size: `protocol.RequestLimits`) and its body to
-    `max_body_bytes` (413)."""
-    if access is None:
-        access = Access(KeyRing(api_key=api_key))
-    elif api_key is not None:
-        raise PrefixportError("give create_app an api_key or an access, not both")
-    server = Server(engine, model_name, adapters_dir, max_batch, access, prefill_budget, max_waiting, limits,
-                    speculative, speculate_rows)
+def create_app(engine: Engine, settings: ServerSettings = ServerSettings(), *, access: Access | None = None,
+               register_adapters: bool = True) -> FastAPI:
+    """The FastAPI app serving `engine` as `settings` say (batching, speculation, limits, body
+    size, who may call it: `ServerSettings`). With `register_adapters`, every bundle in the
+    adapters folder is registered now, named after its file. `access` is the one the settings
+    describe, made by the caller (who keeps it to reload its keys); by default made here."""
+    access = access or settings.access.build()
+    server = Server(engine, settings, access)
     if register_adapters:
         server.register_folder()
 
@@ -448,26 +380,22 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
     app.state.server = server
 
     def authorize(request: Request) -> Key:
-        return access.keys.authenticate(request.headers.get("authorization", ""))
+        return access.authorize(request.headers.get("authorization", ""))
 
     def operator(request: Request) -> None:
-        if access.ops_private:
-            key = authorize(request)
-            if not key.admin:
-                raise ApiError(403, "/metrics and /health need an admin key on this server", "permission_error",
-                               code="permission_denied")
+        access.check_operator(request.headers.get("authorization", ""))
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(PrefixportError)
     async def library_error(_: Request, e: PrefixportError) -> JSONResponse:
-        return _error_response(as_api_error(e))
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(invalid_body(list(e.errors())))
+        return error_response(invalid_body(list(e.errors())))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -475,10 +403,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, adapters_dir: s
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception) -> JSONResponse:
-        return _error_response(as_api_error(e))
+        return error_response(e)
 
     app.add_middleware(CountRequests, metrics=server.metrics)
-    app.add_middleware(LimitBody, limit=max_body_bytes)
+    app.add_middleware(LimitBody, limit=settings.max_body_bytes)
     app.add_middleware(PenaltyBox, access=access)  # added last: runs first, before any body is read
 
     v1 = [Depends(authorize)]

@@ -311,6 +311,10 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable as it is (a Ray replica's error reaches the ingress whole)
+        error = self.body["error"]
+        return ApiError, (self.status, error["message"], error["type"], error["param"], error["code"], self.headers)
+
 
 def completion_logprobs(ids: Sequence[int], entries: Sequence[TokenLogprob | None], top: int,
                         text_of: Callable[[int], str], offset: int = 0) -> dict[str, list]:

@@ -311,6 +311,17 @@ class Access:
         """Whether /metrics and /health need an admin key."""
         return self.private_ops if self.private_ops is not None else self.keys.path is not None
 
+    def authorize(self, authorization: str) -> Key:
+        """The key a request's `Authorization` header presents (401 where keys are required and it
+        presents none that is valid): the one key check of the server and the Ray ingress."""
+        return self.keys.authenticate(authorization)
+
+    def check_operator(self, authorization: str) -> None:
+        """For /metrics and /health: 403 unless they are public or the header presents an admin key."""
+        if self.ops_private and not self.authorize(authorization).admin:
+            raise ApiError(403, "/metrics and /health need an admin key on this server", "permission_error",
+                           code="permission_denied")
+
     def salt(self, key: Key, cache_salt: str | None) -> str:
         """The prompt-cache salt of a request by `key` with the body's `cache_salt`."""
         return (cache_salt or "") if self.shared_prompt_cache else f"{key.id}\x1f{cache_salt or ''}"
