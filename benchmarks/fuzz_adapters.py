@@ -2,20 +2,31 @@
 folders) fed malformed, lying and hostile inputs, every outcome counted.
 
 Cases are mutations of real seeds: the bundles and PEFT checkpoints of a tiny random Llama export
-(built here unless given, see below). They are made by benchmarks/fuzz_cases.py, whose docstring
-lists the families (header length, header JSON, offsets, shapes, dtypes, values, truncation,
-metadata, tensors, random bytes, byte flips, pickles; PEFT configs, weights, pickles, layouts, and
-the unchanged seeds). Case i of seed S is made from `random.Random(f"{S}:{i}")` alone, so
-`--replay S:i` rebuilds and reruns it.
+and of the same model exported with --lora (built here unless given, see below). They are made by
+benchmarks/fuzz_cases.py, whose docstring lists the families (header length, header JSON, offsets,
+shapes, dtypes, values, truncation, metadata, tensors, random bytes, byte flips, pickles; PEFT
+configs, weights, pickles, layouts; LoRA and IA3 bundles and checkpoints; and the unchanged seeds).
+Case i of seed S is made from `random.Random(f"{S}:{i}")` alone, so `--replay S:i` rebuilds and
+reruns it.
 
 Each case runs `load_bundle(path, manifest)` (15% without the manifest) or `convert(dir, manifest,
-task=...)` in a worker subprocess (benchmarks/fuzz_worker.py) and is classified:
+task=...)` in a worker subprocess (benchmarks/fuzz_worker.py) and is classified. The manifest is the
+--lora export's for a case made from a LoRA or IA3 seed (or a checkpoint relabelled LORA or IA3),
+except the `plain_export` sub-kind's, which must be refused; else the plain export's.
 
   ok          accepted; then checked independently of the reader: complete string metadata, known
-              kind/version/dtype, n_virtual >= 1 and equal to the tensors' dimension, tensor names
-              and shapes of the kind (and of this export, with the manifest), one float dtype, all
-              finite, `check_bundle`/`check_fits` pass, a save/load round trip is identical; a
-              converted unchanged seed equals its seed bundle. A failed check: `bad_accept`.
+              kind/version/dtype, n_virtual >= 1 and equal to the tensors' dimension (0 for lora and
+              ia3), tensor names and shapes of the kind (and of this export, with the manifest), one
+              float dtype, all finite, `check_bundle`/`check_fits` pass, a save/load round trip is
+              identical; a converted unchanged seed equals its seed bundle (rank, scalings and
+              feedforward too). lora: an A [r, in] and B [out, r] per module, r >= 1, one in/out per
+              path, `rank` the largest r, one scaling per module, finite with s·B finite in float32;
+              with the manifest: modules, layers, dims and r <= max rank the export takes. ia3: one
+              vector [dim >= 1] per module, `feedforward` a list of its paths; with the manifest: the
+              export's IA3 modules, on the side and of the length it takes. A converted LORA/IA3
+              checkpoint holds exactly its lora_A / lora_B / ia3_l tensors one for one (read here
+              with safetensors), and each scaling is alpha / r (or / sqrt(r)) for lora_alpha or an
+              alpha_pattern value and r or a rank_pattern value. A failed check: `bad_accept`.
   error       a PrefixportError with a non-empty message (the wanted outcome for a broken input)
   crash       any other exception, an empty message, or the worker died (reproducer kept)
   hang        no answer within --timeout seconds: the worker is killed and restarted
@@ -30,18 +41,29 @@ common error messages; overall: the worker's peak RSS, restarts, and for every c
 or bad_accept case a reproducer (seed:index, description, traceback) with its files copied under
 OUT/reproducers/.
 
-Seeds: `--export DIR --seeds DIR` reuse an export and a folder of bundles (*.safetensors) with the
-PEFT checkpoints they came from under peft/<variant>/ (the layout of the tests' tiny_adapters
-fixture; a bundle named <variant>.safetensors or <variant>-task<T>.safetensors is the expected
-conversion of that checkpoint). Otherwise the seeds are built into --work (default: a temp folder,
-removed after): a tiny random Llama (tests/tiny_models.py) exported with `export_model`, every PEFT
-variant of tests/peft_helpers.py trained two steps and converted, and the soft prompt baked into a
-prefix. Building needs the `export` extra (torch, transformers, peft) and about a minute; the fuzzing
+Seeds: `--export DIR --seeds DIR [--lora-export DIR]` reuse an export and a folder of bundles
+(*.safetensors) with the PEFT checkpoints they came from under peft/<variant>/ (the layout of the
+tests' tiny_adapters fixture; a bundle named <variant>.safetensors or <variant>-task<T>.safetensors
+is the expected conversion of that checkpoint); the LoRA and IA3 seeds among them (bundles of kind
+lora or ia3, LORA or IA3 checkpoints) need --lora-export, the same model exported with --lora, which
+they were converted for. Otherwise the seeds are built into --work (default: a temp folder, removed
+after), laid out as
+
+    WORK/model/          a tiny random Llama (tests/tiny_models.py)
+    WORK/export/         it, exported with `export_model`
+    WORK/export-lora/    it, exported with `export_model(..., lora=LoraOptions())` (`--lora`)
+    WORK/seeds/peft/<variant>/         every PEFT variant of tests/peft_helpers.py, trained two steps
+    WORK/seeds/<variant>.safetensors   each converted: the prompt and prefix variants for export/
+                                       (multitask as multitask-task1), the WEIGHT_VARIANTS (lora-all,
+                                       lora-qv-rs, lora-attn-r4, ia3) for export-lora/
+    WORK/seeds/prompt-baked.safetensors  the soft prompt baked into a prefix
+
+Building needs the `export` extra (torch, transformers, peft) and about two minutes; the fuzzing
 itself needs only numpy and safetensors.
 
     python -m benchmarks.fuzz_adapters [--cases 10000] [--seed 0] [--timeout 5] [--memory-gb 3] \\
-        [--export DIR --seeds DIR | --work DIR] [--out benchmarks/results/fuzz_adapters]
-    python -m benchmarks.fuzz_adapters --replay SEED:INDEX --export DIR --seeds DIR   # in this process
+        [--export DIR --seeds DIR [--lora-export DIR] | --work DIR] [--out benchmarks/results/fuzz_adapters]
+    python -m benchmarks.fuzz_adapters --replay SEED:INDEX --work DIR   # (or --export/--seeds/--lora-export)
 
 Writes OUT/fuzz_adapters.json and OUT/fuzz_adapters.md (runs of fewer than 10,000 cases:
 fuzz_adapters_short.*, so a smoke run never overwrites the figures); prints the table, then one
@@ -73,17 +95,18 @@ FULL_RUN = 10_000
 KEEP_REPRODUCERS = 50  # case folders copied; all failures are listed in the JSON
 
 
-def build_seeds(work: Path, arch: str = "llama", say: Callable[[str], None] = print) -> tuple[Path, Path]:
-    """A tiny random `arch` model, exported; every PEFT variant trained two steps and converted."""
-    export, seeds = work / "export", work / "seeds"
-    if (export / mf.MANIFEST_NAME).is_file() and (seeds / "peft").is_dir():
+def build_seeds(work: Path, arch: str = "llama", say: Callable[[str], None] = print) -> tuple[Path, Path, Path]:
+    """A tiny random `arch` model, exported twice (plain, and with --lora); every PEFT variant trained
+    two steps and converted (the LoRA and IA3 ones for the --lora export): (export, seeds, lora export)."""
+    export, seeds, lora_export = work / "export", work / "seeds", work / "export-lora"
+    if all((d / mf.MANIFEST_NAME).is_file() for d in (export, lora_export)) and (seeds / "peft").is_dir():
         say(f"reusing the seeds in {work}")
-        return export, seeds
+        return export, seeds, lora_export
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefixport.adapters import convert_checkpoint, convert_for_export, save_bundle
-    from prefixport.exporter import export_model
+    from prefixport.exporter import LoraOptions, export_model
     from prefixport.runtime import Engine
     from tests import peft_helpers as ph
     from tests import tiny_models
@@ -92,7 +115,7 @@ def build_seeds(work: Path, arch: str = "llama", say: Callable[[str], None] = pr
     model_dir = tiny_models.build(arch, work / "model")
     export_model(export, model=str(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir)
-    for variant in ph.PROMPT_VARIANTS:  # the seeds' export takes no LoRA/IA3 (not fuzzed yet)
+    for variant in ph.PROMPT_VARIANTS:
         say(f"  PEFT {variant}: training two steps, converting ...")
         ph.train(AutoModelForCausalLM.from_pretrained(model_dir), variant, tok, seeds / "peft" / variant, steps=2)
         task = 1 if variant == "multitask" else None
@@ -104,13 +127,38 @@ def build_seeds(work: Path, arch: str = "llama", say: Callable[[str], None] = pr
     finally:
         engine.close()
     save_bundle(baked, seeds / "prompt-baked.safetensors")
-    return export, seeds
+    say("  exported again with --lora ...")
+    export_model(lora_export, model=str(model_dir), lora=LoraOptions())
+    add_weight_seeds(model_dir, lora_export, seeds, say)
+    return export, seeds, lora_export
+
+
+def add_weight_seeds(model_dir: Path, lora_export: Path, seeds: Path, say: Callable[[str], None] = print) -> None:
+    """The LoRA and IA3 seeds: each weight variant of tests/peft_helpers.py (WEIGHT_VARIANTS) trained
+    two steps on the model in `model_dir` into seeds/peft/<variant>/, converted for `lora_export`
+    (the model exported with --lora) into seeds/<variant>.safetensors."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefixport.adapters import convert_checkpoint
+    from tests import peft_helpers as ph
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)  # left as it was: a LoRA or IA3 wraps a copy
+    for variant in ph.WEIGHT_VARIANTS:
+        say(f"  PEFT {variant}: training two steps, converting for the --lora export ...")
+        ph.train(base, variant, tok, seeds / "peft" / variant, steps=2)
+        convert_checkpoint(seeds / "peft" / variant, lora_export, name=variant, out=seeds / f"{variant}.safetensors")
 
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def _normalize(message: str, case_dir: Path) -> str:
+def _normalize(message: str, case_dir: Path, sources: tuple[str, ...] = ()) -> str:
+    """An error message as tallied: the case folder CASE, the exports' model (quoted by some messages)
+    SOURCE, numbers N."""
     message = message.replace(str(case_dir), "CASE")
+    for source in sources:
+        message = message.replace(source, "SOURCE")
     message = re.sub(r"\d+", "N", message)
     return message[:160]
 
@@ -127,11 +175,13 @@ def run_fuzz(seeds: Seeds, cases: int, seed: int = 0, timeout: float = 5.0, memo
     payload_ok = check_payload(work)
     harness = selftest(seeds.export, memory_gb, work / "selftest.log")
     case_dir = work / "case"
-    worker = Worker(seeds.export, memory_gb, work / "worker.log")
+    worker = Worker(seeds.export, memory_gb, work / "worker.log", seeds.lora_export)
     families: dict[str, dict[str, Any]] = {
         name: {"what": what, "cases": 0, **{o: 0 for o in OUTCOMES}, "slowest_s": 0.0, "slowest": None,
                "kinds": Counter(), "messages": Counter()} for name, (_, _, what) in FAMILIES.items()}
     failures: list[dict[str, Any]] = []
+    lora_outcomes: Counter[str] = Counter()  # the cases checked against the --lora export
+    sources = tuple(m.source for m in (seeds.manifest, seeds.lora_manifest) if m is not None and len(m.source) > 3)
     peak_kb, peak_case, pickle_cases, marker_cases = 0, None, 0, []
     began = time.perf_counter()
     last_say = began
@@ -152,10 +202,12 @@ def run_fuzz(seeds: Seeds, cases: int, seed: int = 0, timeout: float = 5.0, memo
             fam["cases"] += 1
             fam[outcome] += 1
             fam["kinds"][(case.kind, outcome)] += 1
+            if case.lora_export:
+                lora_outcomes[outcome] += 1
             if res.get("seconds") and res["seconds"] > fam["slowest_s"]:
                 fam["slowest_s"], fam["slowest"] = res["seconds"], f"{seed}:{index} {case.desc}"[:200]
             if outcome == "error":
-                fam["messages"][_normalize(res["message"], case_dir)] += 1
+                fam["messages"][_normalize(res["message"], case_dir, sources)] += 1
             if res.get("rss_kb", 0) > peak_kb:
                 peak_kb, peak_case = res["rss_kb"], f"{seed}:{index} {case.family} {case.desc}"[:200]
             if marker.exists():
@@ -163,7 +215,8 @@ def run_fuzz(seeds: Seeds, cases: int, seed: int = 0, timeout: float = 5.0, memo
                 marker.unlink()
             if outcome in FAILURES:
                 failure = {"case": f"{seed}:{index}", "family": case.family, "desc": case.desc,
-                           "target": case.target, "manifest": case.manifest, "task": case.task, "outcome": outcome,
+                           "target": case.target, "manifest": case.manifest, "lora_export": case.lora_export,
+                           "task": case.task, "outcome": outcome,
                            **{k: res.get(k) for k in ("error_type", "message", "problems", "traceback")}}
                 failures.append(failure)
                 if reproducers is not None and len(failures) <= KEEP_REPRODUCERS:
@@ -204,6 +257,8 @@ def run_fuzz(seeds: Seeds, cases: int, seed: int = 0, timeout: float = 5.0, memo
                   "references": {k: Path(v[0]).name for k, v in seeds.references.items()}},
         "manifest": {k: getattr(seeds.manifest, k) for k in ("architecture", "num_layers", "num_kv_heads", "head_dim",
                                                               "hidden_size", "dtype")},
+        "lora_export": (seeds.lora_manifest.weight_adapters if seeds.lora_manifest else None),
+        "lora_export_cases": {"cases": sum(lora_outcomes.values()), **{o: lora_outcomes[o] for o in OUTCOMES}},
         "seconds_fuzzing": time.perf_counter() - began,
     }
 
@@ -216,11 +271,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Fuzzing the adapter readers: {t['cases']:,} cases", "",
         f"Mutations of real seeds ({len(result['seeds']['bundles'])} bundles, {len(result['seeds']['peft'])} PEFT "
         f"checkpoints of a tiny {man['architecture']} export: {man['num_layers']} layers, {man['num_kv_heads']} KV "
-        f"heads, head dim {man['head_dim']}, hidden {man['hidden_size']}) fed to `load_bundle(path, manifest)` and "
-        f"`convert(dir, manifest)`, each case in a worker process capped at {result['memory_cap_gb']:g} GiB of "
+        f"heads, head dim {man['head_dim']}, hidden {man['hidden_size']}{_lora_words(result['lora_export'])}) fed to "
+        f"`load_bundle(path, manifest)` and `convert(dir, manifest)`, each case in a worker process capped at {result['memory_cap_gb']:g} GiB of "
         f"address space (RLIMIT_AS) with a {result['timeout_s']:g} s watchdog. ok: accepted, then checked "
-        "independently (metadata, shapes of the kind and the export, finite, round trip, a converted seed equals its "
-        "bundle); error: a PrefixportError with a message; crash: any other exception or an empty message; "
+        "independently (metadata, shapes of the kind and the export, LoRA ranks, scalings and IA3 sides, finite, round "
+        "trip, a converted LoRA/IA3 holds exactly its checkpoint's tensors, a converted seed equals its bundle); error: a PrefixportError with a message; crash: any other exception or an empty message; "
         "bad accept: accepted but failing those checks. A case is named seed:index: `--replay seed:index` rebuilds it "
         "from the same seeds (a failing case's files are also kept under reproducers/).", "",
         "| family | what | cases | ok | error | crash | hang | memory | bad accept | slowest ms |",
@@ -232,6 +287,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| **all** | | **{t['cases']}** | **{t['ok']}** | **{t['error']}** | **{t['crash']}** | "
                  f"**{t['hang']}** | **{t['memory']}** | **{t['bad_accept']}** | "
                  f"{1000 * result['slowest_case']['seconds']:.1f} |")
+    lora = result["lora_export_cases"]
+    if lora["cases"]:
+        lines += ["", f"{lora['cases']:,} cases (from LoRA and IA3 seeds, in every family) were checked against the "
+                  f"--lora export: {lora['ok']:,} ok, {lora['error']:,} errors."]
     lines += ["", f"Pickles: {p['cases_with_a_payload']} cases carried a pickle whose unpickling writes a marker file "
               f"(the payload fires under pickle.loads: {'yes' if p['payload_fires_when_unpickled'] else 'NO'}); "
               f"marker written: {'**yes**, ' + ', '.join(p['marker_cases'][:5]) if p['marker_written'] else 'never'}.",
@@ -254,6 +313,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _lora_words(weights: dict[str, Any] | None) -> str:
+    """How the report names the --lora export the LoRA and IA3 seeds belong to."""
+    if not weights:
+        return ""
+    ia3 = ", ".join(f"{p} ({side})" for p, side in weights["ia3"].items())
+    return (f"; LoRA and IA3 seeds against the same model exported with --lora: LoRA up to rank {weights['max_rank']} "
+            f"on {len(weights['lora'])} modules per layer, IA3 on {ia3}")
+
+
 def replay(spec: str, seeds: Seeds) -> None:
     """Rebuild case SEED:INDEX and run it in this process (no worker, no cap), printing what happened."""
     seed, index = (int(x) for x in spec.split(":"))
@@ -263,8 +331,8 @@ def replay(spec: str, seeds: Seeds) -> None:
         marker = Path(tmp) / "PICKLE-WAS-EXECUTED"
         case = make_case(seed, index, seeds, case_dir, marker)
         print(f"case {spec}: {case.family}: {case.desc} ({case.target} {case.path}, manifest {case.manifest}, "
-              f"task {case.task})")
-        out = run_one(asdict(case), seeds.manifest)
+              f"--lora export {case.lora_export}, task {case.task})")
+        out = run_one(asdict(case), seeds.manifest, seeds.lora_manifest)
         print(json.dumps({k: v for k, v in out.items() if k != "traceback"}, indent=2))
         if out.get("traceback"):
             print(out["traceback"])
@@ -279,6 +347,8 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=3.0, help="the worker's address-space cap (0: none)")
     parser.add_argument("--export", type=Path, help="an export folder (with --seeds)")
     parser.add_argument("--seeds", type=Path, help="seed bundles *.safetensors and PEFT checkpoints peft/<variant>/")
+    parser.add_argument("--lora-export", type=Path, help="the same model exported with --lora (with --export: the "
+                                                          "LoRA and IA3 seeds')")
     parser.add_argument("--work", type=Path, help="build the seeds here and keep them (reused when present)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fuzz_adapters")
     parser.add_argument("--replay", metavar="SEED:INDEX", help="rebuild one case and run it in this process")
@@ -287,13 +357,15 @@ def main() -> None:
     tmp = None
     if (args.export is None) != (args.seeds is None):
         parser.error("--export and --seeds go together")
+    if args.lora_export is not None and args.export is None:
+        parser.error("--lora-export goes with --export and --seeds")
     if args.export is not None:
-        export, seeds_dir = args.export, args.seeds
+        export, seeds_dir, lora_export = args.export, args.seeds, args.lora_export
     else:
         work = args.work or Path(tmp := tempfile.mkdtemp(prefix="fuzz-seeds-"))
-        export, seeds_dir = build_seeds(work, say=say)
+        export, seeds_dir, lora_export = build_seeds(work, say=say)
     try:
-        seeds = load_seeds(export, seeds_dir)
+        seeds = load_seeds(export, seeds_dir, lora_export)
         if args.replay:
             replay(args.replay, seeds)
             return

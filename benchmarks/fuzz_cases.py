@@ -37,9 +37,37 @@ robin, `schedule`), so every family gets cases in a short run too. The families:
                       named adapter_model.safetensors or adapter_config.json, a pickle beside valid weights
   peft_layout         files missing, directories instead of files, symlinks to /dev/zero, FIFOs, dangling
                       links, the folder a file
+  bundle_lora         lora bundles: ranks above the export's max (or lowered consistently: acceptable), A
+                      and B ranks that disagree, rank 0, a module's A or B missing, target modules and
+                      layers the export lacks (also non-canonical layer numbers), in/out dims wrong or 0 in
+                      one layer or all, `scalings` that lie (missing, extra, NaN, Inf, negative, strings,
+                      10**400, beyond float32, nesting), NaN/Inf in A or B, s·B overflowing float32,
+                      dtypes, kind swapped, stray tensors, informational metadata (acceptable), and a valid
+                      one against the plain export (plain_export: refused)
+  bundle_ia3          ia3 bundles: vectors of the wrong length (one layer or all), not 1-d, on modules the
+                      export takes no IA3 on or lacks, `feedforward` moving a side or lying (not JSON, not
+                      a list, unknown paths, 100,000 deep), layers, NaN/Inf and extremes, dtypes, kind
+                      swapped, vectors dropped, stray tensors, plain_export
+  peft_lora           LORA checkpoints: use_dora (with magnitude vectors) / lora_bias (with B biases) and
+                      the other variants set (refused) or falsy (acceptable), rewriting inits, r lying or
+                      changed with the weights (0, above the max rank), rank_pattern / alpha_pattern
+                      (consistent, disagreeing, wrong types, invalid and catastrophically backtracking
+                      regexes), lora_alpha lies (0, negative, 1e300, 10**400, NaN), use_rslora,
+                      target_modules lying or weights on modules the export does not take (or outside
+                      the layers), fan_in_fan_out, layers out of range or aliased ("00" beside "0"),
+                      lora_A / lora_B missing or misshapen, NaN/Inf, extra tensors, trained biases,
+                      modules_to_save, dtypes, plain_export
+  peft_ia3            IA3 checkpoints: feedforward_modules a superset of target_modules, dropping or adding
+                      a target, as a regex (valid, invalid, catastrophic) or of a wrong type;
+                      target_modules lying; a vector on a module the export takes no IA3 on; vectors
+                      misshapen, missing, NaN/Inf or extreme; LoRA keys; modules_to_save; layers; dtypes;
+                      plain_export
+
+Cases made from a LoRA or IA3 seed (in any family) are checked against the seeds' --lora export
+(`Case.lora_export`); the others against the plain export.
 
 Also here: the seeds (`load_seeds`: a folder of bundles with the PEFT checkpoints they came from
-under peft/<variant>/), a safetensors byte codec (st_*: headers the safetensors library would not
+under peft/<variant>/, and the export made with --lora the LoRA and IA3 ones belong to), a safetensors byte codec (st_*: headers the safetensors library would not
 write), and a pickle whose unpickling writes a marker file (`check_payload` proves it fires).
 """
 
@@ -54,7 +82,7 @@ import random
 import re
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,7 +103,8 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "p
 
 @dataclass
 class Seeds:
-    """What the cases are made from: an export, its seed bundles and PEFT checkpoints (bytes)."""
+    """What the cases are made from: an export (and its `--lora` twin, which the LoRA and IA3 seeds
+    are checked against), its seed bundles and PEFT checkpoints (bytes)."""
 
     export: Path
     seeds_dir: Path
@@ -83,12 +112,38 @@ class Seeds:
     bundles: dict[str, bytes]  # name -> file bytes
     peft: dict[str, dict[str, bytes]]  # variant -> {file name: bytes} (top-level regular files)
     references: dict[str, tuple[str, int | None]]  # variant -> (bundle file, task) of its conversion
+    lora_export: Path | None = None  # the same model exported with --lora (None: no LoRA/IA3 seeds)
+    lora_manifest: mf.Manifest | None = None
+    kinds: dict[str, str] = field(default_factory=dict)  # bundle name -> its kind (metadata)
+    peft_types: dict[str, str] = field(default_factory=dict)  # variant -> its peft_type (config)
+
+    def is_weight_bundle(self, name: str) -> bool:
+        """A lora or ia3 seed bundle (checked against the --lora export)."""
+        return self.kinds.get(name) in WEIGHT_KINDS
+
+    def is_weight_peft(self, variant: str) -> bool:
+        """A LORA or IA3 seed checkpoint (converted against the --lora export)."""
+        return self.peft_types.get(variant) in WEIGHT_TYPES
+
+    def of_kind(self, *kinds: str) -> list[str]:
+        """The seed bundles of these kinds, sorted."""
+        return sorted(name for name, kind in self.kinds.items() if kind in kinds)
+
+    def of_type(self, *types: str) -> list[str]:
+        """The seed checkpoints of these peft_types, sorted."""
+        return sorted(name for name, t in self.peft_types.items() if t in types)
 
 
-def load_seeds(export: Path, seeds_dir: Path) -> Seeds:
+WEIGHT_KINDS = ("lora", "ia3")
+WEIGHT_TYPES = ("LORA", "IA3")
+
+
+def load_seeds(export: Path, seeds_dir: Path, lora_export: Path | None = None) -> Seeds:
     """The seeds in `seeds_dir` for `export`: bundles *.safetensors, PEFT checkpoints under
     peft/<variant>/; a bundle named <variant>.safetensors or <variant>-task<T>.safetensors is the
-    expected conversion of that checkpoint. Paths are made absolute (the worker runs elsewhere)."""
+    expected conversion of that checkpoint. LoRA and IA3 seeds (bundles of kind lora or ia3, LORA or
+    IA3 checkpoints) belong to `lora_export`, the same model exported with --lora. Paths are made
+    absolute (the worker runs elsewhere)."""
     export, seeds_dir = Path(export).resolve(), Path(seeds_dir).resolve()
     manifest = mf.Manifest.load(export)
     bundles = {p.stem: p.read_bytes() for p in sorted(seeds_dir.glob("*.safetensors"))}
@@ -98,6 +153,19 @@ def load_seeds(export: Path, seeds_dir: Path) -> Seeds:
             peft[d.name] = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
     if not bundles or not peft:
         raise SystemExit(f"{seeds_dir}: needs seed bundles (*.safetensors) and PEFT checkpoints under peft/<variant>/")
+    kinds = {name: str((st_parse(raw)[0].get("__metadata__") or {}).get("kind")) for name, raw in bundles.items()}
+    peft_types = {variant: str(json.loads(files[CONFIG]).get("peft_type")) for variant, files in peft.items()}
+    weight_seeds = sorted(n for n, k in kinds.items() if k in WEIGHT_KINDS) + sorted(
+        v for v, t in peft_types.items() if t in WEIGHT_TYPES)
+    lora_manifest = None
+    if lora_export is not None:
+        lora_export = Path(lora_export).resolve()
+        lora_manifest = mf.Manifest.load(lora_export)
+        if lora_manifest.weights is None:
+            raise SystemExit(f"{lora_export}: not an export made with --lora (its manifest has no weight_adapters)")
+    elif weight_seeds:
+        raise SystemExit(f"{seeds_dir}: the LoRA/IA3 seeds {weight_seeds[:4]} need the export made with --lora "
+                         "(--lora-export DIR)")
     references: dict[str, tuple[str, int | None]] = {}
     for variant in peft:
         if variant in bundles:
@@ -106,7 +174,7 @@ def load_seeds(export: Path, seeds_dir: Path) -> Seeds:
             tasks = [n for n in bundles if re.fullmatch(re.escape(variant) + r"-task\d+", n)]
             if tasks:
                 references[variant] = (str(seeds_dir / f"{tasks[0]}.safetensors"), int(tasks[0].rsplit("task", 1)[1]))
-    return Seeds(export, seeds_dir, manifest, bundles, peft, references)
+    return Seeds(export, seeds_dir, manifest, bundles, peft, references, lora_export, lora_manifest, kinds, peft_types)
 
 
 
@@ -227,6 +295,7 @@ class Case:
     manifest: bool = True
     task: int | None = None
     reference: str | None = None  # a bundle the conversion must equal
+    lora_export: bool = False  # checked against the export made with --lora (else the plain one)
 
 
 @dataclass
@@ -668,11 +737,9 @@ def mut_tensors(c: CaseContext, raw: bytes) -> tuple[bytes, str]:
             tensors = st_decode(c.seeds.bundles[other])[0]
             desc += f": tensors of {other} under {meta.get('kind')} metadata"
     elif kind in ("n_virtual_consistent", "n_virtual_tensors_only", "zero_virtual", "big_virtual"):
-        axis = 0 if meta.get("kind") == "prompt" else 1
+        axis = 0 if meta.get("kind") == "prompt" else 1  # lora, ia3: an A's or B's axis 1, a vector's only axis
         new_n = {"zero_virtual": 0, "big_virtual": c.pick([512, 4096])}.get(kind, r.randint(1, 12))
-        tensors = {k: np.resize(np.moveaxis(v, axis, 0), (new_n, *np.moveaxis(v, axis, 0).shape[1:])) for k, v in
-                   tensors.items()}
-        tensors = {k: np.ascontiguousarray(np.moveaxis(v, 0, axis)) for k, v in tensors.items()}
+        tensors = {k: _resize_axis(v, min(axis, v.ndim - 1), new_n) for k, v in tensors.items()}
         if kind != "n_virtual_tensors_only":
             meta["n_virtual"] = str(new_n)
         desc += f": {new_n} virtual tokens (metadata says {meta.get('n_virtual')})"
@@ -714,6 +781,12 @@ def mut_tensors(c: CaseContext, raw: bytes) -> tuple[bytes, str]:
     return st_encode(tensors, meta), desc
 
 
+def _resize_axis(t: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """`t` with `n` entries along `axis` (its values repeated or cut)."""
+    moved = np.moveaxis(t, axis, 0)
+    return np.ascontiguousarray(np.moveaxis(np.resize(moved, (n, *moved.shape[1:])), 0, axis))
+
+
 # Families: each writes a case's files into c.dir and fills in the case (target, path, desc, kind, ...).
 
 RAW_MUTATORS = {"header_len": mut_header_len, "header_json": mut_header_json, "offsets": mut_offsets,
@@ -731,6 +804,7 @@ def _bundle_family(mutator: Callable[[CaseContext, bytes], tuple[bytes, str]] | 
         case.target, case.path, case.desc = "bundle", str(path), f"{seed}: {desc}"
         case.kind = desc.split(":", 1)[0]
         case.manifest = mutator is None or c.rng.random() >= 0.15
+        case.lora_export = c.seeds.is_weight_bundle(seed)
     return make
 
 
@@ -761,6 +835,17 @@ def _write_peft(c: CaseContext, files: dict[str, bytes]) -> Path:
     return folder
 
 
+def _peft_export(c: CaseContext, variant: str, files: dict[str, bytes]) -> bool:
+    """Whether a case's checkpoint is converted against the --lora export: a LORA or IA3 seed, or a
+    config that now says LORA or IA3 (read as convert reads it, where it can be)."""
+    try:
+        config = json.loads(files.get(CONFIG, b"").decode("utf-8"))
+    except (ValueError, RecursionError):
+        config = None
+    relabelled = isinstance(config, dict) and config.get("peft_type") in WEIGHT_TYPES
+    return c.seeds.lora_export is not None and (c.seeds.is_weight_peft(variant) or relabelled)
+
+
 def _task_for(c: CaseContext, config: dict[str, Any]) -> int | None:
     if config.get("peft_type") == "MULTITASK_PROMPT_TUNING":
         tasks = config.get("num_tasks")  # the seed's, or a mutated value
@@ -773,6 +858,7 @@ def fam_peft_valid(c: CaseContext, case: Case) -> None:
     variant, files, config = _peft_seed(c)
     task = _task_for(c, config)
     case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
+    case.lora_export = _peft_export(c, variant, files)
     case.desc, case.kind = f"{variant}: unchanged, task {task}", "unchanged"
     ref = c.seeds.references.get(variant)
     if ref and ref[1] == task:
@@ -879,6 +965,7 @@ def fam_peft_config(c: CaseContext, case: Case) -> None:
     files[CONFIG] = blob if blob is not None else json.dumps(config, indent=2).encode()
     task = _task_for(c, config if isinstance(config, dict) else {})
     case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
+    case.lora_export = _peft_export(c, variant, files)
     case.desc, case.kind = f"{variant}: {desc}, task {task}", kind
 
 
@@ -888,6 +975,7 @@ def fam_peft_weights_raw(c: CaseContext, case: Case) -> None:
     files[WEIGHTS], desc = RAW_MUTATORS[mname](c, files[WEIGHTS])
     task = _task_for(c, config)
     case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
+    case.lora_export = _peft_export(c, variant, files)
     case.desc, case.kind = f"{variant}: weights {mname}: {desc}, task {task}", mname
 
 
@@ -932,7 +1020,7 @@ def fam_peft_weights(c: CaseContext, case: Case) -> None:
         files[WEIGHTS] = st_join(meta_, entries)
         tensors = None
         desc = f"{name} as bfloat16"
-    elif kind == "consistent_n":  # n_virtual changed in the config and the tensors alike: acceptable
+    elif kind == "consistent_n" and "prompt_embeddings" in tensors:  # in the config and the tensors: acceptable
         new_n = r.randint(1, 12)
         pe = tensors["prompt_embeddings"]
         tensors["prompt_embeddings"] = np.resize(pe, (new_n, pe.shape[1]))
@@ -948,11 +1036,12 @@ def fam_peft_weights(c: CaseContext, case: Case) -> None:
         desc = f"{which} {list(tensors[which].shape)}"
     else:
         tensors[name] = np.zeros((0,) * t.ndim, t.dtype)
-        desc = f"{name} empty"
+        kind, desc = "empty", f"{name} empty"
     if tensors is not None:
         files[WEIGHTS] = st_encode(tensors, meta)
     task = _task_for(c, config)
     case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
+    case.lora_export = _peft_export(c, variant, files)
     case.desc, case.kind = f"{variant}: {kind}: {desc}, task {task}", kind
 
 
@@ -975,6 +1064,7 @@ def fam_peft_pickle(c: CaseContext, case: Case) -> None:
     files[name] = blob
     task = _task_for(c, config)
     case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
+    case.lora_export = _peft_export(c, variant, files)
     case.desc, case.kind = f"{variant}: pickle ({how}) {kind} as {name}, task {task}", kind
 
 
@@ -1010,7 +1100,627 @@ def fam_peft_layout(c: CaseContext, case: Case) -> None:
             p.symlink_to(real)
     task = _task_for(c, config)
     case.target, case.path, case.task = "peft", str(path), task
+    case.lora_export = _peft_export(c, variant, files)
     case.desc, case.kind = f"{variant}: {kind}, task {task}", kind
+
+
+# --- LoRA and IA3 cases ----------------------------------------------------------------------------
+# Mutations the weight adapters' own checks are about (prefixport/adapters/lora.py, bundle.py), made on
+# the lora and ia3 seed bundles and the LORA and IA3 seed checkpoints, checked against the --lora export.
+
+LORA_TENSOR = re.compile(r"lora\.([0-9]+)\.(.+)\.([ab])")
+IA3_TENSOR = re.compile(r"ia3\.([0-9]+)\.(.+)")
+PEFT_LEAF = re.compile(r"base_model\.model\.(.+?)\.([0-9]+)\.(.+)\.(lora_A\.weight|lora_B\.weight|ia3_l)")
+# LoraConfig fields of variants that change the forward (a true value must be refused), with values
+SERVED_NOT: dict[str, list[Any]] = {"use_dora": [True], "lora_bias": [True], "use_qalora": [True], "alora_invocation_tokens": [[5, 6]],
+              "use_bdlora": [True, {"nblocks": 2}], "arrow_config": [{"top_k": 2}], "kasa_config": [{"r": 2}],
+              "layer_replication": [[[0, 2], [1, 2]]], "target_parameters": [["mlp.experts.gate_up_proj"]]}
+REWRITING = ["pissa", "pissa_niter_16", "PiSSA", "olora", "corda", "lora_ga", "loftq"]
+BENIGN_INITS = [True, False, "gaussian", "orthogonal", "eva", "mica"]
+SLOW_REGEXES = ["(.*)*x", "(.|.)+x", "(?:.*)*zz", "(.*?)*y", r"(\w+\.?)+q", "((a|.)*)*b"]  # catastrophic backtracking
+BAD_REGEXES = ["(", "[q", "*", "q_proj)", "(?P<x", "\\", "a{2,1}", "(?i)q_proj"]  # the last: flags not first once wrapped
+NUMBER_LIES = [0, -16, 1e-30, 3e38, 1e39, 1e300, "16", True, None, 10**400, float("nan"), float("inf"), [16], 2**31]
+OTHER_PATHS = ["self_attn.x_proj", "mlp.fc1", "attn.c_attn", "self_attn.rotary_emb", "input_layernorm", "mlp",
+               "lm_head", "self_attn.q_proj.base_layer"]
+BAD_LAYERS = ["00", "01", "+1", "-1", " 1", "1.0", "\u0663", "0x1", ""]
+
+
+def _weights(c: CaseContext) -> mf.WeightAdapters:
+    """The --lora export's LoRA and IA3 inputs (the seeds' export)."""
+    manifest = c.seeds.lora_manifest
+    if manifest is None or manifest.weights is None:
+        raise SystemExit("the LoRA/IA3 families need seeds made with an export made with --lora (--lora-export)")
+    return manifest.weights
+
+
+def _weight_seed(names: list[str], what: str, c: CaseContext) -> str:
+    if not names:
+        raise SystemExit(f"no {what} seeds in {c.seeds.seeds_dir}: build them (python -m benchmarks.fuzz_adapters "
+                         "--work DIR) or add some")
+    name: str = c.pick(names)
+    return name
+
+
+def _bundle_modules(tensors: dict[str, np.ndarray], pattern: re.Pattern[str]) -> list[tuple[int, str]]:
+    return sorted({(int(m.group(1)), m.group(2)) for m in map(pattern.fullmatch, tensors) if m})
+
+
+def _resized(t: np.ndarray, axis: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`t` cut or padded (small random values) to `n` entries along `axis`."""
+    if n <= t.shape[axis]:
+        return np.ascontiguousarray(np.take(t, range(n), axis=axis))
+    shape = list(t.shape)
+    shape[axis] = n - t.shape[axis]
+    return np.ascontiguousarray(np.concatenate([t, (0.01 * rng.standard_normal(shape)).astype(t.dtype)], axis=axis))
+
+
+def _poke(c: CaseContext, t: np.ndarray, value: float) -> np.ndarray:
+    """A copy of `t` with one value set (NaN, Inf, an extreme)."""
+    out = t.copy()
+    out.reshape(-1)[c.rng.randrange(out.size)] = value
+    return out
+
+
+def _renamed(tensors: dict[str, np.ndarray], old: str, new: str) -> dict[str, np.ndarray]:
+    """The tensors with the substring `old` of every name replaced by `new`."""
+    return {k.replace(old, new): v for k, v in tensors.items()}
+
+
+def _bundle_case(c: CaseContext, case: Case, seed: str, blob: bytes, kind: str, desc: str,
+                 manifest: bool | None = None, lora_export: bool = True) -> None:
+    path = c.dir / BUNDLE
+    path.write_bytes(blob)
+    case.target, case.path, case.kind, case.desc = "bundle", str(path), kind, f"{seed}: {kind}: {desc}"
+    case.manifest = c.rng.random() >= 0.15 if manifest is None else manifest
+    case.lora_export = lora_export
+
+
+def _scalings_lie(c: CaseContext, scalings: dict[str, Any], key: str) -> tuple[str | None, str]:
+    """The `scalings` metadata text of a lie (None: the key removed), and what the lie is."""
+    how = c.pick(["missing_key", "extra_key", "absent", "not_json", "nan", "inf", "negative", "zero", "string",
+                  "bool", "null", "list", "object", "huge_int", "over_float32", "huge", "large", "subnormal", "deep",
+                  "duplicate_key", "padded"])
+    s = dict(scalings)
+    if how == "absent":
+        return None, how
+    if how == "not_json":
+        text = c.pick(["", "{", "nope", "[1, 2]", "null", "1.5", "{'a': 1}"])
+        return text, f"{how} {text!r}"
+    if how == "deep":
+        return "[" * 100_000 + "]" * 100_000, how
+    if how == "duplicate_key":
+        body = json.dumps(s)[1:-1]
+        value = c.pick(["NaN", "\"2\"", "-1.5", "1e400"])
+        return "{" + body + f", {json.dumps(key)}: {value}" + "}", f"{how} {key} again as {value}"
+    if how == "padded":
+        return " " * 100_000 + json.dumps(s) + "\n", how
+    if how == "missing_key":
+        del s[key]
+    elif how == "extra_key":
+        s[c.pick(["9.self_attn.q_proj", "0.mlp.fc1", "x", ""])] = 1.0
+    else:
+        s[key] = {"nan": float("nan"), "inf": c.pick([float("inf"), float("-inf")]), "negative": -abs(s[key]) - 1.0,
+                  "zero": 0, "string": str(s[key]), "bool": True, "null": None, "list": [s[key]], "object": {"v": 1},
+                  "huge_int": 10**400, "over_float32": c.pick([3.5e38, 1e39, -1e39]), "huge": 1e300,
+                  "large": c.pick([1e30, 3e37]), "subnormal": 1e-320}[how]
+    return json.dumps(s), f"{how}: {key} = {json.dumps(s.get(key))[:30]}"
+
+
+def fam_bundle_lora(c: CaseContext, case: Case) -> None:
+    r, w, man = c.rng, _weights(c), c.seeds.lora_manifest
+    assert man is not None
+    seed = _weight_seed(c.seeds.of_kind("lora"), "lora bundle", c)
+    tensors, meta = st_decode(c.seeds.bundles[seed])
+    meta = dict(meta or {})
+    modules = _bundle_modules(tensors, LORA_TENSOR)
+    layer, path = c.pick(modules)
+    an, bn = mf.lora_a_name(layer, path), mf.lora_b_name(layer, path)
+    rank = tensors[an].shape[0]
+    scalings = json.loads(meta["scalings"])
+    key = f"{layer}.{path}"
+    same_path = [m for m in modules if m[1] == path]
+    kind = c.pick(["rank_over_max", "rank_lower", "rank_metadata", "ab_disagree", "missing_half", "unknown_target",
+                   "layer_out_of_range", "noncanonical_layer", "wrong_dims", "zero_dims", "scalings", "scalings",
+                   "nonfinite", "overflow", "dtype", "kind_swap", "plain_export", "informational", "stray",
+                   "transposed", "rank_zero"])
+    manifest, lora_export = None, True
+    if kind in ("rank_over_max", "rank_lower"):
+        new_r = (c.pick([w.max_rank + 1, w.max_rank + 2, 2 * w.max_rank, 64]) if kind == "rank_over_max"
+                 else r.randint(1, max(rank - 1, 1)))
+        chosen = modules if kind == "rank_lower" or r.random() < 0.5 else [(layer, path)]
+        for lay, p in chosen:
+            a_n, b_n = mf.lora_a_name(lay, p), mf.lora_b_name(lay, p)
+            tensors[a_n], tensors[b_n] = (_resized(tensors[a_n], 0, new_r, c.np_rng),
+                                          _resized(tensors[b_n], 1, new_r, c.np_rng))
+        meta["rank"] = str(max(t.shape[0] for n, t in tensors.items() if n.endswith(".a")))
+        desc = f"{len(chosen)} module(s) at rank {new_r} (export max {w.max_rank}), metadata rank {meta['rank']}"
+    elif kind == "rank_metadata":
+        meta["rank"] = value = c.pick([str(rank + 1), str(rank - 1), "0", "-1", "", "abc", f"{rank}.0", f" {rank}",
+                                       "\u0664", "1e1", "9" * 5000, str(2**64), str(w.max_rank + 1), f"{rank}\x00"])
+        desc = f"rank {value[:20]!r} (true {rank})"
+    elif kind == "ab_disagree":
+        how = c.pick(["a_more", "b_more", "a_less", "b_less"])
+        if how.startswith("a"):
+            tensors[an] = _resized(tensors[an], 0, rank + (1 if how == "a_more" else -1), c.np_rng)
+        else:
+            tensors[bn] = _resized(tensors[bn], 1, rank + (1 if how == "b_more" else -1), c.np_rng)
+        meta["rank"] = str(max(t.shape[0] for n, t in tensors.items() if n.endswith(".a")))
+        desc = f"{key}: A {list(tensors[an].shape)}, B {list(tensors[bn].shape)} ({how})"
+    elif kind == "missing_half":
+        gone = c.pick([an, bn])
+        del tensors[gone]
+        desc = f"without {gone}"
+    elif kind == "unknown_target":
+        new = c.pick(OTHER_PATHS)
+        for lay, p in same_path:
+            for n in (mf.lora_a_name(lay, p), mf.lora_b_name(lay, p)):
+                tensors[n.replace(f".{p}.", f".{new}.")] = tensors.pop(n)
+            scalings[f"{lay}.{new}"] = scalings.pop(f"{lay}.{p}")
+        meta["scalings"] = json.dumps(scalings)
+        desc = f"{path} renamed {new} in every layer"
+    elif kind in ("layer_out_of_range", "noncanonical_layer"):
+        new_layer = str(c.pick([man.num_layers, man.num_layers + 1, 99, 10**25])
+                        if kind == "layer_out_of_range" else c.pick(BAD_LAYERS))
+        tensors[f"lora.{new_layer}.{path}.a"], tensors[f"lora.{new_layer}.{path}.b"] = tensors.pop(an), tensors.pop(bn)
+        scalings[f"{new_layer}.{path}"] = scalings.pop(key)
+        meta["scalings"] = json.dumps(scalings)
+        desc = f"{key} moved to layer {new_layer!r}"
+    elif kind in ("wrong_dims", "zero_dims"):
+        which = c.pick(["in", "out"])
+        features = w.shapes[path][0 if which == "in" else 1]
+        new = 0 if kind == "zero_dims" else max(1, features + c.pick([-1, 1, 16, features]))
+        chosen = same_path if r.random() < 0.5 else [(layer, path)]
+        for lay, p in chosen:
+            if which == "in":
+                n = mf.lora_a_name(lay, p)
+                tensors[n] = _resized(tensors[n], 1, new, c.np_rng)
+            else:
+                n = mf.lora_b_name(lay, p)
+                tensors[n] = _resized(tensors[n], 0, new, c.np_rng)
+        desc = f"{which} features {new} (export {features}) in {len(chosen)} of {len(same_path)} layer(s) of {path}"
+    elif kind == "scalings":
+        text, desc = _scalings_lie(c, scalings, key)
+        if text is None:
+            del meta["scalings"]
+        else:
+            meta["scalings"] = text
+    elif kind == "nonfinite":
+        name, value = c.pick([an, bn]), c.pick([float("nan"), float("inf"), float("-inf")])
+        tensors[name] = _poke(c, tensors[name], value)
+        desc = f"{value} in {name}"
+    elif kind == "overflow":  # finite tensors and scaling whose product s·B is not finite in float32
+        how = c.pick(["big_b", "big_scaling"])
+        if how == "big_b":
+            b = tensors[bn]
+            tensors[bn] = (b / np.abs(b).max() * c.pick([1e37, 3e38])).astype(b.dtype)
+            desc = f"{how}: |{bn}| up to {np.abs(tensors[bn]).max():.3g}, scaling {scalings[key]:g}"
+        else:
+            scalings[key] = c.pick([1e37, 1e38, 3.4e38])
+            meta["scalings"] = json.dumps(scalings)
+            desc = f"{how}: scaling {scalings[key]:g} of {key}, |B| up to {np.abs(tensors[bn]).max():.3g}"
+    elif kind == "dtype":
+        how = c.pick(["mixed", "all_float16", "float64", "int8"])
+        if how == "mixed":
+            tensors[an] = tensors[an].astype(np.float16)
+        else:
+            dt = {"all_float16": np.float16, "float64": np.float64, "int8": np.int8}[how]
+            tensors = {n: t.astype(dt) for n, t in tensors.items()}
+            meta["dtype"] = np.dtype(dt).name
+        desc = how
+    elif kind == "kind_swap":
+        meta["kind"] = new_kind = c.pick(["ia3", "prompt", "prefix"])
+        if new_kind == "ia3":
+            meta["feedforward"] = "[]"
+        desc = f"lora tensors under kind {new_kind}"
+    elif kind == "plain_export":
+        manifest, lora_export, desc = True, False, "unchanged, against the export made without --lora"
+    elif kind == "informational":
+        field_ = c.pick(["target_modules", "lora_alpha", "use_rslora", "fan_in_fan_out", "peft_type", "source"])
+        meta[field_] = value = c.pick(['["self_attn.x_proj"]', "not json", "NaN", "", "IA3", "yes"])
+        desc = f"{field_} = {value!r} (not read back)"
+    elif kind == "stray":
+        extra = c.pick([f"lora.{layer}.{path}.c", f"ia3.{layer}.{path}", f"lora.{layer}.{path}", "prompt_embeds",
+                        f"lora.{layer}.{path}.a.b", "past_key_values.0.key"])
+        tensors[extra] = tensors[an].copy()
+        desc = f"plus {extra}"
+    elif kind == "transposed":
+        name = c.pick([an, bn])
+        tensors[name] = np.ascontiguousarray(tensors[name].T)
+        desc = f"{name} transposed"
+    else:  # rank_zero
+        tensors[an], tensors[bn] = tensors[an][:0].copy(), tensors[bn][:, :0].copy()
+        desc = f"{key}: A {list(tensors[an].shape)}, B {list(tensors[bn].shape)}"
+    _bundle_case(c, case, seed, st_encode(tensors, meta), kind, desc, manifest, lora_export)
+
+
+def fam_bundle_ia3(c: CaseContext, case: Case) -> None:
+    r, w, man = c.rng, _weights(c), c.seeds.lora_manifest
+    assert man is not None
+    seed = _weight_seed(c.seeds.of_kind("ia3"), "ia3 bundle", c)
+    tensors, meta = st_decode(c.seeds.bundles[seed])
+    meta = dict(meta or {})
+    modules = _bundle_modules(tensors, IA3_TENSOR)
+    layer, path = c.pick(modules)
+    name = mf.ia3_name(layer, path)
+    v = tensors[name]
+    feedforward = json.loads(meta["feedforward"])
+    same_path = [m for m in modules if m[1] == path]
+    kind = c.pick(["length", "not_1d", "non_ia3_target", "unknown_path", "side", "feedforward", "feedforward",
+                   "layer", "nonfinite", "extremes", "kind_swap", "plain_export", "dtype", "drop", "stray"])
+    manifest, lora_export = None, True
+    if kind == "length":
+        new = max(0, v.size + c.pick([-1, 1, v.size, -v.size]))
+        chosen = same_path if r.random() < 0.5 else [(layer, path)]
+        for lay, p in chosen:
+            tensors[mf.ia3_name(lay, p)] = _resized(tensors[mf.ia3_name(lay, p)], 0, new, c.np_rng)
+        desc = f"{path}: [{new}] (export [{w.ia3_dim(path)}]) in {len(chosen)} of {len(same_path)} layer(s)"
+    elif kind == "not_1d":
+        how = c.pick(["row", "column", "scalar"])
+        tensors[name] = {"row": v[None], "column": v[:, None], "scalar": np.array(v[0])}[how].copy()
+        desc = f"{name} as a {how} {list(tensors[name].shape)}"
+    elif kind == "non_ia3_target":
+        other = c.pick([p for p in w.lora if p not in w.ia3])
+        side = c.pick(["input", "output"])
+        dim = w.shapes[other][0 if side == "input" else 1]
+        layers = sorted({lay for lay, _ in modules}) if r.random() < 0.5 else [layer]
+        for lay in layers:
+            tensors[mf.ia3_name(lay, other)] = (1 + 0.01 * c.np_rng.standard_normal(dim)).astype(v.dtype)
+        if side == "input":
+            meta["feedforward"] = json.dumps(sorted({*feedforward, other}))
+        desc = f"vectors [{dim}] on {other} ({side}) in layer(s) {layers}"
+    elif kind == "unknown_path":
+        new = c.pick(OTHER_PATHS)
+        tensors = _renamed(tensors, f".{path}", f".{new}") if r.random() < 0.5 else {
+            **{k: t for k, t in tensors.items() if k != name}, mf.ia3_name(layer, new): v}
+        if path in feedforward:
+            meta["feedforward"] = json.dumps([new if p == path else p for p in feedforward])
+        desc = f"{path} renamed {new}"
+    elif kind == "side":
+        non_ff = [p for p in w.ia3 if p not in feedforward]
+        if feedforward and (r.random() < 0.5 or not non_ff):
+            gone = c.pick(feedforward)
+            meta["feedforward"] = json.dumps([p for p in feedforward if p != gone])
+            desc = f"{gone} left out of feedforward (it scales the output)"
+        else:
+            added = c.pick(non_ff)
+            meta["feedforward"] = json.dumps(sorted({*feedforward, added}))
+            desc = f"{added} added to feedforward (it scales the input)"
+    elif kind == "feedforward":
+        if r.random() < 0.1:
+            del meta["feedforward"]
+            desc = "no feedforward metadata"
+        else:
+            meta["feedforward"] = text = c.pick(["", "nope", "{}", "[1]", "null", '"mlp.down_proj"', '["mlp.up_proj"]',
+                                                 json.dumps(feedforward * 2), "[" * 100_000 + "]" * 100_000,
+                                                 json.dumps(feedforward + ["x"] * 10_000), "[null]", " [] ",
+                                                 json.dumps(feedforward)[:-1]])
+            desc = f"feedforward {text[:40]!r}{'...' if len(text) > 40 else ''}"
+    elif kind == "layer":
+        new_layer = str(c.pick([man.num_layers, 99, 10**25, *BAD_LAYERS]))
+        tensors[f"ia3.{new_layer}.{path}"] = tensors.pop(name)
+        desc = f"{name} moved to layer {new_layer!r}"
+    elif kind in ("nonfinite", "extremes"):
+        value = c.pick([float("nan"), float("inf"), float("-inf")] if kind == "nonfinite" else
+                       [3e38, -3e38, 0.0, -1.0, 1e-45, 65504.0])
+        tensors[name] = _poke(c, v, value)
+        desc = f"{value} in {name}"
+    elif kind == "kind_swap":
+        meta["kind"] = new_kind = c.pick(["lora", "prompt", "prefix"])
+        if new_kind == "lora":
+            meta.update(rank="1", scalings="{}")
+        desc = f"ia3 vectors under kind {new_kind}"
+    elif kind == "plain_export":
+        manifest, lora_export, desc = True, False, "unchanged, against the export made without --lora"
+    elif kind == "dtype":
+        how = c.pick(["mixed", "all_float16", "float64"])
+        if how == "mixed":
+            tensors[name] = v.astype(np.float16)
+        else:
+            dt = np.float16 if how == "all_float16" else np.float64
+            tensors = {n: t.astype(dt) for n, t in tensors.items()}
+            meta["dtype"] = np.dtype(dt).name
+        desc = how
+    elif kind == "drop":
+        gone = [name] if r.random() < 0.6 else [mf.ia3_name(lay, p) for lay, p in same_path]
+        tensors = {k: t for k, t in tensors.items() if k not in gone}
+        desc = f"without {', '.join(gone)}"
+    else:  # stray
+        extra = c.pick([f"lora.{layer}.{path}.a", f"ia3.{layer}.{path}.x", "prompt_embeds", f"ia3.{layer}",
+                        f"ia3.{layer}.{path}.weight"])
+        tensors[extra] = v.copy()
+        desc = f"plus {extra}"
+    if not tensors:
+        tensors = {"ia3": v}
+    _bundle_case(c, case, seed, st_encode(tensors, meta), kind, desc, manifest, lora_export)
+
+
+def _peft_weight_seed(c: CaseContext, peft_type: str) -> tuple[str, dict[str, bytes], dict[str, Any],
+                                                                 dict[str, np.ndarray], Any]:
+    variant = _weight_seed(c.seeds.of_type(peft_type), f"{peft_type} checkpoint", c)
+    files = dict(c.seeds.peft[variant])
+    tensors, meta = st_decode(files[WEIGHTS])
+    return variant, files, json.loads(files[CONFIG]), tensors, meta
+
+
+def _peft_modules(tensors: dict[str, np.ndarray]) -> list[tuple[str, int, str]]:
+    """(layers path, layer, module path) of each adapted module of a checkpoint, sorted."""
+    found = {(m.group(1), int(m.group(2)), m.group(3)) for m in map(PEFT_LEAF.fullmatch, tensors) if m}
+    return sorted(found)
+
+
+def _peft_case(c: CaseContext, case: Case, variant: str, files: dict[str, bytes], config: dict[str, Any] | None,
+               tensors: dict[str, np.ndarray] | None, meta: Any, kind: str, desc: str, lora_export: bool = True) -> None:
+    if config is not None:
+        files[CONFIG] = json.dumps(config, indent=2).encode()
+    if tensors is not None:
+        files[WEIGHTS] = st_encode(tensors, meta)
+    case.target, case.path, case.task = "peft", str(_write_peft(c, files)), None
+    case.kind, case.desc, case.lora_export = kind, f"{variant}: {kind}: {desc}", lora_export
+
+
+def _peft_dtype(c: CaseContext, files: dict[str, bytes], tensors: dict[str, np.ndarray], name: str
+                ) -> tuple[dict[str, np.ndarray] | None, str]:
+    """A checkpoint's tensors in other dtypes (None: the weights file is already rewritten: bfloat16)."""
+    how = c.pick(["float16", "mixed", "bfloat16", "float64", "int32"])
+    if how == "bfloat16":
+        meta_, entries = st_entries(files[WEIGHTS])
+        files[WEIGHTS] = st_join(meta_, [(n, {**i, "dtype": "BF16"}, (np.frombuffer(b, np.float32).view(np.uint32) >> 16)
+                                          .astype(np.uint16).tobytes()) if n == name else (n, i, b)
+                                         for n, i, b in entries])
+        return None, f"{name} as bfloat16"
+    if how == "mixed":
+        tensors[name] = tensors[name].astype(np.float16)
+        return tensors, f"{name} alone as float16"
+    return {n: t.astype(how) for n, t in tensors.items()}, f"every tensor {how}"
+
+
+def fam_peft_lora(c: CaseContext, case: Case) -> None:
+    r, w, man = c.rng, _weights(c), c.seeds.lora_manifest
+    assert man is not None
+    variant, files, config, tensors, meta = _peft_weight_seed(c, "LORA")
+    modules = _peft_modules(tensors)
+    lp, layer, path = c.pick(modules)
+    head = f"base_model.model.{lp}.{layer}.{path}"
+    ka, kb = f"{head}.lora_A.weight", f"{head}.lora_B.weight"
+    rank, out = tensors[ka].shape[0], tensors[kb].shape[0]
+    suffix = path.rsplit(".", 1)[-1]  # a target_modules / pattern key PEFT would write, e.g. "q_proj"
+    every = [(f"base_model.model.{lp_}.{lay}.{p}.lora_A.weight", f"base_model.model.{lp_}.{lay}.{p}.lora_B.weight")
+             for lp_, lay, p in modules]
+    kind = c.pick(["variant", "variant_off", "dora_tensors", "init", "rank_config", "rank_consistent", "rank_pattern",
+                   "rank_pattern", "alpha", "alpha_pattern", "rslora", "target_modules", "fan_in_fan_out", "layers",
+                   "layers", "missing", "shape", "nonfinite", "extra", "bias", "saved_modules", "dtype",
+                   "plain_export"])
+    weights_changed, lora_export = True, True
+    if kind in ("variant", "variant_off"):
+        fld = c.pick(sorted(SERVED_NOT))
+        config[fld] = value = c.pick(SERVED_NOT[fld]) if kind == "variant" else c.pick([False, None, 0, [], {}])
+        if kind == "variant" and fld == "use_dora" and r.random() < 0.7:  # as PEFT saves DoRA
+            for a, _ in every:
+                tensors[a.replace("lora_A.weight", "lora_magnitude_vector")] = np.ones(out, np.float32)
+        if kind == "variant" and fld == "lora_bias" and r.random() < 0.7:
+            for _, b in every:
+                tensors[b.replace(".weight", ".bias")] = np.zeros(tensors[b].shape[0], np.float32)
+        desc = f"{fld} = {json.dumps(value)}"
+    elif kind == "dora_tensors":
+        tensors[f"{head}.lora_magnitude_vector"] = np.ones(out, np.float32)
+        desc = "a DoRA magnitude vector, use_dora unset"
+    elif kind == "init":
+        config["init_lora_weights"] = value = c.pick(REWRITING + BENIGN_INITS)
+        desc = f"init_lora_weights = {json.dumps(value)}"
+    elif kind == "rank_config":
+        config["r"] = value = c.pick([rank + 1, rank - 1, 0, -1, 2**63, float(rank), str(rank), True, None,
+                                      w.max_rank + 1])
+        desc = f"r = {json.dumps(value)} (weights rank {rank})"
+    elif kind == "rank_consistent":
+        new_r = c.pick([1, max(1, rank - 1), 0, w.max_rank, w.max_rank + 1, 2 * w.max_rank])
+        for a, b in every:
+            tensors[a], tensors[b] = _resized(tensors[a], 0, new_r, c.np_rng), _resized(tensors[b], 1, new_r, c.np_rng)
+        config["r"] = new_r
+        desc = f"r = {new_r} in config and weights (export max {w.max_rank})"
+    elif kind == "rank_pattern":
+        how = c.pick(["consistent", "layer", "disagree", "not_object", "bad_value", "bad_regex", "slow_regex",
+                      "many_keys", "long_key"])
+        new_r = r.randint(1, w.max_rank)
+        if how == "consistent":  # every layer's `path` at new_r, by its suffix
+            for lp_, lay, p in modules:
+                if p == path:
+                    a, b = f"base_model.model.{lp_}.{lay}.{p}.lora_A.weight", f"base_model.model.{lp_}.{lay}.{p}.lora_B.weight"
+                    tensors[a], tensors[b] = (_resized(tensors[a], 0, new_r, c.np_rng),
+                                              _resized(tensors[b], 1, new_r, c.np_rng))
+            pattern: Any = {suffix: new_r}
+        elif how == "layer":  # one layer's module, by a key naming its layer
+            tensors[ka], tensors[kb] = _resized(tensors[ka], 0, new_r, c.np_rng), _resized(tensors[kb], 1, new_r, c.np_rng)
+            pattern = {f"{lp.rsplit('.', 1)[-1]}.{layer}.{path}": new_r}
+        elif how == "disagree":
+            pattern, weights_changed = {suffix: rank + c.pick([1, -1])}, False
+        elif how == "not_object":
+            pattern, weights_changed = c.pick([[], "x", 7, [[suffix, rank]]]), False
+        elif how == "bad_value":
+            pattern, weights_changed = {suffix: c.pick([4.5, str(rank), True, None, -1, 0, 2**70])}, False
+        elif how == "many_keys":  # 5,000 keys that match no module (PEFT would look each up per module)
+            pattern, weights_changed = {f"x{i}_proj": rank for i in range(5000)}, False
+        elif how == "long_key":
+            pattern, weights_changed = {"q" * c.pick([2000, 100_000]) + suffix: rank}, False
+        else:
+            pattern = {c.pick(BAD_REGEXES if how == "bad_regex" else SLOW_REGEXES): rank}
+            weights_changed = False
+        config["rank_pattern"] = pattern
+        desc = f"{how}: rank_pattern {json.dumps(pattern)[:60]}"
+    elif kind == "alpha":
+        config["lora_alpha"] = value = c.pick(NUMBER_LIES)
+        desc, weights_changed = f"lora_alpha = {json.dumps(value)[:30]}", False
+    elif kind == "alpha_pattern":
+        how = c.pick(["value", "value", "bad_regex", "slow_regex", "not_object"])
+        pattern = ({suffix: c.pick(NUMBER_LIES)} if how == "value" else
+                   {c.pick(BAD_REGEXES if how == "bad_regex" else SLOW_REGEXES): 8} if how != "not_object" else
+                   c.pick([[], "x", 7]))
+        config["alpha_pattern"] = pattern
+        desc, weights_changed = f"{how}: alpha_pattern {json.dumps(pattern)[:60]}", False
+    elif kind == "rslora":
+        config["use_rslora"] = value = c.pick([True, False, "false", 1, 0, None])
+        desc, weights_changed = f"use_rslora = {json.dumps(value)}", False
+    elif kind == "target_modules":
+        how = c.pick(["config_only", "weights", "outside"])
+        if how == "config_only":
+            config["target_modules"] = value = c.pick([["x_proj"], "all-linear", ".*", 7, None, ["lm_head"]])
+            desc, weights_changed = f"{how}: target_modules = {json.dumps(value)}", False
+        elif how == "weights":
+            new = c.pick(OTHER_PATHS)
+            tensors = _renamed(tensors, f".{path}.lora_", f".{new}.lora_")
+            config["target_modules"] = [*(t for t in config.get("target_modules") or [] if t != suffix),
+                                        new.rsplit(".", 1)[-1]]
+            desc = f"{how}: {path} renamed {new} in every layer"
+        else:
+            where = c.pick(["lm_head", "model.embed_tokens", "model.norm", lp, f"{lp}.{layer}"])
+            stem = f"base_model.model.{where}"
+            tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = tensors[ka].copy(), tensors[kb].copy()
+            desc = f"{how}: a LoRA on {where}"
+    elif kind == "fan_in_fan_out":
+        config["fan_in_fan_out"] = True
+        if r.random() < 0.5:  # stored as a Conv1D's [in, out] would be: not what PEFT saves for a LoRA
+            tensors = {k: np.ascontiguousarray(t.T) for k, t in tensors.items()}
+            desc = "fan_in_fan_out true, A and B transposed"
+        else:
+            desc, weights_changed = "fan_in_fan_out true (a Llama's nn.Linear: weights as saved)", False
+    elif kind == "layers":
+        how = c.pick(["config_only", "out_of_range", "alias", "noncanonical"])
+        if how == "config_only":
+            config["layers_to_transform"] = value = c.pick([[5], [0], 7, "x", None])
+            desc, weights_changed = f"{how}: layers_to_transform = {json.dumps(value)}", False
+        else:
+            new_layer = (str(c.pick([man.num_layers, 99, 10**20])) if how == "out_of_range" else
+                         "0" + str(layer) if how == "alias" else c.pick(["+0", " 0", "0x0", "\u0660", "-0", "1.0"]))
+            new_head = f"base_model.model.{lp}.{new_layer}.{path}"
+            if how == "alias":  # beside the original, other values: which one would convert?
+                tensors[f"{new_head}.lora_A.weight"] = (tensors[ka] * 2).astype(tensors[ka].dtype)
+                tensors[f"{new_head}.lora_B.weight"] = (tensors[kb] * 2).astype(tensors[kb].dtype)
+            else:
+                tensors = _renamed(tensors, f"{head}.", f"{new_head}.")
+            desc = f"{how}: {lp}.{layer}.{path} {'copied' if how == 'alias' else 'moved'} to layer {new_layer!r}"
+    elif kind == "missing":
+        how = c.pick(["one_b", "one_a", "every_b"])
+        gone = [kb] if how == "one_b" else [ka] if how == "one_a" else [b for _, b in every]
+        tensors = {k: t for k, t in tensors.items() if k not in gone}
+        desc = f"{how}: without {gone[0]}{' ...' if len(gone) > 1 else ''}"
+    elif kind == "shape":
+        how = c.pick(["b_rank", "a_in", "b_out", "transposed", "flat", "batch"])
+        name = kb if how in ("b_rank", "b_out") else c.pick([ka, kb])
+        t = tensors[name]
+        if how in ("b_rank", "a_in"):
+            tensors[name] = _resized(t, 1, (rank if how == "b_rank" else t.shape[1]) + 1, c.np_rng)
+        elif how == "b_out":
+            tensors[name] = _resized(t, 0, t.shape[0] + 1, c.np_rng)
+        else:
+            tensors[name] = {"transposed": t.T, "flat": t.reshape(-1), "batch": t[None]}[how].copy()
+        desc = f"{how}: {name} {list(tensors[name].shape)}"
+    elif kind == "nonfinite":
+        name, value = c.pick([ka, kb]), c.pick([float("nan"), float("inf"), float("-inf")])
+        tensors[name] = _poke(c, tensors[name], value)
+        desc = f"{value} in {name}"
+    elif kind == "extra":
+        leaf = c.pick(["lora_embedding_A", "lora_magnitude_vector", "base_layer.weight", "lora_A.bias", "lora_dropout",
+                       "lora_A.default.weight", "ia3_l"])
+        tensors[f"{head}.{leaf}"] = tensors[ka].copy()
+        desc = f"plus {head}.{leaf}"
+    elif kind == "bias":
+        config["bias"] = value = c.pick(["all", "lora_only", "none"])
+        if r.random() < 0.6:
+            tensors[f"{head}.bias"] = np.zeros(out, np.float32)
+            desc = f"bias = {value!r}, a trained bias of {path}"
+        else:
+            desc, weights_changed = f"bias = {value!r}, no bias tensor", False
+    elif kind == "saved_modules":
+        fld = c.pick(["modules_to_save", "trainable_token_indices"])
+        config[fld] = value = c.pick([["lm_head"], [1, 2], [], None, {"embed_tokens": [1]}])
+        desc, weights_changed = f"{fld} = {json.dumps(value)}", False
+    elif kind == "dtype":
+        new_tensors, desc = _peft_dtype(c, files, tensors, c.pick([ka, kb]))
+        tensors, weights_changed = new_tensors or tensors, new_tensors is not None
+    else:  # plain_export
+        desc, weights_changed, lora_export = "unchanged, against the export made without --lora", False, False
+    _peft_case(c, case, variant, files, config, tensors if weights_changed else None, meta, kind, desc, lora_export)
+
+
+def fam_peft_ia3(c: CaseContext, case: Case) -> None:
+    r, w, man = c.rng, _weights(c), c.seeds.lora_manifest
+    assert man is not None
+    variant, files, config, tensors, meta = _peft_weight_seed(c, "IA3")
+    modules = _peft_modules(tensors)
+    lp, layer, path = c.pick(modules)
+    head = f"base_model.model.{lp}.{layer}.{path}"
+    key = f"{head}.ia3_l"
+    v = tensors[key]
+    ff = config.get("feedforward_modules") or []
+    targets = config.get("target_modules") or []
+    kind = c.pick(["ff_superset", "ff_drop", "ff_add_target", "ff_regex", "ff_type", "target_config", "non_target",
+                   "vector_shape", "missing", "nonfinite", "extremes", "lora_keys", "saved_modules", "layers",
+                   "dtype", "plain_export", "init"])
+    weights_changed, lora_export = False, True
+    if kind == "ff_superset":  # a feedforward module that is no target (PEFT's config refuses it)
+        config["feedforward_modules"] = value = [*ff, c.pick(["up_proj", "gate_proj", "q_proj"])]
+        desc = f"feedforward_modules {value}, target_modules {targets}"
+    elif kind == "ff_drop":
+        config["feedforward_modules"] = value = [] if r.random() < 0.4 else [m for m in ff if m != c.pick(ff or [""])]
+        desc = f"feedforward_modules {value} (was {ff})"
+    elif kind == "ff_add_target":
+        added = c.pick([t for t in targets if t not in ff] or ["k_proj"])
+        config["feedforward_modules"] = value = [*ff, added]
+        desc = f"feedforward_modules {value}: {added} too"
+    elif kind == "ff_regex":
+        config["feedforward_modules"] = value = c.pick([".*down_proj", r".*\.mlp\..*", r"model\.layers\.\d+\.mlp\.down_proj",
+                                                        ".*", *BAD_REGEXES[:3], *SLOW_REGEXES])
+        desc = f"feedforward_modules regex {value!r}"
+    elif kind == "ff_type":
+        config["feedforward_modules"] = value = c.pick([7, {"down_proj": 1}, [1], [None], True, None, 1.5])
+        desc = f"feedforward_modules = {json.dumps(value)}"
+    elif kind == "target_config":
+        config["target_modules"] = value = c.pick([["x_proj"], "all-linear", 7, None, ["q_proj"]])
+        desc = f"target_modules = {json.dumps(value)} (weights unchanged)"
+    elif kind == "non_target":
+        other = c.pick([p for p in w.lora if p not in w.ia3])
+        tensors[f"base_model.model.{lp}.{layer}.{other}.ia3_l"] = np.ones((w.shapes[other][1], 1), v.dtype)
+        config["target_modules"] = [*targets, other.rsplit(".", 1)[-1]]
+        desc, weights_changed = f"an IA3 vector on {other}, which the export takes no IA3 on", True
+    elif kind == "vector_shape":
+        how = c.pick(["flat", "longer", "transposed", "one"])
+        longer = (v.shape[0], v.shape[1] + 1) if v.shape[0] == 1 else (v.shape[0] + 1, 1)
+        tensors[key] = {"flat": v.reshape(-1), "longer": np.ones(longer, v.dtype), "transposed": v.T,
+                        "one": np.ones((1, 1), v.dtype)}[how].copy()
+        desc, weights_changed = f"{how}: {key} {list(tensors[key].shape)}", True
+    elif kind == "missing":
+        gone = [key] if r.random() < 0.7 else list(tensors)
+        tensors = {k: t for k, t in tensors.items() if k not in gone}
+        desc, weights_changed = f"without {len(gone)} vector(s)", True
+    elif kind in ("nonfinite", "extremes"):
+        value = c.pick([float("nan"), float("inf"), float("-inf")] if kind == "nonfinite" else
+                       [3e38, -3e38, 0.0, -1.0, 1e-45])
+        tensors[key] = _poke(c, v, value)
+        desc, weights_changed = f"{value} in {key}", True
+    elif kind == "lora_keys":
+        tensors[f"{head}.lora_A.weight"] = np.ones((2, max(v.shape)), v.dtype)
+        desc, weights_changed = "a lora_A weight in an IA3 checkpoint", True
+    elif kind == "saved_modules":
+        config["modules_to_save"] = value = c.pick([["lm_head"], [], None])
+        desc = f"modules_to_save = {json.dumps(value)}"
+    elif kind == "layers":
+        how = c.pick(["out_of_range", "alias", "noncanonical"])
+        new_layer = (str(c.pick([man.num_layers, 99, 10**20])) if how == "out_of_range" else
+                     "0" + str(layer) if how == "alias" else c.pick(["+0", " 0", "\u0660", "1.0"]))
+        new_key = f"base_model.model.{lp}.{new_layer}.{path}.ia3_l"
+        if how == "alias":
+            tensors[new_key] = (v * 2).astype(v.dtype)
+        else:
+            tensors[new_key] = tensors.pop(key)
+        desc, weights_changed = f"{how}: {key} {'copied' if how == 'alias' else 'moved'} to layer {new_layer!r}", True
+    elif kind == "dtype":
+        new_tensors, desc = _peft_dtype(c, files, tensors, key)
+        tensors, weights_changed = new_tensors or tensors, new_tensors is not None
+    elif kind == "plain_export":
+        desc, lora_export = "unchanged, against the export made without --lora", False
+    else:  # init
+        config["init_ia3_weights"] = value = c.pick([False, "x", None])
+        desc = f"init_ia3_weights = {json.dumps(value)}"
+    _peft_case(c, case, variant, files, config, tensors if weights_changed else None, meta, kind, desc, lora_export)
 
 
 FAMILIES: dict[str, tuple[int, Callable[[CaseContext, Case], None], str]] = {  # name -> (weight, maker, what)
@@ -1033,6 +1743,10 @@ FAMILIES: dict[str, tuple[int, Callable[[CaseContext, Case], None], str]] = {  #
     "peft_weights": (3, fam_peft_weights, "weights disagree with the config"),
     "peft_pickle": (2, fam_peft_pickle, "pickles instead of / beside / named as safetensors"),
     "peft_layout": (1, fam_peft_layout, "missing files, dirs, /dev/zero, FIFOs, links"),
+    "bundle_lora": (4, fam_bundle_lora, "LoRA bundles: ranks, modules, dims, scalings that lie"),
+    "bundle_ia3": (2, fam_bundle_ia3, "IA3 bundles: vector lengths, targets, sides, feedforward"),
+    "peft_lora": (5, fam_peft_lora, "LoRA checkpoints: variants, ranks, patterns, targets, layers"),
+    "peft_ia3": (2, fam_peft_ia3, "IA3 checkpoints: feedforward_modules, targets, vector shapes"),
 }
 
 

@@ -5,13 +5,14 @@ adds hang) and an accepted adapter is checked by an oracle that does not trust t
 (bad_accept). `Worker` is the parent's side, with a watchdog; `selftest` makes each failure happen
 on purpose and checks that it is told apart.
 
-    python -m benchmarks.fuzz_worker EXPORT [--memory-gb 3]    # as `Worker` starts it
+    python -m benchmarks.fuzz_worker EXPORT [--lora-export DIR] [--memory-gb 3]    # as `Worker` starts it
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import select
@@ -46,10 +47,12 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
         return [f"metadata lacks {missing}"]
     if meta["format"] != "prefixport-adapter" or meta["format_version"] not in ("1", "2", "3"):
         problems.append(f"format {meta['format']!r} version {meta['format_version']!r}")
+    if meta["kind"] in WEIGHT_KINDS and meta["format_version"] != "3":
+        problems.append(f"kind {meta['kind']} in format version {meta['format_version']!r}")
     if "prompt_format" in meta and not _prompt_format_ok(meta["prompt_format"]):
         problems.append(f"prompt_format {meta['prompt_format'][:40]!r}")
     kind, dtype = meta["kind"], meta["dtype"]
-    if kind not in ("prompt", "prefix"):
+    if kind not in ("prompt", "prefix", *WEIGHT_KINDS):
         problems.append(f"kind {kind!r}")
     if dtype not in ("float32", "float16"):
         problems.append(f"dtype {dtype!r}")
@@ -57,8 +60,8 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
         n = int(meta["n_virtual"])
     except ValueError:
         return problems + [f"n_virtual {meta['n_virtual'][:20]!r}"]
-    if n < 1:
-        problems.append(f"n_virtual {n}")
+    if (n != 0) if kind in WEIGHT_KINDS else (n < 1):
+        problems.append(f"n_virtual {n} for kind {kind}")
     if not tensors:
         problems.append("no tensors")
     for name, t in tensors.items():
@@ -76,6 +79,8 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
         if (set(tensors) != set(mf.past_names(layers)) or layers < 1
                 or any(len(s) != 3 or s[1] != n for s in shapes)):
             problems.append(f"prefix tensors {sorted(tensors)[:3]} shapes {sorted(shapes)[:2]} for n_virtual {n}")
+    elif kind in WEIGHT_KINDS:
+        problems += _weight_problems(bundle, manifest)
     if manifest is not None:
         if meta["fingerprint"] != manifest.fingerprint:
             problems.append("fingerprint of another base")
@@ -99,13 +104,174 @@ def _oracle(bundle: Any, manifest: mf.Manifest | None, case: dict[str, Any], scr
             np.array_equal(back.tensors[k], tensors[k]) for k in tensors):
         problems.append("save/load round trip differs")
     if case["target"] == "peft":
-        want_kind = "prefix" if meta["peft_type"] == "PREFIX_TUNING" else "prompt"
+        want_kind = {"PREFIX_TUNING": "prefix", "LORA": "lora", "IA3": "ia3"}.get(meta["peft_type"], "prompt")
         if kind != want_kind:
             problems.append(f"{meta['peft_type']} converted to kind {kind}")
+        elif kind in WEIGHT_KINDS and manifest is not None:
+            problems += _checkpoint_problems(bundle, Path(case["path"]), manifest)
         if case.get("reference"):
             ref = load_bundle(case["reference"], manifest)
             if set(ref.tensors) != set(tensors) or not all(np.array_equal(ref.tensors[k], tensors[k]) for k in tensors):
                 problems.append(f"conversion differs from the seed bundle {Path(case['reference']).name}")
+            differ = [k for k in ("rank", "scalings", "feedforward") if ref.metadata.get(k) != meta.get(k)]
+            if differ:
+                problems.append(f"conversion's {differ} differ from the seed bundle {Path(case['reference']).name}")
+    return problems
+
+
+WEIGHT_KINDS = ("lora", "ia3")
+# what a bundle of these kinds names its tensors (written here again, not taken from the reader)
+LORA_NAMES = re.compile(r"lora\.(0|[1-9][0-9]*)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.([ab])")
+IA3_NAMES = re.compile(r"ia3\.(0|[1-9][0-9]*)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _real(value: Any) -> bool:
+    """A JSON number that is a finite float (not a bool, not an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _weight_problems(bundle: Any, manifest: mf.Manifest | None) -> list[str]:
+    """A lora bundle: an A [r, in] and a B [out, r] per module (r >= 1, one in and out per path),
+    `rank` the largest r, one finite scaling per module whose s·B the runtime computes in float32
+    stays finite; an ia3 bundle: one vector [dim >= 1] per module (one dim per path), `feedforward`
+    a list of its paths. With the --lora export's manifest: modules, layers, ranks and dims it takes."""
+    meta, tensors, kind = bundle.metadata, bundle.tensors, bundle.metadata["kind"]
+    problems: list[str] = []
+    pattern = LORA_NAMES if kind == "lora" else IA3_NAMES
+    parsed = {name: pattern.fullmatch(name) for name in tensors}
+    strays = sorted(name for name, m in parsed.items() if m is None)
+    if strays:
+        return [f"{kind} bundle holds {strays[:3]}"]
+    modules = sorted({(int(m.group(1)), m.group(2)) for m in parsed.values() if m})
+    dims: dict[str, set[tuple[int, ...]]] = {}
+    if kind == "lora":
+        ranks = []
+        for layer, path in modules:
+            a, b = tensors.get(f"lora.{layer}.{path}.a"), tensors.get(f"lora.{layer}.{path}.b")
+            if a is None or b is None:
+                problems.append(f"{layer}.{path}: A or B missing")
+                continue
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] < 1 or b.shape[1] != a.shape[0] or min(*a.shape, *b.shape) < 1:
+                problems.append(f"{layer}.{path}: A {list(a.shape)}, B {list(b.shape)}")
+                continue
+            ranks.append(a.shape[0])
+            dims.setdefault(path, set()).add((a.shape[1], b.shape[0]))
+        try:
+            if ranks and int(meta.get("rank", "")) != max(ranks):
+                problems.append(f"rank {meta['rank']!r}, modules up to {max(ranks)}")
+        except ValueError:
+            problems.append(f"rank {meta.get('rank', '')[:20]!r}")
+        scalings = _json_or_none(meta.get("scalings", ""))
+        if not isinstance(scalings, dict) or set(scalings) != {f"{layer}.{path}" for layer, path in modules}:
+            problems.append(f"scalings {meta.get('scalings', '')[:60]!r} for {len(modules)} modules")
+        else:
+            for layer, path in modules:
+                s, b = scalings[f"{layer}.{path}"], tensors.get(f"lora.{layer}.{path}.b")
+                if not _real(s) or abs(float(s)) > FLOAT32_MAX:
+                    problems.append(f"scaling {s!r} of {layer}.{path}")
+                elif b is not None and b.size and abs(float(s)) * float(np.abs(b.astype(np.float64)).max()) > FLOAT32_MAX:
+                    problems.append(f"scaling {s!r} times B of {layer}.{path} is not finite in float32")
+    else:
+        for layer, path in modules:
+            v = tensors[f"ia3.{layer}.{path}"]
+            if v.ndim != 1 or v.shape[0] < 1:
+                problems.append(f"ia3.{layer}.{path}: {list(v.shape)}")
+            dims.setdefault(path, set()).add(v.shape)
+        feedforward = _json_or_none(meta.get("feedforward", ""))
+        if not isinstance(feedforward, list) or not all(isinstance(p, str) for p in feedforward) or not set(
+                feedforward) <= {path for _, path in modules}:
+            problems.append(f"feedforward {meta.get('feedforward', '')[:60]!r}")
+            feedforward = []
+    problems += [f"{path} has shapes {sorted(d)} in different layers" for path, d in dims.items() if len(d) > 1]
+    if manifest is None or problems:
+        return problems
+    table = manifest.weight_adapters
+    if not table:
+        return [f"a {kind} bundle accepted for an export without --lora"]
+    for layer, path in modules:
+        if layer >= manifest.num_layers:
+            problems.append(f"layer {layer} of {manifest.num_layers}")
+        if kind == "lora":
+            a, b = tensors[f"lora.{layer}.{path}.a"], tensors[f"lora.{layer}.{path}.b"]
+            if path not in table["lora"]:
+                problems.append(f"LoRA on {path}, which the export takes none on")
+            elif (a.shape[1], b.shape[0]) != tuple(table["shapes"][path]) or a.shape[0] > table["max_rank"]:
+                problems.append(f"{layer}.{path}: A {list(a.shape)}, B {list(b.shape)} for {table['shapes'][path]}, "
+                                f"max rank {table['max_rank']}")
+        else:
+            side = "input" if path in feedforward else "output"
+            if table["ia3"].get(path) != side:
+                problems.append(f"IA3 on the {side} of {path}; the export: {table['ia3'].get(path)}")
+            elif tensors[f"ia3.{layer}.{path}"].shape != (table["shapes"][path][0 if side == "input" else 1],):
+                problems.append(f"ia3.{layer}.{path} {list(tensors[f'ia3.{layer}.{path}'].shape)}")
+    return problems
+
+
+TRAINING_ONLY = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")  # PEFT's, skipped
+
+
+def _values(patterns: Any) -> list[Any]:
+    return list(patterns.values()) if isinstance(patterns, dict) else []
+
+
+def _checkpoint_problems(bundle: Any, folder: Path, manifest: mf.Manifest) -> list[str]:
+    """A converted LORA or IA3 checkpoint holds exactly the checkpoint's tensors, one for one: each
+    lora_A / lora_B / ia3_l of `{layers_path}.{layer}.{path}` is the bundle's tensor of that layer
+    and path (an IA3 vector flattened), on the side its shape says; each LoRA module's scaling is
+    alpha / r (alpha / sqrt(r) with use_rslora), alpha being lora_alpha or an alpha_pattern value and
+    r, its A's rows, being r or a rank_pattern value. Read here with safetensors, not the reader."""
+    from safetensors.numpy import load_file
+
+    table = manifest.weight_adapters or {}
+    raw = {k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()
+           if not TRAINING_ONLY.search(k)}
+    config = _json_or_none((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    head = re.escape(f"base_model.model.{table.get('layers_path')}.")
+    leaf = re.compile(head + r"([0-9]+)\.(.+)\.(lora_A\.weight|lora_B\.weight|ia3_l)")
+    feedforward = _json_or_none(bundle.metadata.get("feedforward", "[]"))  # checked by _weight_problems
+    mapped: dict[str, list[str]] = {}
+    problems = []
+    for key, t in raw.items():
+        m = leaf.fullmatch(key)
+        if m is None:
+            problems.append(f"checkpoint tensor {key[:80]} has no place in the bundle")
+            continue
+        layer, path, kind = m.group(1), m.group(2), m.group(3)
+        name = (f"ia3.{layer}.{path}" if kind == "ia3_l" else
+                f"lora.{layer}.{path}.{'a' if kind.startswith('lora_A') else 'b'}")
+        mapped.setdefault(name, []).append(key)
+        got = bundle.tensors.get(name)
+        want = t.reshape(-1) if kind == "ia3_l" else t
+        if got is None or got.shape != want.shape or not np.array_equal(got, want.astype(got.dtype)):
+            problems.append(f"{name} is not the checkpoint's {key[:80]}")
+        if kind == "ia3_l" and (path in feedforward) != (t.ndim == 2 and t.shape[0] == 1 and t.shape[1] != 1):
+            problems.append(f"{path} on the {'input' if path in feedforward else 'output'}, its vector {list(t.shape)}")
+    problems += [f"{name} stands for {len(keys)} checkpoint tensors ({keys[1][:80]})" for name, keys in mapped.items()
+                 if len(keys) > 1]
+    problems += [f"{name} comes from no checkpoint tensor" for name in bundle.tensors if name not in mapped]
+    if bundle.metadata["kind"] == "lora" and isinstance(config, dict) and not problems:
+        alphas = [config.get("lora_alpha"), *_values(config.get("alpha_pattern"))]
+        ranks = [config.get("r"), *_values(config.get("rank_pattern"))]
+        rslora = bool(config.get("use_rslora", False))
+        for key, s in _json_or_none(bundle.metadata["scalings"]).items():
+            r = bundle.tensors[f"lora.{key}.a"].shape[0]
+            wants = [float(a) / (math.sqrt(r) if rslora else r) for a in alphas if _real(a)]
+            if r not in ranks or not any(math.isclose(s, want, rel_tol=1e-12) for want in wants):
+                problems.append(f"scaling {s} of {key} (rank {r}) is none of alpha/{'sqrt(r)' if rslora else 'r'} "
+                                f"for lora_alpha or alpha_pattern {alphas[:4]}, ranks {ranks[:4]}")
     return problems
 
 
@@ -160,8 +326,13 @@ def selftest(export: Path, memory_gb: float, log: Path, hang_s: float = 1.0) -> 
     return {"expected": SELFTEST, "seen": seen, "ok": seen == SELFTEST}
 
 
-def run_one(case: dict[str, Any], manifest: mf.Manifest) -> dict[str, Any]:
-    """Run one case in this process and classify it (the worker's body; --replay uses it too)."""
+def run_one(case: dict[str, Any], manifest: mf.Manifest, lora_manifest: mf.Manifest | None = None) -> dict[str, Any]:
+    """Run one case in this process and classify it (the worker's body; --replay uses it too): against
+    `lora_manifest` (the export made with --lora) where the case says so, else `manifest`."""
+    if case.get("lora_export"):
+        if lora_manifest is None:
+            raise ValueError(f"case {case['index']} needs the export made with --lora")
+        manifest = lora_manifest
     from prefixport.adapters.bundle import load_bundle
     from prefixport.adapters.peft import convert
     from prefixport.errors import PrefixportError
@@ -226,7 +397,7 @@ def _peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def worker_main(export: str, memory_gb: float) -> None:
+def worker_main(export: str, memory_gb: float, lora_export: str | None = None) -> None:
     """Read cases (JSON lines) on stdin, answer results (JSON lines) on the original stdout."""
     import importlib
     import resource
@@ -235,6 +406,7 @@ def worker_main(export: str, memory_gb: float) -> None:
         importlib.import_module(module)
 
     manifest = mf.Manifest.load(export)
+    lora_manifest = mf.Manifest.load(lora_export) if lora_export else None
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything the library prints goes to stderr, not into the protocol
     sys.stdout = sys.stderr
@@ -247,7 +419,7 @@ def worker_main(export: str, memory_gb: float) -> None:
     for line in sys.stdin:
         case = json.loads(line)
         _reset_peak_rss()
-        out = run_one(case, manifest)
+        out = run_one(case, manifest, lora_manifest)
         out["rss_kb"] = _peak_rss_kb()  # this case's peak (Linux); else the worker's so far
         answer.write(json.dumps(out) + "\n")
         answer.flush()
@@ -256,8 +428,8 @@ def worker_main(export: str, memory_gb: float) -> None:
 class Worker:
     """A worker subprocess with a watchdog: `run` returns its answer, or None on a hang (then killed)."""
 
-    def __init__(self, export: Path, memory_gb: float, log: Path):
-        self.export, self.memory_gb, self.log = export, memory_gb, log
+    def __init__(self, export: Path, memory_gb: float, log: Path, lora_export: Path | None = None):
+        self.export, self.memory_gb, self.log, self.lora_export = export, memory_gb, log, lora_export
         self.proc: subprocess.Popen | None = None
         self.buf = b""
         self.starts = 0
@@ -273,7 +445,8 @@ class Worker:
         self.log_offset = self.log_file.tell()
         self.proc = subprocess.Popen(  # from the checkout's root: `-m benchmarks.fuzz_worker` imports from there
             [sys.executable, "-m", "benchmarks.fuzz_worker", str(Path(self.export).resolve()),
-             "--memory-gb", str(self.memory_gb)],
+             "--memory-gb", str(self.memory_gb),
+             *(["--lora-export", str(Path(self.lora_export).resolve())] if self.lora_export else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, env=env, start_new_session=True,
             cwd=ROOT)
         self.buf = b""
@@ -356,8 +529,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz_worker", description=__doc__.split("\n")[0])
     parser.add_argument("export", help="the export whose manifest the readers get")
     parser.add_argument("--memory-gb", type=float, default=3.0, help="the address-space cap (0: none)")
+    parser.add_argument("--lora-export", help="the same model exported with --lora (the LoRA and IA3 cases')")
     args = parser.parse_args()
-    worker_main(args.export, args.memory_gb)
+    worker_main(args.export, args.memory_gb, args.lora_export)
 
 
 if __name__ == "__main__":

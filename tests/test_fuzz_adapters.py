@@ -1,6 +1,7 @@
 """Fuzzing of the adapter readers (load_bundle, convert): a short run of `python -m
-benchmarks.fuzz_adapters`'s harness over the tiny Llama's real bundles and PEFT checkpoints, with
-the cases of benchmarks/fuzz_cases.py (the full 10,000-case run and its counts are under
+benchmarks.fuzz_adapters`'s harness over the tiny Llama's real bundles and PEFT checkpoints (the
+LoRA and IA3 ones converted for its export made with --lora), with the cases of
+benchmarks/fuzz_cases.py (the full 10,000-case run and its counts are under
 benchmarks/results/fuzz_adapters/)."""
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.fuzz_adapters import run_fuzz
+from benchmarks.fuzz_adapters import add_weight_seeds, run_fuzz
 from benchmarks.fuzz_cases import load_seeds, make_case, schedule, st_parse
 
-CASES = 400
+CASES = 8 * len(schedule())  # every family 8 times its weight
 SEED = 1  # the full run uses seed 0: these are other cases
+WEIGHT_FAMILIES = ("bundle_lora", "bundle_ia3", "peft_lora", "peft_ia3")
 
 
 @pytest.fixture(scope="module")
-def fuzz_seeds(tiny_model, tiny_export, tiny_adapters, tmp_path_factory):
-    """The tiny_adapters bundles and checkpoints, plus a multitask checkpoint and its task-1 bundle."""
+def fuzz_seeds(tiny_model, tiny_export, tiny_lora_export, tiny_adapters, tmp_path_factory):
+    """The tiny_adapters bundles and checkpoints, plus a multitask checkpoint and its task-1 bundle, and
+    the LoRA and IA3 checkpoints of tests/peft_helpers.py converted for the tiny Llama's --lora export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefixport.adapters import convert_checkpoint
@@ -38,7 +41,9 @@ def fuzz_seeds(tiny_model, tiny_export, tiny_adapters, tmp_path_factory):
              work / "peft" / "multitask", steps=2)
     convert_checkpoint(work / "peft" / "multitask", export, name="multitask-task1", task=1,
                        out=work / "multitask-task1.safetensors")
-    return load_seeds(export, work)
+    lora_export = tiny_lora_export("llama")
+    add_weight_seeds(folder, lora_export, work, say=lambda message: None)
+    return load_seeds(export, work, lora_export)
 
 
 def _describe(failures: list[dict]) -> str:
@@ -79,7 +84,9 @@ def test_a_case_is_rebuilt_from_its_seed_and_index(fuzz_seeds, tmp_path):
 
 def test_fuzz_adapter_readers(fuzz_seeds, tmp_path):
     seeds = fuzz_seeds
-    assert set(seeds.peft) >= {"prompt", "ptuning-lstm", "prefix", "prefix-projection", "multitask"}
+    assert set(seeds.peft) >= {"prompt", "ptuning-lstm", "prefix", "prefix-projection", "multitask", "lora-all",
+                               "lora-qv-rs", "lora-attn-r4", "ia3"}
+    assert seeds.of_kind("lora") == ["lora-all", "lora-attn-r4", "lora-qv-rs"] and seeds.of_kind("ia3") == ["ia3"]
     r = run_fuzz(seeds, CASES, seed=SEED, timeout=5.0, memory_gb=3.0, work=tmp_path / "work",
                     reproducers=tmp_path / "reproducers")
     t = r["totals"]
@@ -99,6 +106,17 @@ def test_fuzz_adapter_readers(fuzz_seeds, tmp_path):
             assert f["error"] > 0, (name, f["kinds"])
         assert all(m["message"].strip() for m in f["messages"]), name
     assert r["families"]["bundle_valid"]["ok"] == r["families"]["bundle_valid"]["cases"]
+    # LoRA and IA3: each of their families had refused and accepted cases (the accepted ones checked by
+    # the oracle: else bad_accept above), a valid one was refused by the plain export, and cases made
+    # from LoRA/IA3 seeds in every family met the --lora export
+    for name in WEIGHT_FAMILIES:
+        f = r["families"][name]
+        assert f["ok"] > 0 and f["error"] > 0, (name, f["kinds"])
+    plain = [r["families"][n]["kinds"]["plain_export"] for n in WEIGHT_FAMILIES
+             if "plain_export" in r["families"][n]["kinds"]]
+    assert plain and all(set(outcomes) == {"error"} for outcomes in plain), plain
+    lora = r["lora_export_cases"]
+    assert lora["cases"] > sum(r["families"][n]["cases"] for n in WEIGHT_FAMILIES) // 2 and lora["ok"] > 0, lora
     assert r["families"]["bundle_pickle"]["ok"] == 0
     assert not (tmp_path / "reproducers").exists()
     assert r["worker"]["peak_rss_mb"] < 1024, r["worker"]  # no case came near the 3 GiB cap either

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,104 @@ def test_cli_converts_and_inspects_lora_and_ia3(setup, plain_lora, plain_ia3, tm
             assert "ia3 adapter 'my-ia3' (IA3), 6 modules" in result.output
             for line in ("targets: mlp.down_proj, self_attn.k_proj, self_attn.v_proj", "scale inputs: mlp.down_proj"):
                 assert line in inspected.output, inspected.output
+
+
+# Found by the adapter fuzzer (benchmarks/fuzz_adapters.py, families peft_lora, peft_ia3, bundle_lora,
+# bundle_ia3): each was a crash, a hang or an accepted adapter the runtime could not hold.
+
+def _no_rank(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every A [0, in] and B [out, 0]: rank 0 in the weights too."""
+    return {k: np.ascontiguousarray(t[:0] if ".lora_A." in k else t[:, :0]) for k, t in w.items()}
+
+
+@pytest.mark.parametrize("ckpt,config,weights,message", [
+    # ZeroDivisionError (alpha / r, alpha / sqrt(r)): r 0 in the config and the weights alike
+    ("lora", {"r": 0}, _no_rank, r"r is 0, not a whole number >= 1 \(a rank\)"),
+    ("lora", {"r": 0, "use_rslora": True}, _no_rank, r"r is 0, not a whole number >= 1 \(a rank\)"),
+    # OverflowError (math.isfinite on a JSON integer too large for a float)
+    ("lora", {"lora_alpha": 10**400}, None, r"lora_alpha is 1000.*, not a finite number"),
+    ("lora", {"alpha_pattern": {"q_proj": 10**400}}, None, r"q_proj is 1000.*, not a finite number"),
+    # accepted, then Inf in the runtime's tables: alpha / r beyond float32
+    ("lora", {"lora_alpha": 1e300}, None, r"has scaling 2\.5e\+299 .*beyond float32's range"),
+    # re.error: a key that compiles alone, but not inside PEFT's `(.*\.)?(KEY)$` (flags not at the start)
+    ("lora", {"rank_pattern": {"(?i)q_proj": 4}}, None,
+     r"rank_pattern key '\(\?i\)q_proj' is not a regular expression \(global flags not at the start"),
+    # hangs: patterns that backtrack for hours on a module name of 30 characters
+    ("lora", {"rank_pattern": {"(.*)*x": 4}}, None,
+     r"rank_pattern key '\(\.\*\)\*x' is a regular expression prefixport does not match \(a group repeated by \*, "
+     r"\+ or \{m,n\}\): matching it could backtrack for hours\. Name the modules instead"),
+    ("lora", {"alpha_pattern": {"(.|.)+x": 4}}, None, r"alpha_pattern key '\(\.\|\.\)\+x' .* could backtrack"),
+    ("lora", {"rank_pattern": {".*.*.*.*x": 4}}, None, r"\(4 repetitions \(at most 3\)\)"),
+    ("lora", {"rank_pattern": {"q" * 2000: 4}}, None, r"has 2,000 characters; prefixport takes patterns of up to 1,000"),
+    ("ia3", {"feedforward_modules": "(.*?)*down_proj"}, None, r"feedforward_modules '\(\.\*\?\)\*down_proj' .* could backtrack"),
+])
+def test_checkpoints_that_crashed_or_hung_the_converter(setup, plain_lora, plain_ia3, tmp_path, ckpt, config, weights,
+                                                        message):
+    _, manifest = setup("llama")
+    folder = edited(plain_lora if ckpt == "lora" else plain_ia3, tmp_path, config, weights)
+    began = time.perf_counter()
+    with pytest.raises(AdapterError, match=message):
+        convert(folder, manifest)
+    assert time.perf_counter() - began < 5
+
+
+def test_patterns_peft_writes_still_convert(setup, plain_lora, tmp_path):
+    """The pattern checks refuse only what could backtrack: names, a layer's module, and a few
+    repetitions of single characters or classes (PEFT's own examples) convert, matched as PEFT does."""
+    _, manifest = setup("llama")
+    patterns = {"layers.1.self_attn.v_proj": 8, r"layers\.[0-9]+\.self_attn\.q_.*": 16, "(?:q|k)_proj{1}": 2}
+    bundle = convert(edited(plain_lora, tmp_path, {"alpha_pattern": patterns, "rank_pattern": {"v_proj": 4}}),
+                     manifest)
+    assert bundle.scalings == {"0.self_attn.q_proj": 4.0, "0.self_attn.v_proj": 2.0, "1.self_attn.q_proj": 4.0,
+                               "1.self_attn.v_proj": 2.0}
+
+
+@pytest.mark.parametrize("ckpt", ["lora", "ia3"])
+def test_a_layer_number_with_leading_zeros_is_refused(setup, plain_lora, plain_ia3, tmp_path, ckpt):
+    """`layers.00` beside `layers.0` named layer 0's module twice: one silently replaced the other (accepted)."""
+    _, manifest = setup("llama")
+    leaves = (".lora_A.weight", ".lora_B.weight") if ckpt == "lora" else (".ia3_l",)
+    head = f"{PEFT_PREFIX}model.layers.0.{'self_attn.q_proj' if ckpt == 'lora' else 'self_attn.k_proj'}"
+
+    def alias(w):
+        return {**w, **{(head + leaf).replace(".layers.0.", ".layers.00."): w[head + leaf] * 2 for leaf in leaves}}
+
+    with pytest.raises(AdapterError, match=r"layers\.00\..*of decoder layer '00': PyTorch numbers layers 0, 1, 2, "
+                                           r"\.\.\. without leading zeros"):
+        convert(edited(plain_lora if ckpt == "lora" else plain_ia3, tmp_path, weights=alias), manifest)
+
+
+def test_bundles_the_runtime_could_not_hold_are_refused(setup, plain_lora, plain_ia3, tmp_path):
+    """Bundles the fuzzer found accepted (or crashing the reader): scalings beyond float32 (10**400 raised
+    OverflowError), s·B overflowing float32 where the runtime computes it, a lora bundle of format
+    version 2, and shapes no model has (a dimension 0, a module's shape changing between layers)."""
+    _, manifest = setup("llama")
+    lora, ia3 = convert(plain_lora, manifest, name="l"), convert(plain_ia3, manifest, name="i")
+    q_b, q_a = "lora.0.self_attn.q_proj.b", "lora.0.self_attn.q_proj.a"
+
+    def broken(bundle, metadata=None, **tensors):
+        return type(bundle)({**bundle.tensors, **{k.replace("__", "."): v for k, v in tensors.items()}},
+                            {**bundle.metadata, **(metadata or {})})
+
+    def scalings(value):
+        return {"scalings": json.dumps({**lora.scalings, "0.self_attn.q_proj": value})}
+
+    big_b = (lora.tensors[q_b] / np.abs(lora.tensors[q_b]).max() * 3e38).astype(np.float32)
+    cases = [(broken(lora, scalings(10**400)), "`scalings` must be a JSON object of finite numbers within float32"),
+             (broken(lora, scalings(1e39)), "`scalings` must be a JSON object of finite numbers within float32"),
+             (broken(lora, **{q_b.replace(".", "__"): big_b}),
+              r"module 0.self_attn.q_proj has scaling 2 and B values up to 3e\+38: their product overflows float32"),
+             (broken(lora, {"format_version": "2"}), r"a bundle of kind 'lora' is format version 3 .* says '2'"),
+             (broken(lora, **{q_a.replace(".", "__"): np.zeros((4, 0), np.float32)}),
+              r"A \[4, 0\] and B \[64, 4\]; a LoRA of rank r has A \[r, in\] and B \[out, r\], r, in and out >= 1"),
+             (broken(lora, **{q_a.replace(".", "__"): np.ones((4, 63), np.float32)}),
+              r"self_attn.q_proj has \[in, out\] features \[64, 64\] in layer 1 and \[63, 64\] in layer 0"),
+             (broken(ia3, **{"ia3__1__self_attn__k_proj": np.ones(31, np.float32)}),
+              r"self_attn.k_proj has an IA3 vector of shape \[31\] in layer 1 and \[32\] in layer 0")]
+    for bundle, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            check_bundle(bundle)
+    path = tmp_path / "big-scaling.safetensors"  # through the file reader too
+    save_file(lora.tensors, str(path), metadata={**lora.metadata, **scalings(10**400)})
+    with pytest.raises(AdapterError, match="`scalings` must be a JSON object"):
+        load_bundle(path)

@@ -4,9 +4,11 @@
     kind "prefix": past_key_values.{i}.key / .value [kv_heads, n_virtual, head_dim] per layer
     kind "lora":   lora.{layer}.{path}.a [r, in] and .b [out, r] (PEFT's lora_A / lora_B weights as saved)
                    per adapted module; metadata `rank` (the largest r) and `scalings` (JSON
-                   {"{layer}.{path}": float}, what PEFT multiplies B·A·x by)
-    kind "ia3":    ia3.{layer}.{path} [dim] per adapted module; metadata `feedforward` (JSON list of
-                   the paths whose vector scales the module's input; the others scale its output)
+                   {"{layer}.{path}": float}, what PEFT multiplies B·A·x by; s·B finite in float32);
+                   r, in, out >= 1, a path's [in, out] the same in every layer
+    kind "ia3":    ia3.{layer}.{path} [dim] per adapted module (a path's dim the same in every layer);
+                   metadata `feedforward` (JSON list of the paths whose vector scales the module's
+                   input; the others scale its output)
 
 `path` is a module path inside a decoder layer, e.g. "self_attn.q_proj" (manifest.WeightAdapters).
 Format version 2 adds the optional `prompt_format` (raw, chat or a template: `prompt_format.py`);
@@ -50,6 +52,19 @@ MAX_TENSORS = 4096
 _PATH = r"([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)"
 LORA_NAME = re.compile(rf"lora\.(0|[1-9][0-9]*)\.{_PATH}\.([ab])")
 IA3_NAME = re.compile(rf"ia3\.(0|[1-9][0-9]*)\.{_PATH}")
+# The runtime multiplies a LoRA's B by its scaling in float32 (runtime/store.py, weight_tables)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite(value: object) -> bool:
+    """A JSON number (not a bool) that is a finite float: NaN, Infinity and integers beyond a float's
+    range (a JSON integer may have thousands of digits) are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass
@@ -225,6 +240,10 @@ def check_bundle(bundle: Bundle, where: str = "adapter") -> None:
     except ValueError:
         raise AdapterError(f"{where}: n_virtual {meta['n_virtual']!r} is not a number") from None
     if kind in WEIGHT_KINDS:
+        if meta["format_version"] != FORMAT_VERSION:
+            raise AdapterError(f"{where}: a bundle of kind {kind!r} is format version {FORMAT_VERSION} (the version "
+                               f"that added it); this one says {meta['format_version']!r}: convert the PEFT "
+                               "checkpoint again")
         if n_virtual != 0:
             raise AdapterError(f"{where}: a bundle of kind {kind!r} adds no virtual tokens, so its n_virtual is 0; "
                                f"this one says {n_virtual}: convert the PEFT checkpoint again")
@@ -246,6 +265,8 @@ def check_bundle(bundle: Bundle, where: str = "adapter") -> None:
         if not np.isfinite(t).all():
             raise AdapterError(f"{where}: tensor {name} holds NaN or Inf; the adapter is broken (retrain or "
                                "re-save it)")
+    if kind == "lora":
+        _check_scaled(bundle, where)
 
 
 def _check_layout(tensors: dict[str, np.ndarray], kind: str, n_virtual: int, where: str) -> None:
@@ -291,10 +312,9 @@ def _json_scalings(text: str, where: str) -> dict[str, float]:
         value = json.loads(text)
     except (ValueError, RecursionError):
         value = None
-    if not isinstance(value, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value.values()):
-        raise AdapterError(f"{where}: the metadata `scalings` must be a JSON object of finite numbers, one per "
-                           "\"{layer}.{path}\"; convert the PEFT checkpoint again")
+    if not isinstance(value, dict) or not all(finite(v) and abs(v) <= FLOAT32_MAX for v in value.values()):
+        raise AdapterError(f"{where}: the metadata `scalings` must be a JSON object of finite numbers within float32's "
+                           "range, one per \"{layer}.{path}\"; convert the PEFT checkpoint again")
     return {str(k): float(v) for k, v in value.items()}
 
 
@@ -320,12 +340,21 @@ def _check_weight_layout(bundle: Bundle, where: str) -> None:
         raise AdapterError(f"{where}: a {kind} bundle holds {form} tensors only; this one also holds "
                            f"{strays[:4]}{again}")
     modules = weight_modules(tensors, kind)
+    dims: dict[str, tuple[tuple[int, ...], int]] = {}  # path -> its dims, of the first layer that has it
+
+    def same_dims(layer: int, path: str, shape: tuple[int, ...], what: str) -> None:
+        first, first_layer = dims.setdefault(path, (shape, layer))
+        if shape != first:
+            raise AdapterError(f"{where}: {path} {what} {list(shape)} in layer {layer} and {list(first)} in layer "
+                               f"{first_layer}; a module has the same shape in every layer{again}")
+
     if kind == "ia3":
         for layer, path in modules:
             shape = tensors[mf.ia3_name(layer, path)].shape
             if len(shape) != 1 or shape[0] < 1:
                 raise AdapterError(f"{where}: {mf.ia3_name(layer, path)} has shape {list(shape)}; an IA3 vector is "
                                    f"[dim]{again}")
+            same_dims(layer, path, shape, "has an IA3 vector of shape")
         paths = {path for _, path in modules}
         unknown = [p for p in _json_paths(meta["feedforward"], where) if p not in paths]
         if unknown:
@@ -339,9 +368,10 @@ def _check_weight_layout(bundle: Bundle, where: str) -> None:
             raise AdapterError(f"{where}: module {layer}.{path} has {'an A' if a_name in tensors else 'a B'} but "
                                f"no {'B' if a_name in tensors else 'A'}; a LoRA module holds both{again}")
         a, b = tensors[a_name].shape, tensors[b_name].shape
-        if len(a) != 2 or len(b) != 2 or a[0] < 1 or b[1] != a[0]:
+        if len(a) != 2 or len(b) != 2 or min(*a, *b) < 1 or b[1] != a[0]:
             raise AdapterError(f"{where}: module {layer}.{path} has A {list(a)} and B {list(b)}; a LoRA of rank r "
-                               f"has A [r, in] and B [out, r]{again}")
+                               f"has A [r, in] and B [out, r], r, in and out >= 1{again}")
+        same_dims(layer, path, (a[1], b[0]), "has [in, out] features")
         ranks.append(a[0])
     try:
         rank = int(meta["rank"])
@@ -354,6 +384,18 @@ def _check_weight_layout(bundle: Bundle, where: str) -> None:
     if set(scalings) != keys:
         raise AdapterError(f"{where}: `scalings` must hold one value per module; missing "
                            f"{sorted(keys - set(scalings))[:4]}, unexpected {sorted(set(scalings) - keys)[:4]}{again}")
+
+
+def _check_scaled(bundle: Bundle, where: str) -> None:
+    """Each LoRA module's s·B, which the runtime computes in float32, is finite there (B finite and s
+    within float32's range are check_bundle's)."""
+    for key, s in bundle.scalings.items():
+        b = bundle.tensors[f"lora.{key}.b"]
+        top = float(np.abs(b).max(initial=0.0))
+        if abs(s) * top > FLOAT32_MAX:
+            raise AdapterError(f"{where}: module {key} has scaling {s:g} and B values up to {top:g}: their product "
+                               "overflows float32, where the runtime computes it. Is the adapter broken (lora_alpha, "
+                               "or B, out of range)? Retrain or re-save it")
 
 
 def _check_weights_fit(bundle: Bundle, manifest: mf.Manifest, where: str) -> None:

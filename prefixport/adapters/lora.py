@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import AdapterError, shown
+from .bundle import FLOAT32_MAX, finite
 
 PREFIX = "base_model.model."  # PEFT's checkpoint keys: the tuner's wrapper, then the model's module names
 LORA_LEAVES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
@@ -52,35 +53,101 @@ VARIANTS = {
 }
 
 
-def _number(config: dict[str, Any], name: str, where: Path, default: Any = None, whole: bool = False) -> Any:
+def _number(config: dict[str, Any], name: str, where: Path, default: Any = None, rank: bool = False) -> Any:
+    """A finite number of the config, or with `rank` a whole number >= 1 (PEFT refuses any other r)."""
     value = config.get(name, default)
-    ok = isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
-    if isinstance(value, bool) or not ok:
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if rank else finite(value)
+    if not ok:
         raise AdapterError(f"{where}/adapter_config.json: {name} is {shown(value)}, not a "
-                           f"{'whole number' if whole else 'finite number'}; re-save the adapter with PEFT")
+                           f"{'whole number >= 1 (a rank)' if rank else 'finite number'}; re-save the adapter with PEFT")
     return value
 
 
-def _patterns(config: dict[str, Any], name: str, where: Path, whole: bool) -> dict[str, Any]:
+# PEFT matches rank_pattern / alpha_pattern keys and an IA3 feedforward_modules string with Python's re,
+# which has no timeout and backtracks: a repeated group such as `(.*)*x` takes hours on a module name of
+# 30 characters. prefixport takes what PEFT's own patterns look like (a module name, or a regex with a
+# few repetitions of single characters or classes) and refuses the rest before matching anything.
+MAX_PATTERN_CHARS = 1000
+MAX_REPEATS = 3
+_BOUNDS = re.compile(r"\{([0-9]*)(,([0-9]*))?\}")
+
+
+def backtracking(pattern: str) -> str | None:
+    """Why matching `pattern` could take exponential (or high polynomial) time: a repeated group, or
+    more than MAX_REPEATS repetitions (*, +, {m,n}); None if it cannot. Conservative: what it cannot
+    parse counts as a repetition."""
+    repeats, i, after_group = 0, 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        bounds = _BOUNDS.match(pattern, i) if ch == "{" else None
+        if ch in "*+" or bounds:
+            if bounds is None:  # * or +
+                many = True
+            elif bounds.group(2) is None:  # {m}
+                many = int(bounds.group(1) or "0") > 1
+            else:  # {m,n}, {m,}, {,n}
+                many = not bounds.group(3) or int(bounds.group(3)) > 1
+            if many:
+                if after_group:
+                    return "a group repeated by *, + or {m,n}"
+                repeats += 1
+            i = bounds.end() if bounds else i + 1
+            if i < len(pattern) and pattern[i] in "?+":  # lazy or possessive: the same repetition
+                i += 1
+            after_group = False
+            continue
+        if ch == "\\":
+            i += 2
+        elif ch == "[":  # a class: up to its closing bracket (one first or after ^ is a member)
+            i += 2 if pattern.startswith("[^", i) else 1
+            i += 1 if pattern.startswith("]", i) else 0
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif ch == "(":
+            i += 2 if pattern.startswith("(?", i) else 1  # (?:, (?P<name>, (?=, ...: not a repetition
+        else:
+            i += 1
+        after_group = ch == ")"
+    return f"{repeats} repetitions (at most {MAX_REPEATS})" if repeats > MAX_REPEATS else None
+
+
+def _regex(pattern: str, what: str, where: Path, source: str | None = None) -> re.Pattern[str]:
+    """`source` (default: `pattern`) compiled, where `pattern` is a regular expression that matches
+    in bounded time; else an AdapterError."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise AdapterError(f"{where}/adapter_config.json: {what} {shown(pattern)} has {len(pattern):,} characters; "
+                           f"prefixport takes patterns of up to {MAX_PATTERN_CHARS:,}. Name the modules instead")
+    try:
+        compiled = re.compile(pattern if source is None else source)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise AdapterError(f"{where}/adapter_config.json: {what} {shown(pattern)} is not a regular expression "
+                           f"({e}); re-save the adapter with PEFT") from None
+    why = backtracking(pattern)
+    if why:
+        raise AdapterError(f"{where}/adapter_config.json: {what} {shown(pattern)} is a regular expression prefixport "
+                           f"does not match ({why}): matching it could backtrack for hours. Name the modules "
+                           "instead (e.g. \"q_proj\", \"layers.3.self_attn.v_proj\") or use a simpler pattern")
+    return compiled
+
+
+def _patterns(config: dict[str, Any], name: str, where: Path, rank: bool) -> list[tuple[re.Pattern[str], Any]]:
+    """rank_pattern or alpha_pattern, checked, as (PEFT's match for the key, value) in the file's order
+    (compiled once: thousands of keys would overflow `re`'s cache and be compiled again per module)."""
     patterns = config.get(name) or {}
     if not isinstance(patterns, dict):
         raise AdapterError(f"{where}/adapter_config.json: {name} is {shown(patterns)}, not a JSON object; re-save "
                            "the adapter with PEFT")
     for key in patterns:
-        _number(patterns, key, where, whole=whole)
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise AdapterError(f"{where}/adapter_config.json: {name} key {shown(key)} is not a regular "
-                               f"expression ({e}); re-save the adapter with PEFT") from None
-    return patterns
+        _number(patterns, key, where, rank=rank)
+    return [(_regex(key, f"{name} key", where, rf"(.*\.)?({key})$"), value) for key, value in patterns.items()]
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key K (in order) such that `module`
-    matches `(.*\\.)?(K)$`, else `default`."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+def pattern_value(patterns: list[tuple[re.Pattern[str], Any]], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key K (in order) such that
+    `module` matches `(.*\\.)?(K)$` (`_patterns`' compiled keys), else `default`."""
+    for pattern, value in patterns:
+        if pattern.match(module):
             return value
     return default
 
@@ -137,7 +204,19 @@ def _module(key: str, leaf: str, layers_path: str, where: Path) -> tuple[int, st
         raise AdapterError(f"{where} adapts {shown(name or key)}, outside the decoder layers ({layers_path}.N...): "
                            "prefixport takes LoRA and IA3 on the modules of the decoder layers only (not the "
                            "embeddings or lm_head). Train the adapter on decoder-layer modules only")
+    if not re.fullmatch(r"0|[1-9][0-9]*", layer):  # "00" would be layer 0's tensor a second time
+        raise AdapterError(f"{where} holds {shown(key)}, of decoder layer {layer!r}: PyTorch numbers layers 0, 1, "
+                           "2, ... without leading zeros, so no module has that name (was the file edited?); re-save "
+                           "the adapter with PEFT")
     return int(layer), path
+
+
+def _put(tensors: dict[str, np.ndarray], name: str, t: np.ndarray, key: str, where: Path) -> None:
+    """tensors[name] = t, where no other checkpoint tensor took that place."""
+    if name in tensors:
+        raise AdapterError(f"{where} holds two tensors for {name} ({shown(key)} and another); re-save the adapter "
+                           "with PEFT")
+    tensors[name] = t
 
 
 def convert_lora(config: dict[str, Any], weights: dict[str, np.ndarray], manifest: mf.Manifest,
@@ -146,10 +225,10 @@ def convert_lora(config: dict[str, Any], weights: dict[str, np.ndarray], manifes
     check_fits'."""
     layers_path = weights_of(manifest, "LoRA").layers_path
     refuse_lora_options(config, weights, where)
-    r_default = _number(config, "r", where, whole=True)
+    r_default = _number(config, "r", where, rank=True)
     alpha_default = _number(config, "lora_alpha", where)
-    rank_pattern = _patterns(config, "rank_pattern", where, whole=True)
-    alpha_pattern = _patterns(config, "alpha_pattern", where, whole=False)
+    rank_pattern = _patterns(config, "rank_pattern", where, rank=True)
+    alpha_pattern = _patterns(config, "alpha_pattern", where, rank=False)
     rslora = bool(config.get("use_rslora", False))
     tensors: dict[str, np.ndarray] = {}
     modules: dict[tuple[int, str], str] = {}  # (layer, path) -> its module name, as PEFT's patterns see it
@@ -163,7 +242,7 @@ def convert_lora(config: dict[str, Any], weights: dict[str, np.ndarray], manifes
         layer, path = _module(key, leaf, layers_path, where)
         modules[(layer, path)] = key[len(PREFIX):-len(leaf)]
         name = (mf.lora_a_name if LORA_LEAVES[leaf] == "a" else mf.lora_b_name)(layer, path)
-        tensors[name] = _float(t, key, where)
+        _put(tensors, name, _float(t, key, where), key, where)
     if not tensors:
         raise AdapterError(f"{where} holds no LoRA tensors (lora_A.weight, lora_B.weight); re-save it with PEFT")
     scalings = {}
@@ -179,7 +258,12 @@ def convert_lora(config: dict[str, Any], weights: dict[str, np.ndarray], manifes
             raise AdapterError(f"{where}: {module} has rank {a.shape[0]}, while adapter_config.json gives it rank "
                                f"{r} (r, rank_pattern), so its scaling is unknown; re-save the adapter with PEFT")
         alpha = pattern_value(alpha_pattern, module, alpha_default)
-        scalings[f"{layer}.{path}"] = alpha / math.sqrt(r) if rslora else alpha / r
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        if abs(scaling) > FLOAT32_MAX:
+            raise AdapterError(f"{where}: {module} has scaling {scaling:g} (lora_alpha or its alpha_pattern "
+                               f"{shown(alpha)}, over {'sqrt(r)' if rslora else 'r'}, r {r}), beyond float32's range "
+                               "where the runtime applies it; re-save the adapter with PEFT with a sane lora_alpha")
+        scalings[f"{layer}.{path}"] = scaling
     paths = sorted({path for _, path in modules})
     extra = {"rank": str(max(a.shape[0] for name, a in tensors.items() if name.endswith(".a"))),
              "scalings": json.dumps(scalings), "lora_alpha": str(alpha_default), "use_rslora": str(rslora).lower(),
@@ -202,6 +286,8 @@ def convert_ia3(config: dict[str, Any], weights: dict[str, np.ndarray], manifest
             isinstance(feedforward_modules, list) and not all(isinstance(m, str) for m in feedforward_modules)):
         raise AdapterError(f"{where}/adapter_config.json: feedforward_modules is {shown(feedforward_modules)}, "
                            "neither a list of names nor a regular expression; re-save the adapter with PEFT")
+    feedforward_regex = (_regex(feedforward_modules, "feedforward_modules", where)
+                         if isinstance(feedforward_modules, str) else None)
     tensors: dict[str, np.ndarray] = {}
     paths, feedforward = set(), set()
     for key, t in weights.items():
@@ -209,18 +295,15 @@ def convert_ia3(config: dict[str, Any], weights: dict[str, np.ndarray], manifest
             raise AdapterError(f"{where} holds {shown(key)}, which is no IA3 vector (ia3_l) of a linear module")
         layer, path = _module(key, ".ia3_l", layers_path, where)
         module = key[len(PREFIX):-len(".ia3_l")]
-        try:  # PEFT's IA3Model._check_target_module_feedforward
-            is_ff = (bool(re.fullmatch(feedforward_modules, module)) if isinstance(feedforward_modules, str)
-                     else any(module.endswith(m) for m in feedforward_modules))
-        except re.error as e:
-            raise AdapterError(f"{where}/adapter_config.json: feedforward_modules is not a regular expression ({e}); "
-                               "re-save the adapter with PEFT") from None
+        # PEFT's IA3Model._check_target_module_feedforward (a string: checked by _regex above)
+        is_ff = (bool(feedforward_regex.fullmatch(module)) if feedforward_regex is not None
+                 else any(module.endswith(m) for m in feedforward_modules))
         if t.ndim != 2 or (t.shape[0] != 1 if is_ff else t.shape[1] != 1):
             kind, shape = ("a feedforward", "[1, in]") if is_ff else ("a non-feedforward", "[out, 1]")
             raise AdapterError(f"{where}: {key} has shape {list(t.shape)}; on {kind} module (feedforward_modules) "
                                f"PEFT's IA3 vector is {shape}. Was it saved for another module type, or was "
                                "adapter_config.json edited? Re-save the adapter with PEFT")
-        tensors[mf.ia3_name(layer, path)] = _float(t, key, where).reshape(-1)
+        _put(tensors, mf.ia3_name(layer, path), _float(t, key, where).reshape(-1), key, where)
         paths.add(path)
         if is_ff:
             feedforward.add(path)
