@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,10 +27,13 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from prefixport.runtime import Engine  # noqa: E402
+from prefixport.server import ServerSettings, create_app  # noqa: E402
 from prefixport.server.ray_metrics import push_metrics  # noqa: E402
-from prefixport.server.ray_serve import APP_NAME, INGRESS, REFRESH_S, REPLICA, AppArgs, app_builder  # noqa: E402
+from prefixport.server.ray_serve import (APP_NAME, INGRESS, REFRESH_S, REPLICA, SCHEDULE_WARN_S, AppArgs,  # noqa: E402
+                                         app_builder)
 
 from .conftest import ADAPTER_VARIANTS  # noqa: E402
+from .helpers import running  # noqa: E402
 
 RAY_ADAPTERS = (*ADAPTER_VARIANTS, "lora", "ia3")  # the export takes --lora: a LoRA and an IA3 beside them
 
@@ -180,7 +184,8 @@ def _client(ray_served, key: str) -> openai.OpenAI:
 
 
 def _ingress_counters() -> dict[str, int]:
-    """The first application's ingress: how often it looked up the models, and asked a replica."""
+    """The first application's ingress: how often it looked up the models, asked a replica, and sent a
+    request again after its replica died."""
     return serve.get_deployment_handle(INGRESS, app_name=APP_NAME).counters.remote().result()
 
 
@@ -349,8 +354,22 @@ def test_ingress_metrics_gather_every_replica(ray_served, client):
     assert sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 12, body
     assert all('replica="' in line for line in counts)
     replicas = {line.split('replica="')[1].split('"')[0] for line in body.splitlines() if 'replica="' in line}
-    assert len(replicas) == REPLICAS
+    assert replicas - {INGRESS} and len(replicas - {INGRESS}) == REPLICAS
     assert "prefixport_kv_cache_bytes{" in body and "prefixport_adapter_hits_total{" in body
+    requests = [line for line in body.splitlines() if line.startswith("prefixport_requests_total{")]
+    assert any('model="prompt"' in line and 'status="200"' in line and f'replica="{INGRESS}"' in line
+               for line in requests), body  # counted by the same middleware as the plain server's
+
+    # every family the plain server exports after the same requests is there (the ingress adds none)
+    plain_engine = Engine.load(ray_served[0].folder, threads=1)
+    with running(create_app(plain_engine, ServerSettings(model_name="tiny", adapters_dir=ray_served[2]))) as url:
+        plain = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for model in ["tiny", "prompt", "tiny", "prefix"]:
+            plain.completions.create(model=model, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+        plain_body = httpx.get(url + "/metrics", timeout=30).text
+    plain_engine.close()
+    families = lambda text: {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}  # noqa: E731
+    assert families(plain_body) == families(body), families(plain_body) ^ families(body)
 
 
 def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tmp_path):
@@ -406,6 +425,32 @@ def test_a_second_application_beside_it_with_the_cli(ray_served, cluster, tmp_pa
     assert "second" not in status and APP_NAME in status  # the first application goes on
     first = openai.OpenAI(base_url=f"{url}/v1", api_key="user-key", max_retries=0, timeout=60)
     assert first.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_sigterm_while_replicas_cannot_be_scheduled_removes_the_application(ray_served, cluster, tmp_path):
+    """`prefixport serve --ray --replica-cpus 64` on a 3-CPU cluster: the deployment waits; within
+    SCHEDULE_WARN_S the CLI says what each replica reserves and what is free; SIGTERM then (during the
+    deployment) deletes the application, and the first one goes on."""
+    env, dashboard, gcs = cluster
+    engine, url, folder = ray_served
+    log = tmp_path / "stuck.log"
+    with log.open("w") as out:
+        stuck = subprocess.Popen([str(a) for a in [BIN / "prefixport", "serve", engine.folder, "--ray", "--adapters",
+                                                   folder, "--app-name", "stuck", "--route-prefix", "/stuck",
+                                                   "--replica-cpus", "64", "--threads", "1"]],
+                                 env={**env, "RAY_ADDRESS": gcs}, stderr=out)
+    try:
+        deadline = time.monotonic() + SCHEDULE_WARN_S + 120
+        while "are not running after" not in (said := log.read_text()):
+            assert stuck.poll() is None and time.monotonic() < deadline, said
+            time.sleep(1)
+        assert "each of the 1 reserves 64 CPU and the cluster has" in said, said
+        assert "stuck" in _run([BIN / "serve", "status", f"--address={dashboard}"], env).stdout
+    finally:
+        stuck.send_signal(signal.SIGTERM)
+        stuck.wait(timeout=120)
+    status = _run([BIN / "serve", "status", f"--address={dashboard}"], env).stdout
+    assert "stuck" not in status and APP_NAME in status, status
 
 
 def test_a_body_over_the_limit_is_413_at_the_ingress(ray_served):
@@ -506,3 +551,64 @@ def test_the_metrics_thread_outlives_any_error(monkeypatch, caplog):
         push_metrics("metrics:app", "r1", lambda: b"m 1\n", FivePushes())
     assert pushed == ["m 1\n", "m 1\n"]  # the two rounds after the errors
     assert [r.exc_info[1].args[0] for r in caplog.records] == ["GCS unreachable"]
+
+
+def test_a_replica_killed_under_load_fails_no_request_that_had_not_streamed(ray_served):
+    """kill -9 of a replica under 4 concurrent clients x 100 requests (streamed and not, the base model
+    and adapters): the ingress sends again every request whose replica died before it answered, so
+    none fails that had not streamed; a stream that had already sent tokens ends with an error event
+    that names a request id and no internals. Runs last: Serve replaces the replica (waited for here)."""
+    engine, url, _ = ray_served
+    pids = {info["pid"] for info in _replicas_state().values()}
+    before = _ingress_counters()["retries"]
+    outcomes: list[str] = []  # per request: ok, failed (before any token), broken (mid-stream)
+    killed = threading.Event()
+
+    def one(i: int) -> str:
+        model = ["tiny", "prompt", "prefix", "lora"][i % 4]
+        body = {"model": model, "prompt": PROMPTS[i % 3], "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0,
+                "ignore_eos": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
+                              headers={"Authorization": "Bearer user-key"}) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return f"failed: {r.status_code} {r.text[:200]}"
+                if not body["stream"]:
+                    r.read()
+                    return "ok"
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        except httpx.HTTPError as e:
+            return f"failed: {e!r}"
+        if events and events[-1] == "data: [DONE]":
+            return "ok"
+        error = events[-1] if events else ""
+        assert "request id" in error and "Actor" not in error and "pid" not in error, error
+        return "broken"
+
+    def kill() -> None:  # while requests run on both replicas
+        time.sleep(3)
+        os.kill(sorted(pids)[0], signal.SIGKILL)
+        killed.set()
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, range(100)))
+    killer.join()
+    assert killed.is_set()
+    failed = [o for o in outcomes if o.startswith("failed")]
+    broken = outcomes.count("broken")
+    print(f"kill -9 of a replica under 4 clients x 100 requests: {outcomes.count('ok')} ok, {len(failed)} failed "
+          f"before streaming, {broken} streams broken mid-way, {_ingress_counters()['retries'] - before} sent again")
+    assert not failed, failed
+    deadline = time.monotonic() + 120  # Serve replaces the replica (in 7-11 s when it was measured)
+    while True:
+        try:
+            now = {info["pid"] for info in _replicas_state().values()}
+        except AssertionError:  # only the survivor answers yet
+            now = set()
+        if len(now) == REPLICAS and sorted(pids)[0] not in now:
+            break
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(2)

@@ -109,13 +109,25 @@ def _speculative(stats: ProposerStats) -> Iterator:
                             stats.acceptance_rate)
 
 
-class Metrics:
-    """The server's counters and histograms; `render()` is the /metrics body."""
+class RequestMetrics:
+    """HTTP requests by endpoint, model and status, counted where they arrive (`CountRequests`: the
+    server, or the Ray ingress in front of its replicas); `render()` is a /metrics body."""
 
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
         self.requests = Counter("prefixport_requests", "HTTP requests by endpoint, model and status",
-                                ["endpoint", "model", "status"], registry=r)
+                                ["endpoint", "model", "status"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Metrics(RequestMetrics):
+    """The server's counters and histograms, the requests' included; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
         self.prompt_tokens = Counter("prefixport_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("prefixport_generation_tokens", "tokens generated", ["model"], registry=r)
         self.ttft = Histogram("prefixport_time_to_first_token_seconds", "submission to first token",
@@ -139,9 +151,6 @@ class Metrics:
             itl = self.itl.labels(model)
             for a, b in zip(times, times[1:]):
                 itl.observe(b - a)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class _Families(Collector):

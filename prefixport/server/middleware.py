@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-from .metrics import Metrics
+from .metrics import RequestMetrics
 from .protocol import error_body
 from .tenants import Access
 
@@ -17,7 +17,7 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20  # `LimitBody`'s default: the plain server's an
 class CountRequests:
     """Counts /v1 requests by route, model and status."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: RequestMetrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

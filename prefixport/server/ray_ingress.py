@@ -12,6 +12,7 @@ replica's (ray_metrics.py).
 """
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any, AsyncIterator, Callable
@@ -19,12 +20,12 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from .metrics import merge as merge_metrics
-from .middleware import LimitBody
-from .protocol import ApiError, StreamOptions
+from .metrics import RequestMetrics, merge as merge_metrics
+from .middleware import CountRequests, LimitBody
+from .protocol import ApiError, StreamOptions, new_id
 from .ray_metrics import METRICS_NAMESPACE, MetricsBoard, board_name
 from .responses import Kind, as_api_error, error_response, is_usage, model_not_found, parse, render_sse
 from .settings import ServerSettings
@@ -32,14 +33,19 @@ from .tenants import Key, Quotas
 
 INGRESS = "OpenAIIngress"  # the deployment's name
 REFRESH_S = 1.0  # the ingress asks a replica which models exist at most this often
+REPLICA_RETRIES = 2  # a request whose replica died before it answered is sent again, at most this often
+RETRY_DELAY_S = 0.5  # first: Serve's router learns that the replica is gone
+
+log = logging.getLogger(__name__)
 
 
 api = FastAPI(title="prefixport (Ray Serve)")
 
 
-class IngressBodyLimit:
-    """`LimitBody` with the limit of the ingress serving the request (a build parameter, while `api`,
-    and so its middleware, is made once per process)."""
+class IngressMiddleware:
+    """`CountRequests` and `LimitBody`, as the plain server runs them, with the metrics and the body
+    limit of the ingress serving the request (made per application, while `api`, and so its
+    middleware, is made once per process)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -48,10 +54,11 @@ class IngressBodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         ingress = serve.get_replica_context().servable_object
-        await LimitBody(self.app, ingress.settings.max_body_bytes)(scope, receive, send)
+        limited = LimitBody(self.app, ingress.settings.max_body_bytes)
+        await CountRequests(limited, ingress.metrics)(scope, receive, send)
 
 
-api.add_middleware(IngressBodyLimit)  # before `serve.ingress(api)`, which takes a copy of the app
+api.add_middleware(IngressMiddleware)  # before `serve.ingress(api)`, which takes a copy of the app
 
 
 @api.exception_handler(Exception)  # a bug: a 500 error object (logged), then Starlette re-raises it
@@ -62,7 +69,13 @@ async def error(request: Request, e: Exception) -> JSONResponse:
 
 
 def unwrap(e: BaseException) -> BaseException:
-    """A replica's error as it raised it (Ray wraps it in a RayTaskError)."""
+    """A replica's error as it raised it (Ray wraps it in a RayTaskError); a replica that stopped
+    as a 503 naming a request id, the detail (actor and node ids, addresses) in the log only."""
+    if isinstance(e, RayActorError):
+        request_id = new_id("req")
+        log.error("a replica stopped while serving request %s", request_id, exc_info=e)
+        return ApiError(503, f"the replica serving this request stopped (request id {request_id}); send it again",
+                        "server_error", code="replica_unavailable", headers={"X-Request-Id": request_id})
     return e.cause if isinstance(e, RayTaskError) and isinstance(e.cause, Exception) else e
 
 
@@ -167,6 +180,8 @@ class OpenAIIngress:
         self.replica, self.settings = replica, settings
         self.access = settings.access.build()
         self.quotas = Quotas()
+        self.metrics = RequestMetrics()  # the requests as they arrive here; the rest is the replicas'
+        self.retries = 0  # requests sent again after their replica died before answering
         self.catalog = Catalog(replica)
         # owned by this actor: it goes with the application
         self.board = MetricsBoard.options(name=board_name(serve.get_replica_context().app_name),
@@ -175,7 +190,8 @@ class OpenAIIngress:
     def counters(self) -> dict[str, int]:
         """How often the ingress looked up the model catalog (`catalog_asked`) and how often that
         called a replica (`catalog_refreshes`): for tests and diagnosis, through a deployment handle."""
-        return {"catalog_asked": self.catalog.asked, "catalog_refreshes": self.catalog.refreshes}
+        return {"catalog_asked": self.catalog.asked, "catalog_refreshes": self.catalog.refreshes,
+                "retries": self.retries}
 
     def _authorize(self, request: Request) -> Key:
         return self.access.authorize(request.headers.get("authorization", ""))
@@ -204,6 +220,7 @@ class OpenAIIngress:
         body = parse(kind, data, self.settings.limits)
         if not key.may_use(body.model):  # as a model that does not exist; no replica is asked
             raise _not_found(body.model, key, self.catalog)
+        request.state.model = body.model  # the requests counter's label (CountRequests)
         self.quotas.admit(key)  # 429 at a limit of this key's, before any replica is contacted
         tokens, streaming = 0, False
         try:
@@ -211,16 +228,26 @@ class OpenAIIngress:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             body = body.model_copy(update={"cache_salt": self.access.salt(key, body.cache_salt),
                                            "stream_options": StreamOptions(include_usage=True)})  # for quotas
-            if not body.stream:
-                response = await handle.complete.remote(body, key.id)
-                tokens = response["usage"]["total_tokens"]
-                return JSONResponse(response)
-            events = handle.options(stream=True).stream.remote(body, key.id)
-            try:
-                first = await events.__anext__()
-            except BaseException:
-                events.cancel()
-                raise
+            for attempt in range(1 + REPLICA_RETRIES):  # a replica that died before answering: another one
+                try:
+                    if not body.stream:
+                        response = await handle.complete.remote(body, key.id)
+                        tokens = response["usage"]["total_tokens"]
+                        return JSONResponse(response)
+                    events = handle.options(stream=True).stream.remote(body, key.id)
+                    try:
+                        first = await events.__anext__()
+                    except BaseException:
+                        events.cancel()
+                        raise
+                    break
+                except RayActorError as e:  # nothing has reached the client: the same request again
+                    if attempt == REPLICA_RETRIES:
+                        raise
+                    self.retries += 1
+                    log.warning("a replica stopped before answering a %s request (%s); retrying on another",
+                                body.model, type(e).__name__)
+                    await asyncio.sleep(RETRY_DELAY_S)
             streaming = True
             return StreamingResponse(_relay(first, events, lambda n: self.quotas.done(key, n), include_usage),
                                      media_type="text/event-stream")
@@ -259,9 +286,10 @@ class OpenAIIngress:
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        """Every replica's prefixport metrics (as `prefixport serve` has them), labelled `replica`."""
+        """Every metric `prefixport serve` has: the replicas' (labelled `replica` with each one's id)
+        and the requests counted here as they arrived (labelled `replica="OpenAIIngress"`)."""
         self._operator(request)
-        texts = await self.board.collect.remote()
+        texts = {**await self.board.collect.remote(), INGRESS: self.metrics.render().decode()}
         return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/health")

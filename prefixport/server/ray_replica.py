@@ -8,6 +8,7 @@ there. The replica trusts its ingress (keys, scopes, quotas, the request's check
 
 import asyncio
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -154,7 +155,7 @@ class AdapterReplica:
         scheduler = self.server.scheduler
         return {"model": self.server.model_name, "models": [self.server.model_object(n) for n in names],
                 "registered": self.engine.adapters, "max_adapters": self.max_adapters, "loads": dict(self.loads),
-                "replica": serve.get_replica_context().replica_id.unique_id, "alive": scheduler.alive,
+                "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(), "alive": scheduler.alive,
                 "running": scheduler.running, "waiting": scheduler.waiting}
 
     def check_health(self) -> None:

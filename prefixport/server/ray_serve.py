@@ -35,6 +35,8 @@ from .settings import APP_NAME, ServeSettings
 
 __all__ = ["APP_NAME", "INGRESS", "REFRESH_S", "REPLICA", "AppArgs", "app_builder", "build_app", "run_ray"]
 
+SCHEDULE_WARN_S = 45.0  # a deployment still waiting after this long is told what its replicas lack
+
 
 def build_app(outdir: str | Path, settings: ServeSettings = ServeSettings()) -> serve.Application:
     """The Serve application: `settings.ray.replicas` x `AdapterReplica` behind one `OpenAIIngress`.
@@ -50,16 +52,22 @@ def build_app(outdir: str | Path, settings: ServeSettings = ServeSettings()) -> 
     the replicas trust it. What a deployment cannot do is refused here (`ServeSettings.check_ray`).
     """
     settings.check_ray()
-    ray_settings, backend = settings.ray, settings.engine.backend
-    replica_gpus = ray_settings.replica_gpus or (1 if backend.uses_gpu else 0)
-    cpus = ray_settings.replica_cpus if ray_settings.replica_cpus is not None else (backend.threads or 1)
-    actor: dict[str, Any] = {"num_cpus": cpus} | ({"num_gpus": replica_gpus} if replica_gpus else {})
+    cpus, gpus = replica_resources(settings)
+    actor: dict[str, Any] = {"num_cpus": cpus} | ({"num_gpus": gpus} if gpus else {})
     replica = AdapterReplica.options(
-        num_replicas=ray_settings.replicas, ray_actor_options=actor,
+        num_replicas=settings.ray.replicas, ray_actor_options=actor,
         max_ongoing_requests=2 * settings.server.max_batch,  # a queue in each replica, so its batches fill
     ).bind(str(Path(outdir).resolve()), settings)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
         replica, settings.server)
+
+
+def replica_resources(settings: ServeSettings) -> tuple[float, float]:
+    """(CPUs, GPUs) each replica reserves: `replica_cpus` (default: the backend's threads, or 1) and
+    `replica_gpus` (at least 1 where the backend runs on a GPU)."""
+    backend = settings.engine.backend
+    cpus = settings.ray.replica_cpus if settings.ray.replica_cpus is not None else (backend.threads or 1)
+    return cpus, settings.ray.replica_gpus or (1 if backend.uses_gpu else 0)
 
 
 class AppArgs(BaseModel):
@@ -119,7 +127,7 @@ def running_serve() -> ServeInstanceDetails | None:
 
 
 def run_ray(outdir: str | Path, settings: ServeSettings = ServeSettings(), *, host: str = "127.0.0.1",
-            port: int = 8000, block: bool = True) -> DeploymentHandle:
+            port: int = 8000, block: bool = True) -> DeploymentHandle | None:
     """Serve on Ray: join the cluster at RAY_ADDRESS if set (else start a local Ray), deploy
     `build_app(outdir, settings)` as application `settings.ray.app_name` at its route prefix and
     (with `block`) serve until Ctrl-C or SIGTERM.
@@ -128,7 +136,11 @@ def run_ray(outdir: str | Path, settings: ServeSettings = ServeSettings(), *, ho
     host and port stay (Ray sets them once per cluster) and the message says which. An application
     of the same name is refused unless `replace`; a route prefix another application holds is
     refused. On exit, Serve is shut down if this call started it; else only the application is
-    deleted. Without the backend's threads set, a local Ray's cores are shared between the replicas.
+    deleted: on Ctrl-C or SIGTERM at any point, the deployment included (then None is returned),
+    and when the deployment fails. Replicas still unscheduled after SCHEDULE_WARN_S are said to
+    lack resources, with what each reserves and what the cluster has free. Without the backend's
+    threads set, a local Ray's cores are shared between the replicas. With `block` False the
+    application stays and its handle is returned once it runs.
     """
     settings.check_ray()
     app_name, route_prefix, replicas = settings.ray.app_name, settings.ray.route_prefix, settings.ray.replicas
@@ -149,30 +161,53 @@ def run_ray(outdir: str | Path, settings: ServeSettings = ServeSettings(), *, ho
     else:
         serve.start(http_options={"host": host, "port": port})
     app = build_app(outdir, settings)
-    handle = serve.run(app, name=app_name, route_prefix=route_prefix)
-    if not block:
-        return handle
-    base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    print(f"serving application {app_name!r} on {base}/v1 (metrics: {base}/metrics) with {replicas} Ray Serve "
-          "replica(s); Ctrl-C stops it", file=sys.stderr, flush=True)
 
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # from now on: the deployment included
         signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: shut down as Ctrl-C does
+    deployed, watched, handle = False, threading.Event(), None
+    threading.Thread(target=_watch_scheduling, args=(settings, watched), name="prefixport-schedule",
+                     daemon=True).start()
     try:
+        handle = serve.run(app, name=app_name, route_prefix=route_prefix)  # until RUNNING (or it failed)
+        watched.set()
+        deployed = True
+        if not block:
+            return handle
+        base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+        print(f"serving application {app_name!r} on {base}/v1 (metrics: {base}/metrics) with {replicas} Ray "
+              "Serve replica(s); Ctrl-C stops it", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        if running is None:
-            serve.shutdown()
-        else:  # a cluster's Serve: the other applications go on
-            serve.delete(app_name)
-        ray.shutdown()
+        watched.set()
+        if not (deployed and not block):  # stopped, or the deployment failed or was interrupted
+            if running is None:
+                serve.shutdown()
+            else:  # a cluster's Serve: the other applications go on
+                serve.delete(app_name)
+            ray.shutdown()
     return handle
+
+
+def _watch_scheduling(settings: ServeSettings, done: threading.Event) -> None:
+    """While the deployment waits: after SCHEDULE_WARN_S, if `done` is not set, say once what each
+    replica reserves and what the cluster has free (Serve itself only logs that a replica has
+    "taken more than 30s to be scheduled")."""
+    if done.wait(SCHEDULE_WARN_S):
+        return
+    cpus, gpus = replica_resources(settings)
+    free, total = ray.available_resources(), ray.cluster_resources()
+    want = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+    have = f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs" + (
+        f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs" if gpus else "")
+    print(f"the replicas are not running after {SCHEDULE_WARN_S:g} s: each of the {settings.ray.replicas} "
+          f"reserves {want} and the cluster has {have} free; lower --replica-cpus/--replica-gpus or --replicas, "
+          "or add nodes (Ctrl-C or SIGTERM removes the application)", file=sys.stderr, flush=True)
 
 
 def _check_free(running: ServeInstanceDetails, app_name: str, route_prefix: str, replace: bool) -> None:
