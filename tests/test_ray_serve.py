@@ -566,7 +566,7 @@ def test_a_replica_killed_under_load_fails_no_request_that_had_not_streamed(ray_
 
     def one(i: int) -> str:
         model = ["tiny", "prompt", "prefix", "lora"][i % 4]
-        body = {"model": model, "prompt": PROMPTS[i % 3], "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0,
+        body = {"model": model, "prompt": PROMPTS[i % 3], "max_tokens": 200, "temperature": 0, "stream": i % 2 == 0,
                 "ignore_eos": True}
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
