@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ from .helpers import running  # noqa: E402
 
 RAY_ADAPTERS = (*ADAPTER_VARIANTS, "lora", "ia3")  # the export takes --lora: a LoRA and an IA3 beside them
 
+SERVE_CONFIG: dict[str, Path] = {}  # the application's `serve deploy` config (ray_served writes it)
 REPLICAS, MAX_ADAPTERS = 2, 1  # 4 adapters, 2 replicas holding at most 1 each: the LRU must evict
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Grüße aus München! 東京"]
 BIN = Path(sys.executable).parent  # ray, serve and prefixport of this environment
@@ -133,7 +135,7 @@ def ray_served(tiny_model, tiny_adapters, tmp_path_factory, cluster):
         ph.random_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_model("llama")), config, peft / name)
         convert_checkpoint(peft / name, export, name=name, out=folder / f"{name}.safetensors")
     port = _free_port()
-    config = tmp_path_factory.mktemp("ray-config") / "serve.yaml"
+    config = SERVE_CONFIG["path"] = tmp_path_factory.mktemp("ray-config") / "serve.yaml"
     keys = config.with_name("keys.toml")
     keys.write_text(KEYS)
     config.write_text(f"""\
@@ -203,6 +205,20 @@ def _replicas_state() -> dict[str, dict]:
         if len(seen) == REPLICAS:
             return seen
     raise AssertionError(f"only {len(seen)} of {REPLICAS} replicas answered")
+
+
+def _wait_replicas(ready: Callable[[dict], bool], timeout: float = 240) -> None:
+    """Until REPLICAS replicas answer, each `ready`, three times in a row (a rolling update or a
+    replacement has settled)."""
+    deadline, settled = time.monotonic() + timeout, 0
+    while settled < 3:
+        try:
+            state = _replicas_state()
+            settled = settled + 1 if all(ready(info) for info in state.values()) else 0
+        except AssertionError:  # a replica is being replaced
+            settled = 0
+        assert time.monotonic() < deadline, "the replicas did not settle"
+        time.sleep(1)
 
 
 def _check_lru(state: dict[str, dict]) -> None:
@@ -553,38 +569,78 @@ def test_the_metrics_thread_outlives_any_error(monkeypatch, caplog):
     assert [r.exc_info[1].args[0] for r in caplog.records] == ["GCS unreachable"]
 
 
+def _one_request(url: str, i: int, max_tokens: int) -> str:
+    """Request `i` of a load (the base model and adapters in turn, every other one streamed):
+    "ok", "failed: ..." (an HTTP error, nothing streamed), or "broken" (a stream that ended with an
+    error event, which must name a request id and no internals)."""
+    model = ["tiny", "prompt", "prefix", "lora"][i % 4]
+    body = {"model": model, "prompt": PROMPTS[i % 3], "max_tokens": max_tokens, "temperature": 0,
+            "stream": i % 2 == 0, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": "Bearer user-key"}) as r:
+            if r.status_code != 200:
+                r.read()
+                return f"failed: {r.status_code} {r.text[:200]}"
+            if not body["stream"]:
+                r.read()
+                return "ok"
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    except httpx.HTTPError as e:
+        return f"failed: {e!r}"
+    if events and events[-1] == "data: [DONE]":
+        return "ok"
+    error = events[-1] if events else ""
+    assert "request id" in error and "Actor" not in error and "pid" not in error, error
+    return "broken"
+
+
+def test_a_rolling_redeploy_under_load_fails_no_request(ray_served, cluster):
+    """`serve deploy` of the application's config with another max_adapters (every replica is
+    replaced, one at a time) while 4 clients keep sending: no request fails and no stream breaks
+    (Serve drains a replica before stopping it)."""
+    env, dashboard, _ = cluster
+    url = ray_served[1]
+    config = SERVE_CONFIG["path"]
+    done = threading.Event()
+
+    def redeploy() -> None:
+        time.sleep(2)
+        config.write_text(config.read_text().replace(f"max_adapters: {MAX_ADAPTERS},",
+                                                     f"max_adapters: {MAX_ADAPTERS + 1},"))
+        _run([BIN / "serve", "deploy", f"--address={dashboard}", config], env)
+        _wait_replicas(lambda info: info["max_adapters"] == MAX_ADAPTERS + 1)
+        done.set()
+
+    def client(first: int) -> list[str]:
+        out, i = [], first
+        while not done.is_set() or len(out) < 25:
+            out.append(_one_request(url, i, 64))
+            i += 4
+        return out
+
+    started = time.monotonic()
+    redeployer = threading.Thread(target=redeploy)
+    redeployer.start()
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = [o for part in pool.map(client, range(4)) for o in part]
+    redeployer.join()
+    failed = [o for o in outcomes if o.startswith("failed")]
+    print(f"rolling redeploy of {REPLICAS} replicas under 4 clients: {len(outcomes)} requests in "
+          f"{time.monotonic() - started:.0f} s, {len(failed)} failed, {outcomes.count('broken')} streams broken")
+    _wait_replicas(lambda info: info["max_adapters"] == MAX_ADAPTERS + 1)
+    assert not failed and "broken" not in outcomes, failed
+
+
 def test_a_replica_killed_under_load_fails_no_request_that_had_not_streamed(ray_served):
     """kill -9 of a replica under 4 concurrent clients x 100 requests (streamed and not, the base model
     and adapters): the ingress sends again every request whose replica died before it answered, so
     none fails that had not streamed; a stream that had already sent tokens ends with an error event
     that names a request id and no internals. Runs last: Serve replaces the replica (waited for here)."""
-    engine, url, _ = ray_served
+    url = ray_served[1]
     pids = {info["pid"] for info in _replicas_state().values()}
     before = _ingress_counters()["retries"]
-    outcomes: list[str] = []  # per request: ok, failed (before any token), broken (mid-stream)
     killed = threading.Event()
-
-    def one(i: int) -> str:
-        model = ["tiny", "prompt", "prefix", "lora"][i % 4]
-        body = {"model": model, "prompt": PROMPTS[i % 3], "max_tokens": 200, "temperature": 0, "stream": i % 2 == 0,
-                "ignore_eos": True}
-        try:
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
-                              headers={"Authorization": "Bearer user-key"}) as r:
-                if r.status_code != 200:
-                    r.read()
-                    return f"failed: {r.status_code} {r.text[:200]}"
-                if not body["stream"]:
-                    r.read()
-                    return "ok"
-                events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        except httpx.HTTPError as e:
-            return f"failed: {e!r}"
-        if events and events[-1] == "data: [DONE]":
-            return "ok"
-        error = events[-1] if events else ""
-        assert "request id" in error and "Actor" not in error and "pid" not in error, error
-        return "broken"
 
     killed_at: list[float] = []
 
@@ -597,7 +653,7 @@ def test_a_replica_killed_under_load_fails_no_request_that_had_not_streamed(ray_
     killer = threading.Thread(target=kill)
     killer.start()
     with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(one, range(100)))
+        outcomes = list(pool.map(lambda i: _one_request(url, i, 200), range(100)))
     killer.join()
     assert killed.is_set()
     failed = [o for o in outcomes if o.startswith("failed")]
@@ -605,14 +661,5 @@ def test_a_replica_killed_under_load_fails_no_request_that_had_not_streamed(ray_
     print(f"kill -9 of a replica under 4 clients x 100 requests: {outcomes.count('ok')} ok, {len(failed)} failed "
           f"before streaming, {broken} streams broken mid-way, {_ingress_counters()['retries'] - before} sent again")
     assert not failed, failed
-    deadline = time.monotonic() + 120  # Serve replaces the replica (in 7-11 s when it was measured)
-    while True:
-        try:
-            now = {info["pid"] for info in _replicas_state().values()}
-        except AssertionError:  # only the survivor answers yet
-            now = set()
-        if len(now) == REPLICAS and sorted(pids)[0] not in now:
-            break
-        assert time.monotonic() < deadline, "the killed replica was not replaced"
-        time.sleep(1)
+    _wait_replicas(lambda info: info["pid"] != sorted(pids)[0], timeout=120)  # Serve replaces the replica
     print(f"the killed replica was replaced within {time.monotonic() - killed_at[0]:.0f} s")
