@@ -1145,6 +1145,15 @@ def _bundle_modules(tensors: dict[str, np.ndarray], pattern: re.Pattern[str]) ->
     return sorted({(int(m.group(1)), m.group(2)) for m in map(pattern.fullmatch, tensors) if m})
 
 
+def _weight_bundle(c: CaseContext, kind: str, pattern: re.Pattern[str]
+                   ) -> tuple[str, dict[str, np.ndarray], dict[str, str], list[tuple[int, str]]]:
+    """A seed bundle of `kind` (lora, ia3) picked for the case: its name, tensors, metadata (a copy)
+    and (layer, module path) pairs."""
+    seed = _weight_seed(c.seeds.of_kind(kind), f"{kind} bundle", c)
+    tensors, meta = st_decode(c.seeds.bundles[seed])
+    return seed, tensors, dict(meta or {}), _bundle_modules(tensors, pattern)
+
+
 def _resized(t: np.ndarray, axis: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """`t` cut or padded (small random values) to `n` entries along `axis`."""
     if n <= t.shape[axis]:
@@ -1209,10 +1218,7 @@ def _scalings_lie(c: CaseContext, scalings: dict[str, Any], key: str) -> tuple[s
 def fam_bundle_lora(c: CaseContext, case: Case) -> None:
     r, w, man = c.rng, _weights(c), c.seeds.lora_manifest
     assert man is not None
-    seed = _weight_seed(c.seeds.of_kind("lora"), "lora bundle", c)
-    tensors, meta = st_decode(c.seeds.bundles[seed])
-    meta = dict(meta or {})
-    modules = _bundle_modules(tensors, LORA_TENSOR)
+    seed, tensors, meta, modules = _weight_bundle(c, "lora", LORA_TENSOR)
     layer, path = c.pick(modules)
     an, bn = mf.lora_a_name(layer, path), mf.lora_b_name(layer, path)
     rank = tensors[an].shape[0]
@@ -1336,10 +1342,7 @@ def fam_bundle_lora(c: CaseContext, case: Case) -> None:
 def fam_bundle_ia3(c: CaseContext, case: Case) -> None:
     r, w, man = c.rng, _weights(c), c.seeds.lora_manifest
     assert man is not None
-    seed = _weight_seed(c.seeds.of_kind("ia3"), "ia3 bundle", c)
-    tensors, meta = st_decode(c.seeds.bundles[seed])
-    meta = dict(meta or {})
-    modules = _bundle_modules(tensors, IA3_TENSOR)
+    seed, tensors, meta, modules = _weight_bundle(c, "ia3", IA3_TENSOR)
     layer, path = c.pick(modules)
     name = mf.ia3_name(layer, path)
     v = tensors[name]

@@ -76,10 +76,10 @@ def default_model_name(engine: Engine) -> str:
 
 class Server:
     """State behind the routes: the engine, its scheduler, metrics, the adapters folder, the
-    bounds on one request (`limits`)."""
+    bounds on one request (`settings.limits`)."""
 
     def __init__(self, engine: Engine, settings: ServerSettings = ServerSettings(), access: Access | None = None) -> None:
-        self.engine, self.settings, self.limits = engine, settings, settings.limits
+        self.engine, self.settings = engine, settings
         self.access, self.quotas = access or Access(), Quotas()
         self.model_name = settings.model_name or default_model_name(engine)
         self.adapters_dir = Path(settings.adapters_dir).resolve() if settings.adapters_dir is not None else None
@@ -113,7 +113,7 @@ class Server:
     def check(self, body: GenerationRequest, key: Key = OPEN) -> str | None:
         """Refuse what prefixport cannot do or what is over the limits; the adapter the request
         names (None: the base)."""
-        check_supported(body, self.limits)
+        check_supported(body, self.settings.limits)
         return self.adapter_for(body.model, key)
 
     def prompts(self, body: GenerationRequest, adapter: str | None = None) -> tuple[list[Any], int | None]:
