@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the checkout's paths, how a run is recorded (its command line,
-the machine, the JSON and Markdown written), summaries of repeated measurements, and process
-figures read from /proc (RSS, CPU seconds, the rest of the machine's load).
+the machine, the JSON and Markdown written), the one interleaved loop of repeated measurements
+(`alternate`) and their summaries (`median`, `percentile`, `distribution`), and process figures read
+from /proc (RSS, CPU seconds, the rest of the machine's load). The test tools (tools/) use it too.
 
 The standard library alone at import, and prefixport.bench.measure (standard library only too: the
 one percentile definition): a script run in a scratch venv that lacks prefixport's dependencies
@@ -19,10 +20,13 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from prefixport.bench.measure import percentile as percentile  # the one definition, re-exported
-from prefixport.bench.measure import summary
+from prefixport.bench import measure
+
+percentile = measure.percentile  # the one percentile definition, re-exported
+median = measure.median  # percentile(values, 0.5)
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,9 +46,10 @@ def rel(path: Path | str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
-def command(script: str) -> str:
-    """This run's command line as the results record it: `python -m benchmarks.SCRIPT ARGS`."""
-    return f"python -m benchmarks.{script} {shlex.join(sys.argv[1:])}".strip()
+def command(script: str, package: str = "benchmarks") -> str:
+    """This run's command line as the results record it: `python -m PACKAGE.SCRIPT ARGS` (PACKAGE:
+    benchmarks, or tools for the test tools)."""
+    return f"python -m {package}.{script} {shlex.join(sys.argv[1:])}".strip()
 
 
 def machine(*packages: str) -> dict[str, Any]:
@@ -89,13 +94,26 @@ def cell(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-# --- summaries of repeated measurements ------------------------------------------------------------
+# --- repeated measurements and their summaries ----------------------------------------------------
 
 def distribution(values: Sequence[float], scale: float = 1.0) -> dict[str, float] | None:
     """n, mean, min, median (p50), p95, p99 and max of `values` times `scale` (1000: seconds to ms),
     percentiles by `percentile` (prefixport.bench.measure's, linear between the nearest ranks, as
     `spread` takes them). None without values."""
-    return summary(values, scale, (0.5, 0.95, 0.99))
+    return measure.summary(values, scale, (0.5, 0.95, 0.99))
+
+
+def alternate(sides: Mapping[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """The benchmarks' one interleaved loop: `rounds` rounds, each measuring every side once (a call
+    returning its figure: a step's ms, a run's tokens/s), the sides' order rotated by one each round
+    (two sides alternate) so that a shared machine's drift falls on all alike. Each side's figures
+    in round order; summarise them with `median` or `distribution`."""
+    names = list(sides)
+    out: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            out[name].append(sides[name]())
+    return out
 
 
 def slope_per_min(samples: Sequence[tuple[float, float]]) -> float | None:
@@ -223,9 +241,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def interleaved(weights: dict[str, int]) -> tuple[str, ...]:
-    """A weighted round robin: each name `weight` times, spread evenly (a fuzzer's case i takes
-    slot i % len, so a short run has every family too)."""
-    slots = [((k + 0.5) / weight, name) for name, weight in weights.items() for k in range(weight)]
-    return tuple(name for _, name in sorted(slots))

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, alternate, machine
 from prefixport.bench.measure import spread
 
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -73,10 +73,7 @@ def main() -> None:
         return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
     ours(), theirs()  # warm-up
-    runs: dict[str, list[float]] = {"prefixport (onnxruntime cpu)": [], "transformers eager": []}
-    for _ in range(args.repeats):
-        runs["prefixport (onnxruntime cpu)"].append(ours())
-        runs["transformers eager"].append(theirs())
+    runs = alternate({"prefixport (onnxruntime cpu)": ours, "transformers eager": theirs}, args.repeats)
     stats = {k: spread(v) for k, v in runs.items()}
     ratio = stats["prefixport (onnxruntime cpu)"]["p50"] / stats["transformers eager"]["p50"]
     result = {

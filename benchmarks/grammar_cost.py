@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from importlib import metadata
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from benchmarks.common import DEFAULT_EXPORT, RESULTS, distribution, machine
+from benchmarks.common import DEFAULT_EXPORT, RESULTS, distribution, machine, median
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -293,9 +292,9 @@ class Run:
     def result(self) -> dict[str, Any]:
         if self.error is not None:
             return {"error": self.error}
-        return {"compile_ms": {"median": 1e3 * statistics.median(self.compile_s), "min": 1e3 * min(self.compile_s),
+        return {"compile_ms": {"median": 1e3 * median(self.compile_s), "min": 1e3 * min(self.compile_s),
                                "n": len(self.compile_s)},
-                "first_mask_ms": 1e3 * self.first_mask, "matcher_us": 1e6 * statistics.median(self.creates),
+                "first_mask_ms": 1e3 * self.first_mask, "matcher_us": 1e6 * median(self.creates),
                 "mask_us": distribution(self.masks, 1e6),
                 "advance_us": distribution(self.advances, 1e6),
                 "tokens": len(self.ids), "eos_only_at_end": self.eos_only}

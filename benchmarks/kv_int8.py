@@ -33,9 +33,9 @@ OUT/kv_int8.md (paths relative to the checkout; the command line as given: pass 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_EXPORT, RESULTS, ROOT, cell, command, machine, machine_line, rel, say, write_report
+from benchmarks.common import (DEFAULT_EXPORT, RESULTS, ROOT, alternate, cell, command, machine, machine_line, median,
+                               rel, say, write_report)
 from prefixport import manifest as mf
 from prefixport.adapters.bundle import load_bundle
 from prefixport.exporter import kv_quant
@@ -138,7 +139,7 @@ def decode_ms(engine: Engine, prompt: list[int], batch: int, steps: int) -> tupl
         logits = decode_step(engine.backend, cache, tokens, m.hidden_size, np.dtype(m.dtype))
         times.append(time.perf_counter() - start)
         tokens = logits.argmax(-1).astype(np.int64)
-    return 1000 * statistics.median(times), 1000 * min(times), cache.nbytes
+    return 1000 * median(times), 1000 * min(times), cache.nbytes
 
 
 def measure_speed(engines: dict[str, Engine], batches: list[int], steps: int, rounds: int) -> list[dict[str, Any]]:
@@ -147,21 +148,15 @@ def measure_speed(engines: dict[str, Engine], batches: list[int], steps: int, ro
     rows = []
     for context, prompt in contexts.items():
         for batch in batches:
-            per: dict[str, list[float]] = {name: [] for name in engines}
-            best: dict[str, float] = {name: float("inf") for name in engines}
-            nbytes: dict[str, int] = {}
-            for _ in range(rounds):  # alternate: drift on a shared machine falls on both alike
-                for name, engine in engines.items():
-                    ms, fastest, nbytes[name] = decode_ms(engine, prompt, batch, steps)
-                    per[name].append(ms)
-                    best[name] = min(best[name], fastest)
+            runs = alternate({name: functools.partial(decode_ms, engine, prompt, batch, steps)
+                              for name, engine in engines.items()}, rounds)
             row = {"context": context, "prompt_tokens": len(prompt), "batch": batch, "steps": steps,
                    "rounds": rounds, "load_average": os.getloadavg()[0]}
-            for name in engines:
-                row[f"{name}_ms"] = statistics.median(per[name])
-                row[f"{name}_ms_rounds"] = per[name]
-                row[f"{name}_best_ms"] = best[name]  # the fastest step: the least disturbed by other processes
-                row[f"{name}_cache_bytes"] = nbytes[name]
+            for name, done in runs.items():
+                row[f"{name}_ms"] = median([ms for ms, _, _ in done])
+                row[f"{name}_ms_rounds"] = [ms for ms, _, _ in done]
+                row[f"{name}_best_ms"] = min(fastest for _, fastest, _ in done)  # the least disturbed step
+                row[f"{name}_cache_bytes"] = done[-1][2]
             row["speedup"] = row["float-cache_ms"] / row["int8-cache_ms"]
             row["speedup_best"] = row["float-cache_best_ms"] / row["int8-cache_best_ms"]
             say(f"decode, {context} ({len(prompt)} tokens), batch {batch}: float {row['float-cache_ms']:.1f} ms, "

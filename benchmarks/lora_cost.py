@@ -19,14 +19,14 @@ B: init_lora_weights=False), converted; the 100 for memory are copies of one wit
 from __future__ import annotations
 
 import argparse
-import statistics
+import itertools
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
 
-from benchmarks.common import RESULTS, command, machine, machine_line, rel, say, vm_rss, write_report
+from benchmarks.common import RESULTS, alternate, command, machine, machine_line, median, rel, say, vm_rss, write_report
 from benchmarks.lora_workload import NEW, PROMPTS, ROWS, peft_loras
 from prefixport.adapters import Bundle, convert_checkpoint, save_bundle
 from prefixport.runtime import Engine
@@ -99,11 +99,9 @@ def main() -> None:
     say("1. the inputs unused: decode, plain export against --lora export")
     unused = {}
     for batch in (1, 8):
-        times: dict[str, list[float]] = {"plain": [], "lora": []}
-        for r in range(args.rounds):
-            for side in (("plain", "lora") if r % 2 == 0 else ("lora", "plain")):
-                times[side].append(decode_ms(plain if side == "plain" else lora, batch, rng))
-        p, q = statistics.median(times["plain"]), statistics.median(times["lora"])
+        times = alternate({"plain": lambda: decode_ms(plain, batch, rng), "lora": lambda: decode_ms(lora, batch, rng)},
+                          args.rounds)
+        p, q = median(times["plain"]), median(times["lora"])
         unused[batch] = {"plain_ms": p, "lora_ms": q, "ratio": q / p, "rounds": times}
         say(f"   batch {batch}: {p:.2f} ms / {q:.2f} ms = {q / p:.3f}")
     result["unused"] = unused
@@ -118,11 +116,9 @@ def main() -> None:
             lora.add_adapter(f"lora{i}", file)
             names.append(f"lora{i}")
         lora.generate_batch(PROMPTS[:2], names[:2], max_new_tokens=2, chat=False)  # warm
-        rates: dict[str, list[float]] = {"none": [], "loras": []}
-        for r in range(args.rounds):
-            for side in (("none", "loras") if r % 2 == 0 else ("loras", "none")):
-                rates[side].append(batch_tok_s(lora, PROMPTS, [None] * ROWS if side == "none" else names))
-        none, loras = statistics.median(rates["none"]), statistics.median(rates["loras"])
+        rates = alternate({"none": lambda: batch_tok_s(lora, PROMPTS, [None] * ROWS),
+                           "loras": lambda: batch_tok_s(lora, PROMPTS, names)}, args.rounds)
+        none, loras = median(rates["none"]), median(rates["loras"])
         result["eight_loras"] = {"none_tok_s": none, "loras_tok_s": loras, "slowdown": none / loras,
                                  "rounds": rates, "bytes_per_lora": bundle.nbytes}
         say(f"   8 rows: {none:.1f} tok/s without adapters, {loras:.1f} with 8 LoRAs ({none / loras:.3f}x slower)")
@@ -147,14 +143,16 @@ def main() -> None:
             f"RSS {per_rss / 1e6 if per_rss else float('nan'):.2f} MB")
 
         say("4. swapping: requests alternating between two LoRAs against one LoRA")
-        swap: dict[str, list[float]] = {"same": [], "alternating": []}
-        for r in range(args.rounds * 4):
-            for side in (("same", "alternating") if r % 2 == 0 else ("alternating", "same")):
-                adapter = "lora0" if side == "same" or r % 2 == 0 else "lora1"
-                start = time.perf_counter()
-                lora.generate(PROMPTS[0], adapter=adapter, max_new_tokens=16, stop_token_ids=[], chat=False)
-                swap[side].append((time.perf_counter() - start) * 1e3)
-        same, alternating = statistics.median(swap["same"]), statistics.median(swap["alternating"])
+        turns = itertools.cycle(["lora0", "lora1"])
+
+        def request_ms(adapter: str) -> float:
+            start = time.perf_counter()
+            lora.generate(PROMPTS[0], adapter=adapter, max_new_tokens=16, stop_token_ids=[], chat=False)
+            return (time.perf_counter() - start) * 1e3
+
+        swap = alternate({"same": lambda: request_ms("lora0"), "alternating": lambda: request_ms(next(turns))},
+                         args.rounds * 4)
+        same, alternating = median(swap["same"]), median(swap["alternating"])
         result["swap"] = {"same_ms": same, "alternating_ms": alternating, "ratio": alternating / same, "requests": swap}
         say(f"   16-token request: {same:.1f} ms with one LoRA, {alternating:.1f} ms alternating")
     plain.close()

@@ -18,14 +18,14 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from benchmarks.common import RESULTS, command, free_port, machine, machine_line, rel, say, write_report
+from benchmarks.common import (RESULTS, alternate, command, free_port, machine, machine_line, median, rel, say,
+                               write_report)
 from benchmarks.llama_cpp import LlamaServer, build, gguf
 from benchmarks.lora_workload import NEW, PROMPTS, ROWS, peft_loras
 from benchmarks.serving import ServerProcess
@@ -72,6 +72,12 @@ def run_round(url: str, bodies: list[dict]) -> tuple[float, int]:
     return seconds, sum(int(r.usage["completion_tokens"]) for r in results)
 
 
+def rate(side: str, seconds: float, tokens: int) -> float:
+    """A round's output tokens/s, said."""
+    say(f"   {side}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tok/s")
+    return tokens / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--export", required=True, help="an int8 export made with --lora")
@@ -88,32 +94,30 @@ def main() -> None:
         for path in checkpoints:
             convert_checkpoint(path, args.export, name=path.name, out=adapters / f"{path.name}.safetensors")
         ggufs = llama_loras(work, checkpoints)
-        rates: dict[str, list[float]] = {"prefixport": [], "llama-server": []}
-        for r in range(args.rounds):
-            for side in (("prefixport", "llama-server") if r % 2 == 0 else ("llama-server", "prefixport")):
-                if side == "prefixport":
-                    port = free_port()
-                    server: ServerProcess = ServerProcess(
-                        ["serve", str(args.export), "--host", "127.0.0.1", "--port", str(port), "--threads",
-                         str(args.threads), "--max-batch", str(ROWS), "--adapters", str(adapters),
-                         "--model-name", "smollm2-135m-instruct"], work / "prefixport.log")
-                    bodies = [request_body("completions", p.name, prompt, NEW) for p, prompt in zip(checkpoints, PROMPTS)]
-                    with server:
-                        url = f"http://127.0.0.1:{port}"
-                        server.wait_healthy(url, 300)
-                        run_round(url, bodies[:2])  # warm
-                        seconds, tokens = run_round(url, bodies)
-                else:
-                    extra = [a for g in ggufs for a in ("--lora", str(g))] + ["--lora-init-without-apply"]
-                    bodies = [request_body("completions", "smollm2-135m-instruct", prompt, NEW)
-                              | {"lora": [{"id": i, "scale": 1.0}]} for i, prompt in enumerate(PROMPTS)]
-                    with LlamaServer(gguf("q8_0"), work / "llama.log", threads=args.threads, parallel=ROWS,
-                                     slot_ctx=256, extra=extra) as llama:
-                        run_round(llama.base_url, bodies[:2])
-                        seconds, tokens = run_round(llama.base_url, bodies)
-                rates[side].append(tokens / seconds)
-                say(f"   {side}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tok/s")
-    ours, theirs = statistics.median(rates["prefixport"]), statistics.median(rates["llama-server"])
+
+        def prefixport_side() -> float:
+            port = free_port()
+            server = ServerProcess(["serve", str(args.export), "--host", "127.0.0.1", "--port", str(port), "--threads",
+                                    str(args.threads), "--max-batch", str(ROWS), "--adapters", str(adapters),
+                                    "--model-name", "smollm2-135m-instruct"], work / "prefixport.log")
+            bodies = [request_body("completions", p.name, prompt, NEW) for p, prompt in zip(checkpoints, PROMPTS)]
+            with server:
+                url = f"http://127.0.0.1:{port}"
+                server.wait_healthy(url, 300)
+                run_round(url, bodies[:2])  # warm
+                return rate("prefixport", *run_round(url, bodies))
+
+        def llama_side() -> float:
+            extra = [a for g in ggufs for a in ("--lora", str(g))] + ["--lora-init-without-apply"]
+            bodies = [request_body("completions", "smollm2-135m-instruct", prompt, NEW)
+                      | {"lora": [{"id": i, "scale": 1.0}]} for i, prompt in enumerate(PROMPTS)]
+            with LlamaServer(gguf("q8_0"), work / "llama.log", threads=args.threads, parallel=ROWS,
+                             slot_ctx=256, extra=extra) as llama:
+                run_round(llama.base_url, bodies[:2])
+                return rate("llama-server", *run_round(llama.base_url, bodies))
+
+        rates = alternate({"prefixport": prefixport_side, "llama-server": llama_side}, args.rounds)
+    ours, theirs = median(rates["prefixport"]), median(rates["llama-server"])
     result |= {"rates": rates, "prefixport_tok_s": ours, "llama_server_tok_s": theirs, "ratio": ours / theirs}
     text = (f"# 8 LoRAs, 8 concurrent requests: prefixport serve (int8) beside llama-server (Q8_0) "
             f"({machine_line(result['machine'])})\n\nCommand: `{result['command']}`\n\n"

@@ -44,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import collections
 import copy
+import functools
 import json
 import shutil
 import subprocess
@@ -55,7 +56,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, cell, machine, rel, say, write_report
+from benchmarks.common import RESULTS, ROOT, alternate, cell, machine, rel, say, write_report
 from prefixport.bench.measure import spread
 from prefixport.manifest import Manifest
 from prefixport.runtime import Engine
@@ -375,15 +376,15 @@ def main() -> None:
     for side in sides.values():
         for case in inputs.values():
             side(case, 4)
-    runs: dict[str, dict[str, list[Run]]] = {name: {c: [] for c in inputs} for name in sides}
+    def every_case(name: str) -> dict[str, Run | None]:
+        say(f"  {name}")
+        return {case: sides[name](case_input, n) for case, case_input in inputs.items()}
+
+    say(f"{repeats} repetitions of {len(sides)} sides, their order rotated each time ...")
+    rounds = alternate({name: functools.partial(every_case, name) for name in sides}, repeats)
+    runs = {name: {case: [r[case] for r in done if r[case] is not None] for case in inputs}  # None: not measured
+            for name, done in rounds.items()}
     names = list(sides)
-    for rep in range(repeats):
-        say(f"repetition {rep + 1}/{repeats} ...")
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            for case, case_input in inputs.items():
-                done = sides[name](case_input, n)
-                if done is not None:
-                    runs[name][case].append(done)
 
     def reference(name: str) -> str:
         wanted = f"prefixport {precision_of[name]}"

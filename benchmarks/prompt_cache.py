@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, distribution, machine
+from benchmarks.common import RESULTS, ROOT, distribution, machine, median
 from prefixport.adapters import convert_checkpoint
 from prefixport.runtime import Engine
 from prefixport.runtime.prompt_cache import BLOCK_TOKENS, PromptCache
@@ -86,7 +85,7 @@ def main() -> None:
             "hits_plain": distribution([r["plain"]["ttft_s"] for r in hits]),
             "all_cache": distribution([r["cache"]["ttft_s"] for r in runs]),
             "all_plain": distribution([r["plain"]["ttft_s"] for r in runs])}
-    decode = {side: 1 / statistics.median(t for r in runs for t in r[side]["steps_s"]) for side in ("cache", "plain")}
+    decode = {side: 1 / median([t for r in runs for t in r[side]["steps_s"]]) for side in ("cache", "plain")}
 
     sweep = []
     for block in map(int, args.blocks.split(",")):
@@ -111,7 +110,7 @@ def main() -> None:
     for r in result["runs"]:
         for side in ("cache", "plain"):
             r[side].pop("tokens")
-            r[side]["decode_step_p50_s"] = statistics.median(r[side].pop("steps_s"))
+            r[side]["decode_step_p50_s"] = median(r[side].pop("steps_s"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompt_cache.json").write_text(json.dumps(result, indent=1))

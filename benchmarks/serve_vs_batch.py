@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import DEFAULT_EXPORT, RESULTS, free_port, machine, say
+from benchmarks.common import DEFAULT_EXPORT, RESULTS, alternate, free_port, machine, say
 from benchmarks.serving import ServerProcess, http_run, scrape_metrics, workload
 from prefixport.bench.measure import spread
 from prefixport.runtime import Engine
@@ -51,24 +51,31 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "server.log"
     server_args = ["serve", str(args.export), "--port", str(port), "--max-batch", str(c), "--model-name", model,
                    "--threads", str(args.threads), "--prefill-budget", "100000"]
-    walls: dict[str, list[float]] = {"http": [], "static": []}
+    texts: dict[str, list[str]] = {}
+
+    def http() -> float:
+        say("  HTTP ...")
+        wall, outcomes = asyncio.run(http_run(base, requests, c, n))
+        errors = [o.error for o in outcomes if o.error]
+        if errors:
+            raise SystemExit(f"HTTP errors: {errors[:3]}")
+        texts["http"] = [o.text for o in outcomes]
+        return wall
+
+    def static() -> float:
+        say("  static batch ...")
+        start = time.perf_counter()
+        results = engine.generate_batch(prompts, max_new_tokens=n, stop_token_ids=[])
+        wall = time.perf_counter() - start
+        texts["static"] = [r.text for r in results]
+        return wall
+
     with ServerProcess(server_args, log) as server:
         server.wait_healthy(base, 300)
         asyncio.run(http_run(base, requests, c, 4))  # warm-up, both sides
         engine.generate_batch(prompts, max_new_tokens=4, stop_token_ids=[])
-        texts = {}
-        for rep in range(args.repeats):
-            say(f"repetition {rep + 1}/{args.repeats} ...")
-            wall, outcomes = asyncio.run(http_run(base, requests, c, n))
-            errors = [o.error for o in outcomes if o.error]
-            if errors:
-                raise SystemExit(f"HTTP errors: {errors[:3]}")
-            walls["http"].append(wall)
-            texts["http"] = [o.text for o in outcomes]
-            start = time.perf_counter()
-            results = engine.generate_batch(prompts, max_new_tokens=n, stop_token_ids=[])
-            walls["static"].append(time.perf_counter() - start)
-            texts["static"] = [r.text for r in results]
+        say(f"{args.repeats} repetitions, the two sides alternating ...")
+        walls = alternate({"http": http, "static": static}, args.repeats)
         metrics = httpx.get(f"{base}/metrics").text
     tps = {side: spread([c * n / w for w in ws]) for side, ws in walls.items()}
     same = sum(a == b for a, b in zip(texts["http"], texts["static"]))

@@ -41,7 +41,6 @@ import math
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import llama_cpp
-from benchmarks.common import (ROOT, CpuMeter, cell, command, free_port, machine, machine_line, rel, say,
+from benchmarks.common import (ROOT, CpuMeter, cell, command, free_port, machine, machine_line, median, rel, say,
                                write_report)
 from benchmarks.serving import ServerProcess, workload
 
@@ -193,9 +192,10 @@ def scrub(text: str) -> str:
     return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".").replace(f"{Path.home()}/", "~/")
 
 
-def median(values: list[float | None]) -> float | None:
+def median_present(values: list[float | None]) -> float | None:
+    """The median of the values given (None: not measured), or None without any."""
     present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+    return median(present) if present else None
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -211,7 +211,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for conc, by_side in by_conc.items():
                 for side, rounds in by_side.items():
                     by_side[side] = {key: (sum(r[key] for r in rounds) if key in ("ok", "failed")
-                                           else median([r[key] for r in rounds])) for key in rounds[0]}
+                                           else median_present([r[key] for r in rounds])) for key in rounds[0]}
                     by_side[side]["rounds"] = len(rounds)
                 if set(SIDES) <= set(by_side):  # prefixport / llama-server ("inf" where llama-server's is 0)
                     pp, lc = by_side["prefixport"], by_side["llama-server"]

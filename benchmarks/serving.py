@@ -1,7 +1,7 @@
-"""`prefixport serve` under test, for serve_load, serve_vs_batch and soak: the server in a
-subprocess, the seeded chat workload, streamed clients that send it (over `prefixport bench
-serve`'s client, prefixport.bench.serve_client), and /metrics read back. Needs httpx (the `serve`
-extra)."""
+"""`prefixport serve` under test, for serve_load, serve_vs_batch, attacks, lora_vs_llama and the soak
+(tools/soak): the server in a subprocess, the seeded chat workload, streamed clients that send it
+(over `prefixport bench serve`'s client, prefixport.bench.serve_client), and /metrics read back.
+Needs httpx (the `serve` extra)."""
 
 from __future__ import annotations
 

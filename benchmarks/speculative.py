@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, machine
+from benchmarks.common import RESULTS, ROOT, machine, median
 from demo.tasks import split
 from prefixport.adapters import convert_checkpoint
 from prefixport.runtime import Engine
@@ -106,7 +105,7 @@ def step_ms(engine: Engine, context: int, tokens: int, repeats: int = 20) -> flo
         else:
             prefill(engine.backend, cache, 0, [[5] * tokens], none, 0, every=True)
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return median(times) * 1000
 
 
 def main() -> None:

@@ -8,14 +8,14 @@ JSON schema, timing `DecodeBatch.sample` (the token choice, where the grammar's 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, alternate, machine, median
 from prefixport.runtime import Engine
 from prefixport.runtime.generation import DecodeBatch
 
@@ -56,14 +56,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "structured_overhead.json"))
     args = parser.parse_args()
     engine = Engine.load(args.export_dir)
-    times = {name: {"sample": [], "advance": []} for name in FORMATS}
     run(engine, FORMATS["json_schema"], 1, 2)  # warm-up: the grammar's vocabulary and compile
-    for _ in range(args.rounds):
-        for name, fmt in FORMATS.items():
-            sample, advance = run(engine, fmt, args.batch, args.steps)
-            times[name]["sample"] += sample
-            times[name]["advance"] += advance
-    result = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    rounds = alternate({name: functools.partial(run, engine, fmt, args.batch, args.steps)
+                        for name, fmt in FORMATS.items()}, args.rounds)
+    result = {name: {"sample": median([ms for sample, _ in done for ms in sample]),
+                     "advance": median([ms for _, advance in done for ms in advance])}
+              for name, done in rounds.items()}
     free, constrained = result["free"], result["json_schema"]
     extra = constrained["sample"] - free["sample"]
     step = free["sample"] + free["advance"]

@@ -84,11 +84,13 @@ def test_no_private_attribute_of_another_object(package):
     assert bad == []
 
 
-def test_benchmarks_share_code_through_the_package():
-    """benchmarks/ is one package run as `python -m benchmarks.NAME`: no sys.path edits, no sibling
-    imported by its bare file name (shared code is `benchmarks.common` and the like), and no private
-    name imported from another module."""
-    folder = ROOT.parent / "benchmarks"
+@pytest.mark.parametrize("package", ["benchmarks", "tools"])
+def test_scripts_share_code_through_their_packages(package):
+    """benchmarks/ (the comparisons) and tools/ (the fuzzers, the soak) are packages run as
+    `python -m benchmarks.NAME` or `python -m tools.NAME`: no sys.path edits, no sibling imported by
+    its bare file name (shared code is `benchmarks.common` and the like), and no private name
+    imported from another module."""
+    folder = ROOT.parent / package
     siblings = {p.stem for p in folder.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
     bad = []
     for path in sorted(folder.rglob("*.py")):
@@ -99,7 +101,7 @@ def test_benchmarks_share_code_through_the_package():
                 bad.append(f"{where}:{node.lineno} uses sys.path")
         for module, names, line in _imports(path):
             if module.split(".")[0] in siblings:
-                bad.append(f"{where}:{line} imports {module} by its file name, not as benchmarks.{module}")
+                bad.append(f"{where}:{line} imports {module} by its file name, not as {package}.{module}")
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             if private or any(part.startswith("_") and not part.startswith("__") for part in module.split(".")):
                 bad.append(f"{where}:{line} imports {private or module} from {module}")

@@ -1,7 +1,7 @@
 """Fuzzing of the adapter readers (load_bundle, convert): a short run of `python -m
-benchmarks.fuzz_adapters`'s harness over the tiny Llama's real bundles and PEFT checkpoints (the
+tools.fuzz_adapters`'s harness over the tiny Llama's real bundles and PEFT checkpoints (the
 LoRA and IA3 ones converted for its export made with --lora), with the cases of
-benchmarks/fuzz_cases.py (the full 10,000-case run and its counts are under
+tools/fuzz_cases.py (the full 10,000-case run and its counts are under
 benchmarks/results/fuzz_adapters/)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.fuzz_adapters import add_weight_seeds, run_fuzz
-from benchmarks.fuzz_cases import load_seeds, make_case, schedule, st_parse
+from tools.fuzz_adapters import add_weight_seeds, run_fuzz
+from tools.fuzz_cases import load_seeds, make_case, schedule, st_parse
 
 CASES = 8 * len(schedule())  # every family 8 times its weight
 SEED = 1  # the full run uses seed 0: these are other cases

@@ -1,6 +1,6 @@
-"""Fuzzing of the HTTP server's request bodies: a short run of `python -m benchmarks.fuzz_requests`'s
+"""Fuzzing of the HTTP server's request bodies: a short run of `python -m tools.fuzz_requests`'s
 harness against `prefixport serve` (a subprocess) over the tiny Llama and its adapters, with the
-cases of benchmarks/fuzz_request_cases.py (the full 10,000-case run and its counts are under
+cases of tools/fuzz_request_cases.py (the full 10,000-case run and its counts are under
 benchmarks/results/fuzz_requests/)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from benchmarks.fuzz_request_cases import FAMILIES, Target, make_case, schedule
-from benchmarks.fuzz_requests import Answer, classify, run_fuzz
+from tools.fuzz_request_cases import FAMILIES, Target, make_case, schedule
+from tools.fuzz_requests import Answer, classify, run_fuzz
 
 CASES = 300
 SEED = 1  # the full run uses seed 0: these are other cases

@@ -419,7 +419,7 @@ def test_cli_converts_and_inspects_lora_and_ia3(setup, plain_lora, plain_ia3, tm
                 assert line in inspected.output, inspected.output
 
 
-# Found by the adapter fuzzer (benchmarks/fuzz_adapters.py, families peft_lora, peft_ia3, bundle_lora,
+# Found by the adapter fuzzer (tools/fuzz_adapters.py, families peft_lora, peft_ia3, bundle_lora,
 # bundle_ia3): each was a crash, a hang or an accepted adapter the runtime could not hold.
 
 def _no_rank(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

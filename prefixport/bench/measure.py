@@ -27,6 +27,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def median(values: Sequence[float]) -> float:
+    """The median: `percentile(values, 0.5)` (the middle value, or the mean of the two middle ones)."""
+    return percentile(values, 0.5)
+
+
 def summary(values: Sequence[float], scale: float = 1.0,
             quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> dict[str, float] | None:
     """n, mean, min, max and the `quantiles` (keys p50, p90, p99, ...) of `values` times `scale`

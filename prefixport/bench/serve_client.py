@@ -65,6 +65,9 @@ class StreamResult:
     usage: dict[str, Any] | None = None  # the server's, where it sent one
     status: int | None = None
     error: str | None = None
+    chunks: int = 0  # events carrying choices, output text or not (a chat stream's role-only first one too)
+    done: bool = False  # the stream's [DONE] was read
+    left: bool = False  # the client left mid-stream (`leave_after`)
 
     @property
     def ttft_s(self) -> float | None:
@@ -86,19 +89,25 @@ def _chunk_text(choice: dict[str, Any]) -> str:
     return delta.get("content") or delta.get("reasoning_content") or ""
 
 
-async def stream_request(client: Any, url: str, body: dict[str, Any],
-                         headers: dict[str, str] | None = None) -> StreamResult:
+async def stream_request(client: Any, url: str, body: dict[str, Any], headers: dict[str, str] | None = None, *,
+                         on_status: Callable[[int], None] | None = None,
+                         leave_after: int | None = None) -> StreamResult:
     """POST `body` to `url` with `client` (an httpx.AsyncClient, or anything with its `stream`)
     and read the server-sent events to [DONE] (or the stream's end after a finish reason): the
     text, each output chunk's arrival, the finish reason, the usage. A status other than 200, an
     error event, a stream cut short or a transport error is `error` (its text cut to 500
-    characters); never raises for those."""
+    characters); never raises for those. `on_status(status)` is called as the response's headers
+    arrive, before its body is read (the server has taken the request). With `leave_after` N the
+    client leaves after N chunks carrying choices, closing the connection mid-stream (`left`; not
+    an error), as a reader who goes away does."""
     httpx = require_httpx()
     out, parts = StreamResult(), []
     out.start = start = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             out.status = response.status_code
+            if on_status is not None:
+                on_status(response.status_code)
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 out.error = f"HTTP {response.status_code}: {text[:500]}"
@@ -108,6 +117,7 @@ async def stream_request(client: Any, url: str, body: dict[str, Any],
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        out.done = True
                         break
                     if not data:
                         continue
@@ -116,7 +126,8 @@ async def stream_request(client: Any, url: str, body: dict[str, Any],
                         out.error = f"stream error: {json.dumps(chunk['error'])[:500]}"
                         break
                     now, carried = time.perf_counter() - start, False
-                    for choice in chunk.get("choices") or []:
+                    choices = chunk.get("choices") or []
+                    for choice in choices:
                         piece = _chunk_text(choice)
                         parts.append(piece)
                         carried = carried or bool(piece)
@@ -125,6 +136,10 @@ async def stream_request(client: Any, url: str, body: dict[str, Any],
                         out.chunk_times_s.append(now)
                     if chunk.get("usage"):
                         out.usage = chunk["usage"]
+                    out.chunks += bool(choices)
+                    if leave_after is not None and out.chunks >= leave_after:
+                        out.left = True
+                        break  # leaving the block closes the connection mid-stream
                 else:  # servers that close the stream after the finish reason, without [DONE], are fine
                     if out.finish_reason is None:
                         out.error = out.error or "the stream ended without a finish reason or [DONE]"

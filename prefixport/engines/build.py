@@ -150,7 +150,7 @@ def build_engine(folder: str | Path, fp16: bool = False, max_batch: int = 8, max
 
 # Max abs difference allowed against float32 ONNX Runtime on the CPU (logits, and KV relative to
 # its largest magnitude). float16: the converted graph differed by 0.031 on the default model
-# (benchmarks/fp16_graph.py).
+# (docs/gpu.md, "Precision").
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-1}
 
 

@@ -24,7 +24,7 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_nor
 from . import blocks
 
 QUANTIZATIONS = {"int8": 8, "int4": 4}
-# --quantize NAME -> (kind, algorithm): measured in benchmarks/quant_variants.py (docs/export.md)
+# --quantize NAME -> (kind, algorithm): chosen by measurement (docs/export.md, "Quantisation")
 RECIPES = {"int8": ("int8", "rtn"), "int4": ("int4", "blocks"), "int4-rtn": ("int4", "rtn")}
 QUANT_BLOCK_SIZE = 32
 
@@ -229,8 +229,8 @@ def _fused_counts(model: ir.Model) -> dict[str, int]:
 def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accuracy_level: int = 4,
              lm_head: bool = True, algorithm: str = "rtn") -> int:
     """Weight-only quantisation of the constant-weight MatMuls into MatMulNBits, activations kept
-    in float; returns how many MatMuls were quantised. Algorithms (measured in
-    benchmarks/quant_variants.py): "rtn", round-to-nearest, symmetric, per-block scales (int8's
+    in float; returns how many MatMuls were quantised. Algorithms (measured side by side in
+    docs/export.md, "Quantisation"): "rtn", round-to-nearest, symmetric, per-block scales (int8's
     choice); "blocks", the weights' own Q4_1/Q8_0 blocks, exact for the default model
     (`blocks.py`; int4's choice; each weight keeps the bits of its blocks, whatever `kind`);
     "asym" and "hqq" (ONNX Runtime's HQQ). Int8 dot products (accuracy_level 4),

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.soak`: the command line (see the package docstring)."""
+"""`python -m tools.soak`: the command line (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchmarks.soak
+import tools.soak
 from benchmarks.common import DEFAULT_EXPORT, RESULTS, cell, command, machine, say, write_report
-from benchmarks.soak.engine import engine_soak
-from benchmarks.soak.report import markdown
-from benchmarks.soak.server import server_soak
+from tools.soak.engine import engine_soak
+from tools.soak.report import markdown
+from tools.soak.server import server_soak
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak",
-                                     description=benchmarks.soak.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.soak",
+                                     description=tools.soak.__doc__.split("\n")[0])
     parser.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
     parser.add_argument("--requests", type=int, help="server requests, bad ones included (default 560; --quick 40)")
     parser.add_argument("--concurrency", type=int, help="concurrent clients (default 32; --quick 8)")
@@ -65,7 +65,7 @@ def main() -> None:
         result["engine"] = engine_soak(args, deadline)
     result["machine"] = machine()
     result["seconds"] = time.perf_counter() - began
-    result["command"] = command("soak")
+    result["command"] = command("soak", "tools")
     table = markdown(result)
     wrote = write_report(args.out, "soak" + ("_quick" if args.quick else ""), result, table)
     print(table)

@@ -22,7 +22,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"Server: `{s['server_command']}`. Mix (not counting the bad ones): "
             + ", ".join(f"{k} x{v}" for k, v in s["mix"].items())
             + f"; {s['with_stop_strings']} with stop strings; max_tokens 16-24. Latency: send to last byte of "
-            "the answers that completed (ok); TTFT: streamed ones, send to first chunk with a choice.", "",
+            "the answers that completed (ok); TTFT: streamed ones, send to the first chunk carrying output text.", "",
             "| requests | ok | errors | cancelled on purpose | bad, expected 4xx ok | wall s | req/s | gen tok/s | "
             "latency p50 / p95 / p99 ms | TTFT p50 / p95 / p99 ms |",
             "|---|---|---|---|---|---|---|---|---|---|",

@@ -2,10 +2,12 @@
 and 10,000s of adapter register/unregister cycles in the engine; errors, latency, and whether
 memory and file descriptors stay flat.
 
-Server soak (a subprocess on a free 127.0.0.1 port; the fp32 export by default: its greedy texts
+Server soak (a subprocess on a free 127.0.0.1 port, with --allow-adapter-admin and no keys so that
+the churn may register and delete adapters; the fp32 export by default: its greedy texts
 do not depend on the batch, so the determinism check below is a real check, and at 32 clients it
 is no slower here than int8):
-C asyncio clients (default 32; server --max-batch C) pull from one seeded list of R requests
+C asyncio clients (default 32; server --max-batch C; streamed requests through `prefixport bench
+serve`'s client, prefixport.bench.serve_client) pull from one seeded list of R requests
 (default 560, of which 35 bad ones) mixing
   - models: the base model, 4 adapters registered at start (the export's two bundles and a copy of
     each under another name), and "hot" adapters that a churn task registers (POST /v1/adapters,
@@ -46,7 +48,7 @@ truncated bundle refused every 100 (an error path), and a greedy generation chec
 RSS (after gc), open file descriptors (/proc/self/fd) and memory maps (/proc/self/maps) at the
 start, every 1,000 cycles and at the end.
 
-    python -m benchmarks.soak [--export exports/smollm2-135m-instruct] [--requests 560] [--concurrency 32] \\
+    python -m tools.soak [--export exports/smollm2-135m-instruct] [--requests 560] [--concurrency 32] \\
         [--cycles 10000] [--max-seconds 900] [--quick] [--out benchmarks/results/soak]
 
 --max-seconds bounds the whole run: the server soak stops sending at its share (--server-seconds,

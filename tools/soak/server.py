@@ -21,9 +21,10 @@ import httpx
 
 from benchmarks.common import CpuMeter, distribution, free_port, rel, say, slope_per_min, vm_rss
 from benchmarks.serving import ServerProcess, scrape_metrics
-from benchmarks.soak import BUNDLES, STATIC_ADAPTERS
-from benchmarks.soak.hot_adapters import HotAdapters, churn
-from benchmarks.soak.workload import Spec, run_one, workload
+from prefixport.bench.serve_client import new_client
+from tools.soak import BUNDLES, STATIC_ADAPTERS
+from tools.soak.hot_adapters import HotAdapters, churn
+from tools.soak.workload import Spec, run_one, workload
 
 
 def requests_by_status(metrics: dict[str, float]) -> Counter[str]:
@@ -67,12 +68,10 @@ async def load_phase(base: str, specs: list[Spec], clients: int, base_model: str
     records: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    timeout = httpx.Timeout(connect=10, read=180, write=30, pool=60)
     queue = iter(specs)
     t0 = time.perf_counter()
     bounded_out = None
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client, \
+    async with new_client(clients + 8, timeout_s=180) as client, \
             httpx.AsyncClient(timeout=30) as side:  # adapters and /metrics: not queued behind the load
         async def worker() -> None:
             for spec in queue:
@@ -112,8 +111,7 @@ def warm_up(base: str, models: list[str], clients: int, base_model: str, seed: i
 
     async def go() -> list[str]:
         hot = HotAdapters()
-        limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-        async with httpx.AsyncClient(timeout=180, limits=limits) as c:
+        async with new_client(clients + 4, timeout_s=180) as c:
             errors = []
             for m in models:
                 r = await c.post(f"{base}/v1/chat/completions",
@@ -180,8 +178,8 @@ def server_soak(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
         shutil.copy(src / f"{bundle}.safetensors", tmp / "hot" / f"{bundle}.safetensors")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    serve_args = ["serve", str(export), "--adapters", str(tmp), "--host", "127.0.0.1", "--port", str(port),
-                  "--max-batch", str(args.max_batch or clients)]
+    serve_args = ["serve", str(export), "--adapters", str(tmp), "--allow-adapter-admin",  # no keys: all are admins
+                  "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(args.max_batch or clients)]
     log_path = Path(tempfile.mkstemp(prefix="soak-serve-", suffix=".log")[1])
     say(f"server soak: prefixport {' '.join(serve_args)} (log {log_path})")
     try:

@@ -5,7 +5,7 @@ adds hang) and an accepted adapter is checked by an oracle that does not trust t
 (bad_accept). `Worker` is the parent's side, with a watchdog; `selftest` makes each failure happen
 on purpose and checks that it is told apart.
 
-    python -m benchmarks.fuzz_worker EXPORT [--lora-export DIR] [--memory-gb 3]    # as `Worker` starts it
+    python -m tools.fuzz_worker EXPORT [--lora-export DIR] [--memory-gb 3]    # as `Worker` starts it
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import ROOT, proc_status_bytes
-from benchmarks.fuzz_cases import Case
+from tools.fuzz_cases import Case
 from prefixport import manifest as mf
 
 
@@ -443,8 +443,8 @@ class Worker:
             self.log_file.close()
         self.log_file = open(self.log, "ab")
         self.log_offset = self.log_file.tell()
-        self.proc = subprocess.Popen(  # from the checkout's root: `-m benchmarks.fuzz_worker` imports from there
-            [sys.executable, "-m", "benchmarks.fuzz_worker", str(Path(self.export).resolve()),
+        self.proc = subprocess.Popen(  # from the checkout's root: `-m tools.fuzz_worker` imports from there
+            [sys.executable, "-m", "tools.fuzz_worker", str(Path(self.export).resolve()),
              "--memory-gb", str(self.memory_gb),
              *(["--lora-export", str(Path(self.lora_export).resolve())] if self.lora_export else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, env=env, start_new_session=True,
@@ -526,7 +526,7 @@ class Worker:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz_worker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.fuzz_worker", description=__doc__.split("\n")[0])
     parser.add_argument("export", help="the export whose manifest the readers get")
     parser.add_argument("--memory-gb", type=float, default=3.0, help="the address-space cap (0: none)")
     parser.add_argument("--lora-export", help="the same model exported with --lora (the LoRA and IA3 cases')")

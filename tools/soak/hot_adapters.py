@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.soak import BUNDLES
+from tools.soak import BUNDLES
 
 
 class HotAdapters:

@@ -1,4 +1,4 @@
-"""The fuzzer's cases (benchmarks/fuzz_adapters.py runs them): mutations of real seeds, the bundles
+"""The fuzzer's cases (tools/fuzz_adapters.py runs them): mutations of real seeds, the bundles
 and PEFT checkpoints of a tiny export, written into a case folder.
 
 Case i of seed S is made from `random.Random(f"{S}:{i}")` (and numpy's `default_rng([S, i])`)
@@ -90,7 +90,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from benchmarks.common import interleaved
+from tools import interleaved
 from prefixport import manifest as mf
 
 BUNDLE = "adapter.safetensors"
@@ -1135,7 +1135,7 @@ def _weights(c: CaseContext) -> mf.WeightAdapters:
 
 def _weight_seed(names: list[str], what: str, c: CaseContext) -> str:
     if not names:
-        raise SystemExit(f"no {what} seeds in {c.seeds.seeds_dir}: build them (python -m benchmarks.fuzz_adapters "
+        raise SystemExit(f"no {what} seeds in {c.seeds.seeds_dir}: build them (python -m tools.fuzz_adapters "
                          "--work DIR) or add some")
     name: str = c.pick(names)
     return name

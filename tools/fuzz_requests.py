@@ -5,7 +5,7 @@ The server runs as deployed for tenants: `--keys` (an admin key, a user key that
 a user key scoped to the base model, and a second user key only for the health probes),
 `--allow-adapter-admin`, `--speculative prompt-lookup`, `--threads 1`, and an adapters folder
 holding the seed bundles (served under their names) plus decoy files (empty, text, zeros, a folder
-named like a bundle). Cases are made by benchmarks/fuzz_request_cases.py, whose docstring lists the
+named like a bundle). Cases are made by tools/fuzz_request_cases.py, whose docstring lists the
 families (valid, types, numbers, unicode, nesting, sizes, stop, token_ids, json_syntax,
 content_type, schema, sampling, logprobs, chat_messages, adapters, auth, random). Case i of seed S
 is made from `random.Random(f"{S}:{i}")` alone, so `--replay S:i` rebuilds and resends it. They are
@@ -40,12 +40,12 @@ then too. After the run:
 
 Seeds: `--export DIR [--seeds DIR]` serves that export with the bundles *.safetensors in --seeds
 (default: EXPORT/adapters). Otherwise a tiny random Llama with its adapters is built into --work
-(default: a temp folder, removed after) by `benchmarks.fuzz_adapters.build_seeds` (about 30 s; the
+(default: a temp folder, removed after) by `tools.fuzz_adapters.build_seeds` (about 30 s; the
 `export` extra), so the fuzzer runs without the default model.
 
-    python -m benchmarks.fuzz_requests [--cases 10000] [--seed 0] [--concurrency 4] [--timeout 30] \\
+    python -m tools.fuzz_requests [--cases 10000] [--seed 0] [--concurrency 4] [--timeout 30] \\
         [--family NAME ...] [--export DIR [--seeds DIR] | --work DIR] [--out benchmarks/results/fuzz_requests]
-    python -m benchmarks.fuzz_requests --replay SEED:INDEX [--export DIR ...]  # one case, alone
+    python -m tools.fuzz_requests --replay SEED:INDEX [--export DIR ...]  # one case, alone
 
 Writes OUT/fuzz_requests.json and OUT/fuzz_requests.md (runs of fewer than 10,000 cases, or of
 some families only: fuzz_requests_short.*, so a smoke run never overwrites the figures); prints the
@@ -71,7 +71,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import httpx
 
 from benchmarks.common import RESULTS, command, free_port, machine, machine_line, say, vm_rss, write_report
-from benchmarks.fuzz_request_cases import DECOY_DIR, DECOYS, FAMILIES, Case, Target, make_case, schedule
+from tools.fuzz_request_cases import DECOY_DIR, DECOYS, FAMILIES, Case, Target, make_case, schedule
 from benchmarks.serving import ServerProcess
 from prefixport import manifest as mf
 
@@ -673,7 +673,7 @@ def keep_reproducers(groups: list[dict[str, Any]], target: Target, seed: int, fo
         dest = folder / f"{case.index:06d}-{case.family}-{group['outcome']}"
         dest.mkdir(parents=True, exist_ok=True)
         request = {"case": f"{seed}:{case.index}",
-                   "replay": f"python -m benchmarks.fuzz_requests --replay {seed}:{case.index}",
+                   "replay": f"python -m tools.fuzz_requests --replay {seed}:{case.index}",
                    **{k: v for k, v in asdict(case).items() if k not in ("body", "auth")},
                    "auth": None if case.auth is None else case.auth.decode("latin-1"),
                    "body_bytes": len(case.body or b""), "cause": group["cause"], "group_count": group["count"],
@@ -779,7 +779,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['timeout_s']:g} s. ok: 2xx with the body the OpenAI API returns; refused: 4xx with an OpenAI error "
         "object (or a redirect); server error: 5xx (or a stream's server_error event); crash: the connection broke "
         "or the server died (restarted); hang: no answer in time; bad shape: any other body. A case is named "
-        "seed:index: `python -m benchmarks.fuzz_requests --replay seed:index` rebuilds and resends it.", "",
+        "seed:index: `python -m tools.fuzz_requests --replay seed:index` rebuilds and resends it.", "",
         "| family | what | cases | ok | refused | server error | crash | hang | bad shape | slowest ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -869,7 +869,7 @@ def seeds_for(args: argparse.Namespace) -> tuple[Path, list[Path], str | None]:
     if args.export is not None:
         export, seeds = args.export.resolve(), (args.seeds or args.export / "adapters")
     else:
-        from benchmarks.fuzz_adapters import build_seeds
+        from tools.fuzz_adapters import build_seeds
 
         work = args.work or Path(tmp := tempfile.mkdtemp(prefix="fuzz-seeds-"))
         export, seeds = build_seeds(work, say=say)
@@ -880,7 +880,7 @@ def seeds_for(args: argparse.Namespace) -> tuple[Path, list[Path], str | None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.fuzz_requests", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=FULL_RUN)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
@@ -913,7 +913,7 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     info = machine("httpx", "fastapi", "uvicorn")
-    result = {"benchmark": "fuzz_requests", "command": command("fuzz_requests"), **result, "machine": info,
+    result = {"benchmark": "fuzz_requests", "command": command("fuzz_requests", "tools"), **result, "machine": info,
               "seconds": time.perf_counter() - began}
     table = markdown(result)
     wrote = write_report(out, stem, result, table)

@@ -3,14 +3,14 @@ folders) fed malformed, lying and hostile inputs, every outcome counted.
 
 Cases are mutations of real seeds: the bundles and PEFT checkpoints of a tiny random Llama export
 and of the same model exported with --lora (built here unless given, see below). They are made by
-benchmarks/fuzz_cases.py, whose docstring lists the families (header length, header JSON, offsets,
+tools/fuzz_cases.py, whose docstring lists the families (header length, header JSON, offsets,
 shapes, dtypes, values, truncation, metadata, tensors, random bytes, byte flips, pickles; PEFT
 configs, weights, pickles, layouts; LoRA and IA3 bundles and checkpoints; and the unchanged seeds).
 Case i of seed S is made from `random.Random(f"{S}:{i}")` alone, so `--replay S:i` rebuilds and
 reruns it.
 
 Each case runs `load_bundle(path, manifest)` (15% without the manifest) or `convert(dir, manifest,
-task=...)` in a worker subprocess (benchmarks/fuzz_worker.py) and is classified. The manifest is the
+task=...)` in a worker subprocess (tools/fuzz_worker.py) and is classified. The manifest is the
 --lora export's for a case made from a LoRA or IA3 seed (or a checkpoint relabelled LORA or IA3),
 except the `plain_export` sub-kind's, which must be refused; else the plain export's.
 
@@ -61,9 +61,9 @@ after), laid out as
 Building needs the `export` extra (torch, transformers, peft) and about two minutes; the fuzzing
 itself needs only numpy and safetensors.
 
-    python -m benchmarks.fuzz_adapters [--cases 10000] [--seed 0] [--timeout 5] [--memory-gb 3] \\
+    python -m tools.fuzz_adapters [--cases 10000] [--seed 0] [--timeout 5] [--memory-gb 3] \\
         [--export DIR --seeds DIR [--lora-export DIR] | --work DIR] [--out benchmarks/results/fuzz_adapters]
-    python -m benchmarks.fuzz_adapters --replay SEED:INDEX --work DIR   # (or --export/--seeds/--lora-export)
+    python -m tools.fuzz_adapters --replay SEED:INDEX --work DIR   # (or --export/--seeds/--lora-export)
 
 Writes OUT/fuzz_adapters.json and OUT/fuzz_adapters.md (runs of fewer than 10,000 cases:
 fuzz_adapters_short.*, so a smoke run never overwrites the figures); prints the table, then one
@@ -85,8 +85,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.common import RESULTS, command, machine, machine_line, say, write_report
-from benchmarks.fuzz_cases import FAMILIES, Seeds, check_payload, load_seeds, make_case
-from benchmarks.fuzz_worker import Worker, run_one, selftest
+from tools.fuzz_cases import FAMILIES, Seeds, check_payload, load_seeds, make_case
+from tools.fuzz_worker import Worker, run_one, selftest
 from prefixport import manifest as mf
 
 OUTCOMES = ("ok", "error", "crash", "hang", "memory", "bad_accept")
@@ -340,7 +340,7 @@ def replay(spec: str, seeds: Seeds) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.fuzz_adapters", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=FULL_RUN)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per case before it counts as a hang")
@@ -382,7 +382,7 @@ def main() -> None:
     if not result["failures"]:
         shutil.rmtree(repro, ignore_errors=True)
     info = machine("safetensors")
-    result = {"benchmark": "fuzz_adapters", "command": command("fuzz_adapters"), **result,
+    result = {"benchmark": "fuzz_adapters", "command": command("fuzz_adapters", "tools"), **result,
               "safetensors": info["versions"].get("safetensors"), "machine": info,
               "seconds": time.perf_counter() - began}
     table = markdown(result)

@@ -1,4 +1,4 @@
-"""The request fuzzer's cases (benchmarks/fuzz_requests.py sends them): mutations of valid request
+"""The request fuzzer's cases (tools/fuzz_requests.py sends them): mutations of valid request
 bodies for the server's routes, each one HTTP request.
 
 Case i of seed S is made from `random.Random(f"{S}:{i}")` and the `Target` alone (the served names
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
 
-from benchmarks.common import interleaved
+from tools import interleaved
 
 # --- what the cases aim at ------------------------------------------------------------------------
 

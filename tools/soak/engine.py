@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CpuMeter, rel, say, slope_per_min
-from benchmarks.soak import BUNDLES
+from tools.soak import BUNDLES
 from prefixport.bench.measure import rss_bytes
 
 CHECK_PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],

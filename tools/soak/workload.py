@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 
 from benchmarks.serving import prompt_text
-from benchmarks.soak import BUNDLES, STATIC_ADAPTERS
-from benchmarks.soak.hot_adapters import HotAdapters
+from prefixport.bench.serve_client import api_url, stream_request
+from tools.soak import BUNDLES, STATIC_ADAPTERS
+from tools.soak.hot_adapters import HotAdapters
 
 STOPS = [["\n"], [".", "!"], ["\n\n", " the "], ["2"]]
 
@@ -224,7 +225,10 @@ def check_answer(spec: Spec, body: dict[str, Any], text: str, finish: str | None
 async def run_one(client: httpx.AsyncClient, base: str, spec: Spec, base_model: str,
                   hot: HotAdapters) -> dict[str, Any]:
     """Send a spec (cancelling it on purpose when its kind says so) and check the answer: its record
-    (outcome ok, error, cancelled, cancel_came_too_late or bad_expected_ok; status, text, timings)."""
+    (outcome ok, error, cancelled, cancel_came_too_late or bad_expected_ok; status, text, timings).
+    A streamed spec goes through `prefixport bench serve`'s client (prefixport.bench.serve_client):
+    TTFT is its first chunk carrying output text, and a cancelled stream leaves after
+    `cancel_after` chunks."""
     if spec.kind == "bad":
         return await run_bad(client, base, spec, base_model, hot)
     model, hot_name = spec.model, None
@@ -237,17 +241,28 @@ async def run_one(client: httpx.AsyncClient, base: str, spec: Spec, base_model: 
     body = {"model": model, **spec.body, "stream": spec.stream}
     if spec.stream:
         body["stream_options"] = {"include_usage": True}
-    path = "/v1/chat/completions" if spec.endpoint == "chat" else "/v1/completions"
     rec: dict[str, Any] = {"index": spec.index, "kind": spec.kind, "endpoint": spec.endpoint, "model": model,
                            "hot": hot_name is not None, "bundle": bundle_of(spec.model), "stream": spec.stream,
                            "sampling": spec.sampling, "key": spec.key, "max_tokens": spec.body["max_tokens"],
                            "stop": bool(spec.body.get("stop")), "ignore_eos": bool(spec.body.get("ignore_eos"))}
     start = time.perf_counter()
     accepted = False
+
+    def on_status(status: int) -> None:  # a hot adapter runs a request once the server has taken it
+        nonlocal accepted, hot_name
+        if hot_name is None:
+            return
+        if status == 200:
+            hot.accepted(hot_name, spec.index)
+            accepted = True
+        else:
+            hot.refused(hot_name)
+            hot_name = None
+
     try:
         if not spec.stream:
             try:
-                coro = client.post(f"{base}{path}", json=body)
+                coro = client.post(api_url(base, spec.endpoint), json=body)
                 r = await (asyncio.wait_for(coro, spec.cancel_after) if spec.kind == "cancel_whole" else coro)
             except asyncio.TimeoutError:
                 rec.update(outcome="cancelled", status=None)
@@ -261,44 +276,22 @@ async def run_one(client: httpx.AsyncClient, base: str, spec: Spec, base_model: 
             text = choice["message"]["content"] if spec.endpoint == "chat" else choice["text"]
             finish, tokens = choice["finish_reason"], (data.get("usage") or {}).get("completion_tokens")
         else:
-            parts, finish, tokens, chunks, done = [], None, None, 0, False
-            async with client.stream("POST", f"{base}{path}", json=body) as r:
-                rec["status"] = r.status_code
-                if hot_name is not None:
-                    if r.status_code == 200:
-                        hot.accepted(hot_name, spec.index)
-                        accepted = True
-                    else:
-                        hot.refused(hot_name)
-                        hot_name = None
-                if r.status_code != 200:
-                    rec.update(outcome="error", error=f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
-                    return rec
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        rec.update(outcome="error", error=f"stream error: {json.dumps(chunk['error'])[:300]}")
-                        return rec
-                    for c in chunk.get("choices") or []:
-                        if rec.get("ttft_s") is None:
-                            rec["ttft_s"] = time.perf_counter() - start
-                        parts.append((c.get("delta") or {}).get("content") or c.get("text") or "")
-                        finish = c.get("finish_reason") or finish
-                        chunks += 1
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    if spec.kind == "cancel_stream" and chunks >= spec.cancel_after:
-                        rec.update(outcome="cancelled", chunks=chunks)
-                        return rec  # leaving the block closes the connection mid-stream
-            if not done:
-                rec.update(outcome="error", error=f"the stream ended without [DONE] after {chunks} chunks")
+            streamed = await stream_request(client, api_url(base, spec.endpoint), body, on_status=on_status,
+                                            leave_after=spec.cancel_after if spec.kind == "cancel_stream" else None)
+            rec["status"] = streamed.status
+            if streamed.ttft_s is not None:
+                rec["ttft_s"] = streamed.ttft_s
+            if streamed.error is not None:
+                rec.update(outcome="error", error=streamed.error)
                 return rec
-            text = "".join(parts)
+            if streamed.left:
+                rec.update(outcome="cancelled", chunks=streamed.chunks)
+                return rec
+            if not streamed.done:
+                rec.update(outcome="error", error=f"the stream ended without [DONE] after {streamed.chunks} chunks")
+                return rec
+            text, finish = streamed.text, streamed.finish_reason
+            tokens = (streamed.usage or {}).get("completion_tokens")
         problem = check_answer(spec, spec.body, text, finish, tokens)
         rec.update(text=text, finish_reason=finish, completion_tokens=tokens)
         if problem:
@@ -317,4 +310,3 @@ async def run_one(client: httpx.AsyncClient, base: str, spec: Spec, base_model: 
             hot.finished(hot_name, spec.index)
         elif hot_name is not None:  # sent, never accepted (an exception before the headers)
             hot.refused(hot_name)
-
