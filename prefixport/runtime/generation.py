@@ -190,7 +190,7 @@ class RowRequest:
 _NONE = object()  # a record a row lacks (`DecodeBatch._relabel`)
 ADMIT_HEADROOM = 32  # slots of growth every row must have room for when a request joins (fewer preemptions)
 IDLE_PREFILL_BUDGET = 512  # rows a step prefills while no row decodes (larger runs prefill faster per token)
-BUDGET_ROWS = 4  # the prefill budget is per step of up to this many decoding rows; larger steps take more
+BUDGET_ROWS = 4  # the prefill budget is per step of up to this many rows in the batch; fuller batches take more
 
 
 @dataclass
@@ -213,6 +213,7 @@ class _Fill:
     virtual: int  # soft-prompt positions this row computes first (0: none, or the cache's)
     start: int  # rows of the prompt's one uncached run that the hit gave (virtual tokens included)
     whole: int  # rows of that run: the exactness rule's reference (prompt_cache.next_cut)
+    deadline: float = 0.0  # its turn (earliest first): the step it joined plus its rows in budgets
     done: int = 0  # rows computed so far
 
     @property
@@ -250,6 +251,7 @@ class DecodeBatch:
         # a row verifying proposals: its logits [1 + k, vocab], the k proposals, its length before
         self._verify: dict[int, tuple[np.ndarray, list[int], int]] = {}
         self.prefilled = 0  # prompt rows the last step computed (chunked prefill's bound, for tests and stats)
+        self.steps = 0  # steps advanced (the prefill order's clock)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -391,28 +393,34 @@ class DecodeBatch:
         self.rows[row] = request
         self._rngs[row] = np.random.default_rng(request.params.seed)
         request.cached_tokens = skip
-        self._filling[row] = _Fill(request, hit if hit is not None and self.prompt_cache is not None else None, prefix,
-                                   request.prompt_ids[skip:], in_run, soft - in_run + skip, soft + len(request.prompt_ids))
+        fill = _Fill(request, hit if hit is not None and self.prompt_cache is not None else None, prefix,
+                     request.prompt_ids[skip:], in_run, soft - in_run + skip, soft + len(request.prompt_ids))
+        if self.prefill_budget is not None:
+            fill.deadline = self.steps + (fill.whole - fill.start) / self.prefill_budget
+        self._filling[row] = fill
 
     def _fill(self) -> None:
-        """Prefill the joined prompts in order, within the budget (at least one chunk; the budget
-        times D // BUDGET_ROWS with D rows decoding, whose step takes about that much longer; at
-        least IDLE_PREFILL_BUDGET rows while no row decodes): a chunk of each, alone (a past with
-        several new positions runs at batch 1), or fresh whole prompts several per run. A row whose
+        """Prefill the joined prompts, earliest deadline first (a prompt's deadline: the step it
+        joined plus its rows in budgets), within the budget (at least one chunk; the budget times
+        N // BUDGET_ROWS with N rows in the batch, decoding or joining; at least IDLE_PREFILL_BUDGET
+        rows while no row decodes): a chunk of each, alone (a past with several new positions runs
+        at batch 1), or fresh whole prompts several per run, in cache-row order. A row whose
         prefill fails fails alone (`error` and `done` set)."""
         left, plan = self.prefill_budget, {}
-        decoding = len(self.rows) - len(self._filling)
-        if left is not None and not decoding:  # nobody decodes: nobody to hold back
+        if left is not None and len(self._filling) == len(self.rows):  # nobody decodes: nobody to hold back
             left = max(left, IDLE_PREFILL_BUDGET)
-        elif left is not None:  # a larger batch's step takes longer anyway: prefill keeps its share of it
-            left = left * max(1, decoding // BUDGET_ROWS)
-        for row, fill in self._filling.items():
+        elif left is not None:  # a fuller batch takes a larger share: its waiting prompts, and its longer step
+            left = left * max(1, len(self.rows) // BUDGET_ROWS)
+        order = sorted(self._filling, key=lambda r: (self._filling[r].deadline, self._filling[r].request.arrival))
+        for row in order:
+            fill = self._filling[row]
             if left is not None and left <= 0:
                 break
             least = fill.start + fill.virtual + 1 if fill.done == 0 and fill.virtual else 0
             plan[row] = fill.whole if left is None else next_cut(fill.at, fill.whole, left, least)
             if left is not None:
                 left -= plan[row] - fill.at
+        plan = dict(sorted(plan.items()))  # runs in cache-row order: consecutive fresh rows share one
         alone = {row for row, end in plan.items() if self._filling[row].at or end < self._filling[row].whole}
         self.prefilled = sum(end - self._filling[row].at for row, end in plan.items())
         for group in _groups([(row, self._filling[row].request) for row in plan], alone):
@@ -530,6 +538,7 @@ class DecodeBatch:
             if request.proposer is not None:
                 request.proposer.finished(request)
         self.prefilled = 0
+        self.steps += 1
         self._preempt()
         self._pack()
         decoding = [row for row in sorted(self.rows) if row not in self._filling]  # rows [0, D): packed

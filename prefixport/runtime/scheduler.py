@@ -30,7 +30,7 @@ from .text import RowText
 
 log = logging.getLogger(__name__)
 
-# prompt tokens a step prefills (per BUDGET_ROWS decoding rows): measured on 2 cores, the int8 export at
+# prompt tokens a step prefills (per BUDGET_ROWS rows in the batch): measured on 2 cores, the int8 export at
 # 4 concurrent users keeps its inter-token p99 under 250 ms (docs/design.md, "Chunked prefill")
 DEFAULT_PREFILL_BUDGET = 32
 
@@ -203,9 +203,9 @@ class Scheduler:
     row holds its prompt and what it has generated, and when the rows outgrow the cache's budget
     the youngest row of the tenant holding the most is preempted to host memory and queued first,
     to resume exactly where it stopped; docs/design.md, "The KV cache"); each step runs one token
-    for every decoding row and then prefills joining prompts, in chunks, up to about
-    `prefill_budget` prompt tokens (chunked prefill: docs/design.md, "Chunked prefill"; the
-    prompt cache's tokens are free), so a long prompt or a burst of arrivals delays the running
+    for every decoding row and then prefills joining prompts, in chunks, earliest deadline first, up
+    to about `prefill_budget` prompt tokens per 4 rows in the batch (chunked prefill: docs/design.md,
+    "Chunked prefill"; the prompt cache's tokens are free), so a long prompt or a burst of arrivals delays the running
     rows by a bounded amount per step instead of stalling them until all are prefilled.
     With `speculative` (a method of `Engine.prepare`), every request speculates while at most
     `speculate_max_batch` rows decode; above that the batch decodes normally.

@@ -3,11 +3,14 @@ generation, a baked prefix and its soft prompt, speculation and plain decoding, 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from prefixport.adapters.bundle import load_bundle
 from prefixport.errors import InputError, PrefixportError
-from prefixport.runtime.generation import score_row
+from prefixport.runtime import CacheSettings
+from prefixport.runtime.generation import DecodeBatch, score_row
+from prefixport.runtime.kv_cache import KVCache
 
 from .runs import assert_same, run
 
@@ -126,3 +129,44 @@ def test_chat_messages_go_through_the_template(engine):
     assert text.endswith("<|im_start|>assistant\n") and "Be brief." in text
     assert engine.encode(messages) == engine.tokenizer.encode(text, add_special_tokens=False)
     assert engine.encode(messages, chat=False) == engine.encode("Where is parcel 12?")  # the last user message
+
+
+def _first_token_steps(engine, joins: list[tuple[int, list[int], int]], budget: int) -> tuple[list[int], list]:
+    """Requests ((step, prompt ids, max_new_tokens)) joining one DecodeBatch with a prefill budget:
+    the step each got its first token at, and the finished requests."""
+    m = engine.manifest
+    batch = DecodeBatch(engine.backend, KVCache(engine.backend, m, CacheSettings(), engine.context_limit),
+                        m.hidden_size, np.dtype(m.dtype), m.pad_token_id or 0, prefill_budget=budget)
+    requests = [engine.prepare(ids, max_new_tokens=n, stop_token_ids=[]) for _, ids, n in joins]
+    for r in requests:
+        r.logits = []
+    first: dict[int, int] = {}
+    step = 0
+    while len(first) < len(requests) or batch:
+        batch.join([r for (at, _, _), r in zip(joins, requests) if at == step])
+        batch.sample()
+        first.update({i: step for i, r in enumerate(requests) if r.tokens and i not in first})
+        batch.advance()
+        step += 1
+    return [first[i] for i in range(len(requests))], requests
+
+
+def test_prompts_are_prefilled_earliest_deadline_first(engine):
+    """The prefill order (docs/design.md, "Chunked prefill"): a prompt's deadline is the step it
+    joined plus its rows in budgets, and the earliest goes first. Short prompts that join after a
+    long one come in before it, one every other step, while a row decodes; the long one, overtaken by every
+    short one until its deadline, still comes in within twice the steps it takes alone; every row
+    gives what it gives alone."""
+    ids = engine.encode("Ships sail at dawn from the old harbour; cargo: tea, silk, salt. " * 4)[:160]
+    budget = 8
+    joins = [(0, engine.encode("Port"), 60), (2, ids, 2)] + [(3 + 2 * i, engine.encode(p), 1)
+                                                            for i, p in enumerate(PROMPTS * 4)]
+    steps, requests = _first_token_steps(engine, joins, budget)
+    long_alone = -(-len(ids) // budget)  # steps its prefill takes with the budget to itself
+    shorts = steps[2:]
+    assert all(s < steps[1] for s in shorts[:10])  # joined after it, in before it
+    assert all(s - at <= 3 for (at, _, _), s in zip(joins[2:12], shorts[:10]))  # each within a few steps
+    assert steps[1] - 2 <= 2 * long_alone + 2  # not starved
+    assert max(shorts) > steps[1]  # the later short ones waited for it
+    for (_, prompt, n), got in zip(joins, requests):
+        assert_same(got, run(engine, prompt, None, n))
