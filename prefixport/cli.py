@@ -372,7 +372,8 @@ def bench_serve(base_url: str, model: str, api_key: str | None, tokenizer: str, 
 @click.option("--prefill-budget", type=int, default=32, show_default=True,  # = runtime.scheduler.DEFAULT_PREFILL_BUDGET
               help="About the most prompt tokens prefilled per decode step of up to 4 rows, proportionally more for "
                    "larger batches (chunked prefill: a long prompt comes in over several steps while the running "
-                   "requests go on), so arrivals delay running requests by a bounded amount.")
+                   "requests go on; prompts earliest deadline first, short ones before long ones, none starved), so "
+                   "arrivals delay running requests by a bounded amount.")
 @click.option("--max-waiting", type=int, default=256, show_default=True,
               help="Most requests queued for the batch; more are refused with 503 and Retry-After.")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,

@@ -205,8 +205,8 @@ class Scheduler:
     to resume exactly where it stopped; docs/design.md, "The KV cache"); each step runs one token
     for every decoding row and then prefills joining prompts, in chunks, earliest deadline first, up
     to about `prefill_budget` prompt tokens per 4 rows in the batch (chunked prefill: docs/design.md,
-    "Chunked prefill"; the prompt cache's tokens are free), so a long prompt or a burst of arrivals delays the running
-    rows by a bounded amount per step instead of stalling them until all are prefilled.
+    "Chunked prefill"; the prompt cache's tokens are free), so a long prompt or a burst of arrivals
+    delays the running rows by a bounded amount per step instead of stalling them until all are in.
     With `speculative` (a method of `Engine.prepare`), every request speculates while at most
     `speculate_max_batch` rows decode; above that the batch decodes normally.
     `on_step(batch_size)` is called after every decode step (metrics). Thread-safe; `close()`
