@@ -27,6 +27,7 @@ QUANTIZATIONS = {"int8": 8, "int4": 4}
 # --quantize NAME -> (kind, algorithm): chosen by measurement (docs/export.md, "Quantisation")
 RECIPES = {"int8": ("int8", "rtn"), "int4": ("int4", "blocks"), "int4-rtn": ("int4", "rtn")}
 QUANT_BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # MatMulNBits' int8 dot products (docs/export.md, "Quantisation")
 
 
 class _RotaryTable(pattern.RewriteRuleClassBase):
@@ -226,36 +227,29 @@ def _fused_counts(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, accuracy_level: int = 4,
-             lm_head: bool = True, algorithm: str = "rtn") -> int:
+def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, algorithm: str = "rtn") -> int:
     """Weight-only quantisation of the constant-weight MatMuls into MatMulNBits, activations kept
     in float; returns how many MatMuls were quantised. Algorithms (measured side by side in
     docs/export.md, "Quantisation"): "rtn", round-to-nearest, symmetric, per-block scales (int8's
     choice); "blocks", the weights' own Q4_1/Q8_0 blocks, exact for the default model
-    (`blocks.py`; int4's choice; each weight keeps the bits of its blocks, whatever `kind`);
-    "asym" and "hqq" (ONNX Runtime's HQQ). Int8 dot products (accuracy_level 4),
-    the tied lm_head included. MatMuls sharing an input are packed first (see `pack_matmuls`)."""
+    (`blocks.py`; int4's choice; each weight keeps the bits of its blocks, whatever `kind`).
+    Int8 dot products (accuracy_level 4), the tied lm_head included. MatMuls sharing an input are
+    packed first (see `pack_matmuls`)."""
     import onnx
 
+    if algorithm not in ("rtn", "blocks"):
+        raise ValueError(f"unknown quantisation algorithm {algorithm!r} (rtn, blocks)")
     graph_ir = ir.load(path)
     pack_matmuls(graph_ir.graph)
-    if lm_head:
-        _untie_transposed_weights(graph_ir.graph)
+    _untie_transposed_weights(graph_ir.graph)
     if algorithm == "blocks":
-        four, eight = blocks.quantize(graph_ir.graph, accuracy_level)
+        four, eight = blocks.quantize(graph_ir.graph, ACCURACY_LEVEL)
         graph_ir.opset_imports.setdefault("com.microsoft", 1)
         ir.save(graph_ir, path)
         return four + eight
     model = ir.to_proto(graph_ir)  # the quantiser takes a ModelProto: converted in memory, not re-read
-    quantizer_class = _quantizer_class()
-    if algorithm == "hqq":
-        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
-
-        config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=QUANTIZATIONS[kind])
-        quantizer = quantizer_class(model, algo_config=config)
-    else:
-        quantizer = quantizer_class(model, bits=QUANTIZATIONS[kind], block_size=block_size,
-                                    is_symmetric=algorithm == "rtn", accuracy_level=accuracy_level)
+    quantizer = _quantizer_class()(model, bits=QUANTIZATIONS[kind], block_size=block_size, is_symmetric=True,
+                                   accuracy_level=ACCURACY_LEVEL)
     quantizer.process()
     out = quantizer.model.model
     onnx.save(out, str(path))
