@@ -846,6 +846,18 @@ def _peft_export(c: CaseContext, variant: str, files: dict[str, bytes]) -> bool:
     return c.seeds.lora_export is not None and (c.seeds.is_weight_peft(variant) or relabelled)
 
 
+def _checkpoint_case(c: CaseContext, case: Case, variant: str, files: dict[str, bytes], config: Any, desc: str,
+                     kind: str, path: Path | None = None) -> int | None:
+    """Finish a PEFT checkpoint case: its task, `files` written as the checkpoint (or `path`, a folder
+    the family laid out itself), whether it is converted against the --lora export, and its name;
+    returns the task."""
+    task = _task_for(c, config if isinstance(config, dict) else {})
+    case.target, case.path, case.task = "peft", str(path if path is not None else _write_peft(c, files)), task
+    case.lora_export = _peft_export(c, variant, files)
+    case.desc, case.kind = f"{variant}: {desc}, task {task}", kind
+    return task
+
+
 def _task_for(c: CaseContext, config: dict[str, Any]) -> int | None:
     if config.get("peft_type") == "MULTITASK_PROMPT_TUNING":
         tasks = config.get("num_tasks")  # the seed's, or a mutated value
@@ -856,10 +868,7 @@ def _task_for(c: CaseContext, config: dict[str, Any]) -> int | None:
 
 def fam_peft_valid(c: CaseContext, case: Case) -> None:
     variant, files, config = _peft_seed(c)
-    task = _task_for(c, config)
-    case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
-    case.lora_export = _peft_export(c, variant, files)
-    case.desc, case.kind = f"{variant}: unchanged, task {task}", "unchanged"
+    task = _checkpoint_case(c, case, variant, files, config, "unchanged", "unchanged")
     ref = c.seeds.references.get(variant)
     if ref and ref[1] == task:
         case.reference = ref[0]
@@ -963,20 +972,14 @@ def fam_peft_config(c: CaseContext, case: Case) -> None:
             config["base_model_name_or_path"] = "m" * 5_000_000
         desc = f"{kind}: 5 MB of {how}"
     files[CONFIG] = blob if blob is not None else json.dumps(config, indent=2).encode()
-    task = _task_for(c, config if isinstance(config, dict) else {})
-    case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
-    case.lora_export = _peft_export(c, variant, files)
-    case.desc, case.kind = f"{variant}: {desc}, task {task}", kind
+    _checkpoint_case(c, case, variant, files, config, desc, kind)
 
 
 def fam_peft_weights_raw(c: CaseContext, case: Case) -> None:
     variant, files, config = _peft_seed(c)
     mname = c.pick(sorted(RAW_MUTATORS))
     files[WEIGHTS], desc = RAW_MUTATORS[mname](c, files[WEIGHTS])
-    task = _task_for(c, config)
-    case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
-    case.lora_export = _peft_export(c, variant, files)
-    case.desc, case.kind = f"{variant}: weights {mname}: {desc}, task {task}", mname
+    _checkpoint_case(c, case, variant, files, config, f"weights {mname}: {desc}", mname)
 
 
 def fam_peft_weights(c: CaseContext, case: Case) -> None:
@@ -1039,10 +1042,7 @@ def fam_peft_weights(c: CaseContext, case: Case) -> None:
         kind, desc = "empty", f"{name} empty"
     if tensors is not None:
         files[WEIGHTS] = st_encode(tensors, meta)
-    task = _task_for(c, config)
-    case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
-    case.lora_export = _peft_export(c, variant, files)
-    case.desc, case.kind = f"{variant}: {kind}: {desc}, task {task}", kind
+    _checkpoint_case(c, case, variant, files, config, f"{kind}: {desc}", kind)
 
 
 def fam_peft_pickle(c: CaseContext, case: Case) -> None:
@@ -1062,10 +1062,7 @@ def fam_peft_pickle(c: CaseContext, case: Case) -> None:
         del files[WEIGHTS]
         name = c.pick(["adapter_model.ckpt", "model.pkl", "pytorch_model.pt", "training_args.bin", "optimizer.pt"])
     files[name] = blob
-    task = _task_for(c, config)
-    case.target, case.path, case.task = "peft", str(_write_peft(c, files)), task
-    case.lora_export = _peft_export(c, variant, files)
-    case.desc, case.kind = f"{variant}: pickle ({how}) {kind} as {name}, task {task}", kind
+    _checkpoint_case(c, case, variant, files, config, f"pickle ({how}) {kind} as {name}", kind)
 
 
 def fam_peft_layout(c: CaseContext, case: Case) -> None:
@@ -1098,10 +1095,7 @@ def fam_peft_layout(c: CaseContext, case: Case) -> None:
             real = c.dir / "elsewhere.safetensors"
             real.write_bytes(files[WEIGHTS])
             p.symlink_to(real)
-    task = _task_for(c, config)
-    case.target, case.path, case.task = "peft", str(path), task
-    case.lora_export = _peft_export(c, variant, files)
-    case.desc, case.kind = f"{variant}: {kind}, task {task}", kind
+    _checkpoint_case(c, case, variant, files, config, kind, kind, path)
 
 
 # --- LoRA and IA3 cases ----------------------------------------------------------------------------
