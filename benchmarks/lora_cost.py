@@ -1,7 +1,9 @@
 """What LoRA served per row costs (docs/benchmarks.md, "LoRA and IA3"), side by side in one process:
 
 1. the LoRA and IA3 inputs when no row uses them: decode of the export made with --lora against the
-   export without, batch 1 and 8, no adapters (goal: at most 3% slower);
+   export without, batch 1 and 8, no adapters (goal: at most 3% slower), as the engine runs it (the
+   plain graph the export ships beside its own) and through the graph with the inputs alone
+   (`plain_graph=False`); and the process memory each engine adds;
 2. 8 rows with 8 different rank-16 LoRAs on every linear module against the same 8 rows without
    an adapter (goal: at most 35% slower), and against PEFT generating the same 8 requests one after
    another with `set_adapter` per request (goal: at least 3x its tokens/s);
@@ -93,18 +95,30 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result: dict = {"command": command("lora_cost"), "machine": machine("peft", "torch"),
                     "plain": rel(args.plain), "lora": rel(args.lora)}
+    rss = [vm_rss()]
     plain = Engine.load(args.plain, threads=args.threads, prompt_cache_bytes=0)
+    rss.append(vm_rss())
     lora = Engine.load(args.lora, threads=args.threads, prompt_cache_bytes=0)
+    rss.append(vm_rss())
+    lora_graph = Engine.load(args.lora, threads=args.threads, prompt_cache_bytes=0, plain_graph=False)
+    rss.append(vm_rss())
+    if not lora.backend.runs_plain:
+        raise SystemExit(f"{args.lora} has no plain graph (made before it): re-export it")
+    result["engine_rss_bytes"] = {"plain": rss[1] - rss[0], "lora": rss[2] - rss[1], "lora_graph_only": rss[3] - rss[2]}
+    say(f"   engine RSS: plain {(rss[1] - rss[0]) / 1e6:.0f} MB, --lora {(rss[2] - rss[1]) / 1e6:.0f} MB, "
+        f"--lora without its plain graph {(rss[3] - rss[2]) / 1e6:.0f} MB")
 
-    say("1. the inputs unused: decode, plain export against --lora export")
+    say("1. the inputs unused: decode, plain export against --lora export (plain graph; inputs' graph)")
     unused = {}
     for batch in (1, 8):
-        times = alternate({"plain": lambda: decode_ms(plain, batch, rng), "lora": lambda: decode_ms(lora, batch, rng)},
-                          args.rounds)
-        p, q = median(times["plain"]), median(times["lora"])
-        unused[batch] = {"plain_ms": p, "lora_ms": q, "ratio": q / p, "rounds": times}
-        say(f"   batch {batch}: {p:.2f} ms / {q:.2f} ms = {q / p:.3f}")
+        times = alternate({"plain": lambda: decode_ms(plain, batch, rng), "lora": lambda: decode_ms(lora, batch, rng),
+                           "lora_graph": lambda: decode_ms(lora_graph, batch, rng)}, args.rounds)
+        p, q, g = median(times["plain"]), median(times["lora"]), median(times["lora_graph"])
+        unused[batch] = {"plain_ms": p, "lora_ms": q, "ratio": q / p, "lora_graph_ms": g, "lora_graph_ratio": g / p,
+                         "rounds": times}
+        say(f"   batch {batch}: {p:.2f} ms / {q:.2f} ms = {q / p:.3f} (inputs' graph {g:.2f} ms = {g / p:.3f})")
     result["unused"] = unused
+    lora_graph.close()
 
     with TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -165,6 +179,11 @@ def main() -> None:
     for batch, u in unused.items():
         md.append(f"| decode, batch {batch}, no adapter: --lora / plain | {u['lora_ms']:.2f} / {u['plain_ms']:.2f} ms = "
                   f"{u['ratio']:.3f} | ≤ 1.03 |")
+        md.append(f"| the same through the graph with the inputs (`plain_graph=False`) | {u['lora_graph_ms']:.2f} ms = "
+                  f"{u['lora_graph_ratio']:.3f} | |")
+    r = result["engine_rss_bytes"]
+    md.append(f"| process memory an engine adds: plain / --lora / --lora, `plain_graph=False` | {r['plain'] / 1e6:.0f} / "
+              f"{r['lora'] / 1e6:.0f} / {r['lora_graph_only'] / 1e6:.0f} MB | |")
     md.append(f"| 8 rows, 8 rank-16 all-linear LoRAs / none | {e['loras_tok_s']:.1f} / {e['none_tok_s']:.1f} tok/s "
               f"({e['slowdown']:.3f}x slower) | ≤ 1.35x |")
     if "peft_tok_s" in e:

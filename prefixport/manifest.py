@@ -15,6 +15,9 @@ from .errors import ExportFolderError
 FORMAT_VERSION = 4
 MANIFEST_NAME = "prefixport.json"
 MODEL_NAME = "model.onnx"
+# An export with --lora: the same graph without its LoRA and IA3 inputs, run where no row holds any
+# (docs/design.md, "LoRA and IA3": "The plain graph beside it")
+PLAIN_MODEL_NAME = "plain.onnx"
 # "shared": the runtime binds one buffer as past and present (GroupQueryAttention writes in place);
 # "copy": present is a separate buffer of the same shape (plain ONNX ops write a copy).
 CACHE_MODES = ("shared", "copy")
@@ -148,6 +151,8 @@ class Manifest:
     kv_quantization: dict[str, Any] | None = None
     # LoRA and IA3 inputs (`export --lora`): WeightAdapters as a dict; None: the export takes none
     weight_adapters: dict[str, Any] | None = None
+    # Such an export's PLAIN_MODEL_NAME, where it has one (exports made before it have none)
+    plain_graph: str | None = None
     # One PEFT LoRA folded into the weights at export (`export --merge-lora`; exporter/merge.py): its
     # source folder, the sha256 of its adapter_model.safetensors, rank, targets. None: the base weights
     # as loaded. `fingerprint` is then the merged weights'.

@@ -57,6 +57,14 @@ def test_export_folder_and_manifest(default_export):
     assert sum(n.op_type == "MatMul" for n in graph.node) == 30 * (5 + 2 * 7) + 1  # qkv, o, gate, up, down; lm_head
     assert m["weight_adapters"]["lora"] == [f"self_attn.{p}_proj" for p in "qkvo"] + [
         f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    # beside it, the graph without the LoRA/IA3 inputs (exporter.optimize.without_weight_adapters): q/k/v
+    # packed straight into attention again, as the export without --lora has them
+    assert m["plain_graph"] == "plain.onnx"
+    plain = onnx.load(str(default_export / "plain.onnx"), load_external_data=False).graph
+    assert not any(i.name.startswith(("lora.", "ia3.")) for i in plain.input)
+    attention = [n for n in plain.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 30 and not any(n.input[1] or n.input[2] for n in attention)
+    assert sum(n.op_type == "MatMul" for n in plain.node) == 30 * 5 + 1 and not any(n.op_type == "Split" for n in plain.node)
 
 
 @pytest.mark.parametrize("chat,prompt", [(False, p) for p in RAW] + [(True, p) for p in CHAT])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from peft import IA3Config, LoraConfig
 from transformers import AutoModelForCausalLM
 
@@ -68,12 +67,55 @@ def test_lora_and_ia3_equal_peft(lora_llama, name):
         assert ours != base  # the adapter changes what the model says
 
 
-def test_rows_without_an_adapter_are_the_plain_export_bit_for_bit(lora_llama):
-    """No adapter, a soft prompt, a prefix: tokens and every step's logits equal the export without --lora."""
+def test_rows_without_an_adapter_are_the_plain_export_bit_for_bit(lora_llama, tiny_adapters):
+    """No adapter, a soft prompt, a prefix: tokens and every step's logits equal the export without
+    --lora, through the graph with the LoRA inputs (rank 0, IA3 ones) as through the plain graph the
+    export ships beside it, which the engine runs for them."""
     engine, plain, _, _ = lora_llama
+    lora_graph = Engine.load(engine.folder, plain_graph=False)
+    for name in ("prompt", "prefix"):
+        lora_graph.add_adapter(name, tiny_adapters("llama") / f"{name}.safetensors")
+    assert engine.backend.runs_plain and not lora_graph.backend.runs_plain
+    before = engine.backend.plain_runs
     for adapter in (None, "prompt", "prefix"):
         for prompt in PROMPTS:
-            assert_same(run(engine, prompt, adapter, n=8), run(plain, prompt, adapter, n=8))
+            want = run(plain, prompt, adapter, n=8)
+            assert_same(run(engine, prompt, adapter, n=8), want)
+            assert_same(run(lora_graph, prompt, adapter, n=8), want)
+    assert engine.backend.plain_runs >= before + 9 * 8  # every prefill and decode step of those rows
+    assert lora_graph.backend.plain_runs == 0
+    lora_graph.close()
+
+
+def test_the_plain_graph_is_the_export_without_lora_inputs(lora_llama):
+    """The export writes plain.onnx: the same graph with no LoRA or IA3 input, recorded in the manifest."""
+    import onnxruntime as ort
+
+    from prefixport import manifest as mf
+
+    engine, _, _, _ = lora_llama
+    assert engine.manifest.plain_graph == mf.PLAIN_MODEL_NAME
+    names = {i.name for i in ort.InferenceSession(str(engine.folder / mf.PLAIN_MODEL_NAME)).get_inputs()}
+    weights = set(engine.manifest.weights.input_names(engine.manifest.num_layers))
+    assert names == set(engine.manifest.inputs) - weights and weights <= set(engine.manifest.inputs)
+
+
+def test_a_batch_goes_to_the_plain_graph_when_its_adapted_rows_leave(lora_llama):
+    """Rows with a LoRA and an IA3 that finish early beside rows without: the steps after they leave
+    run the plain graph, the steps before the LoRA graph, and every row equals itself alone."""
+    engine, _, _, _ = lora_llama
+    plan = [(None, 10), ("lora-all", 3), ("prompt", 10), ("ia3", 4)]
+    alone = [run(engine, PROMPTS[i % len(PROMPTS)], kind, n=n) for i, (kind, n) in enumerate(plan)]
+    requests = [engine.prepare(PROMPTS[i % len(PROMPTS)], adapter=kind, max_new_tokens=n, stop_token_ids=[])
+                for i, (kind, n) in enumerate(plan)]
+    for request in requests:
+        request.logits = []
+    before = engine.backend.plain_runs
+    for _ in engine.run_rows(requests):
+        pass
+    for got, want in zip(requests, alone, strict=True):
+        assert_same(got, want)
+    assert engine.backend.plain_runs - before >= 5  # the last decode steps, after the IA3 row's 4th token
 
 
 def test_a_batch_mixing_every_kind_gives_each_row_what_it_gives_alone(lora_llama):

@@ -206,6 +206,12 @@ def export_model(
         if calibration is not None:
             with progress.stage("making the KV cache int8"):
                 kv_agreement, kv_adapters = _kv_int8(tmp, manifest, calibration, [Path(p) for p in check_adapters])
+        if weights is not None:  # run where no row holds a LoRA or IA3 (docs/design.md, "LoRA and IA3")
+            with progress.stage("writing the graph without LoRA and IA3 inputs"):
+                opt.without_weight_adapters(tmp / mf.MODEL_NAME, tmp / mf.PLAIN_MODEL_NAME,
+                                            set(weights.input_names(manifest.num_layers)))
+                manifest.plain_graph = mf.PLAIN_MODEL_NAME
+                manifest.save(tmp)
         if outdir.exists():
             shutil.rmtree(outdir) if any(outdir.iterdir()) else outdir.rmdir()
         tmp.rename(outdir)

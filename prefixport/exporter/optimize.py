@@ -222,6 +222,47 @@ def _pack_bases(graph: ir.Graph, values: list[ir.Value]) -> bool:
     return True
 
 
+def without_weight_adapters(path: Path, target: Path, names: set[str]) -> int:
+    """Write to `target` the graph at `path` without its LoRA and IA3 inputs `names` (an export with
+    --lora; docs/design.md, "LoRA and IA3"): each projection's `y + delta` becomes `y` and each
+    `x * scale` becomes `x`, the nodes computing only from those inputs go, and q, k and v, split
+    from one packed MatMul for their own deltas, feed attention packed again. What is left is the
+    export without --lora, node for node, so it computes the same bits. Returns the joins removed."""
+    model = ir.load(path)
+    graph = model.graph
+    derived = {v for v in graph.inputs if v.name in names}
+    ids = next(v for v in graph.inputs if v.name == "input_ids")
+    for node in graph:  # the tracer may read the batch size off a table ([B, n, dim]): read it off input_ids
+        if (node.op_type == "Shape" and node.inputs[0] in derived and node.attributes.get_int("start", 0) == 0
+                and node.attributes.get_int("end", 0) == 1):
+            node.replace_input_with(0, ids)
+    joins = 0
+    for node in list(graph):  # in graph order: a node's inputs are known before it
+        inputs = [v for v in node.inputs if v is not None]
+        adapted = [v for v in inputs if v in derived]
+        if not adapted:
+            continue
+        plain = [v for v in inputs if v not in derived]
+        if node.op_type in ("Add", "Mul") and node.domain == "" and len(plain) == len(adapted) == 1:
+            ir.convenience.replace_all_uses_with(node.outputs[0], plain[0])  # y + delta -> y; x * scale -> x
+            joins += 1
+        else:  # the deltas (x @ A^T @ B) and the shapes computed from the tables
+            derived.update(node.outputs)
+    graph.inputs[:] = [v for v in graph.inputs if v.name not in names]
+    for node in graph:  # GroupQueryAttention(Split(qkv)) -> GroupQueryAttention(qkv), as without --lora
+        split = node.inputs[0].producer() if node.op_type == "GroupQueryAttention" and node.inputs[0] else None
+        if split is not None and split.op_type == "Split" and list(node.inputs[:3]) == list(split.outputs):
+            for index, value in enumerate((split.inputs[0], None, None)):
+                node.replace_input_with(index, value)
+    common_passes.RemoveUnusedNodesPass()(model)
+    left = [node.name for node in graph if any(v in derived for v in node.inputs if v is not None)]
+    if left or any(v in derived for v in graph.outputs):
+        raise ValueError(f"the graph uses LoRA/IA3 inputs other than through `y + delta` and `x * scale` "
+                         f"(nodes {', '.join(left[:3]) or 'none'}); no plain graph can be cut from it")
+    ir.save(model, target)
+    return joins
+
+
 def _fused_counts(model: ir.Model) -> dict[str, int]:
     counts = collections.Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")
     return dict(sorted(counts.items()))

@@ -284,10 +284,10 @@ class KVCache:
             self.backend.copy_into(out, buffer[row : row + 1], row=t, slots=n, src_at=start)
         return out
 
-    def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any], Sequence[Any]]:
+    def bind(self, start: int, stop: int) -> tuple[list[Any], list[Any], Sequence[Any] | None]:
         """(past, present, weights) views of rows [start, stop) to run the graph on (weights: their
-        LoRA and IA3 tables, an export with --lora): the same lists while the buffers stay (a
-        backend may keep its binding for them)."""
+        LoRA and IA3 tables, an export with --lora; None: they hold none, run the plain graph): the
+        same lists while the buffers stay (a backend may keep its binding for them)."""
         views = self._views.get((start, stop))
         if views is None:
             past = [b[start:stop] for b in self.buffers]

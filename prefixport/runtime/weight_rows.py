@@ -7,7 +7,8 @@ transposed times its scaling), an IA3 vector (`[rows, 1, 1, dim]`). A row withou
 (a lower rank: zeros past it), without IA3 ones. A request's tables are written into its row once,
 when it joins (a copy of its adapter's bytes), and move with the row; a run binds rows
 [start, stop) as they lie. A run where no row holds a LoRA binds tables of rank 0 instead (nothing
-to read or multiply), and the IA3 vectors are read whole (ones: small).
+to read or multiply), and the IA3 vectors are read whole (ones: small); where the backend has the
+export's plain graph open, a run where no row holds either binds nothing and runs that graph.
 """
 
 from __future__ import annotations
@@ -116,10 +117,14 @@ class WeightRows:
             self.backend.copy_into(table, keep, row=b)
         self._rank[[a, b]], self._ia3[[a, b]] = self._rank[[b, a]], self._ia3[[b, a]]
 
-    def bind(self, start: int, stop: int) -> list[Any]:
+    def bind(self, start: int, stop: int) -> list[Any] | None:
         """Rows [start, stop)'s tables in graph order, each [stop - start, n, dim]: rank 0 where none
-        of them holds a LoRA. The same list while nothing changes (a backend keeps its binding)."""
-        key = (start, stop, bool(self._rank[start:stop].any()))
+        of them holds a LoRA; None where none holds a LoRA or IA3 and the backend runs the plain
+        graph then. The same list while nothing changes (a backend keeps its binding)."""
+        lora = bool(self._rank[start:stop].any())
+        if not lora and self.backend.runs_plain and not self._ia3[start:stop].any():
+            return None
+        key = (start, stop, lora)
         views = self._views.get(key)
         if views is None:
             views = []

@@ -30,13 +30,20 @@ class Backend(Protocol):
         """The shapes a TensorRT engine (or provider) accepts; None: the model's own."""
         ...
 
+    @property
+    def runs_plain(self) -> bool:
+        """Whether `run` takes `weights=None` for an export with --lora (no row holds a LoRA or
+        IA3: the backend runs the export's plain graph, docs/design.md "LoRA and IA3")."""
+        ...
+
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
-            weights: Sequence[Any] = ()) -> np.ndarray:
+            weights: Sequence[Any] | None = ()) -> np.ndarray:
         """Feed `input_ids`, `prompt_embeds`, `past_lengths`, `input_lengths`, `logits_index`, the
         cache rows (`past`: key, value per layer) and, for an export with --lora, the rows' LoRA and
-        IA3 tables (`weights`, in `WeightAdapters.input_names` order); the graph writes the present
-        into `present` (the same buffers as `past` for a "shared" export). Returns the logits
-        [batch, K, vocab] on the host (K: `logits_index`'s width)."""
+        IA3 tables (`weights`, in `WeightAdapters.input_names` order; None where `runs_plain` and
+        the rows hold none); the graph writes the present into `present` (the same buffers as
+        `past` for a "shared" export). Returns the logits [batch, K, vocab] on the host (K:
+        `logits_index`'s width)."""
         ...
 
     def upload(self, array: np.ndarray, dtype: Any = None) -> Any:

@@ -61,6 +61,13 @@ def tensorrt_provider_options(folder: Path, manifest: mf.Manifest, limits: Any,
 SPINNING = ("on", "run", "off")  # pool threads: spin always, during a run only, never
 
 
+def _session(path: Path, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors on a bad file
+        raise ExportFolderError(f"ONNX Runtime cannot load {path}: {e}") from e
+
+
 def _pointer(value: Any) -> int:
     return value.ctypes.data if isinstance(value, np.ndarray) else value.ptr
 
@@ -70,13 +77,17 @@ class OnnxRuntimeBackend:
     GPU `cuda` or `tensorrt` (onnxruntime-gpu; `device="cuda"` is the same as `provider="cuda"`).
     `spinning` is ONNX Runtime's: "on" (its default: pool threads spin between and after runs),
     "run" (they spin during a run and sleep once it returns: for sessions that take turns in one
-    process, a draft export's and its target's, which otherwise steal each other's cores) or "off"."""
+    process, a draft export's and its target's, which otherwise steal each other's cores) or "off".
+    An export with --lora that ships its plain graph (`manifest.plain_graph`) opens it too, on the
+    CPU, unless `plain_graph=False`: a run whose rows hold no LoRA or IA3 (`run(..., weights=None)`)
+    goes through it, at the plain export's speed, for a second copy of the weights in memory
+    (docs/design.md, "LoRA and IA3")."""
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, manifest: mf.Manifest, provider: str | None = None,
                  device: str | None = None, threads: int | None = None, device_id: int = 0,
-                 spinning: str = "on") -> None:
+                 spinning: str = "on", plain_graph: bool = True) -> None:
         provider = provider or device or "cpu"
         if provider not in PROVIDERS:
             raise PrefixportError(f"provider {provider!r} is not supported by this backend; "
@@ -111,10 +122,11 @@ class OnnxRuntimeBackend:
         if provider == "tensorrt":
             options_trt = tensorrt_provider_options(Path(folder), manifest, self.limits, device_id)
             providers.insert(0, ("TensorrtExecutionProvider", options_trt))
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own untyped errors on a bad file
-            raise ExportFolderError(f"ONNX Runtime cannot load {path}: {e}") from e
+        self.session = _session(path, options, providers)
+        plain = Path(folder) / manifest.plain_graph if manifest.weights and manifest.plain_graph else None
+        self.plain = (_session(plain, options, providers)  # a folder whose plain.onnx was removed: the one graph
+                      if plain_graph and provider == "cpu" and plain is not None and plain.is_file() else None)
+        self.plain_runs = 0  # runs that went through the plain graph
         if _EP[provider] not in self.session.get_providers():  # it fell back (a CUDA or TensorRT library missing)
             raise DeviceError(f"ONNX Runtime could not start {_EP[provider]} (running with "
                               f"{', '.join(self.session.get_providers())}); its log above names the missing library")
@@ -127,13 +139,22 @@ class OnnxRuntimeBackend:
         self._device_buffers: Any = None
         self._bindings = threading.local()
 
+    @property
+    def runs_plain(self) -> bool:
+        """Whether `run` takes `weights=None` on an export with --lora: its plain graph, open."""
+        return self.plain is not None
+
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
-            weights: Sequence[Any] = ()) -> np.ndarray:
+            weights: Sequence[Any] | None = ()) -> np.ndarray:
         """Bind the inputs, the cache rows as past and present (the same buffers where the graph
-        writes in place), the rows' LoRA and IA3 tables (`weights`, an export with --lora) and a
-        fresh logits array; run; return the logits [B, L, vocab]."""
+        writes in place), the rows' LoRA and IA3 tables (`weights`, an export with --lora; None: the
+        rows hold none, run the plain graph) and a fresh logits array; run; return the logits
+        [B, L, vocab]."""
         logits = np.empty((*inputs["logits_index"].shape, self.manifest.vocab_size), self.np_dtype)
-        binding = self._cache_binding(past, present, weights)
+        if weights is None and self.plain is None:
+            raise PrefixportError("this backend has no plain graph open: pass the rows' LoRA/IA3 tables")
+        session = self.session if weights is not None else self.plain
+        binding = self._cache_binding(session, past, present, weights if weights is not None else ())
         for name, value in inputs.items():
             if self.device == "cpu":
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -142,28 +163,34 @@ class OnnxRuntimeBackend:
             else:  # a device buffer: an adapter's soft prompt
                 binding.bind_input(name, "cuda", self.device_id, value.dtype, value.shape, value.ptr)
         binding.bind_output(self._outputs[0], "cpu", 0, self.np_dtype, logits.shape, logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
+        self.plain_runs += session is self.plain
         return logits
 
-    def _cache_binding(self, past: Sequence[Any], present: Sequence[Any], weights: Sequence[Any]) -> ort.IOBinding:
-        """An IO binding with the cache rows and the weight tables bound (by pointer), reused by this
-        thread while the same row views come again (`KVCache.bind` hands out the same lists until
-        its buffers change, and the binding holds them, so they cannot be freed and their ids
-        reused): only the small inputs and the logits are bound per call. One per thread: an
-        Engine serves many."""
-        held = getattr(self._bindings, "held", None)  # this thread's (past, present, weights, binding)
-        if held is not None and held[0] is past and held[1] is present and held[2] is weights:
-            return held[3]
-        if len(weights) != len(self._weight_names):
-            raise PrefixportError(f"this export takes {len(self._weight_names)} LoRA/IA3 tables, {len(weights)} given")
-        binding = self.session.io_binding()
+    def _cache_binding(self, session: ort.InferenceSession, past: Sequence[Any], present: Sequence[Any],
+                       weights: Sequence[Any]) -> ort.IOBinding:
+        """An IO binding of `session` with the cache rows and the weight tables bound (by pointer),
+        reused by this thread while the same row views come again (`KVCache.bind` hands out the
+        same lists until its buffers change, and the binding holds them, so they cannot be freed
+        and their ids reused): only the small inputs and the logits are bound per call. One per
+        thread and session: an Engine serves many, and steps alternate between the two graphs."""
+        held = getattr(self._bindings, "held", None)  # this thread's {id(session): (past, present, weights, binding)}
+        if held is None:
+            held = self._bindings.held = {}
+        last = held.get(id(session))
+        if last is not None and last[0] is past and last[1] is present and last[2] is weights:
+            return last[3]
+        expected = len(self._weight_names) if session is self.session else 0
+        if len(weights) != expected:
+            raise PrefixportError(f"this export takes {expected} LoRA/IA3 tables, {len(weights)} given")
+        binding = session.io_binding()
         for names, values in ((self._past_names, past), (self._outputs[1:], present)):
             bind = binding.bind_input if names is self._past_names else binding.bind_output
             for name, value in zip(names, values):
                 bind(name, *self._where(value), self.kv_dtype, value.shape, _pointer(value))
         for name, value in zip(self._weight_names, weights):
             binding.bind_input(name, *self._where(value), self.np_dtype, value.shape, _pointer(value))
-        self._bindings.held = (past, present, weights, binding)
+        held[id(session)] = (past, present, weights, binding)
         return binding
 
     def _where(self, value: Any) -> tuple[str, int]:
@@ -207,4 +234,4 @@ class OnnxRuntimeBackend:
         return process_memory() | (gpu_memory(self.device_id) if self.device == "cuda" else {})
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.plain = None

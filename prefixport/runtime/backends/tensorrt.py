@@ -36,6 +36,7 @@ class TensorRTBackend:
     capability and TensorRT version (`precision`: "fp32", "fp16", or None for either, fp32 first)."""
 
     name = "tensorrt"
+    runs_plain = False  # no --lora export has an engine
 
     def __init__(self, folder: str | Path, manifest: mf.Manifest, precision: str | None = None,
                  device_id: int = 0, device: str = "cuda") -> None:
@@ -75,7 +76,7 @@ class TensorRTBackend:
     # --- the protocol --------------------------------------------------------------------------
 
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
-            weights: Sequence[Any] = ()) -> np.ndarray:
+            weights: Sequence[Any] | None = ()) -> np.ndarray:
         with self._lock:
             try:
                 return self._run(inputs, past, present)
