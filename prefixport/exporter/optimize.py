@@ -282,7 +282,7 @@ def quantize(path: Path, kind: str, *, block_size: int = QUANT_BLOCK_SIZE, algor
         raise ValueError(f"unknown quantisation algorithm {algorithm!r} (rtn, blocks)")
     graph_ir = ir.load(path)
     pack_matmuls(graph_ir.graph)
-    _untie_transposed_weights(graph_ir.graph)
+    untie_transposed_weights(graph_ir.graph)
     if algorithm == "blocks":
         four, eight = blocks.quantize(graph_ir.graph, ACCURACY_LEVEL)
         graph_ir.opset_imports.setdefault("com.microsoft", 1)
@@ -342,7 +342,7 @@ def _quantizer_class():
     return MatMulNBitsQuantizer
 
 
-def _untie_transposed_weights(graph: ir.Graph) -> None:
+def untie_transposed_weights(graph: ir.Graph) -> None:
     """MatMul(x, Transpose(W)) with W an initializer (a tied lm_head: W is also the embedding
     table) gets its own transposed initializer, so the quantiser can take it. The embedding
     Gather keeps reading the float table, a few rows per step."""
