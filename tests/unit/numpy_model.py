@@ -147,11 +147,12 @@ class NumpyBackend:
     limits: Limits | None = None  # set to act as a TensorRT engine built for these shapes
     name: str = "numpy"
     device: str = "cpu"
+    runs_plain: bool = False  # its manifests take no LoRA/IA3 tables
     calls: list[Call] = field(default_factory=list)
     closed: bool = False
 
     def run(self, inputs: dict[str, Any], past: Sequence[Any], present: Sequence[Any],
-            weights: Sequence[Any] = ()) -> np.ndarray:
+            weights: Sequence[Any] | None = ()) -> np.ndarray:
         if self.closed:
             raise RuntimeError("the backend is closed")
         m = self.manifest
