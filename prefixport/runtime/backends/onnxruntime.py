@@ -151,9 +151,10 @@ class OnnxRuntimeBackend:
         rows hold none, run the plain graph) and a fresh logits array; run; return the logits
         [B, L, vocab]."""
         logits = np.empty((*inputs["logits_index"].shape, self.manifest.vocab_size), self.np_dtype)
-        if weights is None and self.plain is None:
-            raise PrefixportError("this backend has no plain graph open: pass the rows' LoRA/IA3 tables")
         session = self.session if weights is not None else self.plain
+        if session is None:
+            raise PrefixportError("the backend is closed" if self.session is None else
+                                  "this backend has no plain graph open: pass the rows' LoRA/IA3 tables")
         binding = self._cache_binding(session, past, present, weights if weights is not None else ())
         for name, value in inputs.items():
             if self.device == "cpu":
