@@ -100,6 +100,23 @@ def test_the_plain_graph_is_the_export_without_lora_inputs(lora_llama):
     assert names == set(engine.manifest.inputs) - weights and weights <= set(engine.manifest.inputs)
 
 
+def test_a_folder_without_its_plain_graph_runs_the_one_graph(lora_llama, tmp_path):
+    """Removing plain.onnx (one copy of the weights, for a server) leaves the graph with the inputs,
+    which gives the same bits."""
+    import shutil
+
+    from prefixport import manifest as mf
+
+    engine, _, _, _ = lora_llama
+    folder = tmp_path / "export"
+    shutil.copytree(engine.folder, folder, ignore=shutil.ignore_patterns(mf.PLAIN_MODEL_NAME, "adapters"))
+    one = Engine.load(folder)
+    assert not one.backend.runs_plain
+    for prompt in PROMPTS:
+        assert_same(run(one, prompt, None, n=6), run(engine, prompt, None, n=6))
+    one.close()
+
+
 def test_a_batch_goes_to_the_plain_graph_when_its_adapted_rows_leave(lora_llama):
     """Rows with a LoRA and an IA3 that finish early beside rows without: the steps after they leave
     run the plain graph, the steps before the LoRA graph, and every row equals itself alone."""
