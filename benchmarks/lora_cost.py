@@ -99,11 +99,11 @@ def main() -> None:
     plain = Engine.load(args.plain, threads=args.threads, prompt_cache_bytes=0)
     rss.append(vm_rss())
     lora = Engine.load(args.lora, threads=args.threads, prompt_cache_bytes=0)
+    if not lora.backend.runs_plain:
+        raise SystemExit(f"{args.lora} has no plain graph (made before it): re-export it")
     rss.append(vm_rss())
     lora_graph = Engine.load(args.lora, threads=args.threads, prompt_cache_bytes=0, plain_graph=False)
     rss.append(vm_rss())
-    if not lora.backend.runs_plain:
-        raise SystemExit(f"{args.lora} has no plain graph (made before it): re-export it")
     result["engine_rss_bytes"] = {"plain": rss[1] - rss[0], "lora": rss[2] - rss[1], "lora_graph_only": rss[3] - rss[2]}
     say(f"   engine RSS: plain {(rss[1] - rss[0]) / 1e6:.0f} MB, --lora {(rss[2] - rss[1]) / 1e6:.0f} MB, "
         f"--lora without its plain graph {(rss[3] - rss[2]) / 1e6:.0f} MB")
